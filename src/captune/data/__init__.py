@@ -2,12 +2,29 @@
 
 Every reader turns a folder into a `CaptionSet`: records (one per image, with all its captions and its split) and
 problems (anything that could not be used, named by image file and reason). Nothing is dropped without a `Problem`.
+
+    cs = read("flickr8k", "~/data/flickr8k")
+    cs = check_images(cs)  # decode every image; failures move from records to problems
+    print(summary(cs))
 """
 
 from __future__ import annotations
 
+import importlib
+import os
+import random
+import sys
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from captune.data.images import ImageError, load_rgb
+from captune.errors import CaptuneError
 
 SPLITS = ("train", "val", "test")
 
@@ -43,8 +60,236 @@ class CaptionSet:
     records: list[Record]
     problems: list[Problem] = field(default_factory=list)
     unassigned: int = 0
-    """Usable images that belong to no split (e.g. the 91 Flickr8k images outside the official split files)."""
+    """Captioned images that belong to no split (e.g. the 91 Flickr8k images outside the official split files)."""
+    notes: list[str] = field(default_factory=list)
+    """Informational messages: repaired known defects, how a split was made, what the image check covered."""
 
     def split(self, name: str) -> list[Record]:
         """Records of one split, in reader order."""
         return [r for r in self.records if r.split == name]
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How a reader finds and splits a dataset."""
+
+    seed: int = 0
+    """Seed of the image-level split for layouts without split files (`flickr8k-kaggle`)."""
+    val_fraction: float = 0.125
+    """Share of images in `val` for layouts without split files (0.125: about 1000 of the 8091 Flickr8k images)."""
+    test_fraction: float = 0.125
+    """Share of images in `test` for layouts without split files."""
+    images_dir: str | None = None
+    """Image folder, relative to the data folder or absolute; by default each reader looks in the usual places."""
+    annotations: str | None = None
+    """Annotation file, relative to the data folder or absolute: the token file (`flickr8k`, split files are read beside
+    it), the CSV (`flickr8k-kaggle`) or which `dataset_*.json` (`karpathy`)."""
+
+    def __post_init__(self) -> None:
+        for name in ("val_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if not 0 <= value < 1:
+                raise CaptuneError(f"{name} is {value}; it must be at least 0 and below 1")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise CaptuneError(
+                f"val_fraction + test_fraction is {self.val_fraction + self.test_fraction}; it must be below 1 "
+                "so that some images are left to train on"
+            )
+
+
+Reader = Callable[[Path, ReadOptions], CaptionSet]
+
+
+def _lazy(module: str, function: str) -> Reader:
+    """A reader that imports `captune.data.<module>` only when called, so one layout's module never costs another."""
+
+    def reader(data_dir: Path, options: ReadOptions) -> CaptionSet:
+        read_layout: Reader = getattr(importlib.import_module(f"captune.data.{module}"), function)
+        return read_layout(data_dir, options)
+
+    reader.__name__ = function
+    return reader
+
+
+FORMATS: dict[str, Reader] = {
+    "flickr8k": _lazy("flickr8k", "read_flickr8k"),
+    "flickr8k-kaggle": _lazy("flickr8k", "read_flickr8k_kaggle"),
+    "karpathy": _lazy("karpathy", "read_karpathy"),
+    "synthetic": _lazy("synthetic", "read_synthetic"),
+}
+"""Reader of each `--format` name."""
+
+_LAYOUT_FILES: dict[str, tuple[str, ...]] = {
+    "flickr8k": ("Flickr8k.token.txt", "Flickr8k_text/Flickr8k.token.txt"),
+    "flickr8k-kaggle": ("captions.txt",),
+    "karpathy": ("dataset_*.json",),
+}
+"""Files (glob patterns, relative to the data folder) by which a layout is recognised when suggesting `--format`."""
+
+
+def read(format: str, data_dir: Path | str, options: ReadOptions | None = None) -> CaptionSet:
+    """Read a dataset folder with the reader registered for `format`.
+
+    Args:
+        format: A key of `FORMATS`.
+        data_dir: The dataset folder (`~` is expanded).
+        options: Split and location options; defaults to `ReadOptions()`.
+
+    Returns:
+        Usable records in a deterministic order, and a `Problem` for everything that could not be used.
+
+    Raises:
+        CaptuneError: Unknown format, missing data folder, or missing annotation files.
+    """
+    if format not in FORMATS:
+        raise CaptuneError(f"unknown data format {format!r}; choose one of: {', '.join(FORMATS)}")
+    folder = Path(data_dir).expanduser()
+    if not folder.exists():
+        raise CaptuneError(f"data folder {folder} does not exist; check the path given for --format {format}")
+    if not folder.is_dir():
+        raise CaptuneError(f"data folder {folder} is not a folder; give the folder that holds the dataset")
+    return FORMATS[format](folder.resolve(), options or ReadOptions())
+
+
+def resolve(data_dir: Path, name: str) -> Path:
+    """`name` (with `~` expanded) if absolute, else `data_dir / name`."""
+    path = Path(name).expanduser()
+    return path if path.is_absolute() else data_dir / path
+
+
+def missing_annotations(format: str, data_dir: Path, looked_for: Sequence[Path]) -> CaptuneError:
+    """The error for a reader that cannot find its annotation files, suggesting a `--format` whose files are there."""
+    message = f"--format {format}: annotation file not found; looked for {', '.join(str(p) for p in looked_for)}"
+    others = [
+        name
+        for name, patterns in _LAYOUT_FILES.items()
+        if name != format and any(next(data_dir.glob(pattern), None) for pattern in patterns)
+    ]
+    if others:
+        return CaptuneError(f"{message}. {data_dir} has the files of --format {' or '.join(others)}; try that")
+    return CaptuneError(f"{message}. Point the data folder at the dataset, or name the file with --annotations")
+
+
+def read_text(path: Path) -> str:
+    """The text of an annotation file (UTF-8, an optional BOM removed, newlines as `\\n`).
+
+    Raises:
+        CaptuneError: The file is not UTF-8.
+    """
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise CaptuneError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+
+
+def find_images_dir(data_dir: Path, options: ReadOptions, candidates: Sequence[str]) -> Path:
+    """`options.images_dir` if given, else the first candidate folder (relative to `data_dir`) that exists.
+
+    Raises:
+        CaptuneError: The given folder does not exist, or none of the candidates does.
+    """
+    if options.images_dir is not None:
+        folder = resolve(data_dir, options.images_dir)
+        if not folder.is_dir():
+            raise CaptuneError(f"image folder {folder} (from --images-dir) does not exist or is not a folder")
+        return folder
+    for name in candidates:
+        if (data_dir / name).is_dir():
+            return data_dir / name
+    raise CaptuneError(f"no image folder in {data_dir}; looked for {', '.join(candidates)}. Name it with --images-dir")
+
+
+@dataclass(frozen=True)
+class Listing:
+    """An image as an annotation file lists it, before the checks that make it a `Record`."""
+
+    image_id: str
+    """File name as the dataset names it."""
+    image_path: Path
+    """Where the file should be."""
+    captions: Sequence[str]
+    """Non-empty, stripped captions (possibly none)."""
+    split: str
+    """One of `SPLITS`."""
+    where: str
+    """`file:line` (or another location) that lists the image; starts the text of its problem."""
+
+
+def usable(listings: Iterable[Listing]) -> tuple[list[Record], list[Problem]]:
+    """Records of the listed images that have a caption and exist on disk, and a `Problem` for each other one."""
+    records: list[Record] = []
+    problems: list[Problem] = []
+    for item in listings:
+        if not item.captions:
+            problems.append(Problem(item.image_id, f"{item.where}: no captions for this image"))
+        elif not item.image_path.is_file():
+            problems.append(Problem(item.image_id, f"{item.where}: image file missing: {item.image_path}"))
+        else:
+            records.append(Record(item.image_id, item.image_path, tuple(item.captions), item.split))
+    return records, problems
+
+
+def check_images(
+    cs: CaptionSet, *, workers: int | None = None, sample: int | None = None, progress: bool = True
+) -> CaptionSet:
+    """Decode every image (or a seeded random sample) with `load_rgb`; failures move from records to problems.
+
+    Args:
+        cs: What a reader returned.
+        workers: Decoding threads (Pillow releases the GIL while decoding); default `os.cpu_count()`.
+        sample: Check only this many records, drawn with a fixed seed (0); the others are kept unchecked and a note
+            says so.
+        progress: Show a progress bar on stderr.
+
+    Returns:
+        A new `CaptionSet`; `cs` is not changed.
+
+    Raises:
+        CaptuneError: `workers` below 1 or `sample` below 0.
+    """
+    if workers is not None and workers < 1:
+        raise CaptuneError(f"workers is {workers}; give at least 1")
+    if sample is not None and sample < 0:
+        raise CaptuneError(f"sample is {sample}; give 0 or more images to check")
+    n = len(cs.records)
+    chosen = list(range(n)) if sample is None or sample >= n else sorted(random.Random(0).sample(range(n), sample))
+    paths = [cs.records[i].image_path for i in chosen]
+    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
+        # load_rgb refuses these images itself; Pillow's warning would only interleave with the progress bar.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        results = pool.map(_failure, paths)
+        bar = tqdm(results, total=len(paths), desc="checking images", unit="img", file=sys.stderr, disable=not progress)
+        failures = {i: failure for i, failure in zip(chosen, bar, strict=True) if failure is not None}
+    notes = list(cs.notes)
+    if len(chosen) < n:
+        notes.append(
+            f"image check: decoded a random sample of {len(chosen)} of {n} images (seed 0); "
+            f"the other {n - len(chosen)} were not checked"
+        )
+    return CaptionSet(
+        records=[r for i, r in enumerate(cs.records) if i not in failures],
+        problems=cs.problems + [Problem(cs.records[i].image_id, reason) for i, reason in failures.items()],
+        unassigned=cs.unassigned,
+        notes=notes,
+    )
+
+
+def _failure(path: Path) -> str | None:
+    """Why `path` cannot be used, or None if it decodes."""
+    try:
+        load_rgb(path)
+    except ImageError as exc:
+        return str(exc)
+    return None
+
+
+def summary(cs: CaptionSet) -> dict[str, object]:
+    """Counts of usable images and captions, per split, with every problem and note (JSON-ready)."""
+    return {
+        "images": len(cs.records),
+        "captions": sum(len(r.captions) for r in cs.records),
+        "splits": {name: len(cs.split(name)) for name in SPLITS},
+        "problems": [{"image": p.image, "problem": p.problem} for p in cs.problems],
+        "unassigned": cs.unassigned,
+        "notes": list(cs.notes),
+    }

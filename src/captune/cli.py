@@ -1,0 +1,254 @@
+"""The `captune` command: train, caption, evaluate, eval, data check, demo.
+
+Every subcommand is a thin shell over the Python API; `main(argv)` is called directly by the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from captune.errors import CaptuneError
+
+log = logging.getLogger("captune")
+
+
+def _quiet_libraries() -> None:
+    """Keeps the terminal for captune's own progress: no hub lookups offline, no weight-loading bars."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("generation (defaults: the model's training config, else beam 5, 8-30 tokens)")
+    group.add_argument("--num-beams", type=int, help="beam width; 1 is greedy")
+    group.add_argument("--min-new-tokens", type=int, help="shortest caption in tokens")
+    group.add_argument("--max-new-tokens", type=int, help="longest caption in tokens")
+    group.add_argument("--repetition-penalty", type=float, help="1.0 is none")
+    group.add_argument("--batch-size", type=int, help="images per generate call")
+    group.add_argument("--prompt", help="text the caption continues (default: the training prompt)")
+
+
+def _generation_config(args: argparse.Namespace, model_dir: str | None):  # noqa: ANN202 - returns (GenerateConfig, str)
+    """Generation options: the command line over the run's saved config over the defaults."""
+    from captune.config import Config, load_config
+    from captune.model import META_FILE
+
+    config = Config()
+    meta = Path(model_dir or "").expanduser() / META_FILE
+    if model_dir and meta.is_file():
+        saved = json.loads(meta.read_text())["config"]
+        config = load_config(None, [f"generate.{k}={v}" for k, v in saved["generate"].items()])
+        config.data.prompt = saved["data"]["prompt"]
+    options = config.generate
+    for name in ("num_beams", "min_new_tokens", "max_new_tokens", "repetition_penalty", "batch_size"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(options, name, value)
+    from captune.config import validate
+
+    validate(config)
+    prompt = args.prompt if args.prompt is not None else config.data.prompt
+    return options, prompt
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from captune.config import describe, load_config
+    from captune.train import train
+
+    if args.help_config:
+        print(describe())
+        return 0
+    overrides = list(args.overrides) + (["data.skip_bad_images=true"] if args.skip_bad_images else [])
+    config = load_config(args.config, overrides)
+    state = train(config)
+    print(f"done: {state.global_step} steps; best CIDEr {state.best_cider}; model in {config.train.output_dir}/best")
+    return 0
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from captune.generate import caption_paths, expand_inputs
+    from captune.model import load_model_dir
+
+    options, prompt = _generation_config(args, args.model_dir)
+    paths, failures = expand_inputs(args.paths)
+    loaded = load_model_dir(args.model_dir)
+    out = open(args.output, "w", newline="") if args.output else sys.stdout
+    writer = csv.writer(out) if args.format == "csv" else None
+    if writer:
+        writer.writerow(["image", "caption"])
+    ok = failed = 0
+    try:
+        for result in itertools.chain(failures, caption_paths(loaded.model, loaded.processor, paths, options, prompt)):
+            if result.error is not None:
+                print(f"error: {result.error}", file=sys.stderr)
+                failed += 1
+                continue
+            ok += 1
+            if writer:
+                writer.writerow([result.image, result.caption])
+            elif args.format == "jsonl":
+                out.write(json.dumps({"image": result.image, "caption": result.caption}) + "\n")
+            else:
+                out.write(f"{result.image}\t{result.caption}\n" if len(paths) > 1 else f"{result.caption}\n")
+            out.flush()
+    finally:
+        if args.output:
+            out.close()
+    if failed:
+        print(f"captioned {ok} image(s); {failed} input(s) failed (listed above)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from captune.metrics import evaluate_files, write_metrics
+
+    result = evaluate_files(Path(args.predictions), Path(args.references), allow_missing=args.allow_missing)
+    if args.output:
+        write_metrics(Path(args.output), result)
+    _print_metrics(result)
+    return 0
+
+
+def _print_metrics(result) -> None:  # noqa: ANN001 - metrics.EvalResult
+    for name, value in result.metrics.items():
+        print(f"{name:8s} {value:.4f}")
+    for name, why in result.skipped.items():
+        print(f"{name:8s} skipped: {why}")
+    if result.missing:
+        print(f"left out {len(result.missing)} image(s) without a prediction (--allow-missing)", file=sys.stderr)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from captune.data import ReadOptions, check_images, read
+    from captune.evaluation import evaluate_records, write_evaluation
+    from captune.model import load_model_dir
+
+    options, prompt = _generation_config(args, args.model_dir)
+    captions = check_images(read(args.data, args.data_dir, ReadOptions(seed=args.split_seed)))
+    records = captions.split(args.split)[: args.max_images]
+    if captions.problems:
+        print(f"warning: {len(captions.problems)} unusable image(s) left out; see `captune data check`", file=sys.stderr)
+    if not records:
+        raise CaptuneError(f"{args.data_dir}: the {args.split} split has no usable images")
+    loaded = load_model_dir(args.model_dir)
+    evaluation = evaluate_records(loaded.model, loaded.processor, records, options, prompt)
+    output_dir = Path(args.output_dir or Path(args.model_dir) / f"eval-{args.split}")
+    write_evaluation(output_dir, evaluation, records)
+    _print_metrics(evaluation.result)
+    print(f"metrics, predictions and references in {output_dir}")
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from captune.data import ReadOptions, check_images, read, summary
+
+    options = ReadOptions(seed=args.split_seed, images_dir=args.images_dir, annotations=args.annotations)
+    captions = check_images(read(args.format, args.data_dir, options), workers=args.workers, sample=args.sample)
+    result = summary(captions)
+    text = json.dumps(result, indent=2)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    print(text if not args.output else f"{result['images']} usable images, {len(captions.problems)} problem(s); "
+          f"summary in {args.output}")  # fmt: skip
+    return 1 if captions.problems else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from captune.data.synthetic import SyntheticSpec
+    from captune.demo import run_demo
+
+    spec = SyntheticSpec(train=args.train_images) if args.train_images else SyntheticSpec()
+    result = run_demo(Path(args.output_dir), spec, args.overrides)
+    print(f"CIDEr before fine-tuning {result.before['CIDEr']:.3f}, after {result.after['CIDEr']:.3f}")
+    for image, caption in result.samples:
+        print(f"  {image}: {caption}")
+    print(f"metrics in {args.output_dir}/metrics.json; model in {args.output_dir}/model "
+          f"(captune caption IMAGE --model-dir {args.output_dir}/model)")  # fmt: skip
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="captune", description="Fine-tune BLIP-2 for captioning; caption; score.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune with LoRA", description="captune train --config C.yaml [key=value ...]")
+    p.add_argument("--config", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=3e-4 data_dir=~/data/flickr8k")
+    p.add_argument("--skip-bad-images", action="store_true", help="train on usable images; report the rest")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its default")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("caption", help="caption images, folders or globs")
+    p.add_argument("paths", nargs="+", help="image files, folders (searched recursively) or glob patterns")
+    p.add_argument("--model-dir", required=True, help="RUN/best, a checkpoint, a merged model or a hub id")
+    p.add_argument("--format", choices=["text", "jsonl", "csv"], default="text")
+    p.add_argument("--output", help="write here instead of standard output")
+    _add_generation_options(p)
+    p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("evaluate", help="score COCO-format predictions against references")
+    p.add_argument("--predictions", required=True, help='COCO results JSON: [{"image_id": ..., "caption": ...}]')
+    p.add_argument("--references", required=True, help="COCO captions annotation JSON (images, annotations)")
+    p.add_argument("--output", help="metrics JSON to write")
+    p.add_argument("--allow-missing", action="store_true", help="score images that have predictions; count the rest")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("eval", help="caption a dataset split with a model and score it")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--data", required=True, help="dataset format: flickr8k, flickr8k-kaggle, karpathy, synthetic")
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--split-seed", type=int, default=0, help="split seed for layouts without split files")
+    p.add_argument("--max-images", type=int, help="score the first N images of the split only")
+    p.add_argument("--output-dir", help="default: MODEL_DIR/eval-SPLIT")
+    _add_generation_options(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("data", help="inspect datasets")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    c = data_sub.add_parser("check", help="read a dataset, decode every image, summarise and list problems")
+    c.add_argument("--format", required=True, help="flickr8k, flickr8k-kaggle, karpathy or synthetic")
+    c.add_argument("--data-dir", required=True)
+    c.add_argument("--output", help="summary JSON to write")
+    c.add_argument("--images-dir", help="image folder, if not the layout's usual one")
+    c.add_argument("--annotations", help="annotation file name, if not the layout's usual one")
+    c.add_argument("--split-seed", type=int, default=0)
+    c.add_argument("--workers", type=int, help="decoding processes (default: all cores)")
+    c.add_argument("--sample", type=int, help="decode a seeded sample of N images only")
+    c.set_defaults(func=cmd_data_check)
+
+    p = sub.add_parser("demo", help="train, evaluate and caption on the built-in synthetic data")
+    p.add_argument("--output-dir", default="demo-out")
+    p.add_argument("--train-images", type=int, help="synthetic training images (default 1200)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of configs/demo.yaml")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the CLI; bad input a user can fix prints `error: ...` and returns 2, never a traceback."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s",
+                        stream=sys.stderr)  # fmt: skip
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_libraries()
+    try:
+        return int(args.func(args))
+    except CaptuneError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

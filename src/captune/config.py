@@ -1,0 +1,285 @@
+"""Run configuration: typed dataclasses, read from YAML, overridden by `key=value` arguments, saved beside the outputs.
+
+A YAML file has one section per dataclass (`model`, `lora`, `data`, `train`, `generate`). An override names a field
+as `section.field=value`, or just `field=value` when the name is unique across sections (`lr=3e-4`,
+`data_dir=~/data/flickr8k`, `resume_from=runs/x/checkpoints/step-000100`). Two shorthands mirror how people talk:
+`model=<hub id or dir>` sets `model.name` and `data=<format>` sets `data.format`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from captune.errors import CaptuneError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    """Hub id (`Salesforce/blip2-opt-2.7b`) or local directory, loaded with `from_pretrained`; `tiny` builds a small
+    random BLIP-2 from config in code (tests and the demo; nothing to download)."""
+    dtype: str = "auto"
+    """Weight dtype: `auto` (bf16 on a GPU that supports it, fp32 on CPU), `bf16`, `fp16` or `fp32`."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    """LoRA rank."""
+    alpha: int = 32
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.1
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Language-model linear layers that get LoRA (OPT: `q_proj`, `k_proj`, `v_proj`, `out_proj`, `fc1`, `fc2`).
+    Matched inside `language_model` only: the vision encoder never gets LoRA."""
+    qformer_target_modules: list[str] = field(default_factory=list)
+    """Q-Former linear layers that get LoRA as well (e.g. `query`, `value`); empty for none."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full and saved with the adapter (e.g. `language_projection`)."""
+
+
+@dataclass
+class DataConfig:
+    format: str = "synthetic"
+    """Dataset layout: `flickr8k`, `flickr8k-kaggle`, `karpathy` or `synthetic` (built in, generated on first use)."""
+    data_dir: str = "data/synthetic"
+    """Folder holding the dataset (`~` is expanded)."""
+    images_dir: str | None = None
+    """Override the image folder (relative to data_dir, or absolute)."""
+    annotations: str | None = None
+    """Override the annotation file name (e.g. which `dataset_*.json` of a Karpathy folder)."""
+    split_seed: int = 0
+    """Seed of the image-level split for layouts without split files (Kaggle Flickr8k)."""
+    skip_bad_images: bool = False
+    """Train on the usable images when some are missing or unreadable (they are counted and reported)."""
+    prompt: str = ""
+    """Text put before every caption (e.g. `a photo of`); masked out of the loss and stripped from outputs."""
+    max_caption_tokens: int = 40
+    """Longer captions are cut to this many tokens before the end-of-sequence token."""
+    num_workers: int = 0
+    """DataLoader worker processes that decode images (0 decodes in the training process)."""
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    """Run directory: config, TensorBoard events, checkpoints/, best/, final/."""
+    batch_size: int = 8
+    """Samples (image-caption pairs) per device per forward pass."""
+    grad_accum: int = 1
+    """Forward passes per optimizer step."""
+    lr: float = 1e-4
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    warmup_steps: int = 100
+    """Linear warm-up optimizer steps before the cosine decay."""
+    epochs: int = 5
+    """Passes over the training captions (ignored when max_steps is set)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables clipping)."""
+    seed: int = 42
+    """Seed of initialisation, shuffling and dropout."""
+    log_every: int = 10
+    """Optimizer steps between TensorBoard scalars."""
+    save_every: int = 0
+    """Optimizer steps between checkpoints (0: only at the end of each epoch)."""
+    keep_checkpoints: int = 2
+    """Most recent step checkpoints kept on disk (best/ and final/ are kept apart)."""
+    validate: bool = True
+    """Caption and score the val split at each epoch end, and keep best/ by CIDEr."""
+    val_max_images: int | None = None
+    """Validate on the first N val images only (None: all)."""
+    resume_from: str | None = None
+    """Checkpoint directory to continue from, or `latest` for the newest in output_dir/checkpoints."""
+
+
+@dataclass
+class GenerateConfig:
+    num_beams: int = 5
+    """Beam width (1 is greedy)."""
+    min_new_tokens: int = 8
+    """Shortest caption in tokens."""
+    max_new_tokens: int = 30
+    """Longest caption in tokens."""
+    repetition_penalty: float = 1.0
+    """Penalty on repeated tokens (1.0 is none)."""
+    batch_size: int = 16
+    """Images per generate call."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+
+SHORTHANDS = {"model": ("model", "name"), "data": ("data", "format")}
+
+
+def _sections(config: Config) -> dict[str, Any]:
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+def _field_owner(config: Config, key: str, source: str) -> tuple[Any, str]:
+    """Finds the dataclass holding `key` (`section.field` or a field name unique across sections)."""
+    sections = _sections(config)
+    if key in SHORTHANDS:
+        section, name = SHORTHANDS[key]
+        return sections[section], name
+    if "." in key:
+        section, name = key.split(".", 1)
+        if section in sections and name in {f.name for f in dataclasses.fields(sections[section])}:
+            return sections[section], name
+    else:
+        owners = [s for s in sections.values() if key in {f.name for f in dataclasses.fields(s)}]
+        if len(owners) == 1:
+            return owners[0], key
+        if owners:
+            names = " or ".join(f"{s}.{key}" for s, obj in sections.items() if obj in owners)
+            raise CaptuneError(f"{source}: {key!r} is in several sections; write {names}")
+    known = [f"{s}.{f.name}" for s, obj in sections.items() for f in dataclasses.fields(obj)]
+    hint = difflib.get_close_matches(key, known + [k.split(".")[1] for k in known], n=3)
+    raise CaptuneError(
+        f"{source}: unknown config key {key!r}."
+        + (f" Did you mean {', '.join(hint)}?" if hint else "")
+        + " Run `captune train --help-config` for every key."
+    )
+
+
+def _convert(value: Any, annotation: Any, where: str) -> Any:
+    """Converts a YAML value or a command-line string to a field's declared type."""
+    hint = typing.get_type_hints(type("_", (), {"__annotations__": {"x": annotation}}))["x"]
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        return _convert(value, next(a for a in args if a is not type(None)), where)
+    origin = typing.get_origin(hint)
+    try:
+        if origin is list:
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            return [_convert(v, args[0], where) for v in value]
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes"):
+                return True
+            if str(value).lower() in ("false", "0", "no"):
+                return False
+            raise ValueError(value)
+        if hint is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return hint(value)
+    except (TypeError, ValueError):
+        name = getattr(hint, "__name__", str(hint))
+        raise CaptuneError(f"{where}: {value!r} is not a valid {name}") from None
+
+
+def _set(config: Config, key: str, value: Any, source: str) -> None:
+    owner, name = _field_owner(config, key, source)
+    annotation = next(f.type for f in dataclasses.fields(owner) if f.name == name)
+    setattr(owner, name, _convert(value, annotation, f"{source}: {key}"))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Builds a Config from defaults, then a YAML file, then `key=value` overrides.
+
+    Args:
+        path: YAML file with sections `model`, `lora`, `data`, `train`, `generate` (a section may also be a plain
+            string for the shorthands `model: <name>` and `data: <format>`).
+        overrides: `key=value` strings from the command line.
+
+    Raises:
+        CaptuneError: missing file, invalid YAML, unknown key or a value of the wrong type; the message names it.
+    """
+    config = Config()
+    if path is not None:
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise CaptuneError(f"config file {path} does not exist; the shipped configs are in configs/")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise CaptuneError(f"{path}: invalid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise CaptuneError(f"{path}: expected a mapping of sections at the top level")
+        for section, values in loaded.items():
+            if isinstance(values, dict):
+                for key, value in values.items():
+                    _set(config, f"{section}.{key}", value, str(path))
+            else:
+                _set(config, str(section), values, str(path))
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CaptuneError(f"override {item!r} is not of the form key=value (e.g. lr=3e-4)")
+        _set(config, key.strip(), value.strip(), "command line")
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Rejects values no run can use, naming the field."""
+    checks = [
+        (config.train.batch_size >= 1, "train.batch_size must be >= 1"),
+        (config.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
+        (config.train.lr > 0, "train.lr must be > 0"),
+        (config.train.epochs >= 1 or config.train.max_steps, "train.epochs must be >= 1 (or set train.max_steps)"),
+        (config.train.max_steps is None or config.train.max_steps >= 1, "train.max_steps must be >= 1"),
+        (config.lora.r >= 1, "lora.r must be >= 1"),
+        (0 <= config.lora.dropout < 1, "lora.dropout must be in [0, 1)"),
+        (bool(config.lora.target_modules or config.lora.qformer_target_modules), "lora: no target modules given"),
+        (config.generate.num_beams >= 1, "generate.num_beams must be >= 1"),
+        (
+            0 <= config.generate.min_new_tokens <= config.generate.max_new_tokens,
+            "generate: need 0 <= min_new_tokens <= max_new_tokens",
+        ),
+        (config.model.dtype in ("auto", "bf16", "fp16", "fp32"), "model.dtype must be auto, bf16, fp16 or fp32"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise CaptuneError(f"invalid config: {message}")
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """The config as plain data (for YAML, JSON and TensorBoard)."""
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: Path) -> None:
+    """Writes the resolved config as YAML, with the command that reproduces the run on top."""
+    header = f"# captune train --config {path.name}\n"
+    path.write_text(header + yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def describe() -> str:
+    """Every config key with its default and docstring, for `--help-config` and the docs."""
+    import inspect
+    import re
+
+    lines = []
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        source = inspect.getsource(cls)
+        docs = dict(re.findall(r"^    (\w+):.*?\n    \"\"\"(.*?)\"\"\"", source, flags=re.S | re.M))
+        lines.append(f"{section.name}:")
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            lines.append(f"  {f.name} = {default!r}\n      {' '.join(docs.get(f.name, '').split())}")
+    return "\n".join(lines)

@@ -1,0 +1,89 @@
+"""The one way captune opens an image: fully decoded, RGB, or an `ImageError` that says why not.
+
+The training dataset, `captune data check` and `captune caption` all call `load_rgb`, so an image that passes the data
+check is an image training can read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from captune.errors import CaptuneError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+"""File suffixes (lower case, with the dot, as `Path.suffix` gives them) taken as images when listing a folder."""
+
+_WHITE = (255, 255, 255, 255)
+# What Pillow's decoders raise for damaged data (beyond the cases load_rgb names on their own).
+_CORRUPT = (OSError, SyntaxError, ValueError, EOFError)
+
+
+class ImageError(CaptuneError):
+    """An image file that cannot be used; the message is `"<path>: <reason>"`."""
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Open an image, decode every pixel and convert it to 8-bit RGB.
+
+    Transparent images (RGBA, LA, PA, palette or L/RGB with a transparent colour) are composited on white; 16-bit
+    greyscale (`I;16*`, and `I` as Pillow opens 16-bit PNG and TIFF) is scaled to 8 bits instead of clipped.
+
+    Args:
+        path: Image file.
+
+    Returns:
+        A loaded RGB image, independent of the (closed) file.
+
+    Raises:
+        ImageError: The file is missing, not an image, truncated or corrupt, has more pixels than
+            `PIL.Image.MAX_IMAGE_PIXELS` (checked from the header, before decoding), or has a mode with no RGB
+            conversion.
+    """
+    image = _open_loaded(path)
+    try:
+        return _to_rgb(image)
+    except ValueError as exc:
+        raise ImageError(f"{path}: unsupported image mode {image.mode}: {exc}") from exc
+
+
+def _open_loaded(path: Path) -> Image.Image:
+    try:
+        image = Image.open(path)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: missing: no such file") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image Pillow can read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{path}: decompression bomb: {exc}") from None
+    except (PermissionError, IsADirectoryError) as exc:
+        raise ImageError(f"{path}: cannot read: {exc}") from None
+    except _CORRUPT as exc:
+        raise ImageError(f"{path}: truncated or corrupt: {exc}") from None
+    with image:
+        # Pillow raises beyond twice the limit but only warns between 1x and 2x; refuse both before decoding pixels.
+        width, height = image.size
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit is not None and width * height > limit:
+            raise ImageError(
+                f"{path}: decompression bomb: {width}x{height} = {width * height} pixels exceeds the limit of {limit} "
+                "(PIL.Image.MAX_IMAGE_PIXELS); raise that limit if the image is genuine"
+            )
+        try:
+            image.load()
+        except _CORRUPT as exc:
+            # A truncated JPEG opens fine (only the header is read) and fails here.
+            raise ImageError(f"{path}: truncated or corrupt: {exc}") from None
+    return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        # Pillow's own I -> L conversion clips at 255, which turns a 16-bit image white; scale 0..65535 to 0..255.
+        image = image.convert("I").point(lambda value: value / 257 + 0.5).convert("L")
+    if "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info:
+        return Image.alpha_composite(Image.new("RGBA", image.size, _WHITE), image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")

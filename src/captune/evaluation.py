@@ -1,0 +1,66 @@
+"""Caption a split and score it: the shared step of `captune eval`, validation during training and the demo."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import Blip2Processor
+
+from captune.config import GenerateConfig
+from captune.data import Record
+from captune.data.images import load_rgb
+from captune.generate import generate_captions
+from captune.metrics import EvalResult, score_captions, write_metrics
+
+
+def predict_records(
+    model: torch.nn.Module,
+    processor: Blip2Processor,
+    records: list[Record],
+    options: GenerateConfig,
+    prompt: str = "",
+) -> dict[str, str]:
+    """Captions every record's image in batches; keys are the records' image ids."""
+    predictions: dict[str, str] = {}
+    for start in range(0, len(records), options.batch_size):
+        chunk = records[start : start + options.batch_size]
+        texts = generate_captions(model, processor, [load_rgb(r.image_path) for r in chunk], options, prompt)
+        predictions.update((r.image_id, t) for r, t in zip(chunk, texts))
+    return predictions
+
+
+@dataclass
+class ModelEvaluation:
+    """Predictions of one model on one split, and their scores."""
+
+    predictions: dict[str, str]
+    result: EvalResult
+
+
+def evaluate_records(
+    model: torch.nn.Module,
+    processor: Blip2Processor,
+    records: list[Record],
+    options: GenerateConfig,
+    prompt: str = "",
+) -> ModelEvaluation:
+    """Captions the records and scores the captions against their references."""
+    predictions = predict_records(model, processor, records, options, prompt)
+    references = {r.image_id: list(r.captions) for r in records}
+    return ModelEvaluation(predictions, score_captions(references, predictions))
+
+
+def write_evaluation(output_dir: Path, evaluation: ModelEvaluation, records: list[Record]) -> None:
+    """Writes metrics.json, predictions.json (COCO results format) and references.json (COCO captions format)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_metrics(output_dir / "metrics.json", evaluation.result)
+    predictions = [{"image_id": k, "caption": v} for k, v in evaluation.predictions.items()]
+    (output_dir / "predictions.json").write_text(json.dumps(predictions, indent=2))
+    references = {
+        "images": [{"id": r.image_id, "file_name": str(r.image_path)} for r in records],
+        "annotations": [{"image_id": r.image_id, "caption": c} for r in records for c in r.captions],
+    }
+    (output_dir / "references.json").write_text(json.dumps(references, indent=2))

@@ -1,0 +1,399 @@
+"""COCO-caption metrics (BLEU 1-4, METEOR, ROUGE-L, CIDEr-D, SPICE when it can run), pure functions on pycocoevalcap.
+
+The numbers are the official COCO-caption toolkit's: references and predictions go through the Stanford
+PTBTokenizer, then through pycocoevalcap's own scorers, with nothing re-implemented here. This module only
+loads and validates the inputs, runs the scorers quietly and says which metric was skipped and why.
+"""
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.spice import get_stanford_models as stanford_models
+from pycocoevalcap.spice.spice import Spice
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+from captune.errors import CaptuneError
+
+METRIC_NAMES: tuple[str, ...] = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+
+# SPICE parses captions with Stanford CoreNLP 3.6.0; pycocoevalcap downloads these jars on first use,
+# so their absence is checked up front instead (no internet here, and a 400 MB surprise download elsewhere).
+_SPICE_LIB = Path(stanford_models.SPICEDIR) / stanford_models.SPICELIB
+_SPICE_JARS = (f"{stanford_models.JAR}.jar", f"{stanford_models.JAR}-models.jar")
+
+# PTBTokenizer replaces "\n" in captions, but Java's line reader also ends a line at these characters, and then
+# every later caption is scored against the wrong image. Mapping them to a space is what the toolkit does for "\n".
+_LINE_BREAKS = str.maketrans(dict.fromkeys("\r\x0b\x0c\u2028\u2029", " "))
+
+_MAX_IDS_SHOWN = 10
+
+_V = TypeVar("_V")
+
+
+@dataclass
+class EvalResult:
+    """Corpus-level caption metrics for one set of predictions."""
+
+    metrics: dict[str, float]
+    """Exactly `METRIC_NAMES`, in that order, plus "SPICE" when it ran."""
+    skipped: dict[str, str]
+    """Metric name -> why it was not computed, e.g. {"SPICE": "... jars not found ..."}."""
+    num_images: int
+    """Images scored."""
+    missing: list[str]
+    """Image ids with references but no prediction, left out of scoring (only with allow_missing)."""
+
+
+def score_captions(
+    references: Mapping[str, Sequence[str]],
+    predictions: Mapping[str, str],
+    *,
+    allow_missing: bool = False,
+    source: str = "predictions",
+) -> EvalResult:
+    """Scores predicted captions against reference captions with the COCO-caption toolkit.
+
+    Image ids may be ints (COCO) or strings (Flickr file names); both are compared as strings. All inputs are
+    checked before any Java scorer starts. Captions are not pre-processed: the PTB tokenizer lowercases them and
+    drops punctuation, exactly as in the official pipeline. The one exception is that line-break characters other
+    than "\\n" (which the toolkit itself turns into a space) also become spaces, since Java would otherwise split the
+    caption into two lines and shift every later caption onto the wrong image.
+
+    An empty prediction (or one of punctuation only) is legal and needs no special handling: it tokenizes to "",
+    which every pycocoevalcap scorer accepts, and the numbers equal COCOEvalCap.evaluate's on the same files. That
+    image scores 0 in METEOR, ROUGE-L and CIDEr; corpus BLEU adds nothing to the hypothesis n-gram counts but the
+    image's references to the reference length, so the brevity penalty grows (BLEU-3/4 may still rise).
+
+    CIDEr-D weights n-grams by their document frequency over the scored images, so it is always 0 for a single
+    image and unreliable for a handful; it is allowed but meaningful only for a real evaluation split.
+
+    Args:
+        references: Image id -> its reference captions (at least one each).
+        predictions: Image id -> the one predicted caption.
+        allow_missing: Score only the images that have a prediction, listing the others in `missing`, instead of
+            refusing when some referenced images have no prediction.
+        source: Where the predictions came from (a file name), used in error messages.
+
+    Returns:
+        The metrics, the skipped ones with reasons, the number of images scored and the missing ids.
+
+    Raises:
+        CaptuneError: A prediction has no references, a referenced image has no prediction (unless
+            allow_missing), nothing is left to score, an id appears twice, a caption is not a string, or Java is
+            not installed.
+    """
+    refs = _checked_references(references)
+    preds = _checked_predictions(predictions, source)
+    unknown = [image_id for image_id in preds if image_id not in refs]
+    if unknown:
+        raise CaptuneError(
+            f"{source}: {len(unknown)} predictions are for images with no references: {_some_ids(unknown)}; "
+            "check that the predictions and the references come from the same split"
+        )
+    missing = [image_id for image_id in refs if image_id not in preds]
+    if missing and not allow_missing:
+        raise CaptuneError(
+            f"{source}: {len(missing)} of {len(refs)} referenced images have no prediction: {_some_ids(missing)}; "
+            "caption them, or pass --allow-missing (allow_missing=True) to score only the predicted images"
+        )
+    if not preds:
+        raise CaptuneError(f"{source}: there are no predictions to score; caption at least one referenced image")
+    _require_java()
+    metrics, skipped = _coco_metrics({image_id: refs[image_id] for image_id in preds}, preds)
+    return EvalResult(metrics=metrics, skipped=skipped, num_images=len(preds), missing=missing)
+
+
+def load_references(path: Path) -> dict[str, list[str]]:
+    """Loads reference captions from a COCO captions annotation file.
+
+    The file is `{"images": [{"id": ...}, ...], "annotations": [{"image_id": ..., "caption": ...}, ...]}`;
+    `images` is optional (the ids then come from the annotations), other keys are ignored.
+
+    Args:
+        path: The annotation JSON file.
+
+    Returns:
+        Image id (as a string) -> its reference captions, in file order.
+
+    Raises:
+        CaptuneError: The file cannot be read or is not JSON, has the wrong shape, an entry lacks a key or has a
+            non-string caption, an annotation names an image missing from `images`, or a listed image has no
+            annotation.
+    """
+    data = _read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+        raise CaptuneError(
+            f"{path}: expected a COCO captions annotation file, an object with an 'annotations' list "
+            f"(and optionally 'images'), got {_shape(data)}; point to the captions_*.json file"
+        )
+    listed = _listed_images(path, data["images"]) if "images" in data else None
+    references: dict[str, list[str]] = {image_id: [] for image_id in listed or []}
+    for index, entry in enumerate(data["annotations"]):
+        image_id, caption = _caption_entry(f"{path}: annotations[{index}]", entry)
+        if listed is not None and image_id not in references:
+            raise CaptuneError(
+                f"{path}: annotations[{index}] is for image_id {image_id!r}, which is not in 'images'; "
+                "add the image to 'images' or remove the annotation"
+            )
+        references.setdefault(image_id, []).append(caption)
+    unannotated = [image_id for image_id, captions in references.items() if not captions]
+    if unannotated:
+        raise CaptuneError(
+            f"{path}: {len(unannotated)} images in 'images' have no annotation: {_some_ids(unannotated)}; "
+            "add their reference captions or remove them from 'images'"
+        )
+    if not references:
+        raise CaptuneError(f"{path}: 'annotations' is empty; the file has no reference captions")
+    return references
+
+
+def load_predictions(path: Path) -> dict[str, str]:
+    """Loads predicted captions from a COCO results file, `[{"image_id": ..., "caption": ...}, ...]`.
+
+    Other keys in an entry (a score, an id) are ignored.
+
+    Args:
+        path: The results JSON file.
+
+    Returns:
+        Image id (as a string) -> its predicted caption.
+
+    Raises:
+        CaptuneError: The file cannot be read or is not JSON, is not a list, an entry lacks a key or has a
+            non-string caption, or two entries are for the same image (the official toolkit would silently score
+            both; that is almost always a bug in the script that wrote the file).
+    """
+    data = _read_json(path)
+    if not isinstance(data, list):
+        raise CaptuneError(
+            f"{path}: expected a COCO results file, a list of {{'image_id': ..., 'caption': ...}}, got {_shape(data)}"
+        )
+    predictions: dict[str, str] = {}
+    first_index: dict[str, int] = {}
+    for index, entry in enumerate(data):
+        image_id, caption = _caption_entry(f"{path}: entry {index}", entry)
+        if image_id in predictions:
+            raise CaptuneError(
+                f"{path}: entries {first_index[image_id]} and {index} are both for image_id {image_id!r}; "
+                "write one caption per image"
+            )
+        predictions[image_id] = caption
+        first_index[image_id] = index
+    return predictions
+
+
+def evaluate_files(predictions: Path, references: Path, *, allow_missing: bool = False) -> EvalResult:
+    """Scores a COCO results file against a COCO captions annotation file.
+
+    Args:
+        predictions: The results JSON, `[{"image_id": ..., "caption": ...}, ...]`.
+        references: The annotation JSON, `{"images": [...], "annotations": [...]}`.
+        allow_missing: Score only the referenced images that have a prediction; see `score_captions`.
+
+    Returns:
+        The scores, as from `score_captions`.
+
+    Raises:
+        CaptuneError: Either file is malformed, or the two do not cover the same images.
+    """
+    return score_captions(
+        load_references(references), load_predictions(predictions), allow_missing=allow_missing, source=str(predictions)
+    )
+
+
+def write_metrics(path: Path, result: EvalResult) -> None:
+    """Writes `result.metrics` as a flat JSON object (indent 2), atomically.
+
+    The file is written beside `path` and renamed over it, so a reader never sees half a file.
+
+    Args:
+        path: The JSON file to write; its directory is created if needed.
+        result: The scores to write.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(result.metrics, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _coco_metrics(
+    references: dict[str, list[str]], predictions: dict[str, str]
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Tokenizes and scores as COCOEvalCap.evaluate does; returns the metrics and the skipped ones."""
+    meteor = Meteor()  # starting its JVM (~5 s, loads the paraphrase table) first lets it overlap the tokenizer
+    try:
+        gts = _tokenize(references)
+        res = _tokenize({image_id: [caption] for image_id, caption in predictions.items()})
+        with contextlib.redirect_stdout(io.StringIO()):  # Bleu prints its n-gram counts
+            bleu, _ = Bleu(4).compute_score(gts, res)
+            meteor_score, _ = meteor.compute_score(gts, res)
+            rouge, _ = Rouge().compute_score(gts, res)
+            cider, _ = Cider().compute_score(gts, res)
+    finally:
+        _close_meteor(meteor)
+    scores = [*bleu, meteor_score, rouge, cider]
+    metrics = {name: float(score) for name, score in zip(METRIC_NAMES, scores, strict=True)}
+    spice, skipped = _spice(gts, res)
+    return metrics | spice, skipped
+
+
+def _tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Runs the toolkit's PTBTokenizer (lowercase, split, drop punctuation) on image id -> captions."""
+    tokenized = PTBTokenizer().tokenize(
+        {image_id: [{"caption": c.translate(_LINE_BREAKS)} for c in texts] for image_id, texts in captions.items()}
+    )
+    # The tokenizer pairs output lines with captions by position; a short output means Java failed.
+    if any(len(tokenized.get(image_id, [])) != len(texts) for image_id, texts in captions.items()):
+        raise CaptuneError(
+            "the PTB tokenizer (Java) returned fewer lines than captions; check that `java -version` works"
+        )
+    return tokenized
+
+
+def _close_meteor(meteor: Meteor) -> None:
+    """Stops METEOR's JVM now rather than whenever the garbage collector runs Meteor.__del__."""
+    # compute_score keeps its lock if the JVM died mid-answer, and __del__ would then block forever on it.
+    if meteor.lock.locked():
+        meteor.lock.release()
+    process = meteor.meteor_p
+    process.kill()
+    process.wait()
+    for stream in (process.stdin, process.stdout, process.stderr):
+        stream.close()
+
+
+def _spice(gts: dict[str, list[str]], res: dict[str, list[str]]) -> tuple[dict[str, float], dict[str, str]]:
+    """Runs SPICE if it can run here; returns {"SPICE": score} or {"SPICE": why it was skipped}."""
+    absent = [jar for jar in _SPICE_JARS if not (_SPICE_LIB / jar).is_file()]
+    if absent:
+        return {}, {
+            "SPICE": f"Stanford CoreNLP jars not found in {_SPICE_LIB}: {', '.join(absent)}; run "
+            "`python -m pycocoevalcap.spice.get_stanford_models` once with internet access to fetch them"
+        }
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            score, _ = Spice().compute_score(gts, res)
+    except subprocess.CalledProcessError as err:
+        return {}, {"SPICE": f"spice-1.0.jar exited with status {err.returncode}; it needs Java 8 or 11, not 17+"}
+    return {"SPICE": float(score)}, {}
+
+
+def _require_java() -> None:
+    """Fails early, with what to do, if the Java runtime the toolkit's scorers need is missing."""
+    if shutil.which("java") is None:
+        raise CaptuneError(
+            "`java` is not on PATH; the COCO-caption toolkit runs its tokenizer, METEOR and SPICE in Java: "
+            "install a JRE (e.g. apt-get install default-jre-headless)"
+        )
+
+
+def _checked_references(references: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+    """Returns the references keyed by string id, refusing anything but a non-empty list of strings per image."""
+    checked: dict[str, list[str]] = {}
+    for image_id, captions in _string_ids(references.items(), "references"):
+        if isinstance(captions, str) or not captions or not all(isinstance(c, str) for c in captions):
+            raise CaptuneError(
+                f"references for image {image_id!r} must be a non-empty list of caption strings, got {captions!r}"
+            )
+        checked[image_id] = list(captions)
+    return checked
+
+
+def _checked_predictions(predictions: Mapping[str, str], source: str) -> dict[str, str]:
+    """Returns the predictions keyed by string id, refusing non-string captions."""
+    checked: dict[str, str] = {}
+    for image_id, caption in _string_ids(predictions.items(), source):
+        if not isinstance(caption, str):
+            raise CaptuneError(f"{source}: the prediction for image {image_id!r} is {caption!r}, not a string")
+        checked[image_id] = caption
+    return checked
+
+
+def _string_ids(items: Iterable[tuple[object, _V]], source: str) -> list[tuple[str, _V]]:
+    """Turns ids into strings, refusing two keys (such as 1 and "1") that become the same id."""
+    seen: set[str] = set()
+    out: list[tuple[str, _V]] = []
+    for key, value in items:
+        image_id = str(key)
+        if image_id in seen:
+            raise CaptuneError(f"{source}: image id {image_id!r} appears twice (as an int and a string); use one type")
+        seen.add(image_id)
+        out.append((image_id, value))
+    return out
+
+
+def _read_json(path: Path) -> object:
+    """Parses a JSON file, turning every way it can fail into an error that names the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise CaptuneError(f"{path}: cannot read it ({err.strerror}); check the path") from err
+    except UnicodeDecodeError as err:
+        raise CaptuneError(f"{path}: not UTF-8 text (byte {err.start}); save the file as UTF-8 JSON") from err
+    except json.JSONDecodeError as err:
+        raise CaptuneError(
+            f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); fix or regenerate the file"
+        ) from err
+
+
+def _listed_images(path: Path, images: object) -> list[str]:
+    """Returns the ids of the annotation file's `images` list."""
+    if not isinstance(images, list):
+        raise CaptuneError(f"{path}: 'images' is {_shape(images)}, expected a list of {{'id': ...}} objects")
+    ids = []
+    for index, image in enumerate(images):
+        if not isinstance(image, dict) or "id" not in image:
+            raise CaptuneError(f"{path}: images[{index}] has no 'id'; every image needs one")
+        ids.append(_image_id(f"{path}: images[{index}].id", image["id"]))
+    return ids
+
+
+def _caption_entry(where: str, entry: object) -> tuple[str, str]:
+    """Returns (image id, caption) of one `{"image_id": ..., "caption": ...}` entry; `where` names it in errors."""
+    if not isinstance(entry, dict):
+        raise CaptuneError(f"{where} is {_shape(entry)}, expected an object with 'image_id' and 'caption'")
+    for key in ("image_id", "caption"):
+        if key not in entry:
+            raise CaptuneError(f"{where} has no {key!r}; every entry needs 'image_id' and 'caption'")
+    caption = entry["caption"]
+    if not isinstance(caption, str):
+        raise CaptuneError(f"{where} has caption {caption!r}, expected a string; write the caption text")
+    return _image_id(f"{where}.image_id", entry["image_id"]), caption
+
+
+def _image_id(where: str, value: object) -> str:
+    """Normalises an image id to `str`: COCO ids are ints, Flickr ids are file names."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise CaptuneError(f"{where} is {value!r}; image ids must be integers (COCO) or strings (file names)")
+    return str(value)
+
+
+def _shape(value: object) -> str:
+    """Describes a JSON value's type for an error message."""
+    names: dict[type, str] = {dict: "an object", list: "a list", str: "a string", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _some_ids(ids: Sequence[str]) -> str:
+    """Formats the first few ids of a list for an error message."""
+    shown = ", ".join(repr(image_id) for image_id in ids[:_MAX_IDS_SHOWN])
+    return shown if len(ids) <= _MAX_IDS_SHOWN else f"{shown}, ... ({len(ids)} in all)"

@@ -1,0 +1,257 @@
+"""Load BLIP-2 (hub id, local directory or the built-in tiny model), attach LoRA, save and reload fine-tuned models.
+
+A saved model directory (`RUN/best`, `RUN/final`, a checkpoint) holds the PEFT adapter (safetensors), the processor
+and `captune.json`, which names the base model. When the base cannot be fetched by name (the tiny model), its weights
+are stored in `base/` inside the directory, so the directory stands alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import (
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    Blip2Processor,
+    BlipImageProcessorPil,
+    PreTrainedTokenizerFast,
+)
+
+from captune.config import Config, LoraConfig, to_dict
+from captune.errors import CaptuneError
+
+log = logging.getLogger(__name__)
+
+TINY = "tiny"
+META_FILE = "captune.json"
+BASE_SUBDIR = "base"
+
+# The tiny tokenizer's words: those of the built-in synthetic captions plus common caption words, so fixtures with
+# everyday captions tokenize mostly to real words; anything else becomes <unk>.
+TINY_WORDS = (
+    "a an the of on in at to and with is are there picture photo image shape small large big tiny "
+    "red green blue yellow purple orange black white gray circle square triangle left right top bottom middle "
+    "center corner upper lower dog cat man woman boy girl child children people person two three "
+    "playing running sitting standing walking water grass snow street ball beach field his her its , ."
+).split()
+
+
+@dataclass
+class LoadedModel:
+    """A BLIP-2 with its processor, ready to train or caption."""
+
+    model: torch.nn.Module
+    """`Blip2ForConditionalGeneration`, or a `PeftModel` around one."""
+    processor: Blip2Processor
+    base_name: str
+    """What `captune.json` records as the base: a hub id, a local directory, or `tiny`."""
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` is bf16 on a GPU that has it and fp32 elsewhere; explicit names map to torch dtypes."""
+    if name == "auto":
+        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16_ok else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def build_tiny_processor(num_query_tokens: int = 8, image_size: int = 32) -> Blip2Processor:
+    """A word-level tokenizer built locally with `tokenizers` (OPT-like: `</s>` is BOS and EOS) and a PIL image
+    processor; `Blip2Processor` adds the `<image>` token itself."""
+    vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2}
+    for word in TINY_WORDS:
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    image_processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
+    return Blip2Processor(image_processor, tokenizer, num_query_tokens=num_query_tokens)
+
+
+def tiny_config(processor: Blip2Processor, image_size: int = 32) -> Blip2Config:
+    """A BLIP-2 of the real architecture (ViT, Q-Former, OPT) at hidden sizes 32-64: ~0.1 M parameters."""
+    tokenizer = processor.tokenizer
+    return Blip2Config(
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": image_size,
+            "patch_size": 8,
+        },
+        qformer_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "encoder_hidden_size": 32,
+            "vocab_size": 64,
+            "max_position_embeddings": 64,
+        },
+        text_config={
+            "model_type": "opt",
+            "hidden_size": 64,
+            "ffn_dim": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "word_embed_proj_dim": 64,
+            "max_position_embeddings": 128,
+            "vocab_size": len(tokenizer),
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        num_query_tokens=processor.num_query_tokens,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+
+
+def build_tiny(seed: int = 0) -> LoadedModel:
+    """The built-in tiny BLIP-2 with random weights, deterministic for a seed."""
+    processor = build_tiny_processor()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Blip2ForConditionalGeneration(tiny_config(processor))
+    return LoadedModel(model.eval(), processor, TINY)
+
+
+def load_base(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> LoadedModel:
+    """Loads a BLIP-2 and its processor by hub id or local directory (the same `from_pretrained` path), or `tiny`.
+
+    Raises:
+        CaptuneError: the name is neither a local directory nor a model that can be loaded (offline, no cache).
+    """
+    if name == TINY:
+        loaded = build_tiny(seed)
+        loaded.model.to(dtype)
+        return loaded
+    try:
+        processor = Blip2Processor.from_pretrained(name)
+        model = Blip2ForConditionalGeneration.from_pretrained(name, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise CaptuneError(
+            f"could not load BLIP-2 model {name!r}: {err}\n"
+            "Give a hub id that is in the local Hugging Face cache (download it once while online, e.g. "
+            "`hf download Salesforce/blip2-opt-2.7b`) or a local directory with config.json and weights."
+        ) from None
+    _check_image_tokens(processor, model.config, name)
+    return LoadedModel(model.eval(), processor, name)
+
+
+def _check_image_tokens(processor: Blip2Processor, config: Blip2Config, name: str) -> None:
+    """Without `num_query_tokens` the processor adds no image placeholders and the model silently ignores the image;
+    old hub revisions lack it, so it is taken from the model config."""
+    if processor.num_query_tokens is None:
+        log.warning("%s: processor has no num_query_tokens; using the model's %d", name, config.num_query_tokens)
+        processor.num_query_tokens = config.num_query_tokens
+    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token.content)
+    if processor.num_query_tokens != config.num_query_tokens or image_id != config.image_token_index:
+        raise CaptuneError(
+            f"{name}: processor and model disagree (num_query_tokens {processor.num_query_tokens} vs "
+            f"{config.num_query_tokens}, <image> id {image_id} vs {config.image_token_index}); "
+            "use the processor saved with this model"
+        )
+
+
+def _target_regex(lora: LoraConfig) -> str:
+    """A regex over module names that keeps LoRA inside the language model (and the Q-Former when asked): PEFT's
+    defaults or bare names would also match layers of the vision encoder."""
+    parts = []
+    if lora.target_modules:
+        parts.append(rf"language_model\..*\.({'|'.join(map(re.escape, lora.target_modules))})")
+    if lora.qformer_target_modules:
+        parts.append(rf"qformer\..*\.({'|'.join(map(re.escape, lora.qformer_target_modules))})")
+    return rf"^({'|'.join(parts)})$"
+
+
+def apply_lora(model: torch.nn.Module, lora: LoraConfig) -> PeftModel:
+    """Wraps the model with PEFT LoRA on the configured layers; everything else is frozen.
+
+    Raises:
+        CaptuneError: a target name matches no layer of this model (names differ between OPT and T5).
+    """
+    regex = _target_regex(lora)
+    names = [n for n, _ in model.named_modules()]
+    for target in lora.target_modules + lora.qformer_target_modules:
+        if not any(n.rsplit(".", 1)[-1] == target for n in names):
+            raise CaptuneError(f"lora: target module {target!r} matches no layer of this model")
+    for module in lora.modules_to_save:
+        if module not in names:
+            raise CaptuneError(f"lora.modules_to_save: {module!r} is not a module of this model")
+    peft_config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=regex,
+        modules_to_save=lora.modules_to_save or None,
+        bias="none",
+    )
+    return get_peft_model(model, peft_config)
+
+
+def trainable_summary(model: torch.nn.Module) -> str:
+    """`trainable 12,345 of 3,872,000 parameters (0.32%)` for the run log."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)"
+
+
+def save_model_dir(path: Path, loaded: LoadedModel, config: Config, base_dir: Path | None = None) -> None:
+    """Writes adapter (safetensors), processor and `captune.json` into `path` (which the caller makes atomic).
+
+    Args:
+        base_dir: where the tiny base model was saved once per run; copied into `path/base` so the directory stands
+            alone. None for bases loadable by name.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    loaded.model.save_pretrained(path, safe_serialization=True)
+    loaded.processor.save_pretrained(path)
+    base = loaded.base_name
+    if base_dir is not None:
+        shutil.copytree(base_dir, path / BASE_SUBDIR, dirs_exist_ok=True)
+        base = BASE_SUBDIR
+    meta = {"base_model": base, "config": to_dict(config)}
+    (path / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def save_base(path: Path, loaded: LoadedModel) -> None:
+    """Saves an unadapted base model and its processor (used once per run for the tiny model)."""
+    loaded.model.save_pretrained(path, safe_serialization=True)
+    loaded.processor.save_pretrained(path)
+
+
+def load_model_dir(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Loads what `captune train` saved (base + adapter), or a merged/plain BLIP-2 directory or hub id.
+
+    Raises:
+        CaptuneError: the directory holds neither an adapter nor a model.
+    """
+    path = Path(path).expanduser()
+    meta_file = path / META_FILE
+    if not meta_file.is_file():
+        if path.exists() and not (path / "config.json").is_file():
+            raise CaptuneError(
+                f"{path}: no {META_FILE} (a captune run directory such as RUN/best) and no config.json "
+                "(a merged BLIP-2 model); point --model-dir at one of those"
+            )
+        return load_base(str(path), dtype)
+    meta = json.loads(meta_file.read_text())
+    base_name = meta["base_model"]
+    base_path = path / base_name
+    base = load_base(str(base_path) if base_path.is_dir() else base_name, dtype)
+    processor = Blip2Processor.from_pretrained(path)
+    model = PeftModel.from_pretrained(base.model, path)
+    return LoadedModel(model.eval(), processor, base_name)

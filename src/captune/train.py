@@ -1,0 +1,470 @@
+"""THE training recipe: setup -> fit -> validate -> save, on accelerate.
+
+Runs unchanged on one CPU, one GPU or under `accelerate launch` with several processes: accelerate shards the batches,
+averages gradients and decides who writes (rank 0 writes files and logs; every rank saves its own RNG state).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+from transformers import Blip2Processor, get_cosine_schedule_with_warmup
+
+from captune import data as datasets
+from captune.config import Config, save_config, to_dict
+from captune.data import CaptionSet, Record
+from captune.data.images import load_rgb
+from captune.errors import CaptuneError
+from captune.evaluation import predict_records
+from captune.metrics import score_captions
+from captune.model import LoadedModel, apply_lora, load_base, resolve_dtype, save_base, save_model_dir, trainable_summary
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100  # label value the loss skips
+
+
+# ---------------------------------------------------------------------------------------------------------- data ---
+class CaptionPairs(Dataset):
+    """Every (image, caption) pair of a split; images are decoded lazily, in DataLoader workers when there are any."""
+
+    def __init__(self, records: list[Record], processor: Blip2Processor):
+        self.pairs = [(r, c) for r in records for c in r.captions]
+        self.image_processor = processor.image_processor
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record, caption = self.pairs[index]
+        pixels = self.image_processor(load_rgb(record.image_path), return_tensors="pt")["pixel_values"][0]
+        return {"pixel_values": pixels, "caption": caption}
+
+
+@dataclass
+class CaptionCollator:
+    """Builds `[<image>] * num_query_tokens + BOS + prompt + caption + EOS`, right-padded, with labels.
+
+    Labels equal input_ids except image placeholders, BOS, prompt tokens and padding, which are -100; the EOS after
+    each caption is a label, so the model learns to stop. The model shifts labels itself.
+    """
+
+    processor: Blip2Processor
+    prompt: str = ""
+    max_caption_tokens: int = 40
+
+    def __post_init__(self) -> None:
+        tokenizer = self.processor.tokenizer
+        self.num_query_tokens = int(self.processor.num_query_tokens)
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.processor.image_token.content)
+        self.prefix = [self.image_token_id] * self.num_query_tokens + tokenizer(self.prompt).input_ids
+
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        tokenizer = self.processor.tokenizer
+        # A prompt joins the caption with a space, so BPE tokenizers see the caption's first word as a new word.
+        texts = [(" " if self.prompt else "") + item["caption"] for item in batch]
+        captions = tokenizer(texts, add_special_tokens=False).input_ids
+        rows = [self.prefix + ids[: self.max_caption_tokens] + [tokenizer.eos_token_id] for ids in captions]
+        length = max(map(len, rows))
+        input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        labels = torch.full_like(input_ids, IGNORE)
+        for i, row in enumerate(rows):
+            input_ids[i, : len(row)] = torch.tensor(row)
+            attention_mask[i, : len(row)] = 1
+            labels[i, len(self.prefix) : len(row)] = input_ids[i, len(self.prefix) : len(row)]
+        counts = (input_ids == self.image_token_id).sum(dim=1)
+        bad = [batch[i]["caption"] for i in torch.nonzero(counts != self.num_query_tokens).flatten().tolist()]
+        if bad:
+            raise CaptuneError(
+                f"caption {bad[0]!r} does not yield exactly {self.num_query_tokens} image tokens "
+                f"({self.processor.image_token.content} must not appear in captions or the prompt)"
+            )
+        return {
+            "pixel_values": torch.stack([item["pixel_values"] for item in batch]),
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+        }
+
+
+class EpochShuffle(Sampler[int]):
+    """A permutation seeded by (seed, epoch): the order of an epoch never depends on the global RNG, so a resumed run
+    sees the same batches as an uninterrupted one."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
+def load_training_data(config: Config, main: bool) -> CaptionSet:
+    """Reads the dataset, decodes every image once, and refuses to go on over problems unless told to skip them."""
+    options = datasets.ReadOptions(
+        seed=config.data.split_seed, images_dir=config.data.images_dir, annotations=config.data.annotations
+    )
+    captions = datasets.read(config.data.format, config.data.data_dir, options)
+    captions = datasets.check_images(captions, progress=main)
+    if captions.problems:
+        listing = "\n".join(f"  {p.image}: {p.problem}" for p in captions.problems[:10])
+        more = f"\n  ... and {len(captions.problems) - 10} more" if len(captions.problems) > 10 else ""
+        if not config.data.skip_bad_images:
+            raise CaptuneError(
+                f"{config.data.data_dir}: {len(captions.problems)} problem(s) in the dataset:\n{listing}{more}\n"
+                "Fix them, or pass --skip-bad-images (data.skip_bad_images=true) to train on the "
+                f"{len(captions.records)} usable images; `captune data check` writes the full list."
+            )
+        if main:
+            log.warning("skipping %d unusable image(s):\n%s%s", len(captions.problems), listing, more)
+    for note in captions.notes:
+        log.info("data: %s", note)
+    if not captions.split("train"):
+        raise CaptuneError(f"{config.data.data_dir}: the train split has no usable images")
+    return captions
+
+
+# ----------------------------------------------------------------------------------------------------- training ---
+@dataclass
+class TrainState:
+    """What a checkpoint needs besides weights and optimizer to continue exactly."""
+
+    global_step: int = 0
+    epoch: int = 0
+    best_cider: float | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    """Everything the loop touches, built by `setup`."""
+
+    config: Config
+    accelerator: Accelerator
+    loaded: LoadedModel
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: DataLoader
+    sampler: EpochShuffle
+    val_records: list[Record]
+    output_dir: Path
+    base_dir: Path | None
+    steps_per_epoch: int
+    total_steps: int
+    state: TrainState = field(default_factory=TrainState)
+
+
+def setup(config: Config) -> Run:
+    """Accelerator, data, model with LoRA, optimizer and schedule; resumes when asked."""
+    # 1. The accelerator decides device and precision; bf16 on GPUs that have it, fp32 on CPU.
+    probe = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(config.model.dtype, probe)
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+    output_dir = Path(config.train.output_dir).expanduser()
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.train.grad_accum,
+        mixed_precision=precision,
+        log_with="tensorboard",
+        project_dir=str(output_dir),
+    )
+    set_seed(config.train.seed)
+    main = accelerator.is_main_process
+
+    # 2. Data first: a bad dataset should fail before minutes of model loading.
+    captions = load_training_data(config, main)
+    val_records = captions.split("val")[: config.train.val_max_images]
+
+    # 3. The base model, then LoRA on the configured layers only.
+    loaded = load_base(config.model.name, dtype if accelerator.device.type != "cpu" else torch.float32, config.train.seed)
+    base_dir = None
+    if loaded.base_name == "tiny":
+        # The tiny base is random: keep its weights so every saved model directory can be reloaded on its own.
+        base_dir = output_dir / "base-model"
+        if main:
+            save_base(base_dir, loaded)
+    loaded.model = apply_lora(loaded.model, config.lora)
+    if main:
+        log.info("model %s: %s", config.model.name, trainable_summary(loaded.model))
+
+    # 4. Loader: every caption is a sample; the sampler's order depends only on (seed, epoch).
+    pairs = CaptionPairs(captions.split("train"), loaded.processor)
+    sampler = EpochShuffle(len(pairs), config.train.seed)
+    loader = DataLoader(
+        pairs,
+        batch_size=config.train.batch_size,
+        sampler=sampler,
+        collate_fn=CaptionCollator(loaded.processor, config.data.prompt, config.data.max_caption_tokens),
+        num_workers=config.data.num_workers,
+        generator=torch.Generator().manual_seed(config.train.seed),
+        pin_memory=accelerator.device.type == "cuda",
+    )
+    params = [p for p in loaded.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay)
+    loaded.model, optimizer, loader = accelerator.prepare(loaded.model, optimizer, loader)
+
+    # 5. Schedule in optimizer steps; not handed to accelerate, which would step it once per process.
+    steps_per_epoch = math.ceil(len(loader) / config.train.grad_accum)
+    total_steps = config.train.max_steps or steps_per_epoch * config.train.epochs
+    scheduler = get_cosine_schedule_with_warmup(optimizer, min(config.train.warmup_steps, total_steps), total_steps)
+    run = Run(
+        config, accelerator, loaded, optimizer, scheduler, loader, sampler, val_records, output_dir, base_dir,
+        steps_per_epoch, total_steps,
+    )  # fmt: skip
+    if config.train.resume_from:
+        load_checkpoint(run, resolve_checkpoint(config.train.resume_from, output_dir))
+    return run
+
+
+def fit(run: Run) -> TrainState:
+    """The loop: epochs of accumulated steps, a checkpoint every `save_every` steps and at each epoch end, validation
+    at each epoch end, best/ by CIDEr, final/ at the end."""
+    config, accelerator, state = run.config, run.accelerator, run.state
+    main = accelerator.is_main_process
+    if main:
+        run.output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run.output_dir / "config.yaml")
+    accelerator.init_trackers("tensorboard", config=_flat_hparams(config))
+    bar = tqdm(total=run.total_steps, initial=state.global_step, disable=not main, desc="train", unit="step")
+    model = run.loaded.model
+    model.train()
+    samples, tick = 0, time.perf_counter()
+    while state.global_step < run.total_steps:
+        # 1. Continue mid-epoch after a resume by skipping the batches the checkpoint had already seen.
+        run.sampler.set_epoch(state.epoch)
+        done_in_epoch = state.global_step - state.epoch * run.steps_per_epoch
+        loader = accelerator.skip_first_batches(run.loader, done_in_epoch * config.train.grad_accum)
+        for batch in loader:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.train.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), config.train.max_grad_norm)
+                run.optimizer.step()
+                run.optimizer.zero_grad()
+            samples += len(batch["input_ids"]) * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            # 2. One optimizer step done: schedule, log, maybe checkpoint.
+            run.scheduler.step()
+            state.global_step += 1
+            lr = run.scheduler.get_last_lr()[0]
+            rate = samples / max(time.perf_counter() - tick, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
+            if state.global_step % config.train.log_every == 0:
+                accelerator.log({"train/loss": loss.item(), "train/lr": lr, "train/samples_per_s": rate},
+                                step=state.global_step)  # fmt: skip
+                samples, tick = 0, time.perf_counter()
+            if config.train.save_every and state.global_step % config.train.save_every == 0:
+                save_checkpoint(run, f"step-{state.global_step:06d}")
+            if state.global_step >= run.total_steps:
+                break
+        # 3. Epoch end (or the last step): validate, keep the best, checkpoint.
+        epoch_finished = state.global_step % run.steps_per_epoch == 0
+        if epoch_finished:
+            state.epoch += 1
+        if epoch_finished or state.global_step >= run.total_steps:
+            validate_and_keep_best(run)
+            save_checkpoint(run, f"step-{state.global_step:06d}")
+    bar.close()
+    save_model(run, run.output_dir / "final")
+    if main:
+        _write_json(run.output_dir / "results.json", {"total_steps": state.global_step, **_results(state)})
+    accelerator.end_training()
+    return state
+
+
+def validate_and_keep_best(run: Run) -> dict[str, float] | None:
+    """Captions the val images (sharded over processes, gathered once), scores them on rank 0, logs, keeps best/."""
+    if not run.config.train.validate or not run.val_records:
+        return None
+    accelerator, state = run.accelerator, run.state
+    model = accelerator.unwrap_model(run.loaded.model)
+    mine = run.val_records[accelerator.process_index :: accelerator.num_processes]
+    predictions = predict_records(model, run.loaded.processor, mine, run.config.generate, run.config.data.prompt)
+    gathered = dict(gather_object(list(predictions.items())))
+    metrics = None
+    if accelerator.is_main_process:
+        references = {r.image_id: list(r.captions) for r in run.val_records}
+        metrics = score_captions(references, gathered).metrics
+        accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=state.global_step)
+        state.history.append({"epoch": state.epoch, "step": state.global_step, "metrics": metrics})
+        _write_json(run.output_dir / "val" / f"step-{state.global_step:06d}.json",
+                    {"metrics": metrics, "predictions": gathered})  # fmt: skip
+        log.info("step %d val: %s", state.global_step, " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    best = _broadcast_float(accelerator, metrics["CIDEr"] if metrics else 0.0)
+    if state.best_cider is None or best > state.best_cider:
+        state.best_cider = best
+        save_model(run, run.output_dir / "best")
+    return metrics
+
+
+def _broadcast_float(accelerator: Accelerator, value: float) -> float:
+    """Rank 0's value on every rank, so all ranks take the same branch."""
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return float(box[0])
+
+
+# -------------------------------------------------------------------------------------------------- checkpoints ---
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Puts a finished temporary directory in place; the previous version stays whole until the new one is there."""
+    old = final.with_name(f".old-{final.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model(run: Run, path: Path) -> None:
+    """Adapter + processor + captune.json, written to a temporary directory and renamed into place (rank 0)."""
+    accelerator = run.accelerator
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp = path.with_name(f".tmp-{path.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrapped = LoadedModel(accelerator.unwrap_model(run.loaded.model), run.loaded.processor, run.loaded.base_name)
+        save_model_dir(tmp, unwrapped, run.config, run.base_dir)
+        save_config(run.config, tmp / "config.yaml")
+        if run.state.history:
+            _write_json(tmp / "metrics.json", run.state.history[-1]["metrics"])
+        _replace_dir(tmp, path)
+    accelerator.wait_for_everyone()
+
+
+def save_checkpoint(run: Run, name: str) -> Path:
+    """A resumable checkpoint: the model directory plus trainable weights, optimizer, scheduler, per-rank RNG and the
+    loop state. Everything goes into `.tmp-<name>` first and is renamed when complete, so a kill at any moment
+    leaves the previous checkpoint whole."""
+    accelerator, state = run.accelerator, run.state
+    folder = run.output_dir / "checkpoints"
+    path = folder / name
+    tmp = folder / f".tmp-{name}"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model = accelerator.unwrap_model(run.loaded.model)
+        save_model_dir(tmp, LoadedModel(model, run.loaded.processor, run.loaded.base_name), run.config, run.base_dir)
+        save_config(run.config, tmp / "config.yaml")
+        trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(trainable, str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict()},
+                   tmp / "optimizer.pt")  # fmt: skip
+        _write_json(tmp / "trainer_state.json", _results(state) | {"global_step": state.global_step,
+                                                                   "epoch": state.epoch})  # fmt: skip
+    accelerator.wait_for_everyone()
+    torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _replace_dir(tmp, path)
+        steps = sorted(p for p in folder.glob("step-*") if p.is_dir())
+        for stale in steps[: max(len(steps) - run.config.train.keep_checkpoints, 0)]:
+            shutil.rmtree(stale)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def resolve_checkpoint(value: str, output_dir: Path) -> Path:
+    """A checkpoint directory, or `latest` for the newest one under output_dir/checkpoints."""
+    if value == "latest":
+        found = sorted((output_dir / "checkpoints").glob("step-*"))
+        if not found:
+            raise CaptuneError(f"resume_from=latest: no checkpoint in {output_dir / 'checkpoints'}")
+        return found[-1]
+    path = Path(value).expanduser()
+    if not (path / "trainer_state.json").is_file():
+        raise CaptuneError(f"resume_from={value}: not a checkpoint directory (no trainer_state.json)")
+    return path
+
+
+def load_checkpoint(run: Run, path: Path) -> None:
+    """Restores weights, optimizer, scheduler, RNG and loop state saved by `save_checkpoint`."""
+    saved = json.loads((path / "config.yaml").with_name("captune.json").read_text())["config"]
+    current = to_dict(run.config)
+    keys = [("model", "name"), ("train", "batch_size"), ("train", "grad_accum"), ("train", "seed")]
+    changed = [f"{s}.{k}" for s, k in keys if saved[s][k] != current[s][k]]
+    changed += ["lora"] if saved["lora"] != current["lora"] else []
+    if changed:
+        raise CaptuneError(f"resume_from={path}: the checkpoint was trained with different {', '.join(changed)}")
+    model = run.accelerator.unwrap_model(run.loaded.model)
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    states = torch.load(path / "optimizer.pt", weights_only=False)
+    run.optimizer.load_state_dict(states["optimizer"])
+    run.scheduler.load_state_dict(states["scheduler"])
+    rng_file = path / f"rng-{run.accelerator.process_index}.pt"
+    if not rng_file.is_file():
+        raise CaptuneError(f"{rng_file} is missing: resume with as many processes as the checkpoint was saved with")
+    _set_rng_state(torch.load(rng_file, weights_only=False))
+    trainer = json.loads((path / "trainer_state.json").read_text())
+    run.state = TrainState(trainer["global_step"], trainer["epoch"], trainer["best_cider"], trainer["history"])
+    log.info("resumed from %s at step %d", path, run.state.global_step)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _results(state: TrainState) -> dict[str, Any]:
+    return {"best_cider": state.best_cider, "history": state.history}
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(value, indent=2))
+    tmp.replace(path)
+
+
+def _flat_hparams(config: Config) -> dict[str, Any]:
+    """TensorBoard's hparams take scalars and strings only."""
+    flat = {}
+    for section, values in to_dict(config).items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+def train(config: Config) -> TrainState:
+    """Runs the whole recipe for a resolved config (the `captune train` command and the Python API)."""
+    return fit(setup(config))
