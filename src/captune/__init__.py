@@ -1,0 +1,39 @@
+"""captune: fine-tune BLIP-2 for image captioning with LoRA, caption images, score captions.
+
+The public API, shared by the CLI, notebooks and (later) the server::
+
+    from captune import load_config, train, load_model_dir, caption_paths
+
+    config = load_config("configs/blip2-opt-2.7b-flickr8k.yaml", ["data.data_dir=~/data/flickr8k"])
+    train(config)
+    tuned = load_model_dir("runs/blip2-opt-2.7b-flickr8k/best")
+    for result in caption_paths(tuned.model, tuned.processor, paths, config.generate):
+        print(result.image, result.caption)
+"""
+
+from captune.config import Config, GenerateConfig, load_config
+from captune.errors import CaptuneError
+from captune.evaluation import evaluate_records, predict_records
+from captune.generate import CaptionResult, caption_paths, generate_captions
+from captune.metrics import EvalResult, evaluate_files, score_captions
+from captune.model import LoadedModel, load_base, load_model_dir
+from captune.train import train
+
+__all__ = [
+    "CaptionResult",
+    "CaptuneError",
+    "Config",
+    "EvalResult",
+    "GenerateConfig",
+    "LoadedModel",
+    "caption_paths",
+    "evaluate_files",
+    "evaluate_records",
+    "generate_captions",
+    "load_base",
+    "load_config",
+    "load_model_dir",
+    "predict_records",
+    "score_captions",
+    "train",
+]

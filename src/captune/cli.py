@@ -6,6 +6,7 @@ Every subcommand is a thin shell over the Python API; `main(argv)` is called dir
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import itertools
 import json
@@ -82,12 +83,11 @@ def cmd_caption(args: argparse.Namespace) -> int:
     options, prompt = _generation_config(args, args.model_dir)
     paths, failures = expand_inputs(args.paths)
     loaded = load_model_dir(args.model_dir)
-    out = open(args.output, "w", newline="") if args.output else sys.stdout
-    writer = csv.writer(out) if args.format == "csv" else None
-    if writer:
-        writer.writerow(["image", "caption"])
     ok = failed = 0
-    try:
+    with open(args.output, "w", newline="") if args.output else contextlib.nullcontext(sys.stdout) as out:
+        writer = csv.writer(out) if args.format == "csv" else None
+        if writer:
+            writer.writerow(["image", "caption"])
         for result in itertools.chain(failures, caption_paths(loaded.model, loaded.processor, paths, options, prompt)):
             if result.error is not None:
                 print(f"error: {result.error}", file=sys.stderr)
@@ -101,9 +101,6 @@ def cmd_caption(args: argparse.Namespace) -> int:
             else:
                 out.write(f"{result.image}\t{result.caption}\n" if len(paths) > 1 else f"{result.caption}\n")
             out.flush()
-    finally:
-        if args.output:
-            out.close()
     if failed:
         print(f"captioned {ok} image(s); {failed} input(s) failed (listed above)", file=sys.stderr)
     return 1 if failed else 0
@@ -137,7 +134,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     captions = check_images(read(args.data, args.data_dir, ReadOptions(seed=args.split_seed)))
     records = captions.split(args.split)[: args.max_images]
     if captions.problems:
-        print(f"warning: {len(captions.problems)} unusable image(s) left out; see `captune data check`", file=sys.stderr)
+        print(f"warning: {len(captions.problems)} unusable image(s) left out (captune data check lists them)",
+              file=sys.stderr)  # fmt: skip
     if not records:
         raise CaptuneError(f"{args.data_dir}: the {args.split} split has no usable images")
     loaded = load_model_dir(args.model_dir)

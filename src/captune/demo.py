@@ -33,13 +33,11 @@ class DemoResult:
     """(image file, caption) of a few held-out images, captioned by the saved model."""
 
 
-def run_demo(
-    output_dir: Path, spec: SyntheticSpec = SyntheticSpec(), overrides: list[str] | None = None
-) -> DemoResult:
+def run_demo(output_dir: Path, spec: SyntheticSpec | None = None, overrides: list[str] | None = None) -> DemoResult:
     """Writes output_dir/data (the synthetic images), run/ (the training run), model/ (the fine-tuned model,
     loadable by `captune caption --model-dir`), eval-before/, eval-after/ and metrics.json = {before, after}."""
     data_dir = output_dir / "data"
-    generate_synthetic(data_dir, spec)
+    generate_synthetic(data_dir, spec or SyntheticSpec())
     config: Config = load_config(
         DEMO_CONFIG, [f"data.data_dir={data_dir}", f"train.output_dir={output_dir / 'run'}", *(overrides or [])]
     )
@@ -55,7 +53,8 @@ def run_demo(
     train(config)
     model_dir = output_dir / "model"
     shutil.rmtree(model_dir, ignore_errors=True)
-    shutil.copytree(output_dir / "run" / "best", model_dir)
+    best = output_dir / "run" / "best"
+    shutil.copytree(best if best.is_dir() else output_dir / "run" / "final", model_dir)
 
     # 3. After: reload the saved model from disk, as `captune caption` would, and score the same split.
     tuned = load_model_dir(model_dir)

@@ -6,7 +6,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from transformers import Blip2Processor
 
 from captune.config import GenerateConfig
@@ -14,10 +13,11 @@ from captune.data import Record
 from captune.data.images import load_rgb
 from captune.generate import generate_captions
 from captune.metrics import EvalResult, score_captions, write_metrics
+from captune.model import Blip2Like
 
 
 def predict_records(
-    model: torch.nn.Module,
+    model: Blip2Like,
     processor: Blip2Processor,
     records: list[Record],
     options: GenerateConfig,
@@ -28,7 +28,7 @@ def predict_records(
     for start in range(0, len(records), options.batch_size):
         chunk = records[start : start + options.batch_size]
         texts = generate_captions(model, processor, [load_rgb(r.image_path) for r in chunk], options, prompt)
-        predictions.update((r.image_id, t) for r, t in zip(chunk, texts))
+        predictions.update((r.image_id, t) for r, t in zip(chunk, texts, strict=True))
     return predictions
 
 
@@ -41,7 +41,7 @@ class ModelEvaluation:
 
 
 def evaluate_records(
-    model: torch.nn.Module,
+    model: Blip2Like,
     processor: Blip2Processor,
     records: list[Record],
     options: GenerateConfig,

@@ -13,6 +13,7 @@ from transformers import Blip2Processor
 from captune.config import GenerateConfig
 from captune.data.images import load_rgb
 from captune.errors import CaptuneError
+from captune.model import Blip2Like
 
 
 @dataclass
@@ -24,13 +25,13 @@ class CaptionResult:
     error: str | None = None
 
 
-def _is_encoder_decoder(model: torch.nn.Module) -> bool:
+def _is_encoder_decoder(model: Blip2Like) -> bool:
     return bool(getattr(model.config, "text_config", model.config).is_encoder_decoder)
 
 
 @torch.no_grad()
 def generate_captions(
-    model: torch.nn.Module,
+    model: Blip2Like,
     processor: Blip2Processor,
     images: Sequence[Image.Image],
     options: GenerateConfig,
@@ -72,7 +73,7 @@ def _clean(text: str, prompt: str) -> str:
 
 
 def caption_paths(
-    model: torch.nn.Module,
+    model: Blip2Like,
     processor: Blip2Processor,
     paths: Iterable[Path],
     options: GenerateConfig,
@@ -84,7 +85,7 @@ def caption_paths(
 
     def flush() -> Iterator[CaptionResult]:
         captions = generate_captions(model, processor, [im for _, im in batch], options, prompt) if batch else []
-        done = dict(zip([str(p) for p, _ in batch], captions))
+        done = dict(zip([str(p) for p, _ in batch], captions, strict=True))
         for result in pending:
             if result.error is None:
                 result.caption = done[result.image]

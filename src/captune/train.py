@@ -11,6 +11,7 @@ import logging
 import math
 import random
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,7 +34,15 @@ from captune.data.images import load_rgb
 from captune.errors import CaptuneError
 from captune.evaluation import predict_records
 from captune.metrics import score_captions
-from captune.model import LoadedModel, apply_lora, load_base, resolve_dtype, save_base, save_model_dir, trainable_summary
+from captune.model import (
+    LoadedModel,
+    apply_lora,
+    load_base,
+    resolve_dtype,
+    save_base,
+    save_model_dir,
+    trainable_summary,
+)
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +207,7 @@ def setup(config: Config) -> Run:
     val_records = captions.split("val")[: config.train.val_max_images]
 
     # 3. The base model, then LoRA on the configured layers only.
-    loaded = load_base(config.model.name, dtype if accelerator.device.type != "cpu" else torch.float32, config.train.seed)
+    loaded = load_base(config.model.name, dtype, config.train.seed)
     base_dir = None
     if loaded.base_name == "tiny":
         # The tiny base is random: keep its weights so every saved model directory can be reloaded on its own.
@@ -247,7 +256,10 @@ def fit(run: Run) -> TrainState:
         run.output_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run.output_dir / "config.yaml")
     accelerator.init_trackers("tensorboard", config=_flat_hparams(config))
-    bar = tqdm(total=run.total_steps, initial=state.global_step, disable=not main, desc="train", unit="step")
+    # A terminal gets a live bar; a log file (CI, nohup) gets a line every 30 s instead of thousands of redraws.
+    interval = 0.5 if sys.stderr.isatty() else 30.0
+    bar = tqdm(total=run.total_steps, initial=state.global_step, disable=not main, desc="train", unit="step",
+               mininterval=interval)  # fmt: skip
     model = run.loaded.model
     model.train()
     samples, tick = 0, time.perf_counter()

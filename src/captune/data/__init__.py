@@ -144,6 +144,8 @@ def read(format: str, data_dir: Path | str, options: ReadOptions | None = None) 
     if format not in FORMATS:
         raise CaptuneError(f"unknown data format {format!r}; choose one of: {', '.join(FORMATS)}")
     folder = Path(data_dir).expanduser()
+    if format == "synthetic":
+        folder.mkdir(parents=True, exist_ok=True)  # the built-in dataset is generated into its folder on first use
     if not folder.exists():
         raise CaptuneError(f"data folder {folder} does not exist; check the path given for --format {format}")
     if not folder.is_dir():

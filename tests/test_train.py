@@ -1,0 +1,233 @@
+"""The training recipe: labels, checkpoints, resume, bad data, validation."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from captune.config import Config, load_config
+from captune.errors import CaptuneError
+from captune.model import LoadedModel
+from captune.train import IGNORE, CaptionCollator, CaptionPairs, EpochShuffle
+
+from .conftest import write_image, write_truncated_jpeg
+
+# `captune.train` the attribute is the public function; the module is reached through the import system.
+recipe = importlib.import_module("captune.train")
+
+
+def _config(data_dir: Path, output_dir: Path, *overrides: str) -> Config:
+    """A fast CPU run on the small synthetic set: 120 caption pairs, batch 4, grad_accum 2 -> 15 steps an epoch."""
+    return load_config(
+        None,
+        [
+            "data.format=synthetic",
+            f"data.data_dir={data_dir}",
+            f"train.output_dir={output_dir}",
+            "train.batch_size=4",
+            "train.grad_accum=2",
+            "train.lr=1e-3",
+            "train.warmup_steps=3",
+            "train.validate=false",
+            "lora.modules_to_save=language_projection",
+            "model.dtype=fp32",
+            *overrides,
+        ],
+    )
+
+
+def _batch(tiny: LoadedModel, synthetic_dir: Path, prompt: str = "") -> tuple[dict[str, torch.Tensor], list[str]]:
+    from captune.data import read
+
+    records = read("synthetic", synthetic_dir).split("train")[:3]
+    pairs = CaptionPairs(records, tiny.processor)
+    items = [pairs[0], pairs[6], pairs[12]]
+    return CaptionCollator(tiny.processor, prompt)(items), [i["caption"] for i in items]
+
+
+def test_labels_mask_image_tokens_bos_and_padding_and_keep_eos(tiny: LoadedModel, synthetic_dir: Path) -> None:
+    batch, captions = _batch(tiny, synthetic_dir)
+    tokenizer = tiny.processor.tokenizer
+    n = tiny.processor.num_query_tokens
+    image_id = tiny.model.config.image_token_index
+    assert batch["input_ids"].shape == batch["labels"].shape
+    for row, caption in enumerate(captions):
+        ids, labels = batch["input_ids"][row], batch["labels"][row]
+        caption_ids = tokenizer(caption, add_special_tokens=False).input_ids
+        length = n + 1 + len(caption_ids) + 1  # image tokens, BOS, caption, EOS
+        assert (ids[:n] == image_id).all() and (ids == image_id).sum() == n
+        assert ids[n] == tokenizer.bos_token_id
+        assert (labels[: n + 1] == IGNORE).all()
+        assert labels[n + 1 : length].tolist() == caption_ids + [tokenizer.eos_token_id]
+        assert (labels[length:] == IGNORE).all() and (ids[length:] == tokenizer.pad_token_id).all()
+        assert batch["attention_mask"][row].sum() == length
+
+
+def test_prompt_tokens_are_masked(tiny: LoadedModel, synthetic_dir: Path) -> None:
+    batch, captions = _batch(tiny, synthetic_dir, prompt="a picture of")
+    n = tiny.processor.num_query_tokens
+    prompt_len = len(tiny.processor.tokenizer("a picture of").input_ids)  # BOS + 3 words
+    assert prompt_len == 4
+    labels = batch["labels"][0]
+    assert (labels[: n + prompt_len] == IGNORE).all()
+    assert labels[n + prompt_len] != IGNORE
+
+
+def test_collator_rejects_a_caption_holding_the_image_token(tiny: LoadedModel, synthetic_dir: Path) -> None:
+    collate = CaptionCollator(tiny.processor)
+    item = {"pixel_values": torch.zeros(3, 32, 32), "caption": "a red <image> circle"}
+    with pytest.raises(CaptuneError, match="exactly 8 image tokens"):
+        collate([item])
+
+
+def test_long_captions_are_cut_but_keep_eos(tiny: LoadedModel) -> None:
+    collate = CaptionCollator(tiny.processor, max_caption_tokens=5)
+    batch = collate([{"pixel_values": torch.zeros(3, 32, 32), "caption": "a red circle " * 10}])
+    labels = batch["labels"][0]
+    assert (labels != IGNORE).sum() == 6
+    assert labels[-1] == tiny.processor.tokenizer.eos_token_id
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch() -> None:
+    sampler = EpochShuffle(50, seed=3)
+    first = list(sampler)
+    torch.manual_seed(123)  # the global RNG must not matter
+    assert list(sampler) == first
+    sampler.set_epoch(1)
+    assert list(sampler) != first and sorted(sampler) == list(range(50))
+
+
+def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "adapter_model.safetensors"))
+
+
+def test_resume_mid_epoch_gives_the_same_adapter_bit_for_bit(synthetic_dir: Path, tmp_path: Path) -> None:
+    # 20 steps cross the epoch end at step 15; LoRA dropout makes the RNG state matter.
+    full = _config(synthetic_dir, tmp_path / "full", "train.max_steps=20", "train.save_every=7", "lora.dropout=0.1",
+                   "train.keep_checkpoints=10")  # fmt: skip
+    recipe.train(full)
+    saved = sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir())
+    assert saved == ["step-000007", "step-000014", "step-000015", "step-000020"]  # every 7 steps and at epoch end
+    checkpoint = tmp_path / "full" / "checkpoints" / "step-000007"
+    resumed = _config(synthetic_dir, tmp_path / "resumed", "train.max_steps=20", "train.save_every=7",
+                      "lora.dropout=0.1", f"train.resume_from={checkpoint}")  # fmt: skip
+    state = recipe.train(resumed)
+    assert state.global_step == 20
+    expected, actual = _adapter(tmp_path / "full" / "final"), _adapter(tmp_path / "resumed" / "final")
+    assert expected.keys() == actual.keys() and len(expected) > 0
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+    # ...and training moved the weights at all (LoRA B starts at zero).
+    assert any(v.abs().sum() > 0 for k, v in actual.items() if "lora_B" in k)
+
+
+def test_checkpoint_holds_everything_needed_to_resume(synthetic_dir: Path, tmp_path: Path) -> None:
+    recipe.train(_config(synthetic_dir, tmp_path / "run", "train.max_steps=4", "train.save_every=2"))
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["step-000002", "step-000004"]  # no temporary directories left behind
+    files = {p.name for p in (tmp_path / "run" / "checkpoints" / "step-000004").iterdir()}
+    expected = {"adapter_model.safetensors", "adapter_config.json", "captune.json", "config.yaml", "optimizer.pt",
+                "trainable.safetensors", "trainer_state.json", "rng-0.pt", "processor_config.json", "base"}  # fmt: skip
+    assert expected <= files
+    assert (tmp_path / "run" / "config.yaml").read_text().startswith("# captune train --config")
+    assert any((tmp_path / "run").rglob("events.out.tfevents.*"))
+
+
+def test_a_kill_while_saving_leaves_the_previous_checkpoint_whole(
+    synthetic_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _config(synthetic_dir, tmp_path / "run", "train.max_steps=4", "train.save_every=2")
+    real_save = recipe.save_model_dir
+    calls = {"n": 0}
+
+    def dies_on_second_checkpoint(path: Path, *args: object, **kwargs: object) -> None:
+        calls["n"] += 1
+        real_save(path, *args, **kwargs)  # type: ignore[arg-type]
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(recipe, "save_model_dir", dies_on_second_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        recipe.train(config)
+    folder = tmp_path / "run" / "checkpoints"
+    assert (folder / "step-000002" / "trainer_state.json").is_file()
+    assert not (folder / "step-000004").exists()
+    monkeypatch.setattr(recipe, "save_model_dir", real_save)
+    # The half-written directory is ignored and replaced; the run continues from the last whole checkpoint.
+    state = recipe.train(_config(synthetic_dir, tmp_path / "run", "train.max_steps=4", "train.save_every=2",
+                                 "train.resume_from=latest"))  # fmt: skip
+    assert state.global_step == 4
+    assert not any(p.name.startswith(".tmp") for p in folder.iterdir())
+
+
+def test_resume_refuses_a_different_batch_size(synthetic_dir: Path, tmp_path: Path) -> None:
+    recipe.train(_config(synthetic_dir, tmp_path / "run", "train.max_steps=2", "train.save_every=2"))
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-000002"
+    config = _config(synthetic_dir, tmp_path / "run2", "train.max_steps=4", "train.batch_size=2",
+                     f"train.resume_from={checkpoint}")  # fmt: skip
+    with pytest.raises(CaptuneError, match="train.batch_size"):
+        recipe.train(config)
+
+
+def _kaggle_with_a_bad_image(root: Path) -> Path:
+    lines = ["image,caption"]
+    for i in range(8):
+        write_image(root / "Images" / f"{i}.jpg", colour=(30 * i, 100, 100))
+        lines += [f"{i}.jpg,a red circle on the left", f'{i}.jpg,"a circle, red, on the left"']
+    write_truncated_jpeg(root / "Images" / "3.jpg")
+    (root / "captions.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_training_refuses_to_start_on_bad_images(tmp_path: Path) -> None:
+    data = _kaggle_with_a_bad_image(tmp_path / "kaggle")
+    config = _config(data, tmp_path / "run", "data.format=flickr8k-kaggle", "train.max_steps=1")
+    with pytest.raises(CaptuneError, match=r"3\.jpg.*\n.*--skip-bad-images"):
+        recipe.train(config)
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_skip_bad_images_trains_on_the_rest_and_says_how_many(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = _kaggle_with_a_bad_image(tmp_path / "kaggle")
+    config = _config(data, tmp_path / "run", "data.format=flickr8k-kaggle", "train.max_steps=1",
+                     "data.skip_bad_images=true")  # fmt: skip
+    with caplog.at_level("WARNING"):
+        recipe.train(config)
+    assert "skipping 1 unusable image(s)" in caplog.text and "3.jpg" in caplog.text
+    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_validation_scores_each_epoch_and_keeps_best(synthetic_dir: Path, tmp_path: Path) -> None:
+    config = _config(synthetic_dir, tmp_path / "run", "train.epochs=1", "train.validate=true",
+                     "generate.num_beams=1", "generate.min_new_tokens=1", "generate.max_new_tokens=6")  # fmt: skip
+    state = recipe.train(config)
+    assert state.global_step == 15 and len(state.history) == 1
+    metrics = state.history[0]["metrics"]
+    assert set(metrics) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
+    assert state.best_cider == pytest.approx(metrics["CIDEr"])
+    best = tmp_path / "run" / "best"
+    assert json.loads((best / "metrics.json").read_text()) == metrics
+    val = json.loads((tmp_path / "run" / "val" / "step-000015.json").read_text())
+    assert len(val["predictions"]) == 6  # every val image exactly once
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["best_cider"] == pytest.approx(metrics["CIDEr"])
+
+
+def test_saved_model_directory_stands_alone(synthetic_dir: Path, tmp_path: Path) -> None:
+    from captune.model import load_model_dir
+
+    recipe.train(_config(synthetic_dir, tmp_path / "run", "train.max_steps=2"))
+    moved = tmp_path / "elsewhere" / "model"
+    shutil.copytree(tmp_path / "run" / "final", moved)
+    shutil.rmtree(tmp_path / "run")
+    loaded = load_model_dir(moved)
+    assert "language_projection" in json.loads((moved / "adapter_config.json").read_text())["modules_to_save"]
+    assert loaded.processor.num_query_tokens == 8
