@@ -193,9 +193,7 @@ def test_training_refuses_to_start_on_bad_images(tmp_path: Path) -> None:
     assert not (tmp_path / "run" / "final").exists()
 
 
-def test_skip_bad_images_trains_on_the_rest_and_says_how_many(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_skip_bad_images_trains_on_the_rest_and_says_how_many(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     data = _kaggle_with_a_bad_image(tmp_path / "kaggle")
     config = _config(data, tmp_path / "run", "data.format=flickr8k-kaggle", "train.max_steps=1",
                      "data.skip_bad_images=true")  # fmt: skip

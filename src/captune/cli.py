@@ -62,6 +62,18 @@ def _generation_config(args: argparse.Namespace, model_dir: str | None):  # noqa
     return options, prompt
 
 
+def _output_path(name: str) -> Path:
+    """The file an `--output` names, its folder created; a path that cannot be a file is an error, not a traceback."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        raise CaptuneError(f"--output {path} is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CaptuneError(f"--output {path}: cannot create its folder: {err.strerror}") from None
+    return path
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from captune.config import describe, load_config
     from captune.train import train
@@ -84,7 +96,10 @@ def cmd_caption(args: argparse.Namespace) -> int:
     paths, failures = expand_inputs(args.paths)
     loaded = load_model_dir(args.model_dir)
     ok = failed = 0
-    with open(args.output, "w", newline="") if args.output else contextlib.nullcontext(sys.stdout) as out:
+    # The bare caption only when the one input names the image itself; otherwise each line says which image it is.
+    bare = len(args.paths) == 1 and paths == [Path(args.paths[0]).expanduser()]
+    output = _output_path(args.output) if args.output else None
+    with open(output, "w", newline="") if output else contextlib.nullcontext(sys.stdout) as out:
         writer = csv.writer(out) if args.format == "csv" else None
         if writer:
             writer.writerow(["image", "caption"])
@@ -99,7 +114,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
             elif args.format == "jsonl":
                 out.write(json.dumps({"image": result.image, "caption": result.caption}) + "\n")
             else:
-                out.write(f"{result.image}\t{result.caption}\n" if len(paths) > 1 else f"{result.caption}\n")
+                out.write(f"{result.caption}\n" if bare else f"{result.image}\t{result.caption}\n")
             out.flush()
     if failed:
         print(f"captioned {ok} image(s); {failed} input(s) failed (listed above)", file=sys.stderr)
@@ -109,9 +124,10 @@ def cmd_caption(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from captune.metrics import evaluate_files, write_metrics
 
+    output = _output_path(args.output) if args.output else None  # checked before the scorers run, not after
     result = evaluate_files(Path(args.predictions), Path(args.references), allow_missing=args.allow_missing)
-    if args.output:
-        write_metrics(Path(args.output), result)
+    if output:
+        write_metrics(output, result)
     _print_metrics(result)
     return 0
 
@@ -155,7 +171,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     result = summary(captions)
     text = json.dumps(result, indent=2)
     if args.output:
-        Path(args.output).write_text(text + "\n")
+        _output_path(args.output).write_text(text + "\n")
     print(text if not args.output else f"{result['images']} usable images, {len(captions.problems)} problem(s); "
           f"summary in {args.output}")  # fmt: skip
     return 1 if captions.problems else 0

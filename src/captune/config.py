@@ -170,6 +170,8 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
             return None
         return _convert(value, next(a for a in args if a is not type(None)), where)
     origin = typing.get_origin(hint)
+    if value is None or (isinstance(value, bool) and hint is not bool):
+        raise CaptuneError(f"{where}: {value!r} is not a valid {getattr(hint, '__name__', hint)}")
     try:
         if origin is list:
             if isinstance(value, str):
@@ -220,6 +222,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise CaptuneError(f"{path}: expected a mapping of sections at the top level")
         for section, values in loaded.items():
+            if values is None and section in _sections(config):
+                continue  # a section whose keys are all commented out
             if isinstance(values, dict):
                 for key, value in values.items():
                     _set(config, f"{section}.{key}", value, str(path))
@@ -245,7 +249,16 @@ def validate(config: Config) -> None:
         (config.lora.r >= 1, "lora.r must be >= 1"),
         (0 <= config.lora.dropout < 1, "lora.dropout must be in [0, 1)"),
         (bool(config.lora.target_modules or config.lora.qformer_target_modules), "lora: no target modules given"),
+        (config.train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
+        (config.train.log_every >= 1, "train.log_every must be >= 1"),
+        (config.train.save_every >= 0, "train.save_every must be >= 0 (0: only at epoch ends)"),
+        (config.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
+        (config.train.val_max_images is None or config.train.val_max_images >= 1, "train.val_max_images must be >= 1"),
+        (config.data.num_workers >= 0, "data.num_workers must be >= 0"),
+        (config.data.max_caption_tokens >= 1, "data.max_caption_tokens must be >= 1"),
         (config.generate.num_beams >= 1, "generate.num_beams must be >= 1"),
+        (config.generate.batch_size >= 1, "generate.batch_size must be >= 1"),
+        (config.generate.max_new_tokens >= 1, "generate.max_new_tokens must be >= 1"),
         (
             0 <= config.generate.min_new_tokens <= config.generate.max_new_tokens,
             "generate: need 0 <= min_new_tokens <= max_new_tokens",

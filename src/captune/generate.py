@@ -66,8 +66,10 @@ def generate_captions(
 
 
 def _clean(text: str, prompt: str) -> str:
-    text = " ".join(text.split())
-    if prompt and text.startswith(prompt):
+    """Collapses whitespace and drops a repeat of the prompt at the start, as whole words only: prompt `a` must not
+    eat the `a` of `at the top`."""
+    text, prompt = " ".join(text.split()), " ".join(prompt.split())
+    if prompt and (text == prompt or text.startswith(prompt + " ")):
         text = text[len(prompt) :].strip()
     return text
 

@@ -141,6 +141,10 @@ def load_base(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> L
         loaded = build_tiny(seed)
         loaded.model.to(dtype)
         return loaded
+    local = Path(name).expanduser()
+    if not local.is_dir() and (local.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1):
+        raise CaptuneError(f"model {name!r}: no such directory (a hub id looks like `Salesforce/blip2-opt-2.7b`)")
+    name = str(local) if local.is_dir() else name
     try:
         processor = Blip2Processor.from_pretrained(name)
         model = Blip2ForConditionalGeneration.from_pretrained(name, dtype=dtype)
@@ -188,9 +192,16 @@ def apply_lora(model: Blip2Like, lora: LoraConfig) -> PeftModel:
     """
     regex = _target_regex(lora)
     names = [n for n, _ in model.named_modules()]
-    for target in lora.target_modules + lora.qformer_target_modules:
-        if not any(n.rsplit(".", 1)[-1] == target for n in names):
-            raise CaptuneError(f"lora: target module {target!r} matches no layer of this model")
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    for key, targets, prefix in (("target_modules", lora.target_modules, "language_model."),
+                                 ("qformer_target_modules", lora.qformer_target_modules, "qformer.")):  # fmt: skip
+        leaves = {n.rsplit(".", 1)[-1] for n in linear if n.startswith(prefix)}
+        for target in targets:
+            if target not in leaves:
+                raise CaptuneError(
+                    f"lora.{key}: {target!r} matches no linear layer of {prefix.rstrip('.')}; it has "
+                    f"{', '.join(sorted(leaves))}"
+                )
     for module in lora.modules_to_save:
         if module not in names:
             raise CaptuneError(f"lora.modules_to_save: {module!r} is not a module of this model")
@@ -252,9 +263,10 @@ def load_model_dir(path: str | Path, dtype: torch.dtype = torch.float32) -> Load
             )
         return load_base(str(path), dtype)
     meta = json.loads(meta_file.read_text())
-    base_name = meta["base_model"]
-    base_path = path / base_name
-    base = load_base(str(base_path) if base_path.is_dir() else base_name, dtype)
+    base_path = path / meta["base_model"]
+    # A base stored inside the directory is named by its absolute path, so saving this model again finds it.
+    base_name = str(base_path.resolve()) if base_path.is_dir() else meta["base_model"]
+    base = load_base(base_name, dtype)
     processor = Blip2Processor.from_pretrained(path)
     model = PeftModel.from_pretrained(base.model, path)
     return LoadedModel(model.eval(), processor, base_name)

@@ -1,0 +1,212 @@
+"""Batched captioning: one caption per image, batch invariance, prompt handling, files in order with their errors,
+and how command-line inputs become image paths."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from captune.config import GenerateConfig
+from captune.data.images import load_rgb
+from captune.generate import caption_paths, expand_inputs, generate_captions
+from captune.model import LoadedModel
+
+from .conftest import write_image, write_truncated_jpeg
+
+GREEDY = GenerateConfig(num_beams=1, min_new_tokens=1, max_new_tokens=6)
+COLOURS = [(200, 20, 20), (20, 180, 40), (30, 40, 220), (230, 210, 30), (120, 120, 120)]
+
+
+def _images() -> list[Image.Image]:
+    return [Image.new("RGB", (40, 30), colour) for colour in COLOURS[:3]]
+
+
+# --- generate_captions on the tiny model -----------------------------------------------------------------------
+
+
+def test_one_caption_string_per_image(tiny: LoadedModel) -> None:
+    captions = generate_captions(tiny.model, tiny.processor, _images(), GREEDY)
+    assert len(captions) == 3
+    assert all(isinstance(c, str) and c for c in captions)
+
+
+def test_captions_are_deterministic(tiny: LoadedModel) -> None:
+    images, options = _images(), GenerateConfig(num_beams=3, min_new_tokens=1, max_new_tokens=6)
+    first = generate_captions(tiny.model, tiny.processor, images, options)
+    assert generate_captions(tiny.model, tiny.processor, images, options) == first
+
+
+def test_captions_differ_between_images(tiny: LoadedModel) -> None:
+    # Guards the batch tests below: identical captions for every image would make them pass vacuously.
+    assert len(set(generate_captions(tiny.model, tiny.processor, _images(), GREEDY))) > 1
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_an_image_gets_the_same_caption_alone_and_in_a_batch(tiny: LoadedModel, num_beams: int) -> None:
+    options = GenerateConfig(num_beams=num_beams, min_new_tokens=1, max_new_tokens=6)
+    images = _images()
+    batched = generate_captions(tiny.model, tiny.processor, images, options, prompt="a picture of")
+    alone = [generate_captions(tiny.model, tiny.processor, [im], options, prompt="a picture of")[0] for im in images]
+    assert batched == alone
+
+
+def test_min_and_max_new_tokens_bound_the_caption_length(tiny: LoadedModel) -> None:
+    options = GenerateConfig(num_beams=1, min_new_tokens=4, max_new_tokens=4)
+    captions = generate_captions(tiny.model, tiny.processor, _images(), options)
+    # Every word of the tiny vocabulary is one token.
+    assert [len(c.split()) for c in captions] == [4, 4, 4]
+
+
+def test_a_model_in_training_mode_is_left_in_training_mode(tiny: LoadedModel) -> None:
+    tiny.model.train()
+    generate_captions(tiny.model, tiny.processor, _images()[:1], GREEDY)
+    assert tiny.model.training
+
+
+# --- prompt handling, with a stand-in whose continuation is known ----------------------------------------------
+
+
+class _FixedContinuation(torch.nn.Module):
+    """Stands in for a decoder-only BLIP-2: `generate` returns the input ids followed by the same new words."""
+
+    def __init__(self, tiny: LoadedModel, words: str):
+        super().__init__()
+        self.config = tiny.model.config
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.new_ids = tiny.processor.tokenizer(words, add_special_tokens=False).input_ids
+
+    def generate(self, input_ids: torch.Tensor, **_: object) -> torch.Tensor:
+        new = torch.tensor(self.new_ids).expand(len(input_ids), -1)
+        return torch.cat([input_ids, new], dim=1)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "continuation", "expected"),
+    [
+        ("", "a red circle", "a red circle"),
+        ("a picture of", "a red circle", "a red circle"),
+        ("a picture of", "a picture of a red circle", "a red circle"),
+        ("  a   picture of ", "a picture of a red circle", "a red circle"),
+        ("a", "at the top", "at the top"),
+        ("a picture", "a picture", ""),
+    ],
+    ids=[
+        "no-prompt",
+        "prompt-not-returned",
+        "repeated-prompt-stripped",
+        "prompt-spacing",
+        "whole-words-only",
+        "only-the-prompt",
+    ],  # fmt: skip
+)
+def test_prompt_is_fed_and_not_returned(tiny: LoadedModel, prompt: str, continuation: str, expected: str) -> None:
+    model = _FixedContinuation(tiny, continuation)
+    assert generate_captions(model, tiny.processor, _images()[:2], GREEDY, prompt=prompt) == [expected, expected]
+
+
+# --- caption_paths ---------------------------------------------------------------------------------------------
+
+
+def _files(folder: Path, count: int) -> list[Path]:
+    return [write_image(folder / f"img{i}.png", COLOURS[i], fmt="PNG") for i in range(count)]
+
+
+def test_caption_paths_matches_generate_captions_across_batches(tiny: LoadedModel, tmp_path: Path) -> None:
+    paths = _files(tmp_path, 5)
+    options = GenerateConfig(num_beams=1, min_new_tokens=1, max_new_tokens=6, batch_size=2)
+    results = list(caption_paths(tiny.model, tiny.processor, paths, options))
+    expected = generate_captions(tiny.model, tiny.processor, [load_rgb(p) for p in paths], GREEDY)
+    assert [(r.image, r.caption, r.error) for r in results] == [
+        (str(p), c, None) for p, c in zip(paths, expected, strict=True)
+    ]
+
+
+def _truncated(path: Path) -> Path:
+    return write_truncated_jpeg(path)
+
+
+def _text_named_jpg(path: Path) -> Path:
+    path.write_text("not an image")
+    return path
+
+
+def _missing(path: Path) -> Path:
+    return path
+
+
+@pytest.mark.parametrize("make_bad", [_truncated, _text_named_jpg, _missing], ids=["truncated", "text", "missing"])
+def test_an_unreadable_file_gets_an_error_in_its_place_and_the_rest_are_captioned(
+    tiny: LoadedModel, tmp_path: Path, make_bad: Callable[[Path], Path]
+) -> None:
+    good = _files(tmp_path, 4)
+    bad = make_bad(tmp_path / "bad.jpg")
+    paths = [good[0], good[1], bad, good[2], good[3]]
+    options = GenerateConfig(num_beams=1, min_new_tokens=1, max_new_tokens=6, batch_size=2)
+    results = list(caption_paths(tiny.model, tiny.processor, paths, options))
+    assert [r.image for r in results] == [str(p) for p in paths]
+    assert results[2].caption is None
+    assert results[2].error is not None and results[2].error.startswith(f"{bad}: ")
+    assert all(r.caption and r.error is None for i, r in enumerate(results) if i != 2)
+
+
+def test_caption_paths_with_only_bad_files_yields_only_errors(tiny: LoadedModel, tmp_path: Path) -> None:
+    results = list(caption_paths(tiny.model, tiny.processor, [tmp_path / "a.jpg", tmp_path / "b.jpg"], GREEDY))
+    assert [(r.caption, r.error is not None) for r in results] == [(None, True), (None, True)]
+
+
+# --- expand_inputs ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """photos/{b.png, a.JPG, notes.txt, nested/c.jpeg, nested/d.webp}, and an empty folder."""
+    root = tmp_path / "photos"
+    write_image(root / "b.png", fmt="PNG")
+    write_image(root / "a.JPG")
+    (root / "notes.txt").write_text("not an image")
+    write_image(root / "nested" / "c.jpeg")
+    write_image(root / "nested" / "d.webp", fmt="WEBP")
+    (tmp_path / "empty").mkdir()
+    return tmp_path
+
+
+def test_a_file_is_taken_as_given(tree: Path) -> None:
+    # A file named directly is kept whatever its suffix: captioning it reports what is wrong.
+    assert expand_inputs([str(tree / "photos" / "notes.txt")]) == ([tree / "photos" / "notes.txt"], [])
+
+
+def test_a_folder_gives_its_images_recursively_and_sorted(tree: Path) -> None:
+    root = tree / "photos"
+    paths, failures = expand_inputs([str(root)])
+    assert paths == [root / "a.JPG", root / "b.png", root / "nested" / "c.jpeg", root / "nested" / "d.webp"]
+    assert failures == []
+
+
+def test_a_glob_gives_its_matching_files_sorted(tree: Path) -> None:
+    root = tree / "photos"
+    assert expand_inputs([str(root / "**" / "*.*p*g")]) == ([root / "b.png", root / "nested" / "c.jpeg"], [])
+
+
+def test_inputs_keep_their_order(tree: Path) -> None:
+    root = tree / "photos"
+    paths, _ = expand_inputs([str(root / "nested"), str(root / "b.png")])
+    assert paths == [root / "nested" / "c.jpeg", root / "nested" / "d.webp", root / "b.png"]
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("photos/absent.jpg", "no such file or folder"),
+        ("photos/*.gif", "the pattern matches no file"),
+        ("empty", "folder holds no image files"),
+    ],
+)
+def test_a_name_that_gives_no_image_is_a_failure_that_names_it(tree: Path, name: str, reason: str) -> None:
+    item = str(tree / name)
+    paths, failures = expand_inputs([item, str(tree / "photos" / "b.png")])
+    assert paths == [tree / "photos" / "b.png"]
+    assert [(f.image, f.caption, f.error) for f in failures] == [(item, None, f"{item}: {reason}")]

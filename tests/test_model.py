@@ -1,0 +1,212 @@
+"""The tiny BLIP-2, LoRA placement, and saving/reloading a fine-tuned model directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from captune.config import Config, GenerateConfig, LoraConfig
+from captune.errors import CaptuneError
+from captune.generate import generate_captions
+from captune.model import (
+    META_FILE,
+    LoadedModel,
+    apply_lora,
+    load_base,
+    load_model_dir,
+    save_base,
+    save_model_dir,
+)
+
+GREEDY = GenerateConfig(num_beams=1, min_new_tokens=1, max_new_tokens=6)
+
+
+def _images() -> list[Image.Image]:
+    return [Image.new("RGB", (40, 30), colour) for colour in [(200, 20, 20), (20, 180, 40), (30, 40, 220)]]
+
+
+def _lora_layers(model: torch.nn.Module) -> list[str]:
+    """Names of the layers that hold a LoRA adapter, relative to the BLIP-2 model (`language_model....q_proj`)."""
+    return [name.removeprefix("base_model.model.").removesuffix(".lora_A") for name, _ in model.named_modules()
+            if name.endswith(".lora_A")]  # fmt: skip
+
+
+# --- the tiny model --------------------------------------------------------------------------------------------
+
+
+def test_processor_adds_one_image_token_per_query_token(tiny: LoadedModel) -> None:
+    config = tiny.model.config
+    ids = tiny.processor(images=_images()[:1], text=["a red circle"], return_tensors="pt")["input_ids"][0]
+    image_id = tiny.processor.tokenizer.convert_tokens_to_ids(tiny.processor.image_token.content)
+    assert image_id == config.image_token_index
+    assert int((ids == config.image_token_index).sum()) == config.num_query_tokens == 8
+
+
+def test_tiny_model_is_deterministic_for_a_seed() -> None:
+    first, second = load_base("tiny", seed=3), load_base("tiny", seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(first.model.parameters(), second.model.parameters(), strict=True))
+
+
+def test_load_base_casts_the_tiny_model_to_the_dtype() -> None:
+    assert {p.dtype for p in load_base("tiny", torch.bfloat16).model.parameters()} == {torch.bfloat16}
+
+
+# --- LoRA placement --------------------------------------------------------------------------------------------
+
+
+def test_default_lora_targets_only_the_language_models_q_and_v_projections(tiny: LoadedModel) -> None:
+    layers = _lora_layers(apply_lora(tiny.model, LoraConfig()))
+    assert sorted(name.rsplit(".", 1)[-1] for name in layers) == ["q_proj", "q_proj", "v_proj", "v_proj"]
+    assert all(name.startswith("language_model.") for name in layers)
+
+
+def test_a_name_shared_with_the_vision_encoder_gets_lora_in_the_language_model_only(tiny: LoadedModel) -> None:
+    # fc1 is both an OPT layer and a layer of the vision encoder's MLP.
+    assert any(name.startswith("vision_model.") and name.endswith(".fc1") for name, _ in tiny.model.named_modules())
+    layers = _lora_layers(apply_lora(tiny.model, LoraConfig(target_modules=["fc1"])))
+    assert len(layers) == 2
+    assert all(name.startswith("language_model.") for name in layers)
+
+
+def test_qformer_target_modules_put_lora_into_the_qformer(tiny: LoadedModel) -> None:
+    layers = _lora_layers(apply_lora(tiny.model, LoraConfig(qformer_target_modules=["query", "value"])))
+    qformer = [name for name in layers if name.startswith("qformer.")]
+    # (query, value) x (self-attention in 2 layers + cross-attention in layer 0: cross_attention_frequency is 2)
+    assert len(qformer) == 6
+    assert {name.rsplit(".", 1)[-1] for name in qformer} == {"query", "value"}
+    assert not [name for name in layers if name.startswith("vision_model.")]
+
+
+def test_only_lora_weights_are_trainable_by_default(tiny: LoadedModel) -> None:
+    model = apply_lora(tiny.model, LoraConfig())
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 8
+    assert all(".lora_A." in name or ".lora_B." in name for name in trainable)
+
+
+def test_modules_to_save_trains_the_language_projection_in_full(tiny: LoadedModel) -> None:
+    model = apply_lora(tiny.model, LoraConfig(modules_to_save=["language_projection"]))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad and "lora_" not in name}
+    assert trainable == {
+        "base_model.model.language_projection.modules_to_save.default.weight",
+        "base_model.model.language_projection.modules_to_save.default.bias",
+    }
+
+
+def test_vision_encoder_stays_frozen_with_every_option(tiny: LoadedModel) -> None:
+    lora = LoraConfig(qformer_target_modules=["query", "value"], modules_to_save=["language_projection"])
+    model = apply_lora(tiny.model, lora)
+    vision = [(name, p.requires_grad) for name, p in model.named_parameters() if ".vision_model." in name]
+    assert vision
+    assert not [name for name, grad in vision if grad]
+
+
+@pytest.mark.parametrize(
+    "lora",
+    [
+        LoraConfig(target_modules=["q_proj", "k_porj"]),
+        LoraConfig(qformer_target_modules=["k_porj"]),
+    ],
+    ids=["language_model", "qformer"],
+)
+def test_unknown_target_module_is_named(tiny: LoadedModel, lora: LoraConfig) -> None:
+    with pytest.raises(CaptuneError, match="'k_porj' matches no linear layer"):
+        apply_lora(tiny.model, lora)
+
+
+def test_unknown_module_to_save_is_named(tiny: LoadedModel) -> None:
+    with pytest.raises(CaptuneError, match="modules_to_save: 'projection' is not a module"):
+        apply_lora(tiny.model, LoraConfig(modules_to_save=["projection"]))
+
+
+def test_a_qformer_layer_name_in_target_modules_is_refused(tiny: LoadedModel) -> None:
+    # `query` exists only in the Q-Former; in target_modules (the language model's list) it matches nothing.
+    with pytest.raises(CaptuneError, match="'query'"):
+        apply_lora(tiny.model, LoraConfig(target_modules=["q_proj", "query"]))
+
+
+# --- saving and reloading --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def saved(tiny: LoadedModel, tmp_path: Path) -> tuple[LoadedModel, Path]:
+    """The tiny model with a LoRA adapter that changes its output, saved as `captune train` saves it."""
+    save_base(tmp_path / "base-model", tiny)
+    tiny.model = apply_lora(tiny.model, LoraConfig())
+    # LoRA B starts at zero (the adapter is a no-op); random B weights make the adapter matter.
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in tiny.model.named_parameters():
+            if ".lora_B." in name:
+                param.copy_(torch.randn(param.shape, generator=generator))
+    tiny.model.eval()
+    save_model_dir(tmp_path / "model", tiny, Config(), tmp_path / "base-model")
+    return tiny, tmp_path / "model"
+
+
+def _logits(loaded: LoadedModel) -> torch.Tensor:
+    inputs = loaded.processor(images=_images(), text=["a picture of"] * 3, return_tensors="pt")
+    with torch.no_grad():
+        return loaded.model(**inputs).logits
+
+
+def test_the_adapter_changes_the_captions(saved: tuple[LoadedModel, Path]) -> None:
+    tuned, _ = saved
+    base = load_base("tiny")
+    images = _images()
+    tuned_captions = generate_captions(tuned.model, tuned.processor, images, GREEDY)
+    assert tuned_captions != generate_captions(base.model, base.processor, images, GREEDY)
+
+
+def test_reloaded_model_gives_the_same_captions(saved: tuple[LoadedModel, Path]) -> None:
+    tuned, path = saved
+    reloaded = load_model_dir(path)
+    images = _images()
+    assert generate_captions(reloaded.model, reloaded.processor, images, GREEDY) == generate_captions(
+        tuned.model, tuned.processor, images, GREEDY
+    )
+
+
+def test_reloaded_model_gives_the_same_logits(saved: tuple[LoadedModel, Path]) -> None:
+    tuned, path = saved
+    torch.testing.assert_close(_logits(load_model_dir(path)), _logits(tuned), rtol=0, atol=0)
+
+
+def test_saved_directory_stands_alone(saved: tuple[LoadedModel, Path], tmp_path: Path) -> None:
+    # The run's base-model/ is copied inside: deleting it must not break the saved model.
+    tuned, path = saved
+    moved = tmp_path / "elsewhere"
+    path.rename(moved)
+    for file in (tmp_path / "base-model").iterdir():
+        file.unlink()
+    torch.testing.assert_close(_logits(load_model_dir(moved)), _logits(tuned), rtol=0, atol=0)
+
+
+def test_saved_directory_records_the_base_and_the_config(saved: tuple[LoadedModel, Path]) -> None:
+    meta = json.loads((saved[1] / META_FILE).read_text())
+    assert meta["base_model"] == "base"
+    assert meta["config"]["lora"]["target_modules"] == ["q_proj", "v_proj"]
+
+
+def test_directory_without_adapter_or_model_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(CaptuneError, match=rf"no {META_FILE} .*and no config\.json"):
+        load_model_dir(tmp_path)
+
+
+def test_load_base_of_a_model_not_in_the_cache_says_what_to_do() -> None:
+    with pytest.raises(CaptuneError, match=r"could not load BLIP-2 model") as caught:
+        load_base("absent-model")
+    message = str(caught.value)
+    assert "'absent-model'" in message
+    assert "local directory with config.json" in message
+
+
+def test_load_base_of_a_missing_directory_says_so(tmp_path: Path) -> None:
+    missing = tmp_path / "absent" / "model"
+    with pytest.raises(CaptuneError, match=rf"{missing}.*no such directory"):
+        load_base(str(missing))
