@@ -1,0 +1,35 @@
+"""The embedded default, on a reduced setting: fewer images, no per-epoch validation, the same code path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from captune.cli import main
+from captune.data.synthetic import SyntheticSpec
+from captune.demo import run_demo
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    output = tmp_path_factory.mktemp("demo")
+    run_demo(output, SyntheticSpec(train=200, val=8, test=30), ["train.epochs=12", "train.validate=false"])
+    return output
+
+
+def test_demo_learns_to_caption_held_out_images(demo_dir: Path) -> None:
+    metrics = json.loads((demo_dir / "metrics.json").read_text())
+    keys = {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
+    assert set(metrics) == {"before", "after"} and set(metrics["before"]) == set(metrics["after"]) == keys
+    assert metrics["before"]["CIDEr"] < 0.2
+    assert metrics["after"]["CIDEr"] >= 1.0
+
+
+def test_demo_model_is_loadable_by_the_caption_command(demo_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    images = sorted((demo_dir / "data" / "images").glob("test-*.png"))[:3]
+    code = main(["caption", *map(str, images), "--model-dir", str(demo_dir / "model"), "--format", "jsonl"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert code == 0 and [r["image"] for r in rows] == list(map(str, images))
+    assert all(r["caption"].split() for r in rows)
