@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from captune.config import Config
 from captune.errors import CaptuneError
 
 log = logging.getLogger("captune")
@@ -37,29 +38,24 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--repetition-penalty", type=float, help="1.0 is none")
     group.add_argument("--batch-size", type=int, help="images per generate call")
     group.add_argument("--prompt", help="text the caption continues (default: the training prompt)")
+    parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, ...")
 
 
-def _generation_config(args: argparse.Namespace, model_dir: str | None):  # noqa: ANN202 - returns (GenerateConfig, str)
-    """Generation options: the command line over the run's saved config over the defaults."""
-    from captune.config import Config, load_config
+def _run_config(args: argparse.Namespace) -> Config:
+    """The config a model was trained with (defaults for a plain BLIP-2), command-line generation options on top."""
+    from captune.config import Config, config_from_dict, validate
     from captune.model import META_FILE
 
-    config = Config()
-    meta = Path(model_dir or "").expanduser() / META_FILE
-    if model_dir and meta.is_file():
-        saved = json.loads(meta.read_text())["config"]
-        config = load_config(None, [f"generate.{k}={v}" for k, v in saved["generate"].items()])
-        config.data.prompt = saved["data"]["prompt"]
-    options = config.generate
+    meta = Path(args.model_dir).expanduser() / META_FILE
+    config = config_from_dict(json.loads(meta.read_text())["config"], str(meta)) if meta.is_file() else Config()
     for name in ("num_beams", "min_new_tokens", "max_new_tokens", "repetition_penalty", "batch_size"):
         value = getattr(args, name)
         if value is not None:
-            setattr(options, name, value)
-    from captune.config import validate
-
+            setattr(config.generate, name, value)
+    if args.prompt is not None:
+        config.data.prompt = args.prompt
     validate(config)
-    prompt = args.prompt if args.prompt is not None else config.data.prompt
-    return options, prompt
+    return config
 
 
 def _output_path(name: str) -> Path:
@@ -84,7 +80,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + (["data.skip_bad_images=true"] if args.skip_bad_images else [])
     config = load_config(args.config, overrides)
     state = train(config)
-    print(f"done: {state.global_step} steps; best CIDEr {state.best_cider}; model in {config.train.output_dir}/best")
+    if int(os.environ.get("RANK", "0")) == 0:
+        out = Path(config.train.output_dir)
+        kept = (
+            f"best model (val CIDEr {state.best_cider:.4f}) in {out / 'best'}" if state.best_cider is not None else ""
+        )
+        print(f"done: {state.global_step} steps; {kept or 'no validation'}; last model in {out / 'final'}")
     return 0
 
 
@@ -92,9 +93,9 @@ def cmd_caption(args: argparse.Namespace) -> int:
     from captune.generate import caption_paths, expand_inputs
     from captune.model import load_model_dir
 
-    options, prompt = _generation_config(args, args.model_dir)
+    config = _run_config(args)
     paths, failures = expand_inputs(args.paths)
-    loaded = load_model_dir(args.model_dir)
+    loaded = load_model_dir(args.model_dir, device=args.device)
     ok = failed = 0
     # The bare caption only when the one input names the image itself; otherwise each line says which image it is.
     bare = len(args.paths) == 1 and paths == [Path(args.paths[0]).expanduser()]
@@ -103,7 +104,9 @@ def cmd_caption(args: argparse.Namespace) -> int:
         writer = csv.writer(out) if args.format == "csv" else None
         if writer:
             writer.writerow(["image", "caption"])
-        for result in itertools.chain(failures, caption_paths(loaded.model, loaded.processor, paths, options, prompt)):
+        for result in itertools.chain(
+            failures, caption_paths(loaded.model, loaded.processor, paths, config.generate, config.data.prompt)
+        ):
             if result.error is not None:
                 print(f"error: {result.error}", file=sys.stderr)
                 failed += 1
@@ -146,16 +149,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from captune.evaluation import evaluate_records, write_evaluation
     from captune.model import load_model_dir
 
-    options, prompt = _generation_config(args, args.model_dir)
-    captions = check_images(read(args.data, args.data_dir, ReadOptions(seed=args.split_seed)))
+    # Split seed and folders default to the training run's, so "test" means the images the run held out.
+    config = _run_config(args)
+    seed = config.data.split_seed if args.split_seed is None else args.split_seed
+    options = ReadOptions(seed=seed, images_dir=args.images_dir or config.data.images_dir,
+                          annotations=args.annotations or config.data.annotations)  # fmt: skip
+    captions = check_images(read(args.data, args.data_dir, options))
     records = captions.split(args.split)[: args.max_images]
     if captions.problems:
         print(f"warning: {len(captions.problems)} unusable image(s) left out (captune data check lists them)",
               file=sys.stderr)  # fmt: skip
     if not records:
         raise CaptuneError(f"{args.data_dir}: the {args.split} split has no usable images")
-    loaded = load_model_dir(args.model_dir)
-    evaluation = evaluate_records(loaded.model, loaded.processor, records, options, prompt)
+    loaded = load_model_dir(args.model_dir, device=args.device)
+    evaluation = evaluate_records(loaded.model, loaded.processor, records, config.generate, config.data.prompt)
     output_dir = Path(args.output_dir or Path(args.model_dir) / f"eval-{args.split}")
     write_evaluation(output_dir, evaluation, records)
     _print_metrics(evaluation.result)
@@ -205,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("caption", help="caption images, folders or globs")
     p.add_argument("paths", nargs="+", help="image files, folders (searched recursively) or glob patterns")
-    p.add_argument("--model-dir", required=True, help="RUN/best, a checkpoint, a merged model or a hub id")
+    p.add_argument(
+        "--model-dir", required=True, help="RUN/best, RUN/final, a checkpoint, or a plain BLIP-2 directory or hub id"
+    )
     p.add_argument("--format", choices=["text", "jsonl", "csv"], default="text")
     p.add_argument("--output", help="write here instead of standard output")
     _add_generation_options(p)
@@ -223,7 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset format: flickr8k, flickr8k-kaggle, karpathy, synthetic")
     p.add_argument("--data-dir", required=True)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--split-seed", type=int, default=0, help="split seed for layouts without split files")
+    p.add_argument("--split-seed", type=int, help="split seed for layouts without split files (default: the run's)")
+    p.add_argument("--images-dir", help="image folder, if not the layout's usual one (default: the run's)")
+    p.add_argument("--annotations", help="annotation file name, if not the layout's usual one (default: the run's)")
     p.add_argument("--max-images", type=int, help="score the first N images of the split only")
     p.add_argument("--output-dir", help="default: MODEL_DIR/eval-SPLIT")
     _add_generation_options(p)
@@ -238,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--images-dir", help="image folder, if not the layout's usual one")
     c.add_argument("--annotations", help="annotation file name, if not the layout's usual one")
     c.add_argument("--split-seed", type=int, default=0)
-    c.add_argument("--workers", type=int, help="decoding processes (default: all cores)")
+    c.add_argument("--workers", type=int, help="decoding threads (default: all cores)")
     c.add_argument("--sample", type=int, help="decode a seeded sample of N images only")
     c.set_defaults(func=cmd_data_check)
 

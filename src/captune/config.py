@@ -238,6 +238,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config
 
 
+def config_from_dict(values: dict[str, Any], source: str) -> Config:
+    """A Config from `to_dict` output (e.g. the copy saved in a model directory's captune.json)."""
+    config = Config()
+    for section, fields in values.items():
+        for key, value in fields.items():
+            _set(config, f"{section}.{key}", value, source)
+    validate(config)
+    return config
+
+
 def validate(config: Config) -> None:
     """Rejects values no run can use, naming the field."""
     checks = [

@@ -134,4 +134,8 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[CaptionResult
             paths.extend(matched)
         else:
             failures.append(CaptionResult(item, None, f"{item}: no such file or folder"))
-    return paths, failures
+    # An image named twice (a folder and a glob over it) is captioned once, at its first place.
+    first: dict[Path, Path] = {}
+    for p in paths:
+        first.setdefault(p.resolve(), p)
+    return list(first.values()), failures

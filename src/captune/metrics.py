@@ -195,7 +195,7 @@ def load_predictions(path: Path) -> dict[str, str]:
     return predictions
 
 
-def evaluate_files(predictions: Path, references: Path, *, allow_missing: bool = False) -> EvalResult:
+def evaluate_files(predictions: Path | str, references: Path | str, *, allow_missing: bool = False) -> EvalResult:
     """Scores a COCO results file against a COCO captions annotation file.
 
     Args:
@@ -210,7 +210,10 @@ def evaluate_files(predictions: Path, references: Path, *, allow_missing: bool =
         CaptuneError: Either file is malformed, or the two do not cover the same images.
     """
     return score_captions(
-        load_references(references), load_predictions(predictions), allow_missing=allow_missing, source=str(predictions)
+        load_references(Path(references)),
+        load_predictions(Path(predictions)),
+        allow_missing=allow_missing,
+        source=str(predictions),
     )
 
 

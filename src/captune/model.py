@@ -247,13 +247,36 @@ def save_base(path: Path, loaded: LoadedModel) -> None:
     loaded.processor.save_pretrained(path)
 
 
-def load_model_dir(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Loads what `captune train` saved (base + adapter), or a merged/plain BLIP-2 directory or hub id.
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` is the first GPU when there is one, else the CPU; other names go to torch as they are."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CaptuneError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CaptuneError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    return device
+
+
+def load_model_dir(path: str | Path, dtype: torch.dtype | None = None, device: str = "auto") -> LoadedModel:
+    """Loads what `captune train` saved (base + adapter), or a plain BLIP-2 directory or hub id, onto a device.
+
+    Args:
+        dtype: Weight dtype; None is bf16 on a GPU that has it, fp32 elsewhere.
+        device: `auto`, `cpu`, `cuda`, `cuda:N`.
 
     Raises:
-        CaptuneError: the directory holds neither an adapter nor a model.
+        CaptuneError: the directory holds neither an adapter nor a model, or the device does not exist.
     """
-    path = Path(path).expanduser()
+    target = resolve_device(device)
+    loaded = _load_model_dir(Path(path).expanduser(), dtype or resolve_dtype("auto", target))
+    loaded.model.to(target)
+    return loaded
+
+
+def _load_model_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
     meta_file = path / META_FILE
     if not meta_file.is_file():
         if path.exists() and not (path / "config.json").is_file():

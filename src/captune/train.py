@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import gather_object, set_seed
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -38,6 +38,7 @@ from captune.model import (
     LoadedModel,
     apply_lora,
     load_base,
+    resolve_device,
     resolve_dtype,
     save_base,
     save_model_dir,
@@ -136,7 +137,8 @@ def load_training_data(config: Config, main: bool) -> CaptionSet:
     options = datasets.ReadOptions(
         seed=config.data.split_seed, images_dir=config.data.images_dir, annotations=config.data.annotations
     )
-    captions = datasets.read(config.data.format, config.data.data_dir, options)
+    with PartialState().main_process_first():  # the synthetic set is generated once, by rank 0
+        captions = datasets.read(config.data.format, config.data.data_dir, options)
     captions = datasets.check_images(captions, progress=main)
     if captions.problems:
         listing = "\n".join(f"  {p.image}: {p.problem}" for p in captions.problems[:10])
@@ -189,8 +191,7 @@ class Run:
 def setup(config: Config) -> Run:
     """Accelerator, data, model with LoRA, optimizer and schedule; resumes when asked."""
     # 1. The accelerator decides device and precision; bf16 on GPUs that have it, fp32 on CPU.
-    probe = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = resolve_dtype(config.model.dtype, probe)
+    dtype = resolve_dtype(config.model.dtype, resolve_device("auto"))
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
     output_dir = Path(config.train.output_dir).expanduser()
     accelerator = Accelerator(
@@ -285,7 +286,7 @@ def fit(run: Run) -> TrainState:
             lr = run.scheduler.get_last_lr()[0]
             rate = samples / max(time.perf_counter() - tick, 1e-9)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}", refresh=False)
             if state.global_step % config.train.log_every == 0:
                 accelerator.log({"train/loss": loss.item(), "train/lr": lr, "train/samples_per_s": rate},
                                 step=state.global_step)  # fmt: skip
