@@ -170,6 +170,34 @@ class TrainState:
 
 
 @dataclass
+class Throughput:
+    """Samples per second of training alone: time spent validating and checkpointing is left out."""
+
+    samples: int = 0
+    seconds: float = 0.0
+    window_samples: int = 0
+    window_seconds: float = 0.0
+    since: float = field(default_factory=time.perf_counter)
+
+    def add(self, samples: int) -> None:
+        """Counts a batch and the time since the previous one."""
+        now = time.perf_counter()
+        elapsed, self.since = now - self.since, now
+        self.samples, self.seconds = self.samples + samples, self.seconds + elapsed
+        self.window_samples, self.window_seconds = self.window_samples + samples, self.window_seconds + elapsed
+
+    def window_rate(self) -> float:
+        return self.window_samples / max(self.window_seconds, 1e-9)
+
+    def new_window(self) -> None:
+        self.window_samples, self.window_seconds = 0, 0.0
+
+    def skip(self) -> None:
+        """Leaves the time since the last batch (a validation, a checkpoint) out of the count."""
+        self.since = time.perf_counter()
+
+
+@dataclass
 class Run:
     """Everything the loop touches, built by `setup`."""
 
@@ -263,7 +291,7 @@ def fit(run: Run) -> TrainState:
                mininterval=interval)  # fmt: skip
     model = run.loaded.model
     model.train()
-    samples, tick = 0, time.perf_counter()
+    speed = Throughput()
     while state.global_step < run.total_steps:
         # 1. Continue mid-epoch after a resume by skipping the batches the checkpoint had already seen.
         run.sampler.set_epoch(state.epoch)
@@ -277,22 +305,23 @@ def fit(run: Run) -> TrainState:
                     accelerator.clip_grad_norm_(model.parameters(), config.train.max_grad_norm)
                 run.optimizer.step()
                 run.optimizer.zero_grad()
-            samples += len(batch["input_ids"]) * accelerator.num_processes
+            speed.add(len(batch["input_ids"]) * accelerator.num_processes)
             if not accelerator.sync_gradients:
                 continue
             # 2. One optimizer step done: schedule, log, maybe checkpoint.
             run.scheduler.step()
             state.global_step += 1
             lr = run.scheduler.get_last_lr()[0]
-            rate = samples / max(time.perf_counter() - tick, 1e-9)
+            rate = speed.window_rate()
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}", refresh=False)
             if state.global_step % config.train.log_every == 0:
                 accelerator.log({"train/loss": loss.item(), "train/lr": lr, "train/samples_per_s": rate},
                                 step=state.global_step)  # fmt: skip
-                samples, tick = 0, time.perf_counter()
+                speed.new_window()
             if config.train.save_every and state.global_step % config.train.save_every == 0:
                 save_checkpoint(run, f"step-{state.global_step:06d}")
+                speed.skip()
             if state.global_step >= run.total_steps:
                 break
         # 3. Epoch end (or the last step): validate, keep the best, checkpoint.
@@ -302,10 +331,19 @@ def fit(run: Run) -> TrainState:
         if epoch_finished or state.global_step >= run.total_steps:
             validate_and_keep_best(run)
             save_checkpoint(run, f"step-{state.global_step:06d}")
+            speed.skip()
     bar.close()
     save_model(run, run.output_dir / "final")
     if main:
-        _write_json(run.output_dir / "results.json", {"total_steps": state.global_step, **_results(state)})
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+        summary = {
+            "total_steps": state.global_step,
+            "train_samples": speed.samples,
+            "train_seconds": speed.seconds,
+            "samples_per_second": speed.samples / max(speed.seconds, 1e-9),
+            "peak_gpu_memory_gib": peak,
+        }
+        _write_json(run.output_dir / "results.json", summary | _results(state))
     accelerator.end_training()
     return state
 
