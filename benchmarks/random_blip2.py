@@ -1,0 +1,88 @@
+"""Build a full-size BLIP-2 architecture from its config with random weights, saved as a model directory.
+
+    python benchmarks/random_blip2.py --arch opt-2.7b --output /tmp/blip2-opt-2.7b-random
+
+No weights can be downloaded on the benchmark machines, and the compute of a forward/backward pass does not depend on
+the weights' values, so speed and memory measured on this model are those of the real `Salesforce/blip2-opt-2.7b`
+(captions and metrics are not: the weights are random). The tokenizer is built locally with `tokenizers`: a word-level
+vocabulary padded to OPT's size, with OPT's special-token ids, so embedding and output layers have the real shapes.
+The directory loads through captune's normal path: `captune train model.name=/tmp/blip2-opt-2.7b-random`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import (
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    Blip2Processor,
+    BlipImageProcessorPil,
+    PreTrainedTokenizerFast,
+)
+
+from captune.model import TINY_WORDS
+
+# The text side of the public blip2-opt-2.7b config (OPT-2.7B); vision (ViT-g, 39 layers) and Q-Former
+# (12 layers, cross-attention every 2nd) are Blip2Config's defaults, which are those of the released checkpoints.
+ARCHITECTURES = {
+    "opt-2.7b": {
+        "model_type": "opt",
+        "hidden_size": 2560,
+        "ffn_dim": 10240,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "word_embed_proj_dim": 2560,
+        "max_position_embeddings": 2048,
+        "vocab_size": 50272,
+        "bos_token_id": 2,
+        "eos_token_id": 2,
+        "pad_token_id": 1,
+    },
+}
+OPT_TEXT_VOCAB = 50265  # ids 0..50264; <image> becomes 50265, as in the released processor
+
+
+def build_processor() -> Blip2Processor:
+    """OPT special ids (<s> 0, <pad> 1, </s> 2, <unk> 3), the synthetic captions' words, filler up to 50265."""
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for word in TINY_WORDS:
+        vocab.setdefault(word, len(vocab))
+    while len(vocab) < OPT_TEXT_VOCAB:
+        vocab[f"<filler{len(vocab)}>"] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    return Blip2Processor(BlipImageProcessorPil(size={"height": 224, "width": 224}), tokenizer, num_query_tokens=32)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="opt-2.7b")
+    parser.add_argument("--output", type=Path, required=True)
+    args = parser.parse_args()
+    start = time.perf_counter()
+    processor = build_processor()
+    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    config = Blip2Config(text_config=ARCHITECTURES[args.arch], num_query_tokens=32, image_token_index=image_token)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Blip2ForConditionalGeneration(config).to(torch.bfloat16)
+    model.save_pretrained(args.output, safe_serialization=True)
+    processor.save_pretrained(args.output)
+    sizes = {name: sum(p.numel() for p in getattr(model, name).parameters()) / 1e9
+             for name in ("vision_model", "qformer", "language_model")}  # fmt: skip
+    print(f"saved {args.arch} ({', '.join(f'{k} {v:.2f} B' for k, v in sizes.items())}) to {args.output} "
+          f"in {time.perf_counter() - start:.0f} s")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
