@@ -1,7 +1,8 @@
-"""Tests for captune.metrics: known COCO-caption values, input validation, SPICE skipping, file round trip.
+"""Tests for captune.metrics: known COCO-caption values, equality with COCOEvalCap on generated edge cases, metric
+subsets, per-image scores, input validation, SPICE skipping, file round trips.
 
-Every scoring call starts METEOR's JVM (~5 s), so error paths are tested before any scorer runs and the
-reference scores are computed once per module.
+Every scoring call with METEOR starts its JVM (~5 s), so error paths are tested before any scorer runs, subsets are
+tested without METEOR, and the scores these tests compare are computed once per module.
 """
 
 import os
@@ -10,23 +11,29 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import json
 import math
+import random
 import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pycocoevalcap import eval as coco_eval
+from pycocotools.coco import COCO
 
 from captune import metrics
 from captune.errors import CaptuneError
 from captune.metrics import (
+    FAST_METRICS,
     METRIC_NAMES,
     EvalResult,
     evaluate_files,
     load_predictions,
     load_references,
+    per_image_rows,
     score_captions,
     write_metrics,
+    write_per_image,
 )
 
 # The example published with Maluuba's nlg-eval, and the values it lists for the COCO-caption toolkit. The ids are
@@ -93,6 +100,111 @@ def from_files(tmp_path_factory: pytest.TempPathFactory) -> EvalResult:
     refs = _write_json(tmp / "captions_val.json", _coco_references(references))
     preds = _write_json(tmp / "results.json", [{"image_id": f"{i}.jpg", "caption": c} for i, c in HYPOTHESES.items()])
     return evaluate_files(preds, refs, allow_missing=True)
+
+
+# Caption parts for the generated comparison with COCOEvalCap: common words (so that captions share n-grams), words the
+# PTB tokenizer must treat exactly as in COCO (unicode, entities, markup, METEOR's "|||" separator), punctuation, and
+# blank captions. The line breaks other than "\n" are left out: there the toolkit itself assigns captions to the wrong
+# image, and captune does not copy that (test_tokenize_keeps_captions_with_unicode_line_breaks_on_their_image).
+_WORDS = (
+    "a an the man woman dog cat two people sitting standing on in at near with table street red of is riding".split()
+)
+_ODD_WORDS = [
+    "Café",
+    "naïve",
+    "猫",
+    "🐶",
+    "Ελλάδα",
+    "قطة",
+    "e\u0301",
+    "no\u00a0break",
+    "zero\u200bwidth",
+    "Straße",
+    "ÉCOLE",
+    "&amp;",
+    "<b>",
+    "|||",
+    "don't",
+    "U.S.",
+    "5,000",
+    "nul\x00byte",
+    "two\nlines",
+    "tab\tbed",
+]
+_PUNCTUATION = [".", ",", "!", "?", "...", ";", ":", "-", "--", "(", ")", '"', "'", "``", "''", "/"]
+_BLANK = ["", " ", "\t", "...", "!?", "\n"]
+
+
+def _generated_caption(rng: random.Random) -> str:
+    if rng.random() < 0.06:
+        return rng.choice(_BLANK)
+    text = ""
+    for _ in range(rng.randint(1, 15)):
+        kind = rng.random()
+        if kind < 0.15:
+            text += rng.choice(["", " "]) + rng.choice(_PUNCTUATION)
+        else:
+            text += " " + rng.choice(_ODD_WORDS if kind < 0.25 else _WORDS)
+    return rng.choice([str.strip, str.upper, str.capitalize, str.title, str.lower])(text)
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """COCO annotation and results files of 300 seeded images: int, string and unicode ids, 1-5 references each."""
+    rng = random.Random(3)
+    references: dict[Any, list[str]] = {}
+    predictions: dict[Any, str] = {}
+    for index in range(300):
+        image_id = rng.choice([index, f"img_{index:03d}.jpg", f"ñandú {index}.png"])
+        references[image_id] = [_generated_caption(rng) for _ in range(rng.randint(1, 5))]
+        kind = rng.random()  # a prediction is sometimes a reference exactly or shouted, so that scores reach 1
+        if kind < 0.1:
+            predictions[image_id] = rng.choice(references[image_id])
+        elif kind < 0.2:
+            predictions[image_id] = rng.choice(references[image_id]).upper() + "!"
+        else:
+            predictions[image_id] = _generated_caption(rng)
+    tmp = tmp_path_factory.mktemp("generated")
+    refs = _write_json(tmp / "captions_val.json", _coco_references(references))
+    preds = _write_json(tmp / "results.json", [{"image_id": i, "caption": c} for i, c in predictions.items()])
+    return refs, preds
+
+
+class _SpiceLeftOut:
+    """Takes SPICE's place in COCOEvalCap's scorer list (SPICE needs CoreNLP jars and Java 8); its entry is dropped."""
+
+    def method(self) -> str:
+        return "SPICE"
+
+    def compute_score(self, gts: dict[Any, list[str]], res: dict[Any, list[str]]) -> tuple[float, list[float]]:
+        return math.nan, [math.nan] * len(gts)
+
+
+@pytest.fixture(scope="module")
+def official(generated: tuple[Path, Path]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """pycocoevalcap's own COCOEvalCap on the generated files (scorers one after another): corpus and per-image."""
+    refs, preds = generated
+    coco = COCO(str(refs))
+    evaluation = coco_eval.COCOEvalCap(coco, coco.loadRes(str(preds)))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(coco_eval, "Spice", _SpiceLeftOut)
+        evaluation.evaluate()
+    corpus = {name: value for name, value in evaluation.eval.items() if name != "SPICE"}
+    per_image = {
+        str(image_id): {name: value for name, value in scores.items() if name not in ("image_id", "SPICE")}
+        for image_id, scores in evaluation.imgToEval.items()
+    }
+    return corpus, per_image
+
+
+@pytest.fixture(scope="module")
+def generated_result(generated: tuple[Path, Path]) -> EvalResult:
+    refs, preds = generated
+    return score_captions(load_references(refs), load_predictions(preds), source=str(preds), per_image=True)
+
+
+def _meteor_must_not_start(*args: object) -> None:
+    raise AssertionError("METEOR's JVM started although METEOR was not asked for")
 
 
 # --- load_references -------------------------------------------------------------------------------------------
@@ -355,3 +467,132 @@ def test_write_metrics_round_trip(from_files: EvalResult, tmp_path: Path) -> Non
     assert list(written) == list(METRIC_NAMES)
     _assert_known(written)
     assert os.listdir(out.parent) == ["metrics.json"]  # the temporary file was renamed, not left behind
+
+
+# --- equality with COCOEvalCap on generated edge cases ---------------------------------------------------------
+
+
+def test_generated_captions_cover_the_edge_cases(generated: tuple[Path, Path]) -> None:
+    refs, preds = generated
+    entries = json.loads(preds.read_text())
+    captions = [entry["caption"] for entry in entries] + list(load_references(refs).values())[0]
+    assert {type(entry["image_id"]) for entry in entries} == {int, str}
+    assert any(entry["caption"] == "" for entry in entries)
+    assert any(caption.isupper() for caption in captions)
+    assert any(not caption.isascii() for caption in captions)
+    assert any("|||" in caption for caption in captions)
+    assert any(caption.rstrip().endswith((".", "!", "?")) for caption in captions)
+
+
+def test_scores_equal_cocoevalcap_on_generated_edge_cases(
+    generated_result: EvalResult, official: tuple[dict[str, float], dict[str, float]]
+) -> None:
+    # COCOEvalCap runs the scorers one after another; captune runs METEOR alongside the Python ones: same numbers.
+    assert list(generated_result.metrics) == list(METRIC_NAMES)
+    assert generated_result.metrics == pytest.approx(official[0], abs=1e-12)
+
+
+def test_per_image_scores_equal_cocoevalcap_on_generated_edge_cases(
+    generated_result: EvalResult, official: tuple[dict[str, float], dict[str, dict[str, float]]]
+) -> None:
+    assert list(generated_result.per_image) == list(official[1])
+    for image_id, scores in official[1].items():
+        assert generated_result.per_image[image_id] == pytest.approx(scores, abs=1e-12), image_id
+
+
+def test_fast_metrics_equal_the_full_run_without_starting_meteor(
+    generated: tuple[Path, Path],
+    official: tuple[dict[str, float], dict[str, float]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(metrics, "Meteor", _meteor_must_not_start)
+    refs, preds = generated
+    result = score_captions(load_references(refs), load_predictions(preds), metrics=FAST_METRICS)
+    assert list(result.metrics) == list(FAST_METRICS)
+    assert result.metrics == pytest.approx({name: official[0][name] for name in FAST_METRICS}, abs=1e-12)
+    assert result.skipped == {}  # SPICE is tried only with every metric
+
+
+# --- metric subsets --------------------------------------------------------------------------------------------
+
+
+def test_subset_reports_exactly_the_names_asked_in_metric_names_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metrics, "Meteor", _meteor_must_not_start)
+    result = score_captions(REFERENCES, HYPOTHESES, metrics=["CIDEr", "Bleu_2"])
+    assert list(result.metrics) == ["Bleu_2", "CIDEr"]
+    assert result.metrics == pytest.approx({"Bleu_2": KNOWN["Bleu_2"], "CIDEr": KNOWN["CIDEr"]}, abs=1e-6)
+
+
+def test_unknown_metric_names_are_an_error_naming_them() -> None:
+    with pytest.raises(CaptuneError, match=r"unknown metrics 'SPICE', 'bleu_4'; choose from Bleu_1, Bleu_2"):
+        score_captions(REFERENCES, HYPOTHESES, metrics=["CIDEr", "SPICE", "bleu_4"])
+
+
+def test_metrics_given_as_one_string_is_an_error() -> None:
+    with pytest.raises(CaptuneError, match=r"got the string 'CIDEr'; pass \['CIDEr'\]"):
+        score_captions(REFERENCES, HYPOTHESES, metrics="CIDEr")
+
+
+def test_no_metrics_is_an_error() -> None:
+    with pytest.raises(CaptuneError, match="no metrics asked for"):
+        score_captions(REFERENCES, HYPOTHESES, metrics=[])
+
+
+# --- per-image scores ------------------------------------------------------------------------------------------
+
+
+def test_per_image_scores_are_kept_only_when_asked(known: EvalResult) -> None:
+    assert known.per_image == {}
+
+
+def test_per_image_rows_list_every_image_worst_cider_first(
+    generated: tuple[Path, Path], generated_result: EvalResult
+) -> None:
+    references, predictions = load_references(generated[0]), load_predictions(generated[1])
+    rows = per_image_rows(references, predictions, generated_result)
+    assert [row["CIDEr"] for row in rows] == sorted(scores["CIDEr"] for scores in generated_result.per_image.values())
+    assert sorted(row["image_id"] for row in rows) == sorted(predictions)
+    worst = rows[0]["image_id"]
+    assert rows[0] == {
+        "image_id": worst,
+        "prediction": predictions[worst],
+        "references": references[worst],
+        "Bleu_4": generated_result.per_image[worst]["Bleu_4"],
+        "CIDEr": generated_result.per_image[worst]["CIDEr"],
+    }
+
+
+def test_per_image_rows_without_per_image_scores_is_an_error(known: EvalResult) -> None:
+    with pytest.raises(CaptuneError, match=r"no per-image scores; score with score_captions\(\.\.\., per_image=True\)"):
+        per_image_rows(REFERENCES, HYPOTHESES, known)
+
+
+def test_per_image_rows_without_bleu_4_and_cider_is_an_error() -> None:
+    result = score_captions(REFERENCES, HYPOTHESES, metrics=["ROUGE_L"], per_image=True)
+    with pytest.raises(CaptuneError, match="scored without Bleu_4 and CIDEr"):
+        per_image_rows(REFERENCES, HYPOTHESES, result)
+
+
+def test_per_image_rows_for_other_captions_name_the_images(generated_result: EvalResult) -> None:
+    with pytest.raises(CaptuneError, match=r"300 scored images are not in the references and predictions given"):
+        per_image_rows({}, {}, generated_result)
+
+
+def test_write_per_image_writes_utf8_json_lines_atomically(tmp_path: Path) -> None:
+    rows = [
+        metrics.PerImageRow(
+            image_id="猫.jpg", prediction="a 🐶", references=["a dog", "a puppy"], Bleu_4=0.5, CIDEr=0.0
+        ),
+        metrics.PerImageRow(image_id="2", prediction="", references=["x"], Bleu_4=0.0, CIDEr=1.25),
+    ]
+    out = tmp_path / "eval" / "per_image.jsonl"
+    write_per_image(out, rows)
+    lines = out.read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == rows
+    assert '"image_id": "猫.jpg"' in lines[0]
+    assert os.listdir(out.parent) == ["per_image.jsonl"]
+
+
+def test_prediction_that_is_not_utf8_text_names_the_image() -> None:
+    with pytest.raises(CaptuneError, match=r"the prediction for image '1'.*unpaired surrogate U\+DCFF at character 6"):
+        score_captions(REFERENCES, {**HYPOTHESES, 1: "a dog \udcff"})

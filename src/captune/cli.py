@@ -125,13 +125,33 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from captune.metrics import evaluate_files, write_metrics
+    from captune.metrics import (
+        load_predictions,
+        load_references,
+        per_image_rows,
+        score_captions,
+        write_metrics,
+        write_per_image,
+    )
 
-    output = _output_path(args.output) if args.output else None  # checked before the scorers run, not after
-    result = evaluate_files(Path(args.predictions), Path(args.references), allow_missing=args.allow_missing)
+    # Output paths are checked before the scorers run, not after.
+    output = _output_path(args.output) if args.output else None
+    per_image = _output_path(args.per_image) if args.per_image else None
+    references, predictions = load_references(Path(args.references)), load_predictions(Path(args.predictions))
+    result = score_captions(references, predictions, allow_missing=args.allow_missing, source=args.predictions,
+                            per_image=per_image is not None)  # fmt: skip
     if output:
         write_metrics(output, result)
+    if per_image:
+        write_per_image(per_image, per_image_rows(references, predictions, result))
     _print_metrics(result)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from captune.report import write_report
+
+    print(f"report: {write_report(Path(args.run_dir))}")
     return 0
 
 
@@ -225,7 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--references", required=True, help="COCO captions annotation JSON (images, annotations)")
     p.add_argument("--output", help="metrics JSON to write")
     p.add_argument("--allow-missing", action="store_true", help="score images that have predictions; count the rest")
+    p.add_argument("--per-image", help="JSON lines to write: image id, prediction, references, BLEU-4, CIDEr")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="write RUN_DIR/report.html: curves, metrics, a gallery of val captions")
+    p.add_argument("run_dir", help="a training run directory (train.output_dir)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("eval", help="caption a dataset split with a model and score it")
     p.add_argument("--model-dir", required=True)

@@ -101,6 +101,9 @@ class TrainConfig:
     """Caption and score the val split at each epoch end, and keep best/ by CIDEr."""
     val_max_images: int | None = None
     """Validate on the first N val images only (None: all)."""
+    val_metrics: str = "fast"
+    """`fast`: BLEU, ROUGE-L and CIDEr at each validation (no METEOR JVM start, ~5 s saved each time) and every
+    metric for the best step at the end; `full`: every metric at each validation."""
     resume_from: str | None = None
     """Checkpoint directory to continue from, or `latest` for the newest in output_dir/checkpoints."""
 
@@ -265,6 +268,7 @@ def validate(config: Config) -> None:
         (config.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
         (config.train.val_max_images is None or config.train.val_max_images >= 1, "train.val_max_images must be >= 1"),
         (config.data.num_workers >= 0, "data.num_workers must be >= 0"),
+        (config.train.val_metrics in ("fast", "full"), "train.val_metrics must be fast or full"),
         (config.data.max_caption_tokens >= 1, "data.max_caption_tokens must be >= 1"),
         (config.generate.num_beams >= 1, "generate.num_beams must be >= 1"),
         (config.generate.batch_size >= 1, "generate.batch_size must be >= 1"),

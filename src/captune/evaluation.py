@@ -12,7 +12,7 @@ from captune.config import GenerateConfig
 from captune.data import Record
 from captune.data.images import load_rgb
 from captune.generate import generate_captions
-from captune.metrics import EvalResult, score_captions, write_metrics
+from captune.metrics import EvalResult, per_image_rows, score_captions, write_metrics, write_per_image
 from captune.model import Blip2Like
 
 
@@ -50,17 +50,28 @@ def evaluate_records(
     """Captions the records and scores the captions against their references."""
     predictions = predict_records(model, processor, records, options, prompt)
     references = {r.image_id: list(r.captions) for r in records}
-    return ModelEvaluation(predictions, score_captions(references, predictions))
+    return ModelEvaluation(predictions, score_captions(references, predictions, per_image=True))
 
 
 def write_evaluation(output_dir: Path, evaluation: ModelEvaluation, records: list[Record]) -> None:
-    """Writes metrics.json, predictions.json (COCO results format) and references.json (COCO captions format)."""
+    """Writes metrics.json, predictions.json (COCO results format), references.json (COCO captions format) and
+    per_image.jsonl (BLEU-4 and CIDEr of each image, worst CIDEr first)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     write_metrics(output_dir / "metrics.json", evaluation.result)
+    references = {r.image_id: list(r.captions) for r in records}
+    write_per_image(
+        output_dir / "per_image.jsonl", per_image_rows(references, evaluation.predictions, evaluation.result)
+    )
     predictions = [{"image_id": k, "caption": v} for k, v in evaluation.predictions.items()]
     (output_dir / "predictions.json").write_text(json.dumps(predictions, indent=2))
+    write_references(output_dir / "references.json", records)
+
+
+def write_references(path: Path, records: list[Record]) -> None:
+    """The records' captions in COCO captions format; `file_name` is the image's absolute path."""
     references = {
         "images": [{"id": r.image_id, "file_name": str(r.image_path)} for r in records],
         "annotations": [{"image_id": r.image_id, "caption": c} for r in records for c in r.captions],
     }
-    (output_dir / "references.json").write_text(json.dumps(references, indent=2))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(references, indent=2))

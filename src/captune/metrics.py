@@ -3,6 +3,11 @@
 The numbers are the official COCO-caption toolkit's: references and predictions go through the Stanford
 PTBTokenizer, then through pycocoevalcap's own scorers, with nothing re-implemented here. This module only
 loads and validates the inputs, runs the scorers quietly and says which metric was skipped and why.
+
+It runs them faster than COCOEvalCap.evaluate, with the same numbers: METEOR's JVM is started before tokenizing
+(it spends ~4.5 s loading its paraphrase table), and it scores while BLEU, ROUGE-L and CIDEr-D run in Python. Each
+scorer gets the same tokenized input and computes alone, so the order they run in cannot change a number.
+`benchmarks/scoring.py` measures the gain.
 """
 
 import contextlib
@@ -13,9 +18,10 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import TypedDict, TypeVar
 
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
@@ -28,6 +34,9 @@ from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 from captune.errors import CaptuneError
 
 METRIC_NAMES: tuple[str, ...] = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+
+# The metrics computed in Python alone: no METEOR JVM to start, for cheap validation during training.
+FAST_METRICS: tuple[str, ...] = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr")
 
 # SPICE parses captions with Stanford CoreNLP 3.6.0; pycocoevalcap downloads these jars on first use,
 # so their absence is checked up front instead (no internet here, and a 400 MB surprise download elsewhere).
@@ -55,6 +64,22 @@ class EvalResult:
     """Images scored."""
     missing: list[str]
     """Image ids with references but no prediction, left out of scoring (only with allow_missing)."""
+    per_image: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Image id -> its own score in each metric of `metrics` but SPICE; filled only with per_image=True.
+
+    Bleu_n here is the sentence-level BLEU-n of that image's caption from the same scorer, and METEOR its segment
+    score: the corpus BLEU and METEOR are computed from n-gram and match counts summed over all images, so they are
+    not the mean of these. Corpus ROUGE-L and CIDEr-D are the means of their per-image scores."""
+
+
+class PerImageRow(TypedDict):
+    """One scored image for error analysis: a line of `--per-image` output and a card of the report's gallery."""
+
+    image_id: str
+    prediction: str
+    references: list[str]
+    Bleu_4: float
+    CIDEr: float
 
 
 def score_captions(
@@ -63,6 +88,8 @@ def score_captions(
     *,
     allow_missing: bool = False,
     source: str = "predictions",
+    metrics: Sequence[str] = METRIC_NAMES,
+    per_image: bool = False,
 ) -> EvalResult:
     """Scores predicted captions against reference captions with the COCO-caption toolkit.
 
@@ -80,21 +107,29 @@ def score_captions(
     CIDEr-D weights n-grams by their document frequency over the scored images, so it is always 0 for a single
     image and unreliable for a handful; it is allowed but meaningful only for a real evaluation split.
 
+    SPICE is tried only when every metric of `METRIC_NAMES` is asked for; METEOR's JVM starts only when "METEOR" is.
+    BLEU-1..4 come from one scorer, so asking for one of them costs as much as asking for all four.
+
     Args:
         references: Image id -> its reference captions (at least one each).
         predictions: Image id -> the one predicted caption.
         allow_missing: Score only the images that have a prediction, listing the others in `missing`, instead of
             refusing when some referenced images have no prediction.
         source: Where the predictions came from (a file name), used in error messages.
+        metrics: The metrics to compute, any of `METRIC_NAMES` (e.g. `FAST_METRICS` during training); the result
+            lists them in `METRIC_NAMES` order.
+        per_image: Also keep each image's own scores in `EvalResult.per_image` (for `per_image_rows`).
 
     Returns:
-        The metrics, the skipped ones with reasons, the number of images scored and the missing ids.
+        The metrics, the skipped ones with reasons, the number of images scored, the missing ids and, with
+        per_image, each image's scores.
 
     Raises:
-        CaptuneError: A prediction has no references, a referenced image has no prediction (unless
-            allow_missing), nothing is left to score, an id appears twice, a caption is not a string, or Java is
-            not installed.
+        CaptuneError: `metrics` is empty or names an unknown metric, a prediction has no references, a referenced
+            image has no prediction (unless allow_missing), nothing is left to score, an id appears twice, a caption
+            is not a string, or Java is not installed.
     """
+    names = _checked_metric_names(metrics)
     refs = _checked_references(references)
     preds = _checked_predictions(predictions, source)
     unknown = [image_id for image_id in preds if image_id not in refs]
@@ -112,8 +147,14 @@ def score_captions(
     if not preds:
         raise CaptuneError(f"{source}: there are no predictions to score; caption at least one referenced image")
     _require_java()
-    metrics, skipped = _coco_metrics({image_id: refs[image_id] for image_id in preds}, preds)
-    return EvalResult(metrics=metrics, skipped=skipped, num_images=len(preds), missing=missing)
+    scores = _coco_metrics({image_id: refs[image_id] for image_id in preds}, preds, names)
+    return EvalResult(
+        metrics=scores.corpus,
+        skipped=scores.skipped,
+        num_images=len(preds),
+        missing=missing,
+        per_image=scores.per_image if per_image else {},
+    )
 
 
 def load_references(path: Path) -> dict[str, list[str]]:
@@ -226,37 +267,129 @@ def write_metrics(path: Path, result: EvalResult) -> None:
         path: The JSON file to write; its directory is created if needed.
         result: The scores to write.
     """
+    _write_atomically(path, json.dumps(result.metrics, indent=2) + "\n")
+
+
+def per_image_rows(
+    references: Mapping[str, Sequence[str]], predictions: Mapping[str, str], result: EvalResult
+) -> list[PerImageRow]:
+    """Lists every scored image with its captions, BLEU-4 and CIDEr-D, worst CIDEr-D first, for error analysis.
+
+    BLEU-4 is the sentence-level score of the one caption (see `EvalResult.per_image`).
+
+    Args:
+        references: Image id -> reference captions, as given to `score_captions`.
+        predictions: Image id -> predicted caption, as given to `score_captions`.
+        result: What `score_captions(references, predictions, per_image=True)` returned, with Bleu_4 and CIDEr
+            among its metrics.
+
+    Returns:
+        One row per scored image, sorted by CIDEr-D ascending; images with equal CIDEr-D keep their scoring order.
+
+    Raises:
+        CaptuneError: `result` has no per-image scores, or lacks Bleu_4 or CIDEr, or scores an image that is not
+            in `references` and `predictions`.
+    """
+    if not result.per_image:
+        raise CaptuneError("the result has no per-image scores; score with score_captions(..., per_image=True)")
+    absent = [name for name in ("Bleu_4", "CIDEr") if name not in result.metrics]
+    if absent:
+        raise CaptuneError(
+            f"per-image rows need Bleu_4 and CIDEr, but the result was scored without {' and '.join(absent)}; "
+            "include them in score_captions(metrics=...)"
+        )
+    refs = {str(image_id): list(captions) for image_id, captions in references.items()}
+    preds = {str(image_id): caption for image_id, caption in predictions.items()}
+    unknown = [image_id for image_id in result.per_image if image_id not in refs or image_id not in preds]
+    if unknown:
+        raise CaptuneError(
+            f"{len(unknown)} scored images are not in the references and predictions given: {_some_ids(unknown)}; "
+            "pass the same references and predictions that were scored"
+        )
+    rows = [
+        PerImageRow(
+            image_id=image_id,
+            prediction=preds[image_id],
+            references=refs[image_id],
+            Bleu_4=scores["Bleu_4"],
+            CIDEr=scores["CIDEr"],
+        )
+        for image_id, scores in result.per_image.items()
+    ]
+    return sorted(rows, key=lambda row: row["CIDEr"])
+
+
+def write_per_image(path: Path, rows: Sequence[PerImageRow]) -> None:
+    """Writes per-image rows as JSON lines (UTF-8, one object per image, in the given order), atomically.
+
+    Args:
+        path: The .jsonl file to write; its directory is created if needed.
+        rows: The rows, as from `per_image_rows`.
+    """
+    _write_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Writes `text` to a temporary file beside `path` and renames it over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(result.metrics, f, indent=2)
-            f.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
 
 
-def _coco_metrics(
-    references: dict[str, list[str]], predictions: dict[str, str]
-) -> tuple[dict[str, float], dict[str, str]]:
-    """Tokenizes and scores as COCOEvalCap.evaluate does; returns the metrics and the skipped ones."""
-    meteor = Meteor()  # starting its JVM (~5 s, loads the paraphrase table) first lets it overlap the tokenizer
+@dataclass
+class _Scores:
+    """What the scorers computed for the asked metrics."""
+
+    corpus: dict[str, float]
+    per_image: dict[str, dict[str, float]]
+    skipped: dict[str, str]
+
+
+def _coco_metrics(references: dict[str, list[str]], predictions: dict[str, str], names: tuple[str, ...]) -> _Scores:
+    """Tokenizes and scores as COCOEvalCap.evaluate does, METEOR alongside the Python scorers."""
+    # 1. METEOR's JVM takes ~4.5 s to load its paraphrase table: start it first, to load while Java tokenizes.
+    meteor = Meteor() if "METEOR" in names else None
+    pool = ThreadPoolExecutor(max_workers=1)
     try:
         gts = _tokenize(references)
         res = _tokenize({image_id: [caption] for image_id, caption in predictions.items()})
-        with contextlib.redirect_stdout(io.StringIO()):  # Bleu prints its n-gram counts
-            bleu, _ = Bleu(4).compute_score(gts, res)
-            meteor_score, _ = meteor.compute_score(gts, res)
-            rouge, _ = Rouge().compute_score(gts, res)
-            cider, _ = Cider().compute_score(gts, res)
+        # 2. A thread feeds METEOR and waits on its pipe (without the GIL) while BLEU, ROUGE-L and CIDEr-D run here.
+        meteor_run = pool.submit(meteor.compute_score, gts, res) if meteor is not None else None
+        results = _python_scores(gts, res, names)
+        if meteor_run is not None:
+            results["METEOR"] = meteor_run.result()
     finally:
-        _close_meteor(meteor)
-    scores = [*bleu, meteor_score, rouge, cider]
-    metrics = {name: float(score) for name, score in zip(METRIC_NAMES, scores, strict=True)}
-    spice, skipped = _spice(gts, res)
-    return metrics | spice, skipped
+        if meteor is not None:
+            _close_meteor(meteor)  # after an error, this also ends the thread waiting on the JVM
+        pool.shutdown()
+    # 3. Every scorer lists its per-image scores in the order of gts' keys.
+    corpus = {name: float(results[name][0]) for name in names}
+    per_image = {
+        image_id: {name: float(results[name][1][index]) for name in names} for index, image_id in enumerate(gts)
+    }
+    spice, skipped = _spice(gts, res) if names == METRIC_NAMES else ({}, {})
+    return _Scores(corpus=corpus | spice, per_image=per_image, skipped=skipped)
+
+
+def _python_scores(
+    gts: dict[str, list[str]], res: dict[str, list[str]], names: tuple[str, ...]
+) -> dict[str, tuple[float, Sequence[float]]]:
+    """Runs the asked scorers that compute in Python; returns metric name -> (corpus score, per-image scores)."""
+    results: dict[str, tuple[float, Sequence[float]]] = {}
+    if any(name.startswith("Bleu_") for name in names):
+        bleu, bleu_per_image = Bleu(4).compute_score(gts, res, verbose=0)
+        results |= {f"Bleu_{n}": (bleu[n - 1], bleu_per_image[n - 1]) for n in range(1, 5)}
+    if "ROUGE_L" in names:
+        results["ROUGE_L"] = Rouge().compute_score(gts, res)
+    if "CIDEr" in names:
+        results["CIDEr"] = Cider().compute_score(gts, res)
+    return results
 
 
 def _tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -300,6 +433,21 @@ def _spice(gts: dict[str, list[str]], res: dict[str, list[str]]) -> tuple[dict[s
     return {"SPICE": float(score)}, {}
 
 
+def _checked_metric_names(metrics: Sequence[str]) -> tuple[str, ...]:
+    """Returns the asked metric names in `METRIC_NAMES` order, refusing unknown names and an empty list."""
+    if isinstance(metrics, str):
+        raise CaptuneError(f"metrics must be a list of metric names, got the string {metrics!r}; pass [{metrics!r}]")
+    unknown = [name for name in metrics if name not in METRIC_NAMES]
+    if unknown:
+        raise CaptuneError(
+            f"unknown metrics {', '.join(map(repr, unknown))}; choose from {', '.join(METRIC_NAMES)} "
+            "(SPICE is added by itself when all of them are asked for and it can run)"
+        )
+    if not metrics:
+        raise CaptuneError(f"no metrics asked for; choose from {', '.join(METRIC_NAMES)}")
+    return tuple(name for name in METRIC_NAMES if name in metrics)
+
+
 def _require_java() -> None:
     """Fails early, with what to do, if the Java runtime the toolkit's scorers need is missing."""
     if shutil.which("java") is None:
@@ -317,6 +465,8 @@ def _checked_references(references: Mapping[str, Sequence[str]]) -> dict[str, li
             raise CaptuneError(
                 f"references for image {image_id!r} must be a non-empty list of caption strings, got {captions!r}"
             )
+        for caption in captions:
+            _require_utf8(caption, f"a reference caption of image {image_id!r}")
         checked[image_id] = list(captions)
     return checked
 
@@ -327,8 +477,20 @@ def _checked_predictions(predictions: Mapping[str, str], source: str) -> dict[st
     for image_id, caption in _string_ids(predictions.items(), source):
         if not isinstance(caption, str):
             raise CaptuneError(f"{source}: the prediction for image {image_id!r} is {caption!r}, not a string")
+        _require_utf8(caption, f"{source}: the prediction for image {image_id!r}")
         checked[image_id] = caption
     return checked
+
+
+def _require_utf8(caption: str, what: str) -> None:
+    """Refuses text with an unpaired surrogate (JSON allows "\\udcff"): it cannot be written to Java as UTF-8."""
+    try:
+        caption.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise CaptuneError(
+            f"{what}, {caption!r}, has an unpaired surrogate U+{ord(caption[err.start]):04X} at character {err.start}, "
+            "which is not text; fix or drop that character"
+        ) from err
 
 
 def _string_ids(items: Iterable[tuple[object, _V]], source: str) -> list[tuple[str, _V]]:

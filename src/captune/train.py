@@ -32,8 +32,8 @@ from captune.config import Config, save_config, to_dict
 from captune.data import CaptionSet, Record
 from captune.data.images import load_rgb
 from captune.errors import CaptuneError
-from captune.evaluation import predict_records
-from captune.metrics import score_captions
+from captune.evaluation import predict_records, write_references
+from captune.metrics import FAST_METRICS, METRIC_NAMES, score_captions
 from captune.model import (
     LoadedModel,
     apply_lora,
@@ -166,6 +166,7 @@ class TrainState:
     global_step: int = 0
     epoch: int = 0
     best_cider: float | None = None
+    best_step: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -284,6 +285,8 @@ def fit(run: Run) -> TrainState:
     if main:
         run.output_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run.output_dir / "config.yaml")
+        if run.val_records:
+            write_references(run.output_dir / "val" / "references.json", run.val_records)
     accelerator.init_trackers("tensorboard", config=_flat_hparams(config))
     # A terminal gets a live bar; a log file (CI, nohup) gets a line every 30 s instead of thousands of redraws.
     interval = 0.5 if sys.stderr.isatty() else 30.0
@@ -316,8 +319,11 @@ def fit(run: Run) -> TrainState:
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}", refresh=False)
             if state.global_step % config.train.log_every == 0:
-                accelerator.log({"train/loss": loss.item(), "train/lr": lr, "train/samples_per_s": rate},
-                                step=state.global_step)  # fmt: skip
+                scalars = {"loss": loss.item(), "lr": lr, "samples_per_s": rate}
+                accelerator.log({f"train/{k}": v for k, v in scalars.items()}, step=state.global_step)
+                if main:  # the same scalars as JSON lines, for the report and for scripts
+                    with open(run.output_dir / "train_log.jsonl", "a") as out:
+                        out.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **scalars}) + "\n")
                 speed.new_window()
             if config.train.save_every and state.global_step % config.train.save_every == 0:
                 save_checkpoint(run, f"step-{state.global_step:06d}")
@@ -334,6 +340,7 @@ def fit(run: Run) -> TrainState:
             speed.skip()
     bar.close()
     save_model(run, run.output_dir / "final")
+    finish_validation(run)
     if main:
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
         summary = {
@@ -344,8 +351,19 @@ def fit(run: Run) -> TrainState:
             "peak_gpu_memory_gib": peak,
         }
         _write_json(run.output_dir / "results.json", summary | _results(state))
+        _write_report(run.output_dir)
     accelerator.end_training()
     return state
+
+
+def _write_report(run_dir: Path) -> None:
+    """The HTML report; a failure there is reported but does not undo a finished training run."""
+    from captune.report import write_report
+
+    try:
+        log.info("report: %s", write_report(run_dir))
+    except Exception as err:  # noqa: BLE001 - the trained model is saved; say why the report is missing
+        log.warning("the run report could not be written (%s); retry with `captune report %s`", err, run_dir)
 
 
 def validate_and_keep_best(run: Run) -> dict[str, float] | None:
@@ -360,7 +378,8 @@ def validate_and_keep_best(run: Run) -> dict[str, float] | None:
     metrics = None
     if accelerator.is_main_process:
         references = {r.image_id: list(r.captions) for r in run.val_records}
-        metrics = score_captions(references, gathered).metrics
+        names = FAST_METRICS if run.config.train.val_metrics == "fast" else METRIC_NAMES
+        metrics = score_captions(references, gathered, metrics=names).metrics
         accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=state.global_step)
         state.history.append({"epoch": state.epoch, "step": state.global_step, "metrics": metrics})
         _write_json(run.output_dir / "val" / f"step-{state.global_step:06d}.json",
@@ -368,9 +387,30 @@ def validate_and_keep_best(run: Run) -> dict[str, float] | None:
         log.info("step %d val: %s", state.global_step, " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     best = _broadcast_float(accelerator, metrics["CIDEr"] if metrics else 0.0)
     if state.best_cider is None or best > state.best_cider:
-        state.best_cider = best
+        state.best_cider, state.best_step = best, state.global_step
         save_model(run, run.output_dir / "best")
     return metrics
+
+
+def finish_validation(run: Run) -> None:
+    """With fast validation metrics, scores the best step's saved val captions with every metric (METEOR too), once.
+
+    The captions are those best/ produced, so no generation is repeated; best/metrics.json and the step's val file
+    get the full set.
+    """
+    state = run.state
+    if not run.accelerator.is_main_process or state.best_step is None or run.config.train.val_metrics == "full":
+        return
+    val_file = run.output_dir / "val" / f"step-{state.best_step:06d}.json"
+    saved = json.loads(val_file.read_text())
+    references = {r.image_id: list(r.captions) for r in run.val_records}
+    metrics = score_captions(references, saved["predictions"]).metrics
+    _write_json(val_file, saved | {"metrics": metrics})
+    _write_json(run.output_dir / "best" / "metrics.json", metrics)
+    for entry in state.history:
+        if entry["step"] == state.best_step:
+            entry["metrics"] = metrics
+    log.info("best step %d, all metrics: %s", state.best_step, " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
 
 def _broadcast_float(accelerator: Accelerator, value: float) -> float:
@@ -477,7 +517,8 @@ def load_checkpoint(run: Run, path: Path) -> None:
         raise CaptuneError(f"{rng_file} is missing: resume with as many processes as the checkpoint was saved with")
     _set_rng_state(torch.load(rng_file, weights_only=False))
     trainer = json.loads((path / "trainer_state.json").read_text())
-    run.state = TrainState(trainer["global_step"], trainer["epoch"], trainer["best_cider"], trainer["history"])
+    run.state = TrainState(trainer["global_step"], trainer["epoch"], trainer["best_cider"], trainer["best_step"],
+                           trainer["history"])  # fmt: skip
     log.info("resumed from %s at step %d", path, run.state.global_step)
 
 
@@ -497,7 +538,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _results(state: TrainState) -> dict[str, Any]:
-    return {"best_cider": state.best_cider, "history": state.history}
+    return {"best_cider": state.best_cider, "best_step": state.best_step, "history": state.history}
 
 
 def _write_json(path: Path, value: Any) -> None:
