@@ -22,8 +22,8 @@ demo: setup
 	$(BIN)/captune demo --output-dir demo-out
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks notebooks
+	$(BIN)/ruff format --check src tests benchmarks notebooks
 	$(BIN)/mypy
 
 # Debian's headless Chromium and its driver, for the test that renders the run report as a person would see it.

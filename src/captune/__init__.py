@@ -12,15 +12,29 @@ The public API, shared by the CLI, notebooks and (later) the server::
 """
 
 from captune.config import Config, GenerateConfig, load_config
+from captune.data import CaptionSet, ReadOptions, Record, check_images, read
+from captune.data.synthetic import SyntheticSpec, generate_synthetic
 from captune.errors import CaptuneError
 from captune.evaluation import evaluate_records, predict_records
 from captune.generate import CaptionResult, caption_paths, generate_captions
 from captune.metrics import EvalResult, evaluate_files, score_captions
-from captune.model import LoadedModel, load_base, load_model_dir
-from captune.train import train
+from captune.model import LoadedModel, apply_lora, load_base, load_model_dir, trainable_summary
+from captune.report import write_report
+from captune.train import train, trained_model_dir
 
 __all__ = [
     "CaptionResult",
+    "CaptionSet",
+    "ReadOptions",
+    "Record",
+    "SyntheticSpec",
+    "apply_lora",
+    "check_images",
+    "generate_synthetic",
+    "read",
+    "trainable_summary",
+    "trained_model_dir",
+    "write_report",
     "CaptuneError",
     "Config",
     "EvalResult",

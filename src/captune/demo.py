@@ -18,7 +18,7 @@ from captune.data.synthetic import SyntheticSpec, generate_synthetic
 from captune.evaluation import evaluate_records, write_evaluation
 from captune.generate import caption_paths
 from captune.model import load_base, load_model_dir
-from captune.train import train
+from captune.train import train, trained_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,7 @@ def run_demo(output_dir: Path, spec: SyntheticSpec | None = None, overrides: lis
     train(config)
     model_dir = output_dir / "model"
     shutil.rmtree(model_dir, ignore_errors=True)
-    best = output_dir / "run" / "best"
-    shutil.copytree(best if best.is_dir() else output_dir / "run" / "final", model_dir)
+    shutil.copytree(trained_model_dir(output_dir / "run"), model_dir)
 
     # 3. After: reload the saved model from disk, as `captune caption` would, and score the same split.
     tuned = load_model_dir(model_dir)

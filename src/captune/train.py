@@ -557,6 +557,12 @@ def _flat_hparams(config: Config) -> dict[str, Any]:
     return flat
 
 
+def trained_model_dir(output_dir: str | Path) -> Path:
+    """The model a finished run recommends: best/ (by val CIDEr) when validation ran, else final/."""
+    run_dir = Path(output_dir).expanduser()
+    return run_dir / "best" if (run_dir / "best").is_dir() else run_dir / "final"
+
+
 def train(config: Config) -> TrainState:
     """Runs the whole recipe for a resolved config (the `captune train` command and the Python API)."""
     return fit(setup(config))
