@@ -5,17 +5,19 @@
 
 The data is a seeded set of caption-like sentences (~10 words, from a word list): each image is a scene (who, doing
 what, where), its references and its prediction are independent wordings of it, the prediction sometimes wrong about
-one part, so the scores are in the range real captioners get. Each repeat runs, in this order:
+a part, so the scores are in the range a fine-tuned captioner gets. Each repeat runs, in this order:
 
 1. official: as pycocoevalcap's `COCOEvalCap.evaluate` does it, SPICE left out: PTBTokenizer on the references and
    on the predictions, then the scorer list is built (`Meteor()` starts its JVM there), then Bleu(4), Meteor, Rouge,
    Cider compute one after another. Each stage is timed; the METEOR stage includes waiting for its JVM to load.
-2. captune: `score_captions(references, predictions)` with every metric (SPICE left out the same way), and with
-   `FAST_METRICS` (the cheap validation subset, no METEOR).
+2. captune: `score_captions(references, predictions)` with every metric (SPICE left out the same way), timed with the
+   CPU seconds it used (Python and its Java children), then with `FAST_METRICS` (the validation subset, no METEOR).
+3. METEOR alone, on an idle machine otherwise: its JVM start (until it answers a first request) and `compute_score`.
+   captune's run can be no faster than these two one after the other, since both happen in that one JVM.
 
-The two full runs' numbers must be identical (the script fails otherwise). Run it on a quiet machine (`uptime` load
+The full runs' numbers must be identical (the script fails otherwise). Run it on a quiet machine (`uptime` load
 below 1): the load average at the start is recorded. Results go to benchmarks/results/scoring-cpu.json with the
-per-stage times of every repeat, their medians, the machine, the date and this command.
+times of every repeat, their medians, the machine, the date and this command.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import json
 import os
 import platform
 import random
+import resource
 import shlex
 import statistics
 import subprocess
@@ -119,9 +122,7 @@ def time_official(references: dict[str, list[str]], predictions: dict[str, str])
     """Runs the scorers as COCOEvalCap.evaluate does (SPICE left out); returns stage seconds and the metrics."""
     stages: dict[str, float] = {}
     start = time.perf_counter()
-    tokenizer = PTBTokenizer()
-    gts = tokenizer.tokenize({i: [{"caption": c} for c in captions] for i, captions in references.items()})
-    res = tokenizer.tokenize({i: [{"caption": c}] for i, c in predictions.items()})
+    gts, res = tokenize(references, predictions)
     stages["PTBTokenizer"] = time.perf_counter() - start
     scorers = [(Bleu(4), "Bleu"), (Meteor(), "METEOR"), (Rouge(), "ROUGE_L"), (Cider(), "CIDEr")]
     scores: list[float] = []
@@ -138,11 +139,39 @@ def time_official(references: dict[str, list[str]], predictions: dict[str, str])
 
 def time_captune(
     references: dict[str, list[str]], predictions: dict[str, str], names: tuple[str, ...]
-) -> tuple[float, dict[str, float]]:
-    """Returns the seconds `score_captions` takes and its metrics."""
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Returns the seconds and CPU seconds (this process and its finished children) `score_captions` takes, and its
+    metrics."""
+    cpu_before = _cpu_seconds()
     start = time.perf_counter()
     result = score_captions(references, predictions, metrics=names)
-    return time.perf_counter() - start, result.metrics
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "cpu_seconds": _cpu_seconds() - cpu_before}, result.metrics
+
+
+def time_meteor_alone(references: dict[str, list[str]], predictions: dict[str, str]) -> dict[str, float]:
+    """Times METEOR's JVM start and its compute_score on the tokenized captions, with nothing else running."""
+    gts, res = tokenize(references, predictions)
+    start = time.perf_counter()
+    meteor = Meteor()
+    # The JVM answers its first request once it has loaded the paraphrase table: that ends its start.
+    meteor.meteor_p.stdin.write(b"SCORE ||| a dog ||| a dog\n")
+    meteor.meteor_p.stdin.flush()
+    meteor.meteor_p.stdout.readline()
+    ready = time.perf_counter()
+    meteor.compute_score(gts, res)
+    end = time.perf_counter()
+    del meteor
+    return {"jvm_start": ready - start, "compute_score": end - ready, "total": end - start}
+
+
+def tokenize(
+    references: dict[str, list[str]], predictions: dict[str, str]
+) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Tokenizes references and predictions as COCOEvalCap does, one PTBTokenizer run each."""
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({i: [{"caption": c} for c in captions] for i, captions in references.items()})
+    return gts, tokenizer.tokenize({i: [{"caption": c}] for i, c in predictions.items()})
 
 
 def java_version() -> str:
@@ -163,31 +192,34 @@ def main(argv: list[str] | None = None) -> None:
     if load >= 1:
         print(f"warning: load average {load:.2f} >= 1; the times will be slower than on a quiet machine")
     references, predictions = make_data(args.images, args.references, args.seed)
-    # SPICE is not part of the comparison; an empty lib dir makes captune skip it on machines that have its jars.
-    metrics._SPICE_LIB = Path(tempfile.mkdtemp())
-
     runs = []
-    for repeat in range(args.repeats):
-        official_stages, official = time_official(references, predictions)
-        captune_seconds, ours = time_captune(references, predictions, METRIC_NAMES)
-        fast_seconds, fast = time_captune(references, predictions, FAST_METRICS)
-        if ours != official or any(fast[name] != official[name] for name in FAST_METRICS):
-            sys.exit(f"repeat {repeat}: captune's numbers differ from the official ones:\n{official}\n{ours}\n{fast}")
-        runs.append({"official": official_stages, "captune": captune_seconds, "captune_fast_metrics": fast_seconds})
-        print(
-            f"repeat {repeat}: official {official_stages['total']:.2f} s {_rounded(official_stages)}, "
-            f"captune {captune_seconds:.2f} s, captune FAST_METRICS {fast_seconds:.2f} s"
-        )
+    with tempfile.TemporaryDirectory() as no_spice:
+        # SPICE is not part of the comparison; an empty lib dir makes captune skip it on machines that have its jars.
+        metrics._SPICE_LIB = Path(no_spice)
+        for repeat in range(args.repeats):
+            official_stages, official = time_official(references, predictions)
+            captune_times, ours = time_captune(references, predictions, METRIC_NAMES)
+            fast_times, fast = time_captune(references, predictions, FAST_METRICS)
+            if ours != official or any(fast[name] != official[name] for name in FAST_METRICS):
+                sys.exit(
+                    f"repeat {repeat}: captune's numbers differ from the official ones:\n{official}\n{ours}\n{fast}"
+                )
+            run = {
+                "official": official_stages,
+                "captune": captune_times,
+                "captune_fast_metrics": fast_times,
+                "meteor_alone": time_meteor_alone(references, predictions),
+            }
+            runs.append(run)
+            print(f"repeat {repeat}: " + json.dumps(_rounded(run)))
 
     median = {
-        "official": {stage: statistics.median(run["official"][stage] for run in runs) for stage in runs[0]["official"]},
-        "captune": statistics.median(run["captune"] for run in runs),
-        "captune_fast_metrics": statistics.median(run["captune_fast_metrics"] for run in runs),
+        part: {key: statistics.median(run[part][key] for run in runs) for key in runs[0][part]} for part in runs[0]
     }
     results = {
         "what": "seconds to score a caption set with BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (SPICE left out): "
         "pycocoevalcap's scorers one after another as COCOEvalCap runs them, vs captune.score_captions",
-        "command": shlex.join([".venv/bin/python", "benchmarks/scoring.py", *(argv or sys.argv[1:])]),
+        "command": shlex.join([".venv/bin/python", "benchmarks/scoring.py", *(sys.argv[1:] if argv is None else argv)]),
         "data": {"images": args.images, "references_per_image": args.references, "seed": args.seed},
         "metrics": official,
         "identical": True,
@@ -204,14 +236,17 @@ def main(argv: list[str] | None = None) -> None:
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2) + "\n")
-    print(
-        f"median: official {median['official']['total']:.2f} s, captune {median['captune']:.2f} s, "
-        f"captune FAST_METRICS {median['captune_fast_metrics']:.2f} s; written to {args.output}"
-    )
+    print(f"median of {len(runs)}: " + json.dumps(_rounded(median)) + f"; written to {args.output}")
 
 
-def _rounded(stages: dict[str, float]) -> dict[str, float]:
-    return {stage: round(seconds, 2) for stage, seconds in stages.items() if stage != "total"}
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its children that have exited."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _rounded(times: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    return {part: {key: round(seconds, 2) for key, seconds in values.items()} for part, values in times.items()}
 
 
 if __name__ == "__main__":

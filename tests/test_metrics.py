@@ -13,7 +13,8 @@ import json
 import math
 import random
 import subprocess
-from collections.abc import Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -109,30 +110,17 @@ def from_files(tmp_path_factory: pytest.TempPathFactory) -> EvalResult:
 _WORDS = (
     "a an the man woman dog cat two people sitting standing on in at near with table street red of is riding".split()
 )
-_ODD_WORDS = [
-    "Café",
-    "naïve",
-    "猫",
-    "🐶",
-    "Ελλάδα",
-    "قطة",
+_ODD_WORDS = "Café naïve 猫 🐶 Ελλάδα قطة Straße ÉCOLE &amp; <b> ||| don't U.S. 5,000".split() + [
     "e\u0301",
     "no\u00a0break",
     "zero\u200bwidth",
-    "Straße",
-    "ÉCOLE",
-    "&amp;",
-    "<b>",
-    "|||",
-    "don't",
-    "U.S.",
-    "5,000",
     "nul\x00byte",
     "two\nlines",
     "tab\tbed",
 ]
 _PUNCTUATION = [".", ",", "!", "?", "...", ";", ":", "-", "--", "(", ")", '"', "'", "``", "''", "/"]
 _BLANK = ["", " ", "\t", "...", "!?", "\n"]
+_CASES: list[Callable[[str], str]] = [str.strip, str.upper, str.capitalize, str.title, str.lower]
 
 
 def _generated_caption(rng: random.Random) -> str:
@@ -145,7 +133,7 @@ def _generated_caption(rng: random.Random) -> str:
             text += rng.choice(["", " "]) + rng.choice(_PUNCTUATION)
         else:
             text += " " + rng.choice(_ODD_WORDS if kind < 0.25 else _WORDS)
-    return rng.choice([str.strip, str.upper, str.capitalize, str.title, str.lower])(text)
+    return rng.choice(_CASES)(text)
 
 
 @pytest.fixture(scope="module")
@@ -475,9 +463,11 @@ def test_write_metrics_round_trip(from_files: EvalResult, tmp_path: Path) -> Non
 def test_generated_captions_cover_the_edge_cases(generated: tuple[Path, Path]) -> None:
     refs, preds = generated
     entries = json.loads(preds.read_text())
-    captions = [entry["caption"] for entry in entries] + list(load_references(refs).values())[0]
+    references = [caption for captions in load_references(refs).values() for caption in captions]
+    captions = [entry["caption"] for entry in entries] + references
     assert {type(entry["image_id"]) for entry in entries} == {int, str}
     assert any(entry["caption"] == "" for entry in entries)
+    assert any(caption == "" for caption in references)
     assert any(caption.isupper() for caption in captions)
     assert any(not caption.isascii() for caption in captions)
     assert any("|||" in caption for caption in captions)
@@ -511,6 +501,41 @@ def test_fast_metrics_equal_the_full_run_without_starting_meteor(
     assert list(result.metrics) == list(FAST_METRICS)
     assert result.metrics == pytest.approx({name: official[0][name] for name in FAST_METRICS}, abs=1e-12)
     assert result.skipped == {}  # SPICE is tried only with every metric
+
+
+class _SilentMeteor:
+    """A METEOR stand-in whose "JVM" (a `sleep`) never answers, holding its lock as the real one does."""
+
+    def __init__(self) -> None:
+        pipe = subprocess.PIPE
+        self.meteor_p = subprocess.Popen(["sleep", "600"], stdin=pipe, stdout=pipe, stderr=pipe)
+        self.lock = threading.Lock()
+
+    def compute_score(self, gts: object, res: object) -> float:
+        self.lock.acquire()
+        score = float(self.meteor_p.stdout.readline())  # type: ignore[union-attr]
+        self.lock.release()
+        return score
+
+
+def test_error_in_a_python_scorer_stops_meteor_instead_of_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[_SilentMeteor] = []
+
+    def start() -> _SilentMeteor:
+        started.append(_SilentMeteor())
+        return started[-1]
+
+    monkeypatch.setattr(metrics, "Meteor", start)
+
+    def failing(*args: object) -> None:
+        raise RuntimeError("CIDEr failed")
+
+    monkeypatch.setattr(metrics, "_python_scores", failing)
+    with pytest.raises(RuntimeError, match="CIDEr failed"):
+        score_captions(REFERENCES, HYPOTHESES)
+    process = started[0].meteor_p
+    assert (process.returncode, process.stdout.closed) == (-9, True)  # type: ignore[union-attr]
+    assert not started[0].lock.locked()
 
 
 # --- metric subsets --------------------------------------------------------------------------------------------
