@@ -10,12 +10,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from captune.data.synthetic import SyntheticSpec, generate_synthetic  # noqa: E402
 from captune.model import LoadedModel, build_tiny  # noqa: E402
 
 SMALL_SPEC = SyntheticSpec(train=24, val=6, test=6, seed=1)
+
+# Tiny models only: a second thread gains nothing and spins when the machine is busy (see captune.demo).
+torch.set_num_threads(1)
 
 
 @pytest.fixture
