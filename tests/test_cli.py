@@ -262,3 +262,16 @@ def test_evaluate_with_a_missing_predictions_file_is_a_user_error(
     references.write_text(json.dumps({"annotations": [{"image_id": 1, "caption": "a red circle"}]}))
     code = main(["evaluate", "--predictions", str(tmp_path / "preds.json"), "--references", str(references)])
     _assert_user_error(code, capsys.readouterr().err, str(tmp_path / "preds.json"))
+
+
+def test_train_refuses_bad_images_until_told_to_skip_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from .test_train import _kaggle_with_a_bad_image
+
+    data = _kaggle_with_a_bad_image(tmp_path / "kaggle")
+    args = ["train", "data=flickr8k-kaggle", f"data_dir={data}", f"output_dir={tmp_path / 'run'}", "max_steps=1",
+            "train.validate=false", "warmup_steps=0"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "\nerror: " in err and "3.jpg" in err and "--skip-bad-images" in err and "Traceback" not in err
+    assert main([*args, "--skip-bad-images"]) == 0
+    assert "done: 1 steps" in capsys.readouterr().out
