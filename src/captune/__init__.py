@@ -12,7 +12,7 @@ The public API, shared by the CLI, notebooks and (later) the server::
 """
 
 from captune.config import Config, GenerateConfig, load_config
-from captune.data import CaptionSet, ReadOptions, Record, check_images, read
+from captune.data import CaptionSet, ReadOptions, Record, check_images, read, read_options
 from captune.data.synthetic import SyntheticSpec, generate_synthetic
 from captune.errors import CaptuneError
 from captune.evaluation import evaluate_records, predict_records
@@ -32,6 +32,7 @@ __all__ = [
     "check_images",
     "generate_synthetic",
     "read",
+    "read_options",
     "trainable_summary",
     "trained_model_dir",
     "write_report",

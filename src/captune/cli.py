@@ -165,16 +165,17 @@ def _print_metrics(result) -> None:  # noqa: ANN001 - metrics.EvalResult
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from captune.data import ReadOptions, check_images, read
+    from captune.data import check_images, read, read_options
     from captune.evaluation import evaluate_records, write_evaluation
     from captune.model import load_model_dir
 
     # Split seed and folders default to the training run's, so "test" means the images the run held out.
     config = _run_config(args)
-    seed = config.data.split_seed if args.split_seed is None else args.split_seed
-    options = ReadOptions(seed=seed, images_dir=args.images_dir or config.data.images_dir,
-                          annotations=args.annotations or config.data.annotations)  # fmt: skip
-    captions = check_images(read(args.data, args.data_dir, options))
+    if args.split_seed is not None:
+        config.data.split_seed = args.split_seed
+    config.data.images_dir = args.images_dir or config.data.images_dir
+    config.data.annotations = args.annotations or config.data.annotations
+    captions = check_images(read(args.data, args.data_dir, read_options(config.data)))
     records = captions.split(args.split)[: args.max_images]
     if captions.problems:
         print(f"warning: {len(captions.problems)} unusable image(s) left out (captune data check lists them)",

@@ -134,11 +134,8 @@ class EpochShuffle(Sampler[int]):
 
 def load_training_data(config: Config, main: bool) -> CaptionSet:
     """Reads the dataset, decodes every image once, and refuses to go on over problems unless told to skip them."""
-    options = datasets.ReadOptions(
-        seed=config.data.split_seed, images_dir=config.data.images_dir, annotations=config.data.annotations
-    )
     with PartialState().main_process_first():  # the synthetic set is generated once, by rank 0
-        captions = datasets.read(config.data.format, config.data.data_dir, options)
+        captions = datasets.read(config.data.format, config.data.data_dir, datasets.read_options(config.data))
     captions = datasets.check_images(captions, progress=main)
     if captions.problems:
         listing = "\n".join(f"  {p.image}: {p.problem}" for p in captions.problems[:10])

@@ -19,12 +19,16 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 from tqdm import tqdm
 
 from captune.data.images import ImageError, load_rgb
 from captune.errors import CaptuneError
+
+if TYPE_CHECKING:
+    from captune.config import DataConfig
 
 SPLITS = ("train", "val", "test")
 
@@ -95,6 +99,11 @@ class ReadOptions:
                 f"val_fraction + test_fraction is {self.val_fraction + self.test_fraction}; it must be below 1 "
                 "so that some images are left to train on"
             )
+
+
+def read_options(data: DataConfig) -> ReadOptions:
+    """The reader options a run's `data` config section asks for."""
+    return ReadOptions(seed=data.split_seed, images_dir=data.images_dir, annotations=data.annotations)
 
 
 Reader = Callable[[Path, ReadOptions], CaptionSet]
