@@ -15,9 +15,13 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from captune.config import Config
 from captune.errors import CaptuneError
+
+if TYPE_CHECKING:
+    from captune.metrics import EvalResult
 
 log = logging.getLogger("captune")
 
@@ -155,7 +159,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_metrics(result) -> None:  # noqa: ANN001 - metrics.EvalResult
+def _print_metrics(result: EvalResult) -> None:
     for name, value in result.metrics.items():
         print(f"{name:8s} {value:.4f}")
     for name, why in result.skipped.items():

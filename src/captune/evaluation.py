@@ -16,6 +16,11 @@ from captune.metrics import EvalResult, per_image_rows, score_captions, write_me
 from captune.model import Blip2Like
 
 
+def references_of(records: list[Record]) -> dict[str, list[str]]:
+    """Image id -> reference captions, the shape `score_captions` takes."""
+    return {r.image_id: list(r.captions) for r in records}
+
+
 def predict_records(
     model: Blip2Like,
     processor: Blip2Processor,
@@ -49,8 +54,7 @@ def evaluate_records(
 ) -> ModelEvaluation:
     """Captions the records and scores the captions against their references."""
     predictions = predict_records(model, processor, records, options, prompt)
-    references = {r.image_id: list(r.captions) for r in records}
-    return ModelEvaluation(predictions, score_captions(references, predictions, per_image=True))
+    return ModelEvaluation(predictions, score_captions(references_of(records), predictions, per_image=True))
 
 
 def write_evaluation(output_dir: Path, evaluation: ModelEvaluation, records: list[Record]) -> None:
@@ -58,10 +62,8 @@ def write_evaluation(output_dir: Path, evaluation: ModelEvaluation, records: lis
     per_image.jsonl (BLEU-4 and CIDEr of each image, worst CIDEr first)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     write_metrics(output_dir / "metrics.json", evaluation.result)
-    references = {r.image_id: list(r.captions) for r in records}
-    write_per_image(
-        output_dir / "per_image.jsonl", per_image_rows(references, evaluation.predictions, evaluation.result)
-    )
+    rows = per_image_rows(references_of(records), evaluation.predictions, evaluation.result)
+    write_per_image(output_dir / "per_image.jsonl", rows)
     predictions = [{"image_id": k, "caption": v} for k, v in evaluation.predictions.items()]
     (output_dir / "predictions.json").write_text(json.dumps(predictions, indent=2))
     write_references(output_dir / "references.json", records)

@@ -231,8 +231,7 @@ def save_model_dir(path: Path, loaded: LoadedModel, config: Config, base_dir: Pa
             alone. None for bases loadable by name.
     """
     path.mkdir(parents=True, exist_ok=True)
-    loaded.model.save_pretrained(path, safe_serialization=True)
-    loaded.processor.save_pretrained(path)
+    save_base(path, loaded)  # with a PeftModel, save_pretrained writes the adapter only
     base = loaded.base_name
     if base_dir is not None:
         shutil.copytree(base_dir, path / BASE_SUBDIR, dirs_exist_ok=True)
@@ -242,7 +241,7 @@ def save_model_dir(path: Path, loaded: LoadedModel, config: Config, base_dir: Pa
 
 
 def save_base(path: Path, loaded: LoadedModel) -> None:
-    """Saves an unadapted base model and its processor (used once per run for the tiny model)."""
+    """Saves a model (a plain base, or just the adapter of a PeftModel) and its processor as safetensors."""
     loaded.model.save_pretrained(path, safe_serialization=True)
     loaded.processor.save_pretrained(path)
 

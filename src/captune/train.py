@@ -32,9 +32,11 @@ from captune.config import Config, save_config, to_dict
 from captune.data import CaptionSet, Record
 from captune.data.images import load_rgb
 from captune.errors import CaptuneError
-from captune.evaluation import predict_records, write_references
+from captune.evaluation import predict_records, references_of, write_references
 from captune.metrics import FAST_METRICS, METRIC_NAMES, score_captions
 from captune.model import (
+    META_FILE,
+    TINY,
     LoadedModel,
     apply_lora,
     load_base,
@@ -236,7 +238,7 @@ def setup(config: Config) -> Run:
     # 3. The base model, then LoRA on the configured layers only.
     loaded = load_base(config.model.name, dtype, config.train.seed)
     base_dir = None
-    if loaded.base_name == "tiny":
+    if loaded.base_name == TINY:
         # The tiny base is random: keep its weights so every saved model directory can be reloaded on its own.
         base_dir = output_dir / "base-model"
         if main:
@@ -374,7 +376,7 @@ def validate_and_keep_best(run: Run) -> dict[str, float] | None:
     gathered = dict(gather_object(list(predictions.items())))
     metrics = None
     if accelerator.is_main_process:
-        references = {r.image_id: list(r.captions) for r in run.val_records}
+        references = references_of(run.val_records)
         names = FAST_METRICS if run.config.train.val_metrics == "fast" else METRIC_NAMES
         metrics = score_captions(references, gathered, metrics=names).metrics
         accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=state.global_step)
@@ -400,8 +402,7 @@ def finish_validation(run: Run) -> None:
         return
     val_file = run.output_dir / "val" / f"step-{state.best_step:06d}.json"
     saved = json.loads(val_file.read_text())
-    references = {r.image_id: list(r.captions) for r in run.val_records}
-    metrics = score_captions(references, saved["predictions"]).metrics
+    metrics = score_captions(references_of(run.val_records), saved["predictions"]).metrics
     _write_json(val_file, saved | {"metrics": metrics})
     _write_json(run.output_dir / "best" / "metrics.json", metrics)
     for entry in state.history:
@@ -493,7 +494,7 @@ def resolve_checkpoint(value: str, output_dir: Path) -> Path:
 
 def load_checkpoint(run: Run, path: Path) -> None:
     """Restores weights, optimizer, scheduler, RNG and loop state saved by `save_checkpoint`."""
-    saved = json.loads((path / "config.yaml").with_name("captune.json").read_text())["config"]
+    saved = json.loads((path / META_FILE).read_text())["config"]
     current = to_dict(run.config)
     keys = [("model", "name"), ("train", "batch_size"), ("train", "grad_accum"), ("train", "seed")]
     changed = [f"{s}.{k}" for s, k in keys if saved[s][k] != current[s][k]]
