@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH)"
 	$(BIN)/pip install -e ".[dev]"
 	@command -v java >/dev/null || echo "warning: no java on PATH; the COCO metrics (pycocoevalcap) need it: apt-get install default-jre-headless"
+	@# METEOR's paraphrase index (~17 s, once per machine), so that no evaluation waits for it; optional (see README).
+	-$(BIN)/python -m captune.meteor
 	@touch $@
 
 setup: $(VENV)/.installed

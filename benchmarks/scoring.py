@@ -12,11 +12,14 @@ a part, so the scores are in the range a fine-tuned captioner gets. Each repeat 
    Cider compute one after another. Each stage is timed; the METEOR stage includes waiting for its JVM to load.
 2. captune: `score_captions(references, predictions)` with every metric (SPICE left out the same way), timed with the
    CPU seconds it used (Python and its Java children), then with `FAST_METRICS` (the validation subset, no METEOR).
-3. METEOR alone, on an idle machine otherwise: its JVM start (until it answers a first request) and `compute_score`.
-   captune's run can be no faster than these two one after the other, since both happen in that one JVM.
+3. captune again with `CAPTUNE_METEOR_FULL_TABLE=1`: METEOR loads its full paraphrase table, as pycocoevalcap's
+   `Meteor()` does, so the difference to 2. is what the filtered table (captune.meteor) gives.
+4. METEOR alone, on an idle machine otherwise: pycocoevalcap's (its JVM start until it answers a first request, then
+   `compute_score`) and captune's `meteor_score` (filtering the table, its JVM start and the scoring).
 
-The full runs' numbers must be identical (the script fails otherwise). Run it on a quiet machine (`uptime` load
-below 1): the load average at the start is recorded. Results go to benchmarks/results/scoring-cpu.json with the
+Before the repeats, captune's paraphrase index is built if the cache has none (once per machine; its time is
+recorded). The full runs' numbers must be identical (the script fails otherwise). Run it on a quiet machine (`uptime`
+load below 1): the load average at the start is recorded. Results go to benchmarks/results/scoring-cpu.json with the
 times of every repeat, their medians, the machine, the date and this command.
 """
 
@@ -46,6 +49,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from captune import metrics
+from captune.meteor import meteor_score, paraphrase_index
 from captune.metrics import FAST_METRICS, METRIC_NAMES, score_captions
 
 RESULTS = Path(__file__).parent / "results" / "scoring-cpu.json"
@@ -149,9 +153,8 @@ def time_captune(
     return {"seconds": seconds, "cpu_seconds": _cpu_seconds() - cpu_before}, result.metrics
 
 
-def time_meteor_alone(references: dict[str, list[str]], predictions: dict[str, str]) -> dict[str, float]:
-    """Times METEOR's JVM start and its compute_score on the tokenized captions, with nothing else running."""
-    gts, res = tokenize(references, predictions)
+def time_meteor_alone(gts: dict[str, list[str]], res: dict[str, list[str]]) -> dict[str, float]:
+    """Times pycocoevalcap's METEOR JVM start and its compute_score on tokenized captions, with nothing else running."""
     start = time.perf_counter()
     meteor = Meteor()
     # The JVM answers its first request once it has loaded the paraphrase table: that ends its start.
@@ -163,6 +166,13 @@ def time_meteor_alone(references: dict[str, list[str]], predictions: dict[str, s
     end = time.perf_counter()
     del meteor
     return {"jvm_start": ready - start, "compute_score": end - ready, "total": end - start}
+
+
+def time_captune_meteor_alone(gts: dict[str, list[str]], res: dict[str, list[str]]) -> dict[str, float]:
+    """Times captune's meteor_score (table filtering, JVM start and scoring) on tokenized captions."""
+    start = time.perf_counter()
+    meteor_score(gts, res)
+    return {"total": time.perf_counter() - start}
 
 
 def tokenize(
@@ -192,6 +202,12 @@ def main(argv: list[str] | None = None) -> None:
     if load >= 1:
         print(f"warning: load average {load:.2f} >= 1; the times will be slower than on a quiet machine")
     references, predictions = make_data(args.images, args.references, args.seed)
+    gts, res = tokenize(references, predictions)
+    start = time.perf_counter()
+    built = paraphrase_index(build=False) is None
+    if paraphrase_index() is None:
+        sys.exit("captune's paraphrase index could not be built; see the message above")
+    index_build = {"built_now": built, "seconds": time.perf_counter() - start}
     runs = []
     with tempfile.TemporaryDirectory() as no_spice:
         # SPICE is not part of the comparison; an empty lib dir makes captune skip it on machines that have its jars.
@@ -200,7 +216,10 @@ def main(argv: list[str] | None = None) -> None:
             official_stages, official = time_official(references, predictions)
             captune_times, ours = time_captune(references, predictions, METRIC_NAMES)
             fast_times, fast = time_captune(references, predictions, FAST_METRICS)
-            if ours != official or any(fast[name] != official[name] for name in FAST_METRICS):
+            os.environ["CAPTUNE_METEOR_FULL_TABLE"] = "1"
+            full_table_times, full_table = time_captune(references, predictions, METRIC_NAMES)
+            del os.environ["CAPTUNE_METEOR_FULL_TABLE"]
+            if ours != official or full_table != official or any(fast[n] != official[n] for n in FAST_METRICS):
                 sys.exit(
                     f"repeat {repeat}: captune's numbers differ from the official ones:\n{official}\n{ours}\n{fast}"
                 )
@@ -208,7 +227,9 @@ def main(argv: list[str] | None = None) -> None:
                 "official": official_stages,
                 "captune": captune_times,
                 "captune_fast_metrics": fast_times,
-                "meteor_alone": time_meteor_alone(references, predictions),
+                "captune_full_meteor_table": full_table_times,
+                "meteor_alone": time_meteor_alone(gts, res),
+                "captune_meteor_alone": time_captune_meteor_alone(gts, res),
             }
             runs.append(run)
             print(f"repeat {repeat}: " + json.dumps(_rounded(run)))
@@ -223,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         "data": {"images": args.images, "references_per_image": args.references, "seed": args.seed},
         "metrics": official,
         "identical": True,
+        "paraphrase_index": index_build,
         "median_seconds": median,
         "runs": runs,
         "machine": {
