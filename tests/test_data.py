@@ -102,13 +102,14 @@ def karpathy_entry(name: str, split: str, *captions: str, **extra: str) -> dict[
 # --- read: registry and errors -------------------------------------------------------------------------------------
 
 
-def test_formats_registry_has_the_four_layouts() -> None:
-    assert list(FORMATS) == ["flickr8k", "flickr8k-kaggle", "karpathy", "synthetic"]
+def test_formats_registry_has_every_layout() -> None:
+    assert list(FORMATS) == ["flickr8k", "flickr8k-kaggle", "karpathy", "coco", "manifest", "hf", "synthetic"]
 
 
 def test_read_unknown_format_lists_the_valid_names(tmp_path: Path) -> None:
-    with pytest.raises(CaptuneError, match=r"'coco'; choose one of: flickr8k, flickr8k-kaggle, karpathy, synthetic$"):
-        read("coco", tmp_path)
+    names = "flickr8k, flickr8k-kaggle, karpathy, coco, manifest, hf, synthetic"
+    with pytest.raises(CaptuneError, match=rf"'cocoa'; choose one of: {names}$"):
+        read("cocoa", tmp_path)
 
 
 def test_read_missing_data_dir_names_it(tmp_path: Path) -> None:

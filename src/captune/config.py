@@ -50,15 +50,30 @@ class LoraConfig:
 @dataclass
 class DataConfig:
     format: str = "synthetic"
-    """Dataset layout: `flickr8k`, `flickr8k-kaggle`, `karpathy` or `synthetic` (built in, generated on first use)."""
+    """Dataset layout: `flickr8k`, `flickr8k-kaggle`, `karpathy`, `coco`, `manifest`, `hf` or `synthetic` (built in,
+    generated on first use)."""
     data_dir: str = "data/synthetic"
-    """Folder holding the dataset (`~` is expanded)."""
+    """Folder holding the dataset (`~` is expanded); `manifest` also takes the manifest file, `hf` a dataset name."""
     images_dir: str | None = None
     """Override the image folder (relative to data_dir, or absolute)."""
     annotations: str | None = None
     """Override the annotation file name (e.g. which `dataset_*.json` of a Karpathy folder)."""
     split_seed: int = 0
-    """Seed of the image-level split for layouts without split files (Kaggle Flickr8k)."""
+    """Seed of the image-level split for layouts without split files (Kaggle Flickr8k, manifests and Hugging Face
+    datasets without a split column)."""
+    val_fraction: float = 0.125
+    """Share of images in val for layouts without a val split (Kaggle Flickr8k, manifests and datasets without split
+    columns)."""
+    test_fraction: float = 0.125
+    """Share of images in test for layouts without a test split (as above; COCO: the share of its val images)."""
+    restval: str = "train"
+    """Karpathy COCO `restval` images: `train` (joined to train, the usual practice) or `none` (left out)."""
+    image_column: str = "image"
+    """Image column of a `manifest` or `hf` dataset."""
+    caption_column: str = "caption"
+    """Caption column of a `manifest` or `hf` dataset (a string, or a list of strings)."""
+    split_column: str = "split"
+    """Split column of a `manifest` or `hf` dataset, used when present."""
     skip_bad_images: bool = False
     """Train on the usable images when some are missing or unreadable (they are counted and reported)."""
     prompt: str = ""
@@ -67,6 +82,8 @@ class DataConfig:
     """Longer captions are cut to this many tokens before the end-of-sequence token."""
     num_workers: int = 0
     """DataLoader worker processes that decode images (0 decodes in the training process)."""
+    prefetch_factor: int = 2
+    """Batches each worker decodes ahead of the training step (with num_workers > 0); bounds the memory used."""
 
 
 @dataclass
@@ -268,6 +285,7 @@ def validate(config: Config) -> None:
         (config.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
         (config.train.val_max_images is None or config.train.val_max_images >= 1, "train.val_max_images must be >= 1"),
         (config.data.num_workers >= 0, "data.num_workers must be >= 0"),
+        (config.data.prefetch_factor >= 1, "data.prefetch_factor must be >= 1"),
         (config.train.val_metrics in ("fast", "full"), "train.val_metrics must be fast or full"),
         (config.data.max_caption_tokens >= 1, "data.max_caption_tokens must be >= 1"),
         (config.generate.num_beams >= 1, "generate.num_beams must be >= 1"),

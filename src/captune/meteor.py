@@ -36,6 +36,7 @@ import numpy as np
 from pycocoevalcap.meteor import meteor as pycoco_meteor
 
 from captune.errors import CaptuneError
+from captune.files import cache_dir
 
 METEOR_DIR = Path(pycoco_meteor.__file__).parent
 PARAPHRASE_TABLE = METEOR_DIR / "data" / "paraphrase-en.gz"
@@ -255,13 +256,6 @@ def _phrase_ids(index: ParaphraseIndex, token_lists: Iterable[list[str]]) -> np.
 
 class _IndexUnusable(Exception):
     """The filtered table cannot be made; METEOR then loads the full one (same numbers, slower start)."""
-
-
-def cache_dir() -> Path:
-    """Where captune keeps derived files: $CAPTUNE_CACHE_DIR, else $XDG_CACHE_HOME/captune, else ~/.cache/captune."""
-    if os.environ.get("CAPTUNE_CACHE_DIR"):
-        return Path(os.environ["CAPTUNE_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "captune"
 
 
 _MAPPED = ("phrase_starts", "phrase_text", "entry_probabilities")

@@ -13,10 +13,8 @@ run in cannot change a number. `benchmarks/scoring.py` measures the gain (see be
 import contextlib
 import io
 import json
-import os
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,6 +29,7 @@ from pycocoevalcap.spice.spice import Spice
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from captune.errors import CaptuneError
+from captune.files import write_atomically
 from captune.meteor import meteor_score
 
 METRIC_NAMES: tuple[str, ...] = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
@@ -267,7 +266,7 @@ def write_metrics(path: Path, result: EvalResult) -> None:
         path: The JSON file to write; its directory is created if needed.
         result: The scores to write.
     """
-    _write_atomically(path, json.dumps(result.metrics, indent=2) + "\n")
+    write_atomically(path, json.dumps(result.metrics, indent=2) + "\n")
 
 
 def per_image_rows(
@@ -326,20 +325,7 @@ def write_per_image(path: Path, rows: Sequence[PerImageRow]) -> None:
         path: The .jsonl file to write; its directory is created if needed.
         rows: The rows, as from `per_image_rows`.
     """
-    _write_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Writes `text` to a temporary file beside `path` and renames it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 @dataclass

@@ -10,6 +10,7 @@ problems (anything that could not be used, named by image file and reason). Noth
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import random
@@ -87,13 +88,26 @@ class ReadOptions:
     """Image folder, relative to the data folder or absolute; by default each reader looks in the usual places."""
     annotations: str | None = None
     """Annotation file, relative to the data folder or absolute: the token file (`flickr8k`, split files are read beside
-    it), the CSV (`flickr8k-kaggle`) or which `dataset_*.json` (`karpathy`)."""
+    it), the CSV (`flickr8k-kaggle`), which `dataset_*.json` (`karpathy`), the `captions_train*.json` of `coco` (its
+    `captions_val*.json` is read beside it) or the manifest file (`manifest`)."""
+    restval: str = "train"
+    """Where Karpathy's COCO `restval` images go: `train` (the usual practice) or `none` (left out, counted in
+    `unassigned`)."""
+    image_column: str = "image"
+    """Column holding the image (`manifest`: its path, relative to the manifest; `hf`: an Image feature or a path)."""
+    caption_column: str = "caption"
+    """Column holding the caption: a string, or (JSON lines, `hf`) a list of strings."""
+    split_column: str = "split"
+    """Optional column naming each row's split (`train`, `val`/`validation`/`dev`, `test`, `restval`); without it
+    images are split by the seeded fractions above (`hf`: by the dataset's own splits when it has several)."""
 
     def __post_init__(self) -> None:
         for name in ("val_fraction", "test_fraction"):
             value = getattr(self, name)
             if not 0 <= value < 1:
                 raise CaptuneError(f"{name} is {value}; it must be at least 0 and below 1")
+        if self.restval not in ("train", "none"):
+            raise CaptuneError(f"restval is {self.restval!r}; choose 'train' or 'none'")
         if self.val_fraction + self.test_fraction >= 1:
             raise CaptuneError(
                 f"val_fraction + test_fraction is {self.val_fraction + self.test_fraction}; it must be below 1 "
@@ -103,7 +117,17 @@ class ReadOptions:
 
 def read_options(data: DataConfig) -> ReadOptions:
     """The reader options a run's `data` config section asks for."""
-    return ReadOptions(seed=data.split_seed, images_dir=data.images_dir, annotations=data.annotations)
+    return ReadOptions(
+        seed=data.split_seed,
+        val_fraction=data.val_fraction,
+        test_fraction=data.test_fraction,
+        images_dir=data.images_dir,
+        annotations=data.annotations,
+        restval=data.restval,
+        image_column=data.image_column,
+        caption_column=data.caption_column,
+        split_column=data.split_column,
+    )
 
 
 Reader = Callable[[Path, ReadOptions], CaptionSet]
@@ -124,6 +148,9 @@ FORMATS: dict[str, Reader] = {
     "flickr8k": _lazy("flickr8k", "read_flickr8k"),
     "flickr8k-kaggle": _lazy("flickr8k", "read_flickr8k_kaggle"),
     "karpathy": _lazy("karpathy", "read_karpathy"),
+    "coco": _lazy("coco", "read_coco"),
+    "manifest": _lazy("manifest", "read_manifest"),
+    "hf": _lazy("hf", "read_hf"),
     "synthetic": _lazy("synthetic", "read_synthetic"),
 }
 """Reader of each `--format` name."""
@@ -132,6 +159,9 @@ _LAYOUT_FILES: dict[str, tuple[str, ...]] = {
     "flickr8k": ("Flickr8k.token.txt", "Flickr8k_text/Flickr8k.token.txt"),
     "flickr8k-kaggle": ("captions.txt",),
     "karpathy": ("dataset_*.json",),
+    "coco": ("captions_train*.json", "annotations/captions_train*.json"),
+    "manifest": ("manifest.jsonl", "manifest.csv"),
+    "hf": ("dataset_dict.json", "dataset_info.json", "metadata.csv", "metadata.jsonl"),
 }
 """Files (glob patterns, relative to the data folder) by which a layout is recognised when suggesting `--format`."""
 
@@ -147,19 +177,29 @@ def read(format: str, data_dir: Path | str, options: ReadOptions | None = None) 
     Returns:
         Usable records in a deterministic order, and a `Problem` for everything that could not be used.
 
+    `hf` also takes a dataset name (anything that is not an existing path goes to `datasets.load_dataset`), and
+    `manifest` the manifest file itself.
+
     Raises:
         CaptuneError: Unknown format, missing data folder, or missing annotation files.
     """
     if format not in FORMATS:
         raise CaptuneError(f"unknown data format {format!r}; choose one of: {', '.join(FORMATS)}")
     folder = Path(data_dir).expanduser()
+    options = options or ReadOptions()
+    if format == "hf" and not folder.exists():
+        # A dataset name on the Hugging Face hub (or in the local datasets cache), not a folder.
+        return FORMATS[format](Path(data_dir), options)
+    if format == "manifest" and folder.is_file():
+        # The manifest file itself given as the data: image paths are relative to its folder.
+        folder, options = folder.parent, dataclasses.replace(options, annotations=str(folder.resolve()))
     if format == "synthetic":
         folder.mkdir(parents=True, exist_ok=True)  # the built-in dataset is generated into its folder on first use
     if not folder.exists():
         raise CaptuneError(f"data folder {folder} does not exist; check the path given for --format {format}")
     if not folder.is_dir():
         raise CaptuneError(f"data folder {folder} is not a folder; give the folder that holds the dataset")
-    return FORMATS[format](folder.resolve(), options or ReadOptions())
+    return FORMATS[format](folder.resolve(), options)
 
 
 def resolve(data_dir: Path, name: str) -> Path:
@@ -238,6 +278,19 @@ def usable(listings: Iterable[Listing]) -> tuple[list[Record], list[Problem]]:
         else:
             records.append(Record(item.image_id, item.image_path, tuple(item.captions), item.split))
     return records, problems
+
+
+def seeded_split(names: list[str], options: ReadOptions) -> dict[str, str]:
+    """Split of each name: the sorted names shuffled with `options.seed`, test first, then val, the rest train.
+
+    It depends only on the set of names, the seed and the fractions, so a layout without split files gets the same
+    split on every machine and in every file order.
+    """
+    order = sorted(names)
+    random.Random(options.seed).shuffle(order)
+    n_test = round(len(order) * options.test_fraction)
+    n_val = round(len(order) * options.val_fraction)
+    return {name: "test" if i < n_test else "val" if i < n_test + n_val else "train" for i, name in enumerate(order)}
 
 
 def check_images(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from captune.data import (
     missing_annotations,
     read_text,
     resolve,
+    seeded_split,
     usable,
 )
 from captune.errors import CaptuneError
@@ -192,7 +192,7 @@ def read_flickr8k_kaggle(data_dir: Path, options: ReadOptions) -> CaptionSet:
 
     problems: list[Problem] = []
     captions = _read_captions_csv(csv_path, problems)
-    splits = _seeded_split(list(captions), options)
+    splits = seeded_split(list(captions), options)
     records, unusable = usable(
         Listing(name, images_dir / name, captions[name].captions, split, f"{csv_path}:{captions[name].line}")
         for split in SPLITS
@@ -245,12 +245,3 @@ def _add_csv_row(
         entry.captions.append(caption)
     else:
         problems.append(Problem(name, f"{where}: empty caption"))
-
-
-def _seeded_split(names: list[str], options: ReadOptions) -> dict[str, str]:
-    """Split of each name: the sorted names shuffled with `options.seed`, test first, then val, the rest train."""
-    order = sorted(names)
-    random.Random(options.seed).shuffle(order)
-    n_test = round(len(order) * options.test_fraction)
-    n_val = round(len(order) * options.val_fraction)
-    return {name: "test" if i < n_test else "val" if i < n_test + n_val else "train" for i, name in enumerate(order)}

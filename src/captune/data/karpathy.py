@@ -1,7 +1,7 @@
 """Karpathy split files (`--format karpathy`): `dataset_flickr8k.json`, `dataset_flickr30k.json`, `dataset_coco.json`.
 
 Each file holds `images[]` with `filename`, an optional `filepath` (COCO: `train2014` / `val2014`), `split` (train,
-val, test or restval, which joins train) and `sentences[].raw`.
+val, test or restval, which joins train unless `restval` is `none`) and `sentences[].raw`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def read_karpathy(data_dir: Path, options: ReadOptions) -> CaptionSet:
     Args:
         data_dir: Absolute dataset folder.
         options: `annotations` picks the JSON file (default: the one `dataset_*.json` in `data_dir`); `images_dir`
-            the image folder.
+            the image folder; `restval` whether `restval` images join train or are left out (counted in
+            `unassigned`).
 
     Returns:
         Records in file order.
@@ -54,7 +55,10 @@ def read_karpathy(data_dir: Path, options: ReadOptions) -> CaptionSet:
 
     problems: list[Problem] = []
     listings: dict[str, Listing] = {}
+    is_restval = [isinstance(entry, dict) and entry.get("split") == "restval" for entry in entries]
     for index, entry in enumerate(entries):
+        if is_restval[index] and options.restval == "none":
+            continue  # counted in `unassigned` below
         parsed = _parse_entry(entry, f"images[{index}]", path, images_dir, problems)
         if parsed is None:
             continue
@@ -64,9 +68,11 @@ def read_karpathy(data_dir: Path, options: ReadOptions) -> CaptionSet:
         else:
             listings[parsed.image_id] = parsed
     records, unusable = usable(listings.values())
-    restval = sum(1 for entry in entries if isinstance(entry, dict) and entry.get("split") == "restval")
-    notes = [f"{path.name}: {restval} 'restval' images joined train"] if restval else []
-    return CaptionSet(records, problems + unusable, notes=notes)
+    restval = sum(is_restval)
+    left_out = restval if options.restval == "none" else 0
+    fate = "left out (restval: none); counted in unassigned" if left_out else "joined train"
+    notes = [f"{path.name}: {restval} 'restval' images {fate}"] if restval else []
+    return CaptionSet(records, problems + unusable, unassigned=left_out, notes=notes)
 
 
 def _find_annotations(data_dir: Path, options: ReadOptions) -> Path:
