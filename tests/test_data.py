@@ -9,15 +9,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import csv
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from captune import metrics
+from captune.cli import main
 from captune.data import FORMATS, ReadOptions, check_images, read, summary
 from captune.data.images import ImageError, load_rgb
 from captune.errors import CaptuneError
+from captune.metrics import METRIC_NAMES
 
 STRAY = "2258277193_586949ec62.jpg"
 
@@ -489,3 +493,39 @@ def test_load_rgb_refuses_what_pillow_only_warns_about(tmp_path: Path, monkeypat
     monkeypatch.setattr(ImageFile.ImageFile, "load", fail_if_decoded)
     with pytest.warns(Image.DecompressionBombWarning), pytest.raises(ImageError, match="1024 pixels exceeds"):
         load_rgb(path)
+
+
+# --- end to end: train and evaluate on the original Flickr8k layout and on a Karpathy Flickr30k file ---------------
+
+
+def _flickr30k_karpathy(root: Path) -> Path:
+    entries = [
+        karpathy_entry(f"{i}.jpg", split, f"picture {i} shows a scene .", f"a scene in picture {i} .")
+        for i, split in enumerate(["train"] * 4 + ["val"] * 2 + ["test"] * 2)
+    ]
+    write_karpathy(root / "dataset_flickr30k.json", entries)
+    for i in range(len(entries)):
+        write_jpeg(root / "flickr30k-images" / f"{i}.jpg", i, size=8)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("layout", "make"),
+    [("flickr8k", lambda root: make_flickr8k(root)), ("karpathy", _flickr30k_karpathy)],
+    ids=["flickr8k", "karpathy-flickr30k"],
+)
+def test_train_then_eval_end_to_end(
+    layout: str, make: Callable[[Path], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = make(tmp_path / "data")
+    run, out = tmp_path / "run", tmp_path / "eval"
+    monkeypatch.setattr(metrics, "_SPICE_LIB", tmp_path / "no-spice")  # SPICE would take minutes where it can run
+    fast = ["max_steps=2", "train.batch_size=4", "warmup_steps=0", "model.dtype=fp32", "generate.num_beams=1",
+            "generate.min_new_tokens=1", "generate.max_new_tokens=4", "skip_bad_images=true"]  # fmt: skip
+    assert main(["train", f"data={layout}", f"data_dir={data}", f"output_dir={run}", *fast]) == 0
+    assert json.loads((run / "results.json").read_text())["total_steps"] == 2
+    args = ["--data", layout, "--data-dir", str(data), "--split", "test", "--output-dir", str(out)]
+    assert main(["eval", "--model-dir", str(run / "best"), *args]) == 0
+    assert list(json.loads((out / "metrics.json").read_text())) == list(METRIC_NAMES)
+    predicted = {p["image_id"] for p in json.loads((out / "predictions.json").read_text())}
+    assert predicted == {r.image_id for r in read(layout, data, ReadOptions()).split("test")}
