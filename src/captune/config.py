@@ -123,6 +123,21 @@ class TrainConfig:
     metric for the best step at the end; `full`: every metric at each validation."""
     resume_from: str | None = None
     """Checkpoint directory to continue from, or `latest` for the newest in output_dir/checkpoints."""
+    cache_image_features: str = "auto"
+    """`auto`: compute each training image's projected Q-Former output once and reuse it for all its captions and
+    epochs, when nothing upstream of the language model trains and it is decoder-only (else the full path); `on`:
+    the same, an error where it cannot apply; `off`: run the vision encoder and Q-Former at every step."""
+    feature_batch_size: int = 64
+    """Images per forward pass of the image-feature pass."""
+    group_by_length: bool = True
+    """Batch captions of similar length together (shuffled in groups of 50 batches), so padding wastes little."""
+    caption_logits_only: bool = True
+    """Decoder-only LMs: run the LM head and the loss on caption positions only, in chunks recomputed in the backward
+    pass (same loss; no float32 logits of the whole batch)."""
+    fused_optimizer: bool = True
+    """Use PyTorch's fused AdamW on CUDA."""
+    compile: bool = False
+    """torch.compile the language model's decoder layers."""
 
 
 @dataclass
@@ -287,6 +302,8 @@ def validate(config: Config) -> None:
         (config.data.num_workers >= 0, "data.num_workers must be >= 0"),
         (config.data.prefetch_factor >= 1, "data.prefetch_factor must be >= 1"),
         (config.train.val_metrics in ("fast", "full"), "train.val_metrics must be fast or full"),
+        (config.train.cache_image_features in ("auto", "on", "off"), "train.cache_image_features: auto, on or off"),
+        (config.train.feature_batch_size >= 1, "train.feature_batch_size must be >= 1"),
         (config.data.max_caption_tokens >= 1, "data.max_caption_tokens must be >= 1"),
         (config.generate.num_beams >= 1, "generate.num_beams must be >= 1"),
         (config.generate.batch_size >= 1, "generate.batch_size must be >= 1"),

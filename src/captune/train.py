@@ -23,6 +23,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import gather_object, set_seed
 from safetensors.torch import load_file, save_file
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 from transformers import Blip2Processor, get_cosine_schedule_with_warmup
@@ -46,10 +47,16 @@ from captune.model import (
     save_model_dir,
     trainable_summary,
 )
+from captune.step import (
+    IGNORE,
+    CaptionLoss,
+    blip_of,
+    feature_bytes,
+    image_features,
+    upstream_of_language_model_trains,
+)
 
 log = logging.getLogger(__name__)
-
-IGNORE = -100  # label value the loss skips
 
 
 # ---------------------------------------------------------------------------------------------------------- data ---
@@ -59,21 +66,31 @@ class CaptionPairs(Dataset):
     Paths and captions are kept as UTF-8 bytes in flat numpy arrays, not as Python objects: a forked worker that
     reads a Python string writes its reference count, and the page it sits on is copied, so over an epoch each
     worker would grow by a copy of every caption (~100 MB per worker for COCO). Reading a numpy array writes nothing.
+
+    With `with_pixels=False` (image features cached, see captune.step) an item carries its image's index in
+    `records` instead of pixels, and no image is decoded.
     """
 
-    def __init__(self, records: list[Record], processor: Blip2Processor):
+    def __init__(self, records: list[Record], processor: Blip2Processor, with_pixels: bool = True):
         self.paths = _Texts([str(r.image_path) for r in records])
         self.captions = _Texts([caption for r in records for caption in r.captions])
         self.image_of = np.repeat(np.arange(len(records), dtype=np.int64), [len(r.captions) for r in records])
         self.image_processor = processor.image_processor
+        self.with_pixels = with_pixels
 
     def __len__(self) -> int:
         return len(self.captions)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image = load_rgb(Path(self.paths[int(self.image_of[index])]))
-        pixels = self.image_processor(image, return_tensors="pt")["pixel_values"][0]
+        image_index = int(self.image_of[index])
+        if not self.with_pixels:
+            return {"image_index": image_index, "caption": self.captions[index]}
+        pixels = self.image_processor(load_rgb(Path(self.paths[image_index])), return_tensors="pt")["pixel_values"][0]
         return {"pixel_values": pixels, "caption": self.captions[index]}
+
+    def caption_lengths(self) -> np.ndarray:
+        """Each caption's length in UTF-8 bytes: a cheap stand-in for its token count when grouping by length."""
+        return np.diff(self.captions.ends, prepend=0)
 
 
 class _Texts:
@@ -131,8 +148,12 @@ class CaptionCollator:
                 f"caption {bad[0]!r} does not yield exactly {self.num_query_tokens} image tokens "
                 f"({self.processor.image_token.content} must not appear in captions or the prompt)"
             )
+        if "pixel_values" in batch[0]:
+            images = {"pixel_values": torch.stack([item["pixel_values"] for item in batch])}
+        else:
+            images = {"image_index": torch.tensor([item["image_index"] for item in batch])}
         return {
-            "pixel_values": torch.stack([item["pixel_values"] for item in batch]),
+            **images,
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
@@ -155,6 +176,36 @@ class EpochShuffle(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
+class LengthGroupedShuffle(EpochShuffle):
+    """EpochShuffle, then within each group of batches the samples sorted by length and cut into batches, and the
+    batches shuffled: batches hold captions of similar length (little padding) and still come in random order.
+
+    A group is 50 batches, or fewer on small sets so that an epoch has at least 4 groups (as transformers'
+    LengthGroupedSampler does). Grouping makes a batch's captions less varied: on a few templated captions (the
+    demo) that slows learning, so the demo config turns it off."""
+
+    GROUP_BATCHES = 50
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, seed: int):
+        super().__init__(len(lengths), seed)
+        self.lengths, self.batch_size = lengths, batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.size, generator=generator).numpy()
+        group = self.batch_size * max(1, min(self.GROUP_BATCHES, self.size // (self.batch_size * 4)))
+        batches = []
+        for start in range(0, self.size, group):
+            members = order[start : start + group]
+            members = members[np.argsort(-self.lengths[members], kind="stable")]
+            batches += [members[i : i + self.batch_size] for i in range(0, len(members), self.batch_size)]
+        # Full batches in random order; a short last batch stays last, so every other batch is full.
+        full = [b for b in batches if len(b) == self.batch_size]
+        short = [b for b in batches if len(b) < self.batch_size]
+        shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
+        return iter(np.concatenate(shuffled + short).tolist() if batches else [])
 
 
 def load_training_data(config: Config, main: bool) -> CaptionSet:
@@ -231,11 +282,16 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     loader: DataLoader
     sampler: EpochShuffle
+    step: nn.Module
+    """The training forward (`CaptionLoss` around the model), as accelerate prepared it."""
+    features: torch.Tensor | None
+    """Cached image features of the train images (row = image index), or None for the full path."""
     val_records: list[Record]
     output_dir: Path
     base_dir: Path | None
     steps_per_epoch: int
     total_steps: int
+    feature_pass_seconds: float = 0.0
     state: TrainState = field(default_factory=TrainState)
 
 
@@ -271,8 +327,13 @@ def setup(config: Config) -> Run:
         log.info("model %s: %s", config.model.name, trainable_summary(loaded.model))
 
     # 4. Loader: every caption is a sample; the sampler's order depends only on (seed, epoch).
-    pairs = CaptionPairs(captions.split("train"), loaded.processor)
-    sampler = EpochShuffle(len(pairs), config.train.seed)
+    cached = _use_feature_cache(config, loaded.model)
+    pairs = CaptionPairs(captions.split("train"), loaded.processor, with_pixels=not cached)
+    sampler: EpochShuffle = (
+        LengthGroupedShuffle(pairs.caption_lengths(), config.train.batch_size, config.train.seed)
+        if config.train.group_by_length
+        else EpochShuffle(len(pairs), config.train.seed)
+    )
     loader = DataLoader(
         pairs,
         batch_size=config.train.batch_size,
@@ -285,20 +346,75 @@ def setup(config: Config) -> Run:
         pin_memory=accelerator.device.type == "cuda",
     )
     params = [p for p in loaded.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay)
-    loaded.model, optimizer, loader = accelerator.prepare(loaded.model, optimizer, loader)
+    fused = config.train.fused_optimizer and accelerator.device.type == "cuda"
+    optimizer = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay, fused=fused)
+    if config.train.compile:
+        _compile_decoder_layers(loaded.model)
+    # accelerate prepares the training forward (DDP must see it); loaded.model stays the plain model it holds.
+    step, optimizer, loader = accelerator.prepare(
+        CaptionLoss(loaded.model, config.train.caption_logits_only), optimizer, loader
+    )
+    features, feature_seconds = None, 0.0
+    if cached:
+        start = time.perf_counter()
+        features = _train_image_features(config, loaded, pairs, accelerator)
+        feature_seconds = time.perf_counter() - start
+        if main:
+            log.info("image features of %d train images computed in %.1f s, kept on %s", len(features),
+                     feature_seconds, features.device)  # fmt: skip
 
     # 5. Schedule in optimizer steps; not handed to accelerate, which would step it once per process.
     steps_per_epoch = math.ceil(len(loader) / config.train.grad_accum)
     total_steps = config.train.max_steps or steps_per_epoch * config.train.epochs
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(config.train.warmup_steps, total_steps), total_steps)
     run = Run(
-        config, accelerator, loaded, optimizer, scheduler, loader, sampler, val_records, output_dir, base_dir,
-        steps_per_epoch, total_steps,
+        config, accelerator, loaded, optimizer, scheduler, loader, sampler, step, features, val_records, output_dir,
+        base_dir, steps_per_epoch, total_steps, feature_seconds,
     )  # fmt: skip
     if config.train.resume_from:
         load_checkpoint(run, resolve_checkpoint(config.train.resume_from, output_dir))
     return run
+
+
+def _use_feature_cache(config: Config, model: nn.Module) -> bool:
+    """Whether image features can be computed once (nothing upstream of a decoder-only LM trains)."""
+    if config.train.cache_image_features == "off":
+        return False
+    trains = upstream_of_language_model_trains(model)
+    decoder_only = blip_of(model).config.use_decoder_only_language_model
+    if config.train.cache_image_features == "on" and (trains or not decoder_only):
+        why = (
+            f"parameters outside the language model train ({trains[0]}, ...)"
+            if trains
+            else "the LM is not decoder-only"
+        )
+        raise CaptuneError(f"train.cache_image_features=on, but {why}; use auto or off")
+    return not trains and decoder_only
+
+
+def _train_image_features(config: Config, loaded: LoadedModel, pairs: CaptionPairs, accelerator: Accelerator) -> Any:
+    """Every train image's features, on the GPU when they take under a quarter of its free memory, else pinned CPU."""
+    device = accelerator.device
+    keep_on = device
+    if (
+        device.type == "cuda"
+        and len(pairs.paths) * feature_bytes(loaded.model) > torch.cuda.mem_get_info(device)[0] / 4
+    ):
+        keep_on = torch.device("cpu")
+    paths = [Path(pairs.paths[i]) for i in range(len(pairs.paths))]
+    return image_features(loaded.model, loaded.processor, paths, batch_size=config.train.feature_batch_size,
+                          num_workers=config.data.num_workers, device=device, keep_on=keep_on,
+                          progress=accelerator.is_main_process)  # fmt: skip
+
+
+def _compile_decoder_layers(model: nn.Module) -> None:
+    """torch.compile each decoder layer of the language model in place (dynamic shapes: lengths vary by batch)."""
+    lm = blip_of(model).language_model.base_model
+    layers = getattr(getattr(lm, "decoder", lm), "layers", None)
+    if layers is None:
+        raise CaptuneError(f"train.compile: no decoder layers found in {type(lm).__name__}; set train.compile=false")
+    for layer in layers:
+        layer.compile(dynamic=True)
 
 
 def fit(run: Run) -> TrainState:
@@ -316,7 +432,7 @@ def fit(run: Run) -> TrainState:
     interval = 0.5 if sys.stderr.isatty() else 30.0
     bar = tqdm(total=run.total_steps, initial=state.global_step, disable=not main, desc="train", unit="step",
                mininterval=interval)  # fmt: skip
-    model = run.loaded.model
+    model = run.step
     model.train()
     speed = Throughput()
     while state.global_step < run.total_steps:
@@ -325,8 +441,11 @@ def fit(run: Run) -> TrainState:
         done_in_epoch = state.global_step - state.epoch * run.steps_per_epoch
         loader = accelerator.skip_first_batches(run.loader, done_in_epoch * config.train.grad_accum)
         for batch in loader:
+            if run.features is not None:
+                rows = batch.pop("image_index").to(run.features.device)
+                batch["image_features"] = run.features[rows].to(accelerator.device, non_blocking=True)
             with accelerator.accumulate(model):
-                loss = model(**batch).loss
+                loss = model(**batch)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.train.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), config.train.max_grad_norm)
@@ -360,6 +479,7 @@ def fit(run: Run) -> TrainState:
             state.epoch += 1
         if epoch_finished or state.global_step >= run.total_steps:
             validate_and_keep_best(run)
+            model.train()  # generation switched the model to eval mode and back to plain train mode
             save_checkpoint(run, f"step-{state.global_step:06d}")
             speed.skip()
     bar.close()
@@ -373,6 +493,8 @@ def fit(run: Run) -> TrainState:
             "train_seconds": speed.seconds,
             "samples_per_second": speed.samples / max(speed.seconds, 1e-9),
             "peak_gpu_memory_gib": peak,
+            "image_features_cached": run.features is not None,
+            "feature_pass_seconds": run.feature_pass_seconds,
         }
         _write_json(run.output_dir / "results.json", summary | _results(state))
         _write_report(run.output_dir)

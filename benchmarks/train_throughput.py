@@ -1,0 +1,280 @@
+"""BLIP-2 LoRA training throughput: the usual Hugging Face + PEFT recipe vs captune's real `captune train` path, one
+process, one GPU, the same data.
+
+    PYTHONPATH=src:.gpu/site python benchmarks/train_throughput.py --model-dir DIR --work .bench --output OUT.json
+    (DIR from `python benchmarks/random_blip2.py --arch opt-2.7b --output DIR`; add --tiny for a CPU dry run)
+
+What runs, in order:
+1. Data: a manifest of `--images` generated JPEGs (500 x 375), 5 captions each, Flickr8k-like lengths (12 words on
+   average, 5-40; the random model's tokenizer gives one token a word).
+2. The usual recipe, as the PEFT notebooks train BLIP-2: `Blip2ForConditionalGeneration` in bf16, PEFT LoRA r 8 on
+   `q_proj`/`v_proj` (dropout 0.05), `torch.optim.AdamW`, every sample padded to 32 image + 1 BOS + 20 caption tokens,
+   `model(pixel_values, input_ids, attention_mask, labels).loss`, backward, step, on batches already on the GPU
+   (data loading is not timed: the usual recipe's best case). Per batch size: 3 warm-up steps, then `--steps` timed.
+3. The loss check: one batch in eval mode (no dropout) through the usual forward and through captune's
+   `CaptionLoss` with cached image features; they must agree to bf16 tolerance.
+4. captune: `captune.train.train(config)`, the real path (data check, feature pass, loader with workers, length
+   grouping, caption-only logits, fused AdamW, checkpoint at the end), one epoch over the data at `--batch-size`; its
+   results.json gives samples/s (training steps only), peak memory and the feature-pass time. Then the ablations,
+   `--ablation-steps` steps each, every optimisation switched off in turn.
+5. The learning check: the usual recipe and captune, `--curve-steps` steps each at batch 32 from the same base
+   weights (each with its own LoRA initialisation), lr 1e-4 with a cosine decay, their loss curves side by side
+   (averaged over windows of 10 steps).
+
+The speed and memory of a random-weight model are those of the real one (the compute does not depend on the values).
+Writes `--output` (JSON: every number, the software versions, the GPU, this command) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import platform
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from captune.config import load_config
+from captune.data import read
+from captune.model import TINY_WORDS, build_tiny, save_base
+from captune.step import CaptionLoss
+from captune.train import CaptionCollator, CaptionPairs, train
+
+USUAL_CAPTION_TOKENS = 20
+
+
+def make_data(folder: Path, images: int, seed: int = 0) -> Path:
+    """manifest.jsonl + images/, generated once (reused when present with the same count)."""
+    manifest = folder / f"manifest-{images}.jsonl"
+    if manifest.exists():
+        return manifest
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for index in range(images):
+        path = folder / "images" / f"{index:06d}.jpg"
+        if not path.exists():
+            coarse = rng.integers(0, 256, size=(12, 16, 3), dtype=np.uint8)
+            Image.fromarray(coarse).resize((500, 375), Image.Resampling.BILINEAR).save(path, quality=85)
+        lengths = np.clip(np.rint(rng.gamma(9.0, 12 / 9.0, size=5)), 5, 40).astype(int)
+        captions = [" ".join(rng.choice(TINY_WORDS, size=n)) for n in lengths]
+        lines.append(json.dumps({"image": f"images/{index:06d}.jpg", "caption": captions}))
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def usual_batches(model_dir: Path, manifest: Path, batch_size: int, count: int, device: torch.device) -> list[dict]:
+    """`count` batches of the usual recipe's shape (fixed 20 caption tokens), on the device."""
+    from transformers import Blip2Processor
+
+    processor = Blip2Processor.from_pretrained(model_dir)
+    records = read("manifest", manifest).records
+    pairs = CaptionPairs(records, processor)
+    collate = CaptionCollator(processor, "", USUAL_CAPTION_TOKENS - 1)
+    length = processor.num_query_tokens + 1 + USUAL_CAPTION_TOKENS
+    batches = []
+    for b in range(count):
+        batch = collate([pairs[(b * batch_size + i) % len(pairs)] for i in range(batch_size)])
+        pad = length - batch["input_ids"].shape[1]
+        for key, value in (("input_ids", processor.tokenizer.pad_token_id), ("attention_mask", 0), ("labels", -100)):
+            batch[key] = torch.nn.functional.pad(batch[key], (0, pad), value=value)
+        batches.append({k: v.to(device) for k, v in batch.items()})
+    return batches
+
+
+def usual_model(model_dir: Path, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+    from transformers import Blip2ForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = Blip2ForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).to(device)
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"])
+    return get_peft_model(model, config)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_usual(model: torch.nn.Module, batches: list[dict], steps: int, device: torch.device) -> dict[str, float]:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(3 + steps):
+        if i == 3:
+            _sync(device)
+            start = time.perf_counter()
+        loss = model(**batches[i % len(batches)]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    samples = steps * len(batches[0]["input_ids"])
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    del optimizer
+    return {"samples_per_s": samples / seconds, "peak_gib": peak, "steps": steps}
+
+
+def loss_check(model: torch.nn.Module, batch: dict) -> dict[str, float]:
+    """The usual forward's loss and captune's CaptionLoss on cached features, same batch, eval mode."""
+    model.eval()
+    with torch.no_grad():
+        usual = model(**batch).loss.item()
+        blip = model.get_base_model()
+        features = blip.get_image_features(pixel_values=batch["pixel_values"], return_dict=True).pooler_output
+        rest = {k: v for k, v in batch.items() if k != "pixel_values"}
+        ours = CaptionLoss(model).eval()(**rest, image_features=features).item()
+    return {"usual": usual, "captune": ours, "relative_difference": abs(ours - usual) / abs(usual)}
+
+
+def usual_curve(model: torch.nn.Module, batches: list[dict], steps: int) -> list[float]:
+    """Losses of `steps` steps at lr 1e-4 with a cosine decay and no warm-up, as captune's run below."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    schedule = get_cosine_schedule_with_warmup(optimizer, 0, steps)
+    model.train()
+    losses = []
+    for i in range(steps):
+        loss = model(**batches[i % len(batches)]).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def run_captune(model_dir: Path, manifest: Path, output: Path, batch_size: int, overrides: list[str]) -> dict:
+    config = load_config(None, [
+        f"model.name={model_dir}", "data=manifest", f"data.data_dir={manifest}", f"train.output_dir={output}",
+        f"train.batch_size={batch_size}", "train.epochs=1", "train.validate=false", "train.warmup_steps=10",
+        "train.log_every=10", "train.lr=1e-4", "data.num_workers=8", "data.max_caption_tokens=40", *overrides,
+    ])  # fmt: skip
+    shutil.rmtree(output, ignore_errors=True)  # a fresh run, never a continuation of an earlier one
+    start = time.perf_counter()
+    train(config)
+    results = json.loads((output / "results.json").read_text())
+    log_file = output / "train_log.jsonl"
+    log = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.exists() else []
+    gc.collect()
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return {
+        "overrides": overrides,
+        "samples_per_s": results["samples_per_second"],
+        "train_samples": results["train_samples"],
+        "train_seconds": results["train_seconds"],
+        "feature_pass_seconds": results["feature_pass_seconds"],
+        "image_features_cached": results["image_features_cached"],
+        "peak_gib": results["peak_gpu_memory_gib"],
+        "wall_seconds": time.perf_counter() - start,
+        "loss_log": [(entry["step"], entry["loss"]) for entry in log],
+    }
+
+
+def windowed(values: list[float], window: int = 10) -> list[float]:
+    return [float(np.mean(values[i : i + window])) for i in range(0, len(values), window)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path)
+    parser.add_argument("--tiny", action="store_true", help="CPU dry run on the built-in tiny model")
+    parser.add_argument("--work", type=Path, default=Path(".bench"))
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--images", type=int, default=6000)
+    parser.add_argument("--usual-batch-sizes", default="8,32,64")
+    parser.add_argument("--batch-size", type=int, default=64, help="captune's batch size")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps of the usual recipe per batch size")
+    parser.add_argument("--ablation-steps", type=int, default=150)
+    parser.add_argument("--curve-steps", type=int, default=100)
+    parser.add_argument("--skip", default="", help="comma-separated stages to skip: usual,epoch,ablations,curve")
+    args = parser.parse_args(argv)
+    skip = set(filter(None, args.skip.split(",")))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    args.work.mkdir(parents=True, exist_ok=True)
+    model_dir = args.model_dir
+    if args.tiny:
+        model_dir = args.work / "tiny-model"
+        save_base(model_dir, build_tiny(0))
+    assert model_dir is not None, "--model-dir or --tiny"
+    manifest = make_data(args.work / "data", args.images)
+    result: dict[str, Any] = {"what": __doc__.splitlines()[0], "data": {"images": args.images, "captions": 5}}
+
+    # 2-3. The usual recipe at each batch size, then the loss check on its model.
+    model = usual_model(model_dir, device, dtype)
+    if "usual" not in skip:
+        result["usual"] = {}
+        for batch_size in map(int, args.usual_batch_sizes.split(",")):
+            batches = usual_batches(model_dir, manifest, batch_size, 4, device)
+            result["usual"][batch_size] = time_usual(model, batches, args.steps, device)
+            print(f"usual recipe, batch {batch_size}: {result['usual'][batch_size]}", flush=True)
+            del batches
+    check_batch = usual_batches(model_dir, manifest, 8, 1, device)[0]
+    result["loss_check"] = loss_check(model, check_batch)
+    print(f"loss check: {result['loss_check']}", flush=True)
+    if "curve" not in skip:
+        del model
+        gc.collect()
+        model = usual_model(model_dir, device, dtype)  # fresh LoRA, as captune's run starts
+        curve_batches = usual_batches(model_dir, manifest, 32, 40, device)
+        result["usual_curve"] = windowed(usual_curve(model, curve_batches, args.curve_steps))
+    del model, check_batch
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    # 4. captune's real path: one epoch, then the ablations.
+    if "epoch" not in skip:
+        result["captune_epoch"] = run_captune(model_dir, manifest, args.work / "run-epoch", args.batch_size, [])
+        print(f"captune epoch: {result['captune_epoch']}", flush=True)
+    if "ablations" not in skip:
+        result["ablations"] = {}
+        limit = f"train.max_steps={args.ablation_steps}"
+        for name, overrides in {
+            "all_on": [],
+            "no_feature_cache": ["train.cache_image_features=off"],
+            "no_caption_logits_only": ["train.caption_logits_only=false"],
+            "no_length_grouping": ["train.group_by_length=false"],
+            "no_fused_optimizer": ["train.fused_optimizer=false"],
+            "compile": ["train.compile=true"],
+        }.items():
+            result["ablations"][name] = run_captune(
+                model_dir, manifest, args.work / f"run-{name}", args.batch_size, [limit, *overrides]
+            )
+            print(f"ablation {name}: {result['ablations'][name]['samples_per_s']:.1f} samples/s", flush=True)
+    if "curve" not in skip:
+        steps = [f"train.max_steps={args.curve_steps}", "train.log_every=1", "train.warmup_steps=0"]
+        run = run_captune(model_dir, manifest, args.work / "run-curve", 32, steps)
+        result["captune_curve"] = windowed([loss for _, loss in run["loss_log"]])
+
+    import accelerate
+    import peft
+    import transformers
+
+    result["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__,
+                          "peft": peft.__version__, "accelerate": accelerate.__version__,
+                          "python": platform.python_version()}  # fmt: skip
+    result["device"] = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    result["command"] = shlex.join(["python", "benchmarks/train_throughput.py", *(argv or sys.argv[1:])])
+    result["date"] = datetime.date.today().isoformat()
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written to {args.output}")
+
+
+if __name__ == "__main__":
+    main()

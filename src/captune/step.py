@@ -1,0 +1,190 @@
+"""The training forward: a batch's caption loss, from pixels or from image features computed once per image.
+
+In LoRA-on-the-language-model training nothing upstream of the language model learns, so an image's projected
+Q-Former output (32 vectors of the LM's width) is the same at every step: `image_features` computes it once per image
+and `CaptionLoss` takes it instead of pixels. `CaptionLoss` is what `captune train` calls (through accelerate, so
+that DDP sees the forward). It computes exactly what `Blip2ForConditionalGeneration.forward(..., labels=...)` does —
+image features into the image-token positions of the embedded input, the language model, the mean cross-entropy of
+the caption tokens — with two savings for decoder-only language models: the LM head runs only on positions whose
+next token is a caption label (not on the 32 image positions, the prompt or the padding), and the cross-entropy runs
+in chunks whose float32 logits are recomputed in the backward pass instead of kept, so the (tokens x 50k) float32
+logits of a batch never exist at once. Encoder-decoder language models (Flan-T5) take the model's own loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+from captune.data.images import load_rgb
+
+IGNORE = -100  # label value the loss skips
+CE_CHUNK_TOKENS = 2048
+"""Caption tokens per cross-entropy chunk: 2048 x 50,272 float32 logits are 0.4 GB."""
+
+
+def blip_of(model: nn.Module) -> Blip2ForConditionalGeneration:
+    """The BLIP-2 model inside a PEFT wrapper (or the model itself)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    blip = get_base_model() if callable(get_base_model) else model
+    assert isinstance(blip, Blip2ForConditionalGeneration), type(blip)
+    return blip
+
+
+def _embedding(blip: Blip2ForConditionalGeneration) -> nn.Embedding:
+    embeddings = blip.get_input_embeddings()
+    assert isinstance(embeddings, nn.Embedding), type(embeddings)
+    return embeddings
+
+
+def feature_bytes(model: nn.Module) -> int:
+    """Bytes of one image's cached features: query tokens x LM width, in the LM's dtype."""
+    blip = blip_of(model)
+    embeddings = _embedding(blip)
+    return blip.config.num_query_tokens * embeddings.embedding_dim * embeddings.weight.element_size()
+
+
+def upstream_of_language_model_trains(model: nn.Module) -> list[str]:
+    """Names of trainable parameters outside the language model (vision encoder, Q-Former, query tokens, projection).
+
+    Cached image features are only valid when this is empty.
+    """
+    return [name for name, p in model.named_parameters() if p.requires_grad and ".language_model." not in f".{name}"]
+
+
+class CaptionLoss(nn.Module):
+    """The mean cross-entropy of a batch's caption tokens (labels != -100), as BLIP-2's own forward computes it.
+
+    Args:
+        model: BLIP-2, usually wrapped by PEFT; held, not copied.
+        caption_logits_only: Decoder-only LMs: run the LM head on caption positions only, in recomputed chunks.
+            False runs the LM head on every position and takes transformers' loss (the usual recipe's numbers).
+    """
+
+    def __init__(self, model: nn.Module, caption_logits_only: bool = True) -> None:
+        super().__init__()
+        self.model = model
+        self.caption_logits_only = caption_logits_only
+
+    def train(self, mode: bool = True) -> CaptionLoss:
+        """Train mode, except a frozen image side (vision encoder, Q-Former) stays in eval mode, as LAVIS keeps its
+        frozen ViT: dropout in modules that do not learn only adds noise, and with it an image's features would
+        differ from step to step, so the cached path and the full path would not compute the same loss."""
+        super().train(mode)
+        if mode and not upstream_of_language_model_trains(self.model):
+            blip = blip_of(self.model)
+            blip.vision_model.eval()
+            blip.qformer.eval()
+        return self
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        blip = blip_of(self.model)
+        if not blip.config.use_decoder_only_language_model:
+            if image_features is not None:
+                raise ValueError("cached image features are used with decoder-only language models only")
+            return self.model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
+                              labels=labels).loss  # fmt: skip
+        if image_features is None:
+            assert pixel_values is not None
+            image_features = blip.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+        embeds = blip.get_input_embeddings()(input_ids)
+        is_image = (input_ids == blip.config.image_token_id).unsqueeze(-1)
+        embeds = embeds.masked_scatter(is_image, image_features.to(embeds.dtype))
+        lm = blip.language_model
+        if not self.caption_logits_only:
+            logits = lm(inputs_embeds=embeds, attention_mask=attention_mask).logits
+            return lm.loss_function(logits=logits, labels=labels, vocab_size=lm.config.vocab_size)
+        hidden = lm.base_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        # The hidden state at position t predicts token t + 1: keep the positions whose next token is a label.
+        targets = labels[:, 1:]
+        wanted = targets != IGNORE
+        return chunked_cross_entropy(hidden[:, :-1][wanted], targets[wanted], lm.get_output_embeddings())
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    """Mean cross-entropy of head(hidden) against targets, CE_CHUNK_TOKENS rows at a time, logits in float32.
+
+    Each chunk's logits are recomputed in the backward pass (activation checkpointing), so only one chunk's
+    float32 logits exist at any moment.
+    """
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(targets), CE_CHUNK_TOKENS):
+        rows = slice(start, start + CE_CHUNK_TOKENS)
+        total = total + checkpoint(_summed_cross_entropy, hidden[rows], targets[rows], head, use_reentrant=False)
+    return total / max(len(targets), 1)
+
+
+def _summed_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+class _Pixels(Dataset):
+    """Preprocessed pixels of image files, for the feature pass."""
+
+    def __init__(self, paths: Sequence[Path], processor: Blip2Processor) -> None:
+        self.paths, self.image_processor = list(paths), processor.image_processor
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.image_processor(load_rgb(self.paths[index]), return_tensors="pt")["pixel_values"][0]
+
+
+@torch.no_grad()
+def image_features(
+    model: nn.Module,
+    processor: Blip2Processor,
+    paths: Sequence[Path],
+    *,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    keep_on: torch.device,
+    progress: bool = True,
+) -> torch.Tensor:
+    """The projected Q-Former output of each image, (images, query tokens, LM width), in the model's dtype.
+
+    Args:
+        model: BLIP-2 (PEFT-wrapped or not), on `device`, in eval or train mode (the image side has no dropout
+            that matters: it is frozen, and this runs in eval mode).
+        processor: Its processor; the image processor makes the pixels.
+        paths: Image files, in the order of the returned rows.
+        batch_size: Images per forward pass.
+        num_workers: DataLoader worker processes decoding the images.
+        device: Where the model runs.
+        keep_on: Where the features are kept (the GPU when they fit, else pinned CPU memory).
+        progress: Show a progress bar.
+    """
+    blip = blip_of(model)
+    was_training = blip.training
+    blip.eval()
+    embeddings = _embedding(blip)
+    dtype, width = embeddings.weight.dtype, embeddings.embedding_dim
+    loader = DataLoader(_Pixels(paths, processor), batch_size=batch_size, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")  # fmt: skip
+    out = torch.empty((len(paths), blip.config.num_query_tokens, width), dtype=dtype, device=keep_on,
+                      pin_memory=keep_on.type == "cpu" and device.type == "cuda")  # fmt: skip
+    row = 0
+    for pixels in tqdm(loader, desc="image features", unit="batch", disable=not progress):
+        pixels = pixels.to(device, dtype=blip.vision_model.dtype, non_blocking=True)
+        features = blip.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
+        out[row : row + len(features)] = features.to(dtype)
+        row += len(features)
+    blip.train(was_training)
+    return out

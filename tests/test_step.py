@@ -1,0 +1,127 @@
+"""The training forward (captune.step) on the tiny model: the cached-feature path and the caption-logits-only loss give
+BLIP-2's own loss and the same LoRA gradients; when caching applies; length-grouped batches."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from captune import step
+from captune.config import load_config
+from captune.data import read
+from captune.errors import CaptuneError
+from captune.model import LoadedModel, apply_lora
+from captune.step import CaptionLoss, chunked_cross_entropy, image_features, upstream_of_language_model_trains
+from captune.train import CaptionCollator, CaptionPairs, LengthGroupedShuffle, _use_feature_cache
+
+
+@pytest.fixture
+def lora(tiny: LoadedModel) -> LoadedModel:
+    """The tiny model with the default LoRA, its LoRA B matrices made non-zero so that LoRA changes the loss."""
+    tiny.model = apply_lora(tiny.model, load_config(None, []).lora)
+    torch.manual_seed(0)
+    for name, parameter in tiny.model.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 0.05)
+    return tiny
+
+
+def _batch(loaded: LoadedModel, synthetic_dir: Path, with_pixels: bool = True) -> dict[str, torch.Tensor]:
+    records = read("synthetic", synthetic_dir).split("train")[:4]
+    pairs = CaptionPairs(records, loaded.processor, with_pixels=with_pixels)
+    return CaptionCollator(loaded.processor, "a picture of")([pairs[i] for i in (0, 5, 11, 17)])
+
+
+def _loss_and_grads(model: torch.nn.Module, compute: object) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    loss = compute()  # type: ignore[operator]
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.item(), grads
+
+
+def test_caption_logits_only_gives_blip2s_loss_and_gradients(lora: LoadedModel, synthetic_dir: Path) -> None:
+    batch = _batch(lora, synthetic_dir)
+    lora.model.eval()  # no dropout: both sides must compute the same function
+    ours = CaptionLoss(lora.model, caption_logits_only=True).eval()
+    loss, grads = _loss_and_grads(lora.model, lambda: ours(**batch))
+    reference, reference_grads = _loss_and_grads(lora.model, lambda: lora.model(**batch).loss)
+    assert loss == pytest.approx(reference, rel=1e-6)
+    assert grads.keys() == reference_grads.keys() and len(grads) > 0
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_cached_features_give_the_pixel_paths_loss_and_gradients(lora: LoadedModel, synthetic_dir: Path) -> None:
+    lora.model.eval()
+    records = read("synthetic", synthetic_dir).split("train")[:4]
+    features = image_features(lora.model, lora.processor, [r.image_path for r in records], batch_size=3,
+                              num_workers=0, device=torch.device("cpu"), keep_on=torch.device("cpu"))  # fmt: skip
+    assert features.shape == (4, lora.processor.num_query_tokens, lora.model.get_input_embeddings().embedding_dim)
+    with_pixels, cached = _batch(lora, synthetic_dir), _batch(lora, synthetic_dir, with_pixels=False)
+    assert "pixel_values" not in cached
+    rows = cached.pop("image_index")
+    ours = CaptionLoss(lora.model).eval()
+    loss, grads = _loss_and_grads(lora.model, lambda: ours(**cached, image_features=features[rows]))
+    reference, reference_grads = _loss_and_grads(lora.model, lambda: ours(**with_pixels))
+    assert loss == pytest.approx(reference, rel=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_train_mode_keeps_the_frozen_image_side_in_eval_mode(lora: LoadedModel) -> None:
+    CaptionLoss(lora.model).train()
+    blip = step.blip_of(lora.model)
+    assert not blip.vision_model.training and not blip.qformer.training
+    assert blip.language_model.training
+
+
+def test_chunked_cross_entropy_equals_the_plain_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(step, "CE_CHUNK_TOKENS", 7)  # 3 chunks, the last one short
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 11)
+    hidden = torch.randn(19, 8, requires_grad=True)
+    targets = torch.randint(0, 11, (19,))
+    chunked = chunked_cross_entropy(hidden, targets, head)
+    (grad_chunked,) = torch.autograd.grad(chunked, hidden)
+    plain = F.cross_entropy(head(hidden), targets)
+    (grad_plain,) = torch.autograd.grad(plain, hidden)
+    torch.testing.assert_close(chunked, plain)
+    torch.testing.assert_close(grad_chunked, grad_plain)
+
+
+def test_features_are_cached_only_when_nothing_upstream_trains(tiny: LoadedModel) -> None:
+    config = load_config(None, [])
+    assert upstream_of_language_model_trains(apply_lora(tiny.model, config.lora)) == []
+    assert _use_feature_cache(config, tiny.model)
+    assert not _use_feature_cache(load_config(None, ["cache_image_features=off"]), tiny.model)
+
+
+def test_cache_on_with_a_trained_qformer_is_an_error(tiny: LoadedModel) -> None:
+    config = load_config(None, ["qformer_target_modules=query,value", "cache_image_features=on"])
+    model = apply_lora(tiny.model, config.lora)
+    assert any(".qformer." in name for name in upstream_of_language_model_trains(model))
+    assert not _use_feature_cache(load_config(None, ["qformer_target_modules=query,value"]), model)
+    with pytest.raises(CaptuneError, match=r"cache_image_features=on, but parameters outside the language model"):
+        _use_feature_cache(config, model)
+
+
+def test_length_grouped_batches_cover_everything_once_with_little_padding() -> None:
+    lengths = np.random.default_rng(0).integers(5, 80, size=1003)
+    sampler = LengthGroupedShuffle(lengths, batch_size=10, seed=3)
+    sampler.set_epoch(2)
+    order = list(sampler)
+    assert sorted(order) == list(range(1003)) and order == list(sampler)  # a permutation, the same every time
+    batches = [order[i : i + 10] for i in range(0, 1003, 10)]
+    assert [len(b) for b in batches[:-1]] == [10] * 100 and len(batches[-1]) == 3
+    spread = np.mean([np.ptp(lengths[b]) for b in batches[:-1]])
+    random_spread = np.mean([np.ptp(lengths[np.array(b)]) for b in np.array_split(np.arange(1000), 100)])
+    assert spread < random_spread / 5
+    sampler.set_epoch(3)
+    assert list(sampler) != order
