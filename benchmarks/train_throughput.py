@@ -17,9 +17,10 @@ What runs, in order:
    grouping, caption-only logits, fused AdamW, checkpoint at the end), one epoch over the data at `--batch-size`; its
    results.json gives samples/s (training steps only), peak memory and the feature-pass time. Then the ablations,
    `--ablation-steps` steps each, every optimisation switched off in turn.
-5. The learning check: the usual recipe and captune, `--curve-steps` steps each at batch 32 from the same base
-   weights (each with its own LoRA initialisation), lr 1e-4 with a cosine decay, their loss curves side by side
-   (averaged over windows of 10 steps).
+5. The learning check: the usual recipe and captune, `--curve-steps` steps each at batch 32 on the same batches
+   in the same order (captune's sampler; the usual recipe gets them with pixels), from the same base weights (each
+   with its own LoRA initialisation), lr 1e-4 with a cosine decay, no gradient clipping; their loss curves side by
+   side (averaged over windows of 10 steps).
 
 The speed and memory of a random-weight model are those of the real one (the compute does not depend on the values).
 Writes `--output` (JSON: every number, the software versions, the GPU, this command) and prints a table.
@@ -47,7 +48,7 @@ from captune.config import load_config
 from captune.data import read
 from captune.model import TINY_WORDS, build_tiny, save_base
 from captune.step import CaptionLoss
-from captune.train import CaptionCollator, CaptionPairs, train
+from captune.train import CaptionCollator, CaptionPairs, LengthGroupedShuffle, train
 
 USUAL_CAPTION_TOKENS = 20
 
@@ -87,7 +88,25 @@ def usual_batches(model_dir: Path, manifest: Path, batch_size: int, count: int, 
         pad = length - batch["input_ids"].shape[1]
         for key, value in (("input_ids", processor.tokenizer.pad_token_id), ("attention_mask", 0), ("labels", -100)):
             batch[key] = torch.nn.functional.pad(batch[key], (0, pad), value=value)
-        batches.append({k: v.to(device) for k, v in batch.items()})
+        batches.append({k: v.to(device) for k, v in batch.items() if k != "caption_start"})
+    return batches
+
+
+def captune_order_batches(model_dir: Path, manifest: Path, batch_size: int, count: int, device: torch.device) -> list:
+    """The first `count` batches captune's run sees (its train split, sampler and collator, seed 42), with pixels."""
+    from torch.utils.data import DataLoader
+    from transformers import Blip2Processor
+
+    processor = Blip2Processor.from_pretrained(model_dir)
+    pairs = CaptionPairs(read("manifest", manifest).split("train"), processor)
+    sampler = LengthGroupedShuffle(pairs.caption_lengths(), batch_size, seed=42)
+    loader = DataLoader(pairs, batch_size=batch_size, sampler=sampler, num_workers=8,
+                        collate_fn=CaptionCollator(processor, "", 40))  # fmt: skip
+    batches = []
+    for batch in loader:
+        batches.append({k: v.to(device) for k, v in batch.items() if k != "caption_start"})
+        if len(batches) == count:
+            return batches
     return batches
 
 
@@ -135,7 +154,8 @@ def loss_check(model: torch.nn.Module, batch: dict) -> dict[str, float]:
         blip = model.get_base_model()
         features = blip.get_image_features(pixel_values=batch["pixel_values"], return_dict=True).pooler_output
         rest = {k: v for k, v in batch.items() if k != "pixel_values"}
-        ours = CaptionLoss(model).eval()(**rest, image_features=features).item()
+        caption_start = int((batch["labels"][0] != -100).nonzero()[0])
+        ours = CaptionLoss(model).eval()(**rest, caption_start=caption_start, image_features=features).item()
     return {"usual": usual, "captune": ours, "relative_difference": abs(ours - usual) / abs(usual)}
 
 
@@ -213,6 +233,11 @@ def main(argv: list[str] | None = None) -> None:
     assert model_dir is not None, "--model-dir or --tiny"
     manifest = make_data(args.work / "data", args.images)
     result: dict[str, Any] = {"what": __doc__.splitlines()[0], "data": {"images": args.images, "captions": 5}}
+    result.update(_environment(device, argv))
+
+    def save() -> None:  # after every stage, so that a run cut short keeps what it measured
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(result, indent=2) + "\n")
 
     # 2-3. The usual recipe at each batch size, then the loss check on its model.
     model = usual_model(model_dir, device, dtype)
@@ -223,15 +248,18 @@ def main(argv: list[str] | None = None) -> None:
             result["usual"][batch_size] = time_usual(model, batches, args.steps, device)
             print(f"usual recipe, batch {batch_size}: {result['usual'][batch_size]}", flush=True)
             del batches
+            save()
     check_batch = usual_batches(model_dir, manifest, 8, 1, device)[0]
     result["loss_check"] = loss_check(model, check_batch)
     print(f"loss check: {result['loss_check']}", flush=True)
+    save()
     if "curve" not in skip:
         del model
         gc.collect()
         model = usual_model(model_dir, device, dtype)  # fresh LoRA, as captune's run starts
-        curve_batches = usual_batches(model_dir, manifest, 32, 40, device)
+        curve_batches = captune_order_batches(model_dir, manifest, 32, args.curve_steps, device)
         result["usual_curve"] = windowed(usual_curve(model, curve_batches, args.curve_steps))
+        save()
     del model, check_batch
     gc.collect()
     if device.type == "cuda":
@@ -241,6 +269,12 @@ def main(argv: list[str] | None = None) -> None:
     if "epoch" not in skip:
         result["captune_epoch"] = run_captune(model_dir, manifest, args.work / "run-epoch", args.batch_size, [])
         print(f"captune epoch: {result['captune_epoch']}", flush=True)
+        save()
+    if "curve" not in skip:
+        steps = [f"train.max_steps={args.curve_steps}", "train.log_every=1", "train.warmup_steps=0",
+                 "train.max_grad_norm=0"]  # fmt: skip
+        run = run_captune(model_dir, manifest, args.work / "run-curve", 32, steps)
+        result["captune_curve"] = windowed([loss for _, loss in run["loss_log"]])
     if "ablations" not in skip:
         result["ablations"] = {}
         limit = f"train.max_steps={args.ablation_steps}"
@@ -256,24 +290,23 @@ def main(argv: list[str] | None = None) -> None:
                 model_dir, manifest, args.work / f"run-{name}", args.batch_size, [limit, *overrides]
             )
             print(f"ablation {name}: {result['ablations'][name]['samples_per_s']:.1f} samples/s", flush=True)
-    if "curve" not in skip:
-        steps = [f"train.max_steps={args.curve_steps}", "train.log_every=1", "train.warmup_steps=0"]
-        run = run_captune(model_dir, manifest, args.work / "run-curve", 32, steps)
-        result["captune_curve"] = windowed([loss for _, loss in run["loss_log"]])
+            save()
+    save()
+    print(f"written to {args.output}")
 
+
+def _environment(device: torch.device, argv: list[str] | None) -> dict[str, Any]:
     import accelerate
     import peft
     import transformers
 
-    result["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__,
-                          "peft": peft.__version__, "accelerate": accelerate.__version__,
-                          "python": platform.python_version()}  # fmt: skip
-    result["device"] = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
-    result["command"] = shlex.join(["python", "benchmarks/train_throughput.py", *(argv or sys.argv[1:])])
-    result["date"] = datetime.date.today().isoformat()
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written to {args.output}")
+    return {
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+                     "accelerate": accelerate.__version__, "python": platform.python_version()},
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "command": shlex.join(["python", "benchmarks/train_throughput.py", *(argv or sys.argv[1:])]),
+        "date": datetime.date.today().isoformat(),
+    }  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -90,9 +90,12 @@ class CaptionLoss(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         labels: torch.Tensor,
+        caption_start: int,
         pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """The loss of a batch as `CaptionCollator` makes it (`caption_start`: the first caption column, the same in
+        every row since image tokens and prompt come first and padding last), with pixels or cached features."""
         blip = blip_of(self.model)
         if not blip.config.use_decoder_only_language_model:
             if image_features is not None:
@@ -110,14 +113,16 @@ class CaptionLoss(nn.Module):
             logits = lm(inputs_embeds=embeds, attention_mask=attention_mask).logits
             return lm.loss_function(logits=logits, labels=labels, vocab_size=lm.config.vocab_size)
         hidden = lm.base_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
-        # The hidden state at position t predicts token t + 1: keep the positions whose next token is a label.
-        targets = labels[:, 1:]
-        wanted = targets != IGNORE
-        return chunked_cross_entropy(hidden[:, :-1][wanted], targets[wanted], lm.get_output_embeddings())
+        # The hidden state at position t predicts token t + 1: from caption_start - 1 on, the next token is a caption
+        # label or padding (-100, skipped). Slicing by a number, not by a mask, keeps the GPU from waiting on the CPU.
+        hidden = hidden[:, caption_start - 1 : -1].flatten(0, 1)
+        targets = labels[:, caption_start:].flatten()
+        return chunked_cross_entropy(hidden, targets, lm.get_output_embeddings())
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
-    """Mean cross-entropy of head(hidden) against targets, CE_CHUNK_TOKENS rows at a time, logits in float32.
+    """Mean cross-entropy of head(hidden) against targets (-100 skipped), CE_CHUNK_TOKENS rows at a time, logits in
+    float32.
 
     Each chunk's logits are recomputed in the backward pass (activation checkpointing), so only one chunk's
     float32 logits exist at any moment.
@@ -126,11 +131,11 @@ def chunked_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: nn.
     for start in range(0, len(targets), CE_CHUNK_TOKENS):
         rows = slice(start, start + CE_CHUNK_TOKENS)
         total = total + checkpoint(_summed_cross_entropy, hidden[rows], targets[rows], head, use_reentrant=False)
-    return total / max(len(targets), 1)
+    return total / (targets != IGNORE).sum().clamp(min=1)
 
 
 def _summed_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    return F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE, reduction="sum")
 
 
 class _Pixels(Dataset):

@@ -127,7 +127,7 @@ class CaptionCollator:
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.processor.image_token.content)
         self.prefix = [self.image_token_id] * self.num_query_tokens + tokenizer(self.prompt).input_ids
 
-    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
         tokenizer = self.processor.tokenizer
         # A prompt joins the caption with a space, so BPE tokenizers see the caption's first word as a new word.
         texts = [(" " if self.prompt else "") + item["caption"] for item in batch]
@@ -154,6 +154,7 @@ class CaptionCollator:
             images = {"image_index": torch.tensor([item["image_index"] for item in batch])}
         return {
             **images,
+            "caption_start": len(self.prefix),
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
@@ -299,7 +300,10 @@ def setup(config: Config) -> Run:
     """Accelerator, data, model with LoRA, optimizer and schedule; resumes when asked."""
     # 1. The accelerator decides device and precision; bf16 on GPUs that have it, fp32 on CPU.
     dtype = resolve_dtype(config.model.dtype, resolve_device("auto"))
-    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+    # bf16 weights train in bf16 throughout, as the usual PEFT recipe does (LoRA weights stay float32): autocast on
+    # top would only run layer norms and softmaxes in float32, slower and with more activation memory. fp16 weights
+    # need autocast's loss scaling.
+    precision = "fp16" if dtype == torch.float16 else "no"
     output_dir = Path(config.train.output_dir).expanduser()
     accelerator = Accelerator(
         gradient_accumulation_steps=config.train.grad_accum,
@@ -460,9 +464,11 @@ def fit(run: Run) -> TrainState:
             lr = run.scheduler.get_last_lr()[0]
             rate = speed.window_rate()
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}", refresh=False)
+            # Reading the loss makes the CPU wait for the GPU, which then idles while the next step is queued: only
+            # at logging steps.
             if state.global_step % config.train.log_every == 0:
                 scalars = {"loss": loss.item(), "lr": lr, "samples_per_s": rate}
+                bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}", refresh=False)
                 accelerator.log({f"train/{k}": v for k, v in scalars.items()}, step=state.global_step)
                 if main:  # the same scalars as JSON lines, for the report and for scripts
                     with open(run.output_dir / "train_log.jsonl", "a") as out:
