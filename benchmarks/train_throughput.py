@@ -51,6 +51,19 @@ from captune.step import CaptionLoss
 from captune.train import CaptionCollator, CaptionPairs, LengthGroupedShuffle, train
 
 USUAL_CAPTION_TOKENS = 20
+ABLATIONS = {
+    "all_on": [],
+    "no_feature_cache": ["train.cache_image_features=off"],
+    "no_caption_logits_only": ["train.caption_logits_only=false"],
+    "no_length_grouping": ["train.group_by_length=false"],
+    "no_fused_optimizer": ["train.fused_optimizer=false"],
+    "compile": ["train.compile=true"],
+    "batch_64": ["train.batch_size=64"],
+    "batch_128": ["train.batch_size=128"],
+    "batch_256": ["train.batch_size=256"],
+    "captions_cut_to_20": ["data.max_caption_tokens=19"],  # as the usual recipe's padding: 19 words + EOS
+}
+"""captune runs of `--ablation-steps` steps: the overrides of each (after `--batch-size`)."""
 
 
 def make_data(folder: Path, images: int, seed: int = 0) -> Path:
@@ -159,13 +172,18 @@ def loss_check(model: torch.nn.Module, batch: dict) -> dict[str, float]:
     return {"usual": usual, "captune": ours, "relative_difference": abs(ours - usual) / abs(usual)}
 
 
-def usual_curve(model: torch.nn.Module, batches: list[dict], steps: int) -> list[float]:
-    """Losses of `steps` steps at lr 1e-4 with a cosine decay and no warm-up, as captune's run below."""
+def usual_curve(model: torch.nn.Module, batches: list[dict], steps: int, image_side_eval: bool) -> list[float]:
+    """Losses of `steps` steps at lr 1e-4 with a cosine decay and no warm-up, as captune's run below.
+
+    With image_side_eval the frozen vision encoder and Q-Former run in eval mode (no dropout), as in captune."""
     from transformers import get_cosine_schedule_with_warmup
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     schedule = get_cosine_schedule_with_warmup(optimizer, 0, steps)
     model.train()
+    if image_side_eval:
+        model.get_base_model().vision_model.eval()
+        model.get_base_model().qformer.eval()
     losses = []
     for i in range(steps):
         loss = model(**batches[i % len(batches)]).loss
@@ -220,6 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps of the usual recipe per batch size")
     parser.add_argument("--ablation-steps", type=int, default=150)
     parser.add_argument("--curve-steps", type=int, default=100)
+    parser.add_argument("--ablations", default="all_on,no_feature_cache,no_caption_logits_only,no_length_grouping,"
+                        "no_fused_optimizer", help=f"comma-separated, of: {', '.join(ABLATIONS)}")  # fmt: skip
     parser.add_argument("--skip", default="", help="comma-separated stages to skip: usual,epoch,ablations,curve")
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -256,9 +276,14 @@ def main(argv: list[str] | None = None) -> None:
     if "curve" not in skip:
         del model
         gc.collect()
-        model = usual_model(model_dir, device, dtype)  # fresh LoRA, as captune's run starts
         curve_batches = captune_order_batches(model_dir, manifest, 32, args.curve_steps, device)
-        result["usual_curve"] = windowed(usual_curve(model, curve_batches, args.curve_steps))
+        for image_side_eval in (False, True):
+            model = usual_model(model_dir, device, dtype)  # fresh LoRA, as captune's run starts
+            losses = usual_curve(model, curve_batches, args.curve_steps, image_side_eval)
+            result["usual_curve_image_side_eval" if image_side_eval else "usual_curve"] = windowed(losses)
+            del model
+            gc.collect()
+        model = curve_batches = None
         save()
     del model, check_batch
     gc.collect()
@@ -278,14 +303,8 @@ def main(argv: list[str] | None = None) -> None:
     if "ablations" not in skip:
         result["ablations"] = {}
         limit = f"train.max_steps={args.ablation_steps}"
-        for name, overrides in {
-            "all_on": [],
-            "no_feature_cache": ["train.cache_image_features=off"],
-            "no_caption_logits_only": ["train.caption_logits_only=false"],
-            "no_length_grouping": ["train.group_by_length=false"],
-            "no_fused_optimizer": ["train.fused_optimizer=false"],
-            "compile": ["train.compile=true"],
-        }.items():
+        for name in args.ablations.split(","):
+            overrides = ABLATIONS[name]
             result["ablations"][name] = run_captune(
                 model_dir, manifest, args.work / f"run-{name}", args.batch_size, [limit, *overrides]
             )

@@ -313,6 +313,8 @@ def setup(config: Config) -> Run:
     )
     set_seed(config.train.seed)
     main = accelerator.is_main_process
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # results.json reports this run's peak, not an earlier one's
 
     # 2. Data first: a bad dataset should fail before minutes of model loading.
     captions = load_training_data(config, main)
