@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
         save()
     if "curve" not in skip:
         steps = [f"train.max_steps={args.curve_steps}", "train.log_every=1", "train.warmup_steps=0",
-                 "train.max_grad_norm=0"]  # fmt: skip
+                 "train.max_grad_norm=0", "lora.alpha=16", "lora.dropout=0.05"]  # the usual recipe's LoRA  # fmt: skip
         run = run_captune(model_dir, manifest, args.work / "run-curve", 32, steps)
         result["captune_curve"] = windowed([loss for _, loss in run["loss_log"]])
     if "ablations" not in skip:
