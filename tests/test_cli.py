@@ -148,6 +148,27 @@ def _assert_user_error(code: int, err: str, *fragments: str) -> None:
     assert "Traceback" not in err
 
 
+def test_caption_resume_appends_only_the_images_not_yet_captioned(
+    model_dir: Path, images: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "captions.jsonl"
+    # A first run that was killed after one caption and in the middle of writing the second line.
+    output.write_text(json.dumps({"image": str(images[0]), "caption": "done before"}) + '\n{"image": "cut')
+    folder = str(images[0].parent)
+    assert _caption(model_dir, folder, "--format", "jsonl", "--output", str(output), "--resume", "--workers", "0") == 0
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["image"] for r in rows] == [str(p) for p in images]
+    assert rows[0]["caption"] == "done before" and all(r["caption"] for r in rows)
+    assert "1 image(s) already in" in capsys.readouterr().err
+
+
+def test_caption_resume_needs_a_jsonl_output_file(
+    model_dir: Path, images: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _caption(model_dir, str(images[0]), "--resume") == 2
+    assert "--resume needs --output FILE and --format jsonl" in capsys.readouterr().err
+
+
 def test_caption_with_a_missing_model_dir_is_a_user_error(
     images: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

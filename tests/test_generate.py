@@ -125,6 +125,32 @@ def test_caption_paths_matches_generate_captions_across_batches(tiny: LoadedMode
     ]
 
 
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_caption_paths_gives_plain_generates_tokens(tiny: LoadedModel, tmp_path: Path, num_beams: int) -> None:
+    """The fast path (pixels from workers, text inputs built without the processor) equals the usual loop:
+    `processor(images, text)` then `model.generate`, decoded, token for token in fp32."""
+    paths = _files(tmp_path, 5)
+    options = GenerateConfig(num_beams=num_beams, min_new_tokens=2, max_new_tokens=6, batch_size=3)
+    ours = [r.caption for r in caption_paths(tiny.model, tiny.processor, paths, options, "a picture of", 2)]
+    tokenizer = tiny.processor.tokenizer
+    tokenizer.padding_side = "left"
+    inputs = tiny.processor(images=[load_rgb(p) for p in paths], text=["a picture of"] * 5, return_tensors="pt")
+    with torch.no_grad():
+        output = tiny.model.generate(**inputs, num_beams=num_beams, min_new_tokens=2, max_new_tokens=6,
+                                     do_sample=False)  # fmt: skip
+    plain = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert ours == [" ".join(text.split()) for text in plain]
+
+
+def test_worker_processes_keep_order_and_errors(tiny: LoadedModel, tmp_path: Path) -> None:
+    paths = _files(tmp_path, 5)
+    paths.insert(2, _text_named_jpg(tmp_path / "bad.jpg"))
+    options = GenerateConfig(num_beams=1, min_new_tokens=1, max_new_tokens=6, batch_size=2)
+    serial = [(r.image, r.caption, r.error) for r in caption_paths(tiny.model, tiny.processor, paths, options)]
+    workers = [(r.image, r.caption, r.error) for r in caption_paths(tiny.model, tiny.processor, paths, options, "", 2)]
+    assert workers == serial and serial[2][1] is None and serial[2][2] is not None
+
+
 def _truncated(path: Path) -> Path:
     return write_truncated_jpeg(path)
 

@@ -43,6 +43,8 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--repetition-penalty", type=float, help="1.0 is none")
     group.add_argument("--batch-size", type=int, help="images per generate call")
     group.add_argument("--prompt", help="text the caption continues (default: the training prompt)")
+    group.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                       help="processes decoding images while the model captions (default: up to 8)")  # fmt: skip
     parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, ...")
 
 
@@ -95,25 +97,37 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from captune.generate import caption_paths, expand_inputs
     from captune.model import load_model_dir
 
     config = _run_config(args)
+    output = _output_path(args.output) if args.output else None
     paths, failures = expand_inputs(args.paths)
+    skipped = 0
+    if args.resume:
+        if output is None or args.format != "jsonl":
+            raise CaptuneError("--resume needs --output FILE and --format jsonl: it skips the images that file holds")
+        done = _captioned_images(output)
+        skipped = sum(1 for p in paths if str(p) in done)
+        paths = [p for p in paths if str(p) not in done]
     loaded = load_model_dir(args.model_dir, device=args.device)
     ok = failed = 0
     # The bare caption only when the one input names the image itself; otherwise each line says which image it is.
-    bare = len(args.paths) == 1 and paths == [Path(args.paths[0]).expanduser()]
-    output = _output_path(args.output) if args.output else None
-    with open(output, "w", newline="") if output else contextlib.nullcontext(sys.stdout) as out:
+    bare = len(args.paths) == 1 and paths == [Path(args.paths[0]).expanduser()] and not args.resume
+    results = caption_paths(loaded.model, loaded.processor, paths, config.generate, config.data.prompt, args.workers)
+    # Captions streamed to a file leave stderr free for a progress bar; on a log file it prints a line every 30 s.
+    bar = tqdm(itertools.chain(failures, results), total=len(failures) + len(paths), unit="img", desc="captioning",
+               disable=output is None, file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 30.0)  # fmt: skip
+    mode = "a" if args.resume else "w"
+    with open(output, mode, newline="") if output else contextlib.nullcontext(sys.stdout) as out:
         writer = csv.writer(out) if args.format == "csv" else None
         if writer:
             writer.writerow(["image", "caption"])
-        for result in itertools.chain(
-            failures, caption_paths(loaded.model, loaded.processor, paths, config.generate, config.data.prompt)
-        ):
+        for result in bar:
             if result.error is not None:
-                print(f"error: {result.error}", file=sys.stderr)
+                bar.write(f"error: {result.error}", file=sys.stderr)
                 failed += 1
                 continue
             ok += 1
@@ -124,9 +138,30 @@ def cmd_caption(args: argparse.Namespace) -> int:
             else:
                 out.write(f"{result.caption}\n" if bare else f"{result.image}\t{result.caption}\n")
             out.flush()
+    if skipped:
+        print(f"--resume: {skipped} image(s) already in {output} were skipped", file=sys.stderr)
     if failed:
         print(f"captioned {ok} image(s); {failed} input(s) failed (listed above)", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _captioned_images(path: Path) -> set[str]:
+    """The images a `--format jsonl` output already holds; a line cut by a kill is removed so appending is safe."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) != len(data):
+        path.write_bytes(complete)
+    images = set()
+    for number, line in enumerate(complete.decode("utf-8", errors="replace").splitlines(), 1):
+        try:
+            images.add(json.loads(line)["image"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CaptuneError(
+                f"{path}:{number}: not a line of `captune caption --format jsonl`; --resume appends only to such a file"
+            ) from None
+    return images
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -188,7 +223,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not records:
         raise CaptuneError(f"{args.data_dir}: the {args.split} split has no usable images")
     loaded = load_model_dir(args.model_dir, device=args.device)
-    evaluation = evaluate_records(loaded.model, loaded.processor, records, config.generate, config.data.prompt)
+    evaluation = evaluate_records(loaded.model, loaded.processor, records, config.generate, config.data.prompt,
+                                  args.workers)  # fmt: skip
     output_dir = Path(args.output_dir or Path(args.model_dir) / f"eval-{args.split}")
     write_evaluation(output_dir, evaluation, records)
     _print_metrics(evaluation.result)
@@ -295,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--format", choices=["text", "jsonl", "csv"], default="text")
     p.add_argument("--output", help="write here instead of standard output")
+    p.add_argument("--resume", action="store_true",
+                   help="append to --output (jsonl), skipping the images it already holds")  # fmt: skip
     _add_generation_options(p)
     p.set_defaults(func=cmd_caption)
 

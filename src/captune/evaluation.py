@@ -10,8 +10,8 @@ from transformers import Blip2Processor
 
 from captune.config import GenerateConfig
 from captune.data import Record
-from captune.data.images import load_rgb
-from captune.generate import generate_captions
+from captune.errors import CaptuneError
+from captune.generate import caption_paths
 from captune.metrics import EvalResult, per_image_rows, score_captions, write_metrics, write_per_image
 from captune.model import Blip2Like
 
@@ -27,13 +27,19 @@ def predict_records(
     records: list[Record],
     options: GenerateConfig,
     prompt: str = "",
+    num_workers: int = 0,
 ) -> dict[str, str]:
-    """Captions every record's image in batches; keys are the records' image ids."""
+    """Captions every record's image in batches (decoded by `num_workers` processes); keys are the records' image ids.
+
+    Raises:
+        CaptuneError: an image cannot be read (callers check the images first).
+    """
     predictions: dict[str, str] = {}
-    for start in range(0, len(records), options.batch_size):
-        chunk = records[start : start + options.batch_size]
-        texts = generate_captions(model, processor, [load_rgb(r.image_path) for r in chunk], options, prompt)
-        predictions.update((r.image_id, t) for r, t in zip(chunk, texts, strict=True))
+    results = caption_paths(model, processor, [r.image_path for r in records], options, prompt, num_workers)
+    for record, result in zip(records, results, strict=True):
+        if result.caption is None:
+            raise CaptuneError(result.error or f"{record.image_path}: not captioned")
+        predictions[record.image_id] = result.caption
     return predictions
 
 
@@ -51,9 +57,10 @@ def evaluate_records(
     records: list[Record],
     options: GenerateConfig,
     prompt: str = "",
+    num_workers: int = 0,
 ) -> ModelEvaluation:
     """Captions the records and scores the captions against their references."""
-    predictions = predict_records(model, processor, records, options, prompt)
+    predictions = predict_records(model, processor, records, options, prompt, num_workers)
     return ModelEvaluation(predictions, score_captions(references_of(records), predictions, per_image=True))
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 from transformers import Blip2Processor
 
 from captune.config import GenerateConfig
@@ -37,21 +38,40 @@ def generate_captions(
     options: GenerateConfig,
     prompt: str = "",
 ) -> list[str]:
-    """Captions one batch of RGB images.
+    """Captions one batch of RGB images (preprocessed here; `caption_paths` preprocesses in worker processes)."""
+    pixel_values = processor.image_processor(list(images), return_tensors="pt")["pixel_values"]
+    return generate_from_pixels(model, processor, pixel_values, options, prompt)
 
-    Decoder-only models get left padding, so every row's prompt ends right where generation starts. The prompt is
-    fed to the model and stripped from the output, which holds only the new tokens.
+
+@torch.no_grad()
+def generate_from_pixels(
+    model: Blip2Like,
+    processor: Blip2Processor,
+    pixel_values: torch.Tensor,
+    options: GenerateConfig,
+    prompt: str = "",
+) -> list[str]:
+    """Captions one batch of preprocessed images (the image processor's `pixel_values`).
+
+    The text input is what `Blip2Processor(images=..., text=prompt)` builds: the image tokens, then the tokenized
+    prompt. Decoder-only models get left padding, so every row's prompt ends right where generation starts. The
+    prompt is fed to the model and stripped from the output, which holds only the new tokens.
     """
     device = next(model.parameters()).device
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    processor.tokenizer.padding_side = "right" if _is_encoder_decoder(model) else "left"
-    inputs = processor(images=list(images), text=[prompt] * len(images), padding=True, return_tensors="pt")
-    inputs = inputs.to(device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "right" if _is_encoder_decoder(model) else "left"
+    text = tokenizer([prompt] * len(pixel_values), padding=True)
+    image_tokens = tokenizer(processor.image_token.content * processor.num_query_tokens, add_special_tokens=False)
+    inputs = {
+        key: torch.tensor([image_tokens[key] + row for row in text[key]], device=device)
+        for key in ("input_ids", "attention_mask")
+    }
     was_training = model.training
     model.eval()
     output = model.generate(
         **inputs,
+        pixel_values=pixel_values.to(device, dtype, non_blocking=True),
         num_beams=options.num_beams,
         min_new_tokens=options.min_new_tokens,
         max_new_tokens=options.max_new_tokens,
@@ -61,7 +81,7 @@ def generate_captions(
     model.train(was_training)
     if not _is_encoder_decoder(model):
         output = output[:, inputs["input_ids"].shape[1] :]
-    texts = processor.tokenizer.batch_decode(output, skip_special_tokens=True)
+    texts = tokenizer.batch_decode(output, skip_special_tokens=True)
     return [_clean(t, prompt) for t in texts]
 
 
@@ -74,36 +94,65 @@ def _clean(text: str, prompt: str) -> str:
     return text
 
 
+_Item = tuple[int, torch.Tensor | None, str | None]
+"""An image's position in the input, its pixels, and the error that kept it from having pixels."""
+
+
+class _Preprocessed(Dataset):
+    """An image file as the model takes it (decoded, resized, normalised), or why it cannot be used."""
+
+    def __init__(self, paths: Sequence[Path], processor: Blip2Processor) -> None:
+        self.paths, self.image_processor = list(paths), processor.image_processor
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> _Item:
+        try:
+            image = load_rgb(self.paths[index])
+        except CaptuneError as err:
+            return index, None, str(err)
+        return index, self.image_processor(image, return_tensors="pt")["pixel_values"][0], None
+
+
+def _as_batch(
+    items: list[tuple[int, torch.Tensor | None, str | None]],
+) -> list[tuple[int, torch.Tensor | None, str | None]]:
+    return items
+
+
 def caption_paths(
     model: Blip2Like,
     processor: Blip2Processor,
     paths: Iterable[Path],
     options: GenerateConfig,
     prompt: str = "",
+    num_workers: int = 0,
 ) -> Iterator[CaptionResult]:
-    """Captions image files in batches, in input order; an unreadable file yields a result with its error."""
-    batch: list[tuple[Path, Image.Image]] = []
-    pending: list[CaptionResult] = []
+    """Captions image files in batches of `options.batch_size`, in input order; an unreadable file yields a result
+    with its error and the others are captioned.
 
-    def flush() -> Iterator[CaptionResult]:
-        captions = generate_captions(model, processor, [im for _, im in batch], options, prompt) if batch else []
-        done = dict(zip([str(p) for p, _ in batch], captions, strict=True))
-        for result in pending:
-            if result.error is None:
-                result.caption = done[result.image]
-            yield result
-        batch.clear()
-        pending.clear()
-
-    for path in paths:
-        try:
-            batch.append((path, load_rgb(path)))
-            pending.append(CaptionResult(str(path), None))
-        except CaptuneError as err:
-            pending.append(CaptionResult(str(path), None, str(err)))
-        if len(batch) >= options.batch_size:
-            yield from flush()
-    yield from flush()
+    With `num_workers` > 0, worker processes decode and preprocess the next batches while the model captions this
+    one (each works up to 2 batches ahead), so the GPU does not wait for JPEG decoding.
+    """
+    files = list(paths)
+    device = next(model.parameters()).device
+    loader = DataLoader(
+        _Preprocessed(files, processor),
+        batch_size=options.batch_size,
+        num_workers=num_workers,
+        collate_fn=_as_batch,
+        prefetch_factor=2 if num_workers else None,
+        pin_memory=device.type == "cuda",
+    )
+    for batch in loader:
+        good = [(index, pixels) for index, pixels, _ in batch if pixels is not None]
+        captions = (
+            generate_from_pixels(model, processor, torch.stack([p for _, p in good]), options, prompt) if good else []
+        )
+        done = {index: caption for (index, _), caption in zip(good, captions, strict=True)}
+        for index, _, error in batch:
+            yield CaptionResult(str(files[index]), done.get(index), error)
 
 
 def expand_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[CaptionResult]]:

@@ -527,7 +527,8 @@ def validate_and_keep_best(run: Run) -> dict[str, float] | None:
     accelerator, state = run.accelerator, run.state
     model = accelerator.unwrap_model(run.loaded.model)
     mine = run.val_records[accelerator.process_index :: accelerator.num_processes]
-    predictions = predict_records(model, run.loaded.processor, mine, run.config.generate, run.config.data.prompt)
+    predictions = predict_records(model, run.loaded.processor, mine, run.config.generate, run.config.data.prompt,
+                                  run.config.data.num_workers)  # fmt: skip
     gathered = dict(gather_object(list(predictions.items())))
     metrics = None
     if accelerator.is_main_process:

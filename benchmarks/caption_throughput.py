@@ -1,0 +1,165 @@
+"""Captioning throughput on one GPU: the usual Hugging Face `generate` loop vs captune's `caption_paths` (the path of
+`captune caption` and `captune eval`), one process, the same images and weights.
+
+    PYTHONPATH=src:.gpu/site python benchmarks/caption_throughput.py --model-dir DIR --work .bench --output OUT.json
+    (DIR from `python benchmarks/random_blip2.py --arch opt-2.7b --output DIR`; --tiny for a CPU dry run)
+
+Every caption is exactly 30 new tokens (`min_new_tokens = max_new_tokens = 30`), so random weights cost what trained
+ones do. Stages:
+1. The usual loop: for each batch, `processor(images=...)` on PIL images decoded in the loop, `model.generate(...)`,
+   decode; batch 1 and batch 32, greedy.
+2. captune: `caption_paths` over image files (decoded and preprocessed by 8 worker processes while the GPU works) at
+   each `--batch-sizes`, greedy; and beam 5 at batch 64.
+3. Single-image latency: `generate_captions` on one decoded image, median and p90 of 20 (after 3 warm-up calls).
+4. Agreement: the usual loop's and captune's captions of the same images at the same batch size (32), in bf16.
+Writes `--output` (JSON: captions/s per path and batch, latencies, agreement, versions, device, this command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from captune.config import GenerateConfig
+from captune.data.images import load_rgb
+from captune.generate import caption_paths, generate_captions
+from captune.model import build_tiny, load_model_dir, save_base
+
+TOKENS = 30
+
+
+def make_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for index in range(count):
+        path = folder / f"{index:06d}.jpg"
+        if not path.exists():
+            coarse = rng.integers(0, 256, size=(12, 16, 3), dtype=np.uint8)
+            Image.fromarray(coarse).resize((500, 375), Image.Resampling.BILINEAR).save(path, quality=85)
+        paths.append(path)
+    return paths
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def usual_loop(model: Any, processor: Any, paths: list[Path], batch_size: int, num_beams: int = 1) -> tuple:
+    """captions/s and the captions of the usual loop (decode in the loop, processor, generate, batch_decode)."""
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    processor.tokenizer.padding_side = "left"
+    captions: list[str] = []
+    _sync()
+    start = time.perf_counter()
+    for i in range(0, len(paths), batch_size):
+        images = [Image.open(p).convert("RGB") for p in paths[i : i + batch_size]]
+        inputs = processor(images=images, return_tensors="pt").to(device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        with torch.no_grad():
+            output = model.generate(**inputs, num_beams=num_beams, min_new_tokens=TOKENS, max_new_tokens=TOKENS,
+                                    do_sample=False)  # fmt: skip
+        # As the BLIP-2 docs caption: no text input, the whole output decoded (image tokens and BOS are special).
+        captions += [" ".join(t.split()) for t in processor.batch_decode(output, skip_special_tokens=True)]
+    _sync()
+    return len(paths) / (time.perf_counter() - start), captions
+
+
+def captune_path(model: Any, processor: Any, paths: list[Path], batch_size: int, num_beams: int, workers: int) -> tuple:
+    options = GenerateConfig(num_beams=num_beams, min_new_tokens=TOKENS, max_new_tokens=TOKENS, batch_size=batch_size)
+    _sync()
+    start = time.perf_counter()
+    captions = [r.caption for r in caption_paths(model, processor, paths, options, "", workers)]
+    _sync()
+    return len(paths) / (time.perf_counter() - start), captions
+
+
+def latency(model: Any, processor: Any, path: Path) -> dict[str, float]:
+    options = GenerateConfig(num_beams=1, min_new_tokens=TOKENS, max_new_tokens=TOKENS, batch_size=1)
+    image = load_rgb(path)
+    times = []
+    for i in range(23):
+        _sync()
+        start = time.perf_counter()
+        generate_captions(model, processor, [image], options)
+        _sync()
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    times.sort()
+    return {"median_ms": 1000 * statistics.median(times), "p90_ms": 1000 * times[int(0.9 * len(times))]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--work", type=Path, default=Path(".bench"))
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--images", type=int, default=1024)
+    parser.add_argument("--batch-sizes", default="64,128,256")
+    parser.add_argument("--workers", type=int, default=8)
+    args = parser.parse_args(argv)
+    model_dir = args.model_dir
+    if args.tiny:
+        model_dir = args.work / "tiny-model"
+        save_base(model_dir, build_tiny(0))
+    paths = make_images(args.work / "caption-images", args.images)
+    loaded = load_model_dir(str(model_dir))  # bf16 on a GPU, fp32 on a CPU
+    model, processor = loaded.model, loaded.processor
+    result: dict[str, Any] = {"what": __doc__.splitlines()[0], "tokens_per_caption": TOKENS, "images": len(paths)}
+
+    def save() -> None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(result, indent=2) + "\n")
+
+    import accelerate
+    import peft
+    import transformers
+
+    result["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__,
+                          "peft": peft.__version__, "accelerate": accelerate.__version__}  # fmt: skip
+    result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    result["dtype"] = str(next(model.parameters()).dtype)
+    result["command"] = shlex.join(["python", "benchmarks/caption_throughput.py", *(argv or sys.argv[1:])])
+    result["date"] = datetime.date.today().isoformat()
+    captune_path(model, processor, paths[:8], 8, 1, 0)  # warm-up: CUDA context, kernels
+    usual1, _ = usual_loop(model, processor, paths[:16], 1)
+    usual32, usual_captions = usual_loop(model, processor, paths[:128], 32)
+    result["usual"] = {"batch_1": usual1, "batch_32": usual32}
+    print(f"usual loop: batch 1 {usual1:.2f}, batch 32 {usual32:.1f} captions/s", flush=True)
+    save()
+    same32, captune_captions = captune_path(model, processor, paths[:128], 32, 1, args.workers)
+    agree = sum(a == b for a, b in zip(usual_captions, captune_captions, strict=True)) / len(usual_captions)
+    result["agreement_batch_32"] = {"identical_captions": agree, "captions": len(usual_captions)}
+    result["captune"] = {"greedy_batch_32": same32}
+    print(f"captune batch 32: {same32:.1f} captions/s; identical to the usual loop: {agree:.1%}", flush=True)
+    save()
+    for batch_size in map(int, args.batch_sizes.split(",")):
+        rate, _ = captune_path(model, processor, paths, batch_size, 1, args.workers)
+        result["captune"][f"greedy_batch_{batch_size}"] = rate
+        print(f"captune greedy batch {batch_size}: {rate:.1f} captions/s", flush=True)
+        save()
+    rate, _ = captune_path(model, processor, paths[:256], 64, 5, args.workers)
+    result["captune"]["beam5_batch_64"] = rate
+    print(f"captune beam 5 batch 64: {rate:.1f} captions/s", flush=True)
+    result["latency_single_image"] = latency(model, processor, paths[0])
+    print(f"single image: {result['latency_single_image']}", flush=True)
+    save()
+    print(f"written to {args.output}")
+
+
+if __name__ == "__main__":
+    main()
