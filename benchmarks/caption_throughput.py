@@ -78,8 +78,11 @@ def usual_loop(model: Any, processor: Any, paths: list[Path], batch_size: int, n
     return len(paths) / (time.perf_counter() - start), captions
 
 
-def captune_path(model: Any, processor: Any, paths: list[Path], batch_size: int, num_beams: int, workers: int) -> tuple:
-    options = GenerateConfig(num_beams=num_beams, min_new_tokens=TOKENS, max_new_tokens=TOKENS, batch_size=batch_size)
+def captune_path(
+    model: Any, processor: Any, paths: list[Path], batch_size: int, num_beams: int, workers: int, static: bool = False
+) -> tuple:
+    options = GenerateConfig(num_beams=num_beams, min_new_tokens=TOKENS, max_new_tokens=TOKENS, batch_size=batch_size,
+                             static_cache=static)  # fmt: skip
     _sync()
     start = time.perf_counter()
     captions = [r.caption for r in caption_paths(model, processor, paths, options, "", workers)]
@@ -111,6 +114,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=1024)
     parser.add_argument("--batch-sizes", default="64,128,256")
     parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--static-only", type=int, metavar="BATCH",
+                        help="only time captune greedy with a static (compiled) cache at this batch, after a warm-up "
+                        "batch that compiles it")  # fmt: skip
     args = parser.parse_args(argv)
     model_dir = args.model_dir
     if args.tiny:
@@ -135,6 +141,19 @@ def main(argv: list[str] | None = None) -> None:
     result["dtype"] = str(next(model.parameters()).dtype)
     result["command"] = shlex.join(["python", "benchmarks/caption_throughput.py", *(argv or sys.argv[1:])])
     result["date"] = datetime.date.today().isoformat()
+    if args.static_only:
+        batch = args.static_only
+        start = time.perf_counter()
+        captune_path(model, processor, paths[:batch], batch, 1, args.workers, static=True)
+        result["static_cache_warm_up_seconds"] = time.perf_counter() - start
+        rate, captions = captune_path(model, processor, paths, batch, 1, args.workers, static=True)
+        _, dynamic = captune_path(model, processor, paths[:batch], batch, 1, args.workers)
+        same = sum(a == b for a, b in zip(captions[:batch], dynamic, strict=True)) / batch
+        result["captune_static_cache"] = {f"greedy_batch_{batch}": rate, "identical_to_dynamic_cache": same}
+        print(f"static cache batch {batch}: {rate:.1f} captions/s after {result['static_cache_warm_up_seconds']:.0f} s"
+              f" of warm-up; identical to the dynamic cache: {same:.1%}", flush=True)  # fmt: skip
+        save()
+        return
     captune_path(model, processor, paths[:8], 8, 1, 0)  # warm-up: CUDA context, kernels
     usual1, _ = usual_loop(model, processor, paths[:16], 1)
     usual32, usual_captions = usual_loop(model, processor, paths[:128], 32)

@@ -142,6 +142,14 @@ def test_caption_paths_gives_plain_generates_tokens(tiny: LoadedModel, tmp_path:
     assert ours == [" ".join(text.split()) for text in plain]
 
 
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_a_static_cache_gives_the_same_captions(tiny: LoadedModel, num_beams: int) -> None:
+    options = GenerateConfig(num_beams=num_beams, min_new_tokens=2, max_new_tokens=6)
+    static = GenerateConfig(num_beams=num_beams, min_new_tokens=2, max_new_tokens=6, static_cache=True)
+    expected = generate_captions(tiny.model, tiny.processor, _images(), options)
+    assert generate_captions(tiny.model, tiny.processor, _images(), static) == expected
+
+
 def test_worker_processes_keep_order_and_errors(tiny: LoadedModel, tmp_path: Path) -> None:
     paths = _files(tmp_path, 5)
     paths.insert(2, _text_named_jpg(tmp_path / "bad.jpg"))

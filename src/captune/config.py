@@ -152,6 +152,9 @@ class GenerateConfig:
     """Penalty on repeated tokens (1.0 is none)."""
     batch_size: int = 16
     """Images per generate call."""
+    static_cache: bool = False
+    """Generate with a static KV cache: on CUDA, transformers then compiles the decode step (once per batch shape,
+    a minute or so), which removes most per-token host work in bulk captioning of full batches."""
 
 
 @dataclass

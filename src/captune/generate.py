@@ -77,6 +77,7 @@ def generate_from_pixels(
         max_new_tokens=options.max_new_tokens,
         repetition_penalty=options.repetition_penalty,
         do_sample=False,
+        **({"cache_implementation": "static"} if options.static_cache else {}),
     )
     model.train(was_training)
     if not _is_encoder_decoder(model):
