@@ -14,9 +14,9 @@ import pytest
 
 from captune import metrics
 from captune.cli import main
-from captune.config import describe, load_config
+from captune.config import describe
 from captune.metrics import METRIC_NAMES
-from captune.model import apply_lora, build_tiny, save_base, save_model_dir
+from captune.model import save_tiny_model_dir
 
 from .conftest import write_image, write_truncated_jpeg
 
@@ -24,13 +24,7 @@ from .conftest import write_image, write_truncated_jpeg
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved run directory as `captune train` writes it: tiny base in base/, default LoRA, fast greedy generation."""
-    root = tmp_path_factory.mktemp("run")
-    loaded = build_tiny(0)
-    save_base(root / "base-model", loaded)
-    config = load_config(None, ["num_beams=1", "min_new_tokens=1", "max_new_tokens=5"])
-    loaded.model = apply_lora(loaded.model, config.lora)
-    save_model_dir(root / "best", loaded, config, root / "base-model")
-    return root / "best"
+    return save_tiny_model_dir(tmp_path_factory.mktemp("run"), ["num_beams=1", "min_new_tokens=1", "max_new_tokens=5"])
 
 
 @pytest.fixture(scope="module")

@@ -280,3 +280,11 @@ def test_describe_lists_every_field_with_its_docstring() -> None:
 
 def test_describe_shows_defaults() -> None:
     assert "\n  lr = 0.0001\n" in describe()
+
+
+def test_every_config_key_is_in_the_configuration_docs() -> None:
+    doc = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
+    keys = [f"{section.name}.{field.name}" for section in dataclasses.fields(Config)
+            for field in dataclasses.fields(section.default_factory())]  # type: ignore[misc]  # fmt: skip
+    missing = [key for key in keys if f"| `{key}` |" not in doc]
+    assert not missing, f"docs/configuration.md lacks {missing}"

@@ -82,8 +82,10 @@ def test_prompt_tokens_are_masked(tiny: LoadedModel, synthetic_dir: Path) -> Non
 def test_collator_rejects_a_caption_holding_the_image_token(tiny: LoadedModel, synthetic_dir: Path) -> None:
     collate = CaptionCollator(tiny.processor)
     item = {"pixel_values": torch.zeros(3, 32, 32), "caption": "a red <image> circle"}
-    with pytest.raises(CaptuneError, match="exactly 8 image tokens"):
+    with pytest.raises(CaptuneError, match=r"caption 'a red <image> circle' holds the image token <image>"):
         collate([item])
+    with pytest.raises(CaptuneError, match=r"caption 'a <image>' holds the image token"):
+        CaptionCollator(tiny.processor, prompt="a <image>")([{**item, "caption": "a red circle"}])
 
 
 def test_long_captions_are_cut_but_keep_eos(tiny: LoadedModel) -> None:
@@ -213,6 +215,8 @@ def test_validation_scores_each_epoch_and_keeps_best(synthetic_dir: Path, tmp_pa
     assert state.best_cider == pytest.approx(metrics["CIDEr"])
     best = tmp_path / "run" / "best"
     assert json.loads((best / "metrics.json").read_text()) == metrics
+    card = (best / "README.md").read_text()  # the model card carries every metric of the best step, METEOR too
+    assert f"{metrics['METEOR']:.4f}" in card and f"{metrics['CIDEr']:.4f}" in card
     val = json.loads((tmp_path / "run" / "val" / "step-000015.json").read_text())
     assert len(val["predictions"]) == 6  # every val image exactly once
     results = json.loads((tmp_path / "run" / "results.json").read_text())

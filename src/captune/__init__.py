@@ -16,6 +16,7 @@ from captune.data import CaptionSet, ReadOptions, Record, check_images, read, re
 from captune.data.synthetic import SyntheticSpec, generate_synthetic
 from captune.errors import CaptuneError
 from captune.evaluation import evaluate_records, predict_records
+from captune.export import merge_model_dir, model_card
 from captune.generate import CaptionResult, caption_paths, generate_captions
 from captune.metrics import EvalResult, evaluate_files, score_captions
 from captune.model import LoadedModel, apply_lora, load_base, load_model_dir, trainable_summary
@@ -48,6 +49,8 @@ __all__ = [
     "load_base",
     "load_config",
     "load_model_dir",
+    "merge_model_dir",
+    "model_card",
     "predict_records",
     "score_captions",
     "train",

@@ -1,4 +1,4 @@
-"""The `captune` command: train, caption, evaluate, eval, data check, data convert, demo.
+"""The `captune` command: train, caption, evaluate, eval, report, data check, data convert, merge, serve, demo.
 
 Every subcommand is a thin shell over the Python API; `main(argv)` is called directly by the tests.
 """
@@ -42,6 +42,8 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-new-tokens", type=int, help="longest caption in tokens")
     group.add_argument("--repetition-penalty", type=float, help="1.0 is none")
     group.add_argument("--batch-size", type=int, help="images per generate call")
+    group.add_argument("--static-cache", action="store_true", default=None,
+                       help="static KV cache: on a GPU the decode step is compiled (faster in bulk)")  # fmt: skip
     group.add_argument("--prompt", help="text the caption continues (default: the training prompt)")
     group.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                        help="processes decoding images while the model captions (default: up to 8)")  # fmt: skip
@@ -55,7 +57,7 @@ def _run_config(args: argparse.Namespace) -> Config:
 
     meta = Path(args.model_dir).expanduser() / META_FILE
     config = config_from_dict(json.loads(meta.read_text())["config"], str(meta)) if meta.is_file() else Config()
-    for name in ("num_beams", "min_new_tokens", "max_new_tokens", "repetition_penalty", "batch_size"):
+    for name in ("num_beams", "min_new_tokens", "max_new_tokens", "repetition_penalty", "batch_size", "static_cache"):
         value = getattr(args, name)
         if value is not None:
             setattr(config.generate, name, value)
@@ -283,6 +285,15 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
     return 1 if captions.problems else 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from captune.export import merge_model_dir
+
+    output = merge_model_dir(Path(args.model_dir), Path(args.output), dtype=args.dtype, overwrite=args.overwrite)
+    print(f"merged model in {output}: Blip2ForConditionalGeneration.from_pretrained({str(output)!r}) loads it, "
+          f"as does --model-dir {output}")  # fmt: skip
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from captune.data.synthetic import SyntheticSpec
     from captune.demo import run_demo
@@ -294,6 +305,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"  {image}: {caption}")
     print(f"metrics in {args.output_dir}/metrics.json; model in {args.output_dir}/model "
           f"(captune caption IMAGE --model-dir {args.output_dir}/model)")  # fmt: skip
+    return 0
+
+
+# The flags of `captune serve` that set the `ServeSettings` field of the same name (None keeps its default).
+_SERVE_SETTINGS = ("device", "max_upload_bytes", "max_images", "max_image_pixels", "max_new_tokens", "max_num_beams",
+                   "max_batch", "max_wait_ms", "max_queue", "retry_after_s")  # fmt: skip
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from captune.serve import ServeSettings, run_server
+    except ImportError as err:
+        raise CaptuneError(f"captune serve needs the serve extra ({err.name} is not installed): "
+                           "pip install 'captune[serve]'") from None  # fmt: skip
+    given = {name: getattr(args, name) for name in _SERVE_SETTINGS if getattr(args, name) is not None}
+    run_server(args.model_dir, host=args.host, port=args.port, settings=ServeSettings(**given))
     return 0
 
 
@@ -376,6 +403,40 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--to", choices=["manifest"], default="manifest", help="format to write (default: manifest)")
     c.add_argument("--output", required=True, help="manifest to write: .jsonl (a row per image) or .csv (per caption)")
     c.set_defaults(func=cmd_data_convert)
+
+    p = sub.add_parser("merge", help="merge the LoRA adapter into the base weights: a standalone BLIP-2 for serving",
+                       description="captune merge --model-dir RUN/best --output DIR")  # fmt: skip
+    p.add_argument("--model-dir", required=True, help="RUN/best, RUN/final or a checkpoint (base + adapter)")
+    p.add_argument("--output", required=True, help="directory to write; must be absent or empty unless --overwrite")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="weight dtype written (auto: fp32); the merge itself runs in fp32 on the CPU")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("serve", help="serve captions over a REST API and a web page",
+                       description="captune serve --model-dir RUN/best [--host 127.0.0.1] [--port 8000]; "
+                       "page at /, API POST /v1/captions, OpenAPI at /openapi.json")  # fmt: skip
+    p.add_argument(
+        "--model-dir", required=True, help="RUN/best, RUN/final, a checkpoint, or a plain BLIP-2 directory or hub id"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; the server has no "
+                   "authentication, so expose it only behind one)")  # fmt: skip
+    p.add_argument("--port", type=int, default=8000, help="default 8000")
+    p.add_argument("--device", help="auto (default: a GPU when there is one), cpu, cuda, cuda:1, ...")
+    group = p.add_argument_group("limits and batching")
+    group.add_argument("--max-upload-bytes", type=int, help="largest request body (default 20 MiB); 413 beyond")
+    group.add_argument("--max-images", type=int, help="images per request (default 16); 422 beyond")
+    group.add_argument("--max-image-pixels", type=int, help="width x height of one image, checked before decoding "
+                       "(default 40,000,000); 413 beyond")  # fmt: skip
+    group.add_argument("--max-new-tokens", type=int, help="highest max_new_tokens a request may ask (default 100)")
+    group.add_argument("--max-num-beams", type=int, help="widest beam a request may ask (default 10)")
+    group.add_argument("--max-batch", type=int, help="images per generate call (default 16)")
+    group.add_argument("--max-wait-ms", type=float, help="wait after the first queued image to fill a batch "
+                       "(default 10)")  # fmt: skip
+    group.add_argument("--max-queue", type=int, help="images admitted at once (default 64); 503 with Retry-After "
+                       "beyond")  # fmt: skip
+    group.add_argument("--retry-after-s", type=int, help="Retry-After of a 503, in seconds (default 1)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="train, evaluate and caption on the built-in synthetic data")
     p.add_argument("--output-dir", default="demo-out")

@@ -24,8 +24,9 @@ from captune.errors import CaptuneError
 @dataclass
 class ModelConfig:
     name: str = "tiny"
-    """Hub id (`Salesforce/blip2-opt-2.7b`) or local directory, loaded with `from_pretrained`; `tiny` builds a small
-    random BLIP-2 from config in code (tests and the demo; nothing to download)."""
+    """Hub id (`Salesforce/blip2-opt-2.7b`, `Salesforce/blip2-flan-t5-xl`) or local directory, loaded with
+    `from_pretrained`; `tiny` (OPT) and `tiny-t5` (T5) build a small random BLIP-2 from config in code (tests and the
+    demo; nothing to download)."""
     dtype: str = "auto"
     """Weight dtype: `auto` (bf16 on a GPU that supports it, fp32 on CPU), `bf16`, `fp16` or `fp32`."""
 

@@ -1,9 +1,11 @@
-"""Where captune keeps derived files, and how it writes a file so that a kill leaves the old one or the new one."""
+"""Where captune keeps derived files, and how it writes a file or a folder so that a kill leaves the old one or the
+new one."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,3 +45,13 @@ def write_atomically(path: Path, data: str | bytes) -> None:
     else:
         with atomic_open(path, "w", encoding="utf-8") as file:
             file.write(data)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Puts a finished temporary directory in place; the previous version stays whole until the new one is there."""
+    old = final.with_name(f".old-{final.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)

@@ -7,10 +7,12 @@ are stored in `base/` inside the directory, so the directory stands alone.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,12 @@ from captune.errors import CaptuneError
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
+TINY_T5 = "tiny-t5"
+TINY_MODELS = (TINY, TINY_T5)
+"""Built-in random BLIP-2s for tests and the demo: `tiny` (OPT language model, as blip2-opt) and `tiny-t5` (T5
+encoder-decoder, as blip2-flan-t5)."""
+MERGED_KEY = "merged_from"
+"""The captune.json key that marks a `captune merge` output (a plain BLIP-2; the file is provenance only)."""
 META_FILE = "captune.json"
 BASE_SUBDIR = "base"
 
@@ -67,25 +75,50 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
-def build_tiny_processor(num_query_tokens: int = 8, image_size: int = 32) -> Blip2Processor:
-    """A word-level tokenizer built locally with `tokenizers` (OPT-like: `</s>` is BOS and EOS) and a PIL image
-    processor; `Blip2Processor` adds the `<image>` token itself."""
-    vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2}
+def build_tiny_processor(num_query_tokens: int = 8, image_size: int = 32, t5: bool = False) -> Blip2Processor:
+    """A word-level tokenizer built locally with `tokenizers` and a PIL image processor; `Blip2Processor` adds the
+    `<image>` token itself. OPT-like: `</s>` is BOS and EOS and starts every text; T5-like (`t5`): pad 0, `</s>` 1
+    ends every text, no BOS."""
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} if t5 else {"<pad>": 0, "<unk>": 1, "</s>": 2}
     for word in TINY_WORDS:
         vocab.setdefault(word, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
+    template = "$A </s>" if t5 else "</s> $A"
+    backend.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("</s>", vocab["</s>"])])
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
+        tokenizer_object=backend, bos_token=None if t5 else "</s>", eos_token="</s>", pad_token="<pad>",
+        unk_token="<unk>",
+    )  # fmt: skip
     image_processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
     return Blip2Processor(image_processor, tokenizer, num_query_tokens=num_query_tokens)
 
 
-def tiny_config(processor: Blip2Processor, image_size: int = 32) -> Blip2Config:
-    """A BLIP-2 of the real architecture (ViT, Q-Former, OPT) at hidden sizes 32-64: ~0.1 M parameters."""
+def tiny_config(processor: Blip2Processor, image_size: int = 32, t5: bool = False) -> Blip2Config:
+    """A BLIP-2 of the real architecture (ViT, Q-Former, OPT or T5) at hidden sizes 32-64: ~0.1 M parameters."""
     tokenizer = processor.tokenizer
+    opt = {
+        "model_type": "opt",
+        "hidden_size": 64,
+        "ffn_dim": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "word_embed_proj_dim": 64,
+        "max_position_embeddings": 128,
+        "bos_token_id": tokenizer.bos_token_id,
+    }
+    t5_text = {
+        "model_type": "t5",
+        "d_model": 64,
+        "d_kv": 16,
+        "d_ff": 128,
+        "num_layers": 2,
+        "num_decoder_layers": 2,
+        "num_heads": 4,
+        "relative_attention_num_buckets": 8,
+        "decoder_start_token_id": tokenizer.pad_token_id,
+        "tie_word_embeddings": False,
+    }
     return Blip2Config(
         vision_config={
             "hidden_size": 32,
@@ -105,15 +138,8 @@ def tiny_config(processor: Blip2Processor, image_size: int = 32) -> Blip2Config:
             "max_position_embeddings": 64,
         },
         text_config={
-            "model_type": "opt",
-            "hidden_size": 64,
-            "ffn_dim": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "word_embed_proj_dim": 64,
-            "max_position_embeddings": 128,
+            **(t5_text if t5 else opt),
             "vocab_size": len(tokenizer),
-            "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
         },
@@ -122,13 +148,14 @@ def tiny_config(processor: Blip2Processor, image_size: int = 32) -> Blip2Config:
     )
 
 
-def build_tiny(seed: int = 0) -> LoadedModel:
-    """The built-in tiny BLIP-2 with random weights, deterministic for a seed."""
-    processor = build_tiny_processor()
+def build_tiny(seed: int = 0, name: str = TINY) -> LoadedModel:
+    """A built-in tiny BLIP-2 (`tiny` or `tiny-t5`) with random weights, deterministic for a seed."""
+    t5 = name == TINY_T5
+    processor = build_tiny_processor(t5=t5)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = Blip2ForConditionalGeneration(tiny_config(processor))
-    return LoadedModel(model.eval(), processor, TINY)
+        model = Blip2ForConditionalGeneration(tiny_config(processor, t5=t5))
+    return LoadedModel(model.eval(), processor, name)
 
 
 def load_base(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> LoadedModel:
@@ -137,8 +164,8 @@ def load_base(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> L
     Raises:
         CaptuneError: the name is neither a local directory nor a model that can be loaded (offline, no cache).
     """
-    if name == TINY:
-        loaded = build_tiny(seed)
+    if name in TINY_MODELS:
+        loaded = build_tiny(seed, name)
         loaded.model.to(dtype)
         return loaded
     local = Path(name).expanduser()
@@ -173,6 +200,9 @@ def _check_image_tokens(processor: Blip2Processor, config: Blip2Config, name: st
         )
 
 
+_T5_NAMES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "out_proj": "o", "fc1": "wi", "fc2": "wo"}
+
+
 def _target_regex(lora: LoraConfig) -> str:
     """A regex over module names that keeps LoRA inside the language model (and the Q-Former when asked): PEFT's
     defaults or bare names would also match layers of the vision encoder."""
@@ -190,6 +220,9 @@ def apply_lora(model: Blip2Like, lora: LoraConfig) -> PeftModel:
     Raises:
         CaptuneError: a target name matches no layer of this model (names differ between OPT and T5).
     """
+    if not model.config.use_decoder_only_language_model:
+        # OPT's attention names mean T5's q/k/v/o, so one config (the default q_proj/v_proj) serves both families.
+        lora = dataclasses.replace(lora, target_modules=[_T5_NAMES.get(t, t) for t in lora.target_modules])
     regex = _target_regex(lora)
     names = [n for n, _ in model.named_modules()]
     linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -223,13 +256,23 @@ def trainable_summary(model: torch.nn.Module) -> str:
     return f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)"
 
 
-def save_model_dir(path: Path, loaded: LoadedModel, config: Config, base_dir: Path | None = None) -> None:
-    """Writes adapter (safetensors), processor and `captune.json` into `path` (which the caller makes atomic).
+def save_model_dir(
+    path: Path,
+    loaded: LoadedModel,
+    config: Config,
+    base_dir: Path | None = None,
+    metrics: dict[str, float] | None = None,
+) -> None:
+    """Writes adapter (safetensors), processor, `captune.json` and a model card into `path` (which the caller makes
+    atomic).
 
     Args:
         base_dir: where the tiny base model was saved once per run; copied into `path/base` so the directory stands
             alone. None for bases loadable by name.
+        metrics: this model's val metrics, for the model card.
     """
+    from captune.export import CARD_FILE, model_card  # here: captune.export imports this module
+
     path.mkdir(parents=True, exist_ok=True)
     save_base(path, loaded)  # with a PeftModel, save_pretrained writes the adapter only
     base = loaded.base_name
@@ -238,6 +281,20 @@ def save_model_dir(path: Path, loaded: LoadedModel, config: Config, base_dir: Pa
         base = BASE_SUBDIR
     meta = {"base_model": base, "config": to_dict(config)}
     (path / META_FILE).write_text(json.dumps(meta, indent=2))
+    (path / CARD_FILE).write_text(model_card(loaded, config, metrics))
+
+
+def save_tiny_model_dir(root: Path, overrides: Sequence[str] = ()) -> Path:
+    """A model directory as `captune train` writes it, for the tiny model with an untrained default LoRA: the base
+    in root/base-model, the adapter directory (returned) in root/best. For tests and benchmarks that need one."""
+    from captune.config import load_config
+
+    loaded = build_tiny(0)
+    save_base(root / "base-model", loaded)
+    config = load_config(None, list(overrides))
+    loaded.model = apply_lora(loaded.model, config.lora)
+    save_model_dir(root / "best", loaded, config, root / "base-model")
+    return root / "best"
 
 
 def save_base(path: Path, loaded: LoadedModel) -> None:
@@ -285,6 +342,8 @@ def _load_model_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
             )
         return load_base(str(path), dtype)
     meta = json.loads(meta_file.read_text())
+    if MERGED_KEY in meta:  # `captune merge` output: a plain BLIP-2, its captune.json is provenance only
+        return load_base(str(path), dtype)
     base_path = path / meta["base_model"]
     # A base stored inside the directory is named by its absolute path, so saving this model again finds it.
     base_name = str(base_path.resolve()) if base_path.is_dir() else meta["base_model"]

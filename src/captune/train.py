@@ -34,10 +34,11 @@ from captune.data import CaptionSet, Record
 from captune.data.images import load_rgb
 from captune.errors import CaptuneError
 from captune.evaluation import predict_records, references_of, write_references
+from captune.files import replace_dir
 from captune.metrics import FAST_METRICS, METRIC_NAMES, score_captions
 from captune.model import (
     META_FILE,
-    TINY,
+    TINY_MODELS,
     LoadedModel,
     apply_lora,
     load_base,
@@ -111,15 +112,19 @@ class _Texts:
 
 @dataclass
 class CaptionCollator:
-    """Builds `[<image>] * num_query_tokens + BOS + prompt + caption + EOS`, right-padded, with labels.
+    """Builds the model's inputs and labels for a batch of captions.
 
-    Labels equal input_ids except image placeholders, BOS, prompt tokens and padding, which are -100; the EOS after
-    each caption is a label, so the model learns to stop. The model shifts labels itself.
+    Decoder-only language models (OPT) read one sequence, `[<image>] * num_query_tokens + BOS + prompt + caption +
+    EOS`, right-padded; labels equal input_ids except image placeholders, BOS, prompt tokens and padding, which are
+    -100. Encoder-decoder models (T5, `encoder_decoder=True`) read `[<image>] * num_query_tokens + prompt + EOS` in
+    the encoder, and the labels are the caption + EOS, right-padded with -100; the model shifts them into decoder
+    inputs. Either way the EOS after each caption is a label, so the model learns to stop.
     """
 
     processor: Blip2Processor
     prompt: str = ""
     max_caption_tokens: int = 40
+    encoder_decoder: bool = False
 
     def __post_init__(self) -> None:
         tokenizer = self.processor.tokenizer
@@ -130,24 +135,23 @@ class CaptionCollator:
     def __call__(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
         tokenizer = self.processor.tokenizer
         # A prompt joins the caption with a space, so BPE tokenizers see the caption's first word as a new word.
-        texts = [(" " if self.prompt else "") + item["caption"] for item in batch]
-        captions = tokenizer(texts, add_special_tokens=False).input_ids
-        rows = [self.prefix + ids[: self.max_caption_tokens] + [tokenizer.eos_token_id] for ids in captions]
-        length = max(map(len, rows))
-        input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        labels = torch.full_like(input_ids, IGNORE)
-        for i, row in enumerate(rows):
-            input_ids[i, : len(row)] = torch.tensor(row)
-            attention_mask[i, : len(row)] = 1
-            labels[i, len(self.prefix) : len(row)] = input_ids[i, len(self.prefix) : len(row)]
-        counts = (input_ids == self.image_token_id).sum(dim=1)
-        bad = [batch[i]["caption"] for i in torch.nonzero(counts != self.num_query_tokens).flatten().tolist()]
-        if bad:
+        texts = [("" if self.encoder_decoder or not self.prompt else " ") + item["caption"] for item in batch]
+        captions = [ids[: self.max_caption_tokens] + [tokenizer.eos_token_id]
+                    for ids in tokenizer(texts, add_special_tokens=False).input_ids]  # fmt: skip
+        bad = [item["caption"] for item, ids in zip(batch, captions, strict=True) if self.image_token_id in ids]
+        if bad or self.prefix.count(self.image_token_id) != self.num_query_tokens:
             raise CaptuneError(
-                f"caption {bad[0]!r} does not yield exactly {self.num_query_tokens} image tokens "
-                f"({self.processor.image_token.content} must not appear in captions or the prompt)"
+                f"caption {bad[0] if bad else self.prompt!r} holds the image token "
+                f"{self.processor.image_token.content}; it must not appear in captions or the prompt"
             )
+        if self.encoder_decoder:
+            input_ids = torch.tensor([self.prefix] * len(batch))
+            attention_mask = torch.ones_like(input_ids)
+            labels = _padded(captions, IGNORE)
+        else:
+            input_ids = _padded([self.prefix + ids for ids in captions], tokenizer.pad_token_id)
+            attention_mask = _padded([[1] * (len(self.prefix) + len(ids)) for ids in captions], 0)
+            labels = _padded([[IGNORE] * len(self.prefix) + ids for ids in captions], IGNORE)
         if "pixel_values" in batch[0]:
             images = {"pixel_values": torch.stack([item["pixel_values"] for item in batch])}
         else:
@@ -159,6 +163,14 @@ class CaptionCollator:
             "attention_mask": attention_mask,
             "labels": labels,
         }
+
+
+def _padded(rows: list[list[int]], value: int) -> torch.Tensor:
+    """Rows of different lengths as one tensor, right-padded with value."""
+    out = torch.full((len(rows), max(map(len, rows))), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row)
+    return out
 
 
 class EpochShuffle(Sampler[int]):
@@ -323,7 +335,7 @@ def setup(config: Config) -> Run:
     # 3. The base model, then LoRA on the configured layers only.
     loaded = load_base(config.model.name, dtype, config.train.seed)
     base_dir = None
-    if loaded.base_name == TINY:
+    if loaded.base_name in TINY_MODELS:
         # The tiny base is random: keep its weights so every saved model directory can be reloaded on its own.
         base_dir = output_dir / "base-model"
         if main:
@@ -344,7 +356,12 @@ def setup(config: Config) -> Run:
         pairs,
         batch_size=config.train.batch_size,
         sampler=sampler,
-        collate_fn=CaptionCollator(loaded.processor, config.data.prompt, config.data.max_caption_tokens),
+        collate_fn=CaptionCollator(
+            loaded.processor,
+            config.data.prompt,
+            config.data.max_caption_tokens,
+            not blip_of(loaded.model).config.use_decoder_only_language_model,
+        ),  # fmt: skip
         num_workers=config.data.num_workers,
         prefetch_factor=config.data.prefetch_factor if config.data.num_workers else None,
         persistent_workers=config.data.num_workers > 0,  # forked once, not at every epoch
@@ -561,6 +578,10 @@ def finish_validation(run: Run) -> None:
     metrics = score_captions(references_of(run.val_records), saved["predictions"]).metrics
     _write_json(val_file, saved | {"metrics": metrics})
     _write_json(run.output_dir / "best" / "metrics.json", metrics)
+    from captune.export import CARD_FILE, model_card
+
+    best = LoadedModel(run.accelerator.unwrap_model(run.loaded.model), run.loaded.processor, run.loaded.base_name)
+    (run.output_dir / "best" / CARD_FILE).write_text(model_card(best, run.config, metrics))
     for entry in state.history:
         if entry["step"] == state.best_step:
             entry["metrics"] = metrics
@@ -577,16 +598,6 @@ def _broadcast_float(accelerator: Accelerator, value: float) -> float:
 
 
 # -------------------------------------------------------------------------------------------------- checkpoints ---
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Puts a finished temporary directory in place; the previous version stays whole until the new one is there."""
-    old = final.with_name(f".old-{final.name}")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_model(run: Run, path: Path) -> None:
     """Adapter + processor + captune.json, written to a temporary directory and renamed into place (rank 0)."""
     accelerator = run.accelerator
@@ -595,11 +606,12 @@ def save_model(run: Run, path: Path) -> None:
         tmp = path.with_name(f".tmp-{path.name}")
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped = LoadedModel(accelerator.unwrap_model(run.loaded.model), run.loaded.processor, run.loaded.base_name)
-        save_model_dir(tmp, unwrapped, run.config, run.base_dir)
+        metrics = run.state.history[-1]["metrics"] if run.state.history else None
+        save_model_dir(tmp, unwrapped, run.config, run.base_dir, metrics)
         save_config(run.config, tmp / "config.yaml")
-        if run.state.history:
-            _write_json(tmp / "metrics.json", run.state.history[-1]["metrics"])
-        _replace_dir(tmp, path)
+        if metrics is not None:
+            _write_json(tmp / "metrics.json", metrics)
+        replace_dir(tmp, path)
     accelerator.wait_for_everyone()
 
 
@@ -627,7 +639,7 @@ def save_checkpoint(run: Run, name: str) -> Path:
     torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _replace_dir(tmp, path)
+        replace_dir(tmp, path)
         steps = sorted(p for p in folder.glob("step-*") if p.is_dir())
         for stale in steps[: max(len(steps) - run.config.train.keep_checkpoints, 0)]:
             shutil.rmtree(stale)

@@ -1,0 +1,805 @@
+"""The caption server behind `captune serve`: a REST API and a web page over the one captioning path.
+
+    captune serve --model-dir runs/blip2-opt-2.7b-flickr8k/best --port 8000
+
+`create_app` loads the model once and returns a FastAPI app:
+
+- `POST /v1/captions`: images as multipart uploads (field `images`, repeated) or JSON with base64 images, plus the
+  generation options; answers the captions with timings. URLs are refused, never fetched.
+- `GET /health`, `GET /v1/model` (base model, adapter, generation defaults, limits, metrics saved beside the model),
+  `GET /openapi.json`, and the page at `/`.
+
+How a request flows, and why each step is where it is:
+
+1. Admission: the request takes one slot of `max_queue` before its body is read, then one per image once they are
+   counted; past the limit it gets 503 with Retry-After, so memory is bounded by the limits, not by the load.
+2. The body is read through a counter that stops at `max_upload_bytes` (413), with or without a Content-Length.
+3. Each image's header is checked against `max_image_pixels` before any pixel is decoded (413), then `load_rgb`
+   decodes it with captune's checks; non-images get 415, damaged images 422, in a worker thread off the event loop.
+4. The decoded images go to `MicroBatcher`: one thread that gathers queued requests up to `max_batch` images
+   (waiting at most `max_wait_ms` after the first) and captions each group of identical options with one
+   `generate_captions` call, so throughput rises with load.
+
+Every error is JSON, `{"error": {"code": ..., "message": ...}}`, with a message that names the image, field or limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Future
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import asdict, dataclass, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any, cast
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.types import Message
+
+from captune.config import Config, GenerateConfig, config_from_dict
+from captune.data.images import ImageError, load_rgb
+from captune.errors import CaptuneError
+from captune.generate import generate_captions
+from captune.model import META_FILE, LoadedModel, load_model_dir
+
+log = logging.getLogger(__name__)
+
+MAX_REPETITION_PENALTY = 5.0
+"""Highest `repetition_penalty` a request may ask for (1.0 is none)."""
+GRACEFUL_SHUTDOWN_S = 60
+"""How long `run_server` lets requests in flight finish after SIGTERM or Ctrl-C before cancelling them."""
+DECODE_THREADS = min(8, os.cpu_count() or 1)
+"""Images decoded at once; more threads than cores decode no faster and each holds a malloc arena of its own."""
+OPTION_NAMES = ("num_beams", "min_new_tokens", "max_new_tokens", "repetition_penalty")
+# What Pillow raises for a damaged header; load_rgb opens the image again and names the problem.
+_DAMAGED_HEADER = (OSError, SyntaxError, ValueError, EOFError)
+_PAGE_CSP = "default-src 'self'; img-src 'self' blob:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+
+
+@dataclass
+class ServeSettings:
+    """The server's limits and batching; `captune serve` sets each with the flag of the same name."""
+
+    device: str = "auto"
+    """Where the model runs: `auto` (the first GPU if there is one), `cpu`, `cuda`, `cuda:N`."""
+    max_upload_bytes: int = 20 * 1024 * 1024
+    """Largest request body; a larger one gets 413 as soon as the limit is passed (or from its Content-Length)."""
+    max_images: int = 16
+    """Images in one request (422 beyond)."""
+    max_image_pixels: int = 40_000_000
+    """Largest width x height of one image, checked from its header before decoding (413 beyond); at most
+    `PIL.Image.MAX_IMAGE_PIXELS`, which `load_rgb` enforces."""
+    max_new_tokens: int = 100
+    """Highest `max_new_tokens` and `min_new_tokens` a request may ask for."""
+    max_num_beams: int = 10
+    """Widest beam a request may ask for."""
+    max_batch: int = 16
+    """Images per generate call."""
+    max_wait_ms: float = 10.0
+    """How long the generation worker waits after the first queued image for more, to fill a batch."""
+    max_queue: int = 64
+    """Images admitted at once (being read, decoded, queued or captioned); beyond it 503 with Retry-After. Decoded
+    images take at most `max_queue * max_image_pixels * 3` bytes."""
+    retry_after_s: int = 1
+    """The Retry-After header of a 503, in seconds."""
+
+
+def check_settings(settings: ServeSettings) -> None:
+    """Refuses settings no server can run with, naming the flag."""
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    checks = [
+        (settings.max_upload_bytes >= 1, "--max-upload-bytes must be >= 1"),
+        (settings.max_images >= 1, "--max-images must be >= 1"),
+        (settings.max_image_pixels >= 1, "--max-image-pixels must be >= 1"),
+        (
+            pil_limit is None or settings.max_image_pixels <= pil_limit,
+            f"--max-image-pixels must be <= PIL.Image.MAX_IMAGE_PIXELS ({pil_limit}), which every image load enforces",
+        ),
+        (settings.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
+        (settings.max_num_beams >= 1, "--max-num-beams must be >= 1"),
+        (settings.max_batch >= 1, "--max-batch must be >= 1"),
+        (settings.max_wait_ms >= 0, "--max-wait-ms must be >= 0"),
+        (settings.max_queue >= settings.max_images, "--max-queue must be >= --max-images (a request must fit)"),
+        (settings.retry_after_s >= 1, "--retry-after-s must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise CaptuneError(f"invalid server settings: {message}")
+
+
+# ------------------------------------------------------------------------------------------------------ schemas ---
+class GenerationOptions(BaseModel):
+    """The generation options a caption was made with (the model's defaults where the request gave none)."""
+
+    num_beams: int
+    min_new_tokens: int
+    max_new_tokens: int
+    repetition_penalty: float
+
+
+class ImageCaption(BaseModel):
+    index: int = Field(description="position of the image in the request, from 0")
+    filename: str | None = Field(description="the upload's file name (multipart), else null")
+    caption: str
+
+
+class Timing(BaseModel):
+    decode_ms: float = Field(description="reading and decoding this request's images")
+    queue_ms: float = Field(description="waiting for the generation worker")
+    generate_ms: float = Field(description="the generate call(s) that captioned these images")
+    total_ms: float = Field(description="from the request's arrival to its answer")
+    batch_images: int = Field(description="images in the generate call, other requests' included")
+
+
+class CaptionResponse(BaseModel):
+    captions: list[ImageCaption]
+    options: GenerationOptions
+    timing: Timing
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="machine-readable, e.g. not_an_image, upload_too_large, invalid_options, busy")
+    message: str = Field(description="what went wrong and what to do, naming the image, field or limit")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: str = Field(description="`ok`, or `unavailable` when the generation worker is not running")
+    pending_images: int = Field(description="images admitted now (read, decoded, queued or being captioned)")
+    max_queue: int
+
+
+class AdapterInfo(BaseModel):
+    type: str
+    r: int | None
+    alpha: float | None
+    target_modules: str | list[str] | None
+
+
+class ModelInfo(BaseModel):
+    model_dir: str
+    base_model: str = Field(description="the base the model was fine-tuned from (hub id, directory or `tiny`)")
+    adapter: AdapterInfo | None = Field(description="the LoRA adapter, or null for a plain BLIP-2")
+    device: str
+    dtype: str
+    prompt: str = Field(description="text every caption continues (the training prompt)")
+    generation_defaults: GenerationOptions = Field(description="options used where a request gives none")
+    limits: ServeSettings
+    metrics: dict[str, dict[str, float]] = Field(
+        description="metrics files saved with the model (metrics.json, eval-SPLIT/metrics.json), by relative path"
+    )
+
+
+def _options_model(settings: ServeSettings) -> type[BaseModel]:
+    """The request's generation options, with this server's limits (so the OpenAPI document shows them)."""
+    return create_model(
+        "CaptionOptions",
+        __config__=ConfigDict(extra="forbid"),
+        num_beams=(int | None, Field(None, ge=1, le=settings.max_num_beams, description="beam width; 1 is greedy")),
+        min_new_tokens=(int | None, Field(None, ge=0, le=settings.max_new_tokens, description="shortest caption")),
+        max_new_tokens=(int | None, Field(None, ge=1, le=settings.max_new_tokens, description="longest caption")),
+        repetition_penalty=(
+            float | None,
+            Field(None, ge=1.0, le=MAX_REPETITION_PENALTY, allow_inf_nan=False, description="1.0 is no penalty"),
+        ),
+    )
+
+
+def _json_request_model(options: type[BaseModel], settings: ServeSettings) -> type[BaseModel]:
+    images = Field(
+        min_length=1,
+        description=f"1 to {settings.max_images} images, each base64 (a `data:image/...;base64,` prefix is allowed); "
+        "URLs are refused, never fetched",
+    )
+    return create_model("CaptionJsonRequest", __base__=options, images=(list[str], images))
+
+
+def _request_body(options: type[BaseModel], json_request: type[BaseModel], settings: ServeSettings) -> dict[str, Any]:
+    """The OpenAPI requestBody of POST /v1/captions: one route, two content types."""
+    images = {
+        "type": "array",
+        "items": {"type": "string", "format": "binary"},
+        "description": f"1 to {settings.max_images} image files (repeat the field)",
+    }
+    multipart = {
+        "type": "object",
+        "required": ["images"],
+        "properties": {"images": images, **options.model_json_schema()["properties"]},
+    }
+    content = {
+        "multipart/form-data": {"schema": multipart},
+        "application/json": {"schema": json_request.model_json_schema()},
+    }
+    return {"requestBody": {"required": True, "content": content}}
+
+
+# ------------------------------------------------------------------------------------------------------- errors ---
+class ApiError(Exception):
+    """An answer other than 200: status, a code and a message a user can act on."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+def _error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = ErrorResponse(error=ErrorDetail(code=code, message=message))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def api_error(_: Request, exc: Exception) -> JSONResponse:
+        err = cast(ApiError, exc)
+        return _error_response(err.status, err.code, err.message, err.headers)
+
+    async def http_error(_: Request, exc: Exception) -> JSONResponse:
+        err = cast(HTTPException, exc)
+        return _error_response(err.status_code, f"http_{err.status_code}", str(err.detail), dict(err.headers or {}))
+
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.error("unexpected error", exc_info=exc)
+        return _error_response(500, "internal_error", "internal server error; the server log has the details")
+
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)
+
+
+def _validation_message(err: ValidationError) -> str:
+    """`num_beams: Input should be less than or equal to 10; ...` without pydantic's URLs."""
+    return "; ".join(f"{'.'.join(str(part) for part in e['loc']) or 'body'}: {e['msg']}" for e in err.errors())
+
+
+# ---------------------------------------------------------------------------------------------------- admission ---
+class Admission:
+    """Counts the images admitted (one slot per request before its images are counted); used on the event loop
+    thread only, so it needs no lock."""
+
+    def __init__(self, capacity: int, retry_after_s: int) -> None:
+        self.capacity, self.retry_after_s, self.pending = capacity, retry_after_s, 0
+
+    @contextmanager
+    def slot(self) -> Iterator[Callable[[int], None]]:
+        """Takes one slot for the request; yields `take(n)` for n more; gives them all back at the end."""
+        taken = 0
+
+        def take(count: int) -> None:
+            nonlocal taken
+            if self.pending + count > self.capacity:
+                raise ApiError(
+                    503,
+                    "busy",
+                    f"the server is at capacity ({self.capacity} images queued or being captioned); retry after "
+                    f"{self.retry_after_s} s",
+                    {"Retry-After": str(self.retry_after_s)},
+                )
+            self.pending += count
+            taken += count
+
+        take(1)
+        try:
+            yield take
+        finally:
+            self.pending -= taken
+
+
+# ------------------------------------------------------------------------------------------------- the batcher ---
+GenerateFn = Callable[[list[Image.Image], GenerateConfig], list[str]]
+
+
+@dataclass
+class JobResult:
+    """A request's captions and what the batcher measured for it."""
+
+    captions: list[str]
+    queue_s: float
+    generate_s: float
+    batch_images: int
+
+
+@dataclass
+class _Job:
+    images: list[Image.Image]
+    options: GenerateConfig
+    future: Future[JobResult]
+    queued_at: float
+
+
+def _options_key(options: GenerateConfig) -> tuple[int, int, int, float]:
+    return options.num_beams, options.min_new_tokens, options.max_new_tokens, options.repetition_penalty
+
+
+class MicroBatcher:
+    """One worker thread that captions queued requests in batches.
+
+    The worker takes the first queued request, then more until `max_batch` images are gathered or `max_wait_s` has
+    passed since the first; requests with identical options are captioned by one `generate` call (several when they
+    hold more than `max_batch` images). Under load the queue refills while a batch runs, so batches fill at once.
+    A failed generate call fails only its requests.
+    """
+
+    def __init__(self, generate: GenerateFn, max_batch: int, max_wait_s: float) -> None:
+        self.generate, self.max_batch, self.max_wait_s = generate, max_batch, max_wait_s
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._accepting = False
+
+    @property
+    def alive(self) -> bool:
+        return self._accepting and self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="captune-generate", daemon=True)
+        self._thread.start()
+        self._accepting = True
+
+    def submit(self, images: list[Image.Image], options: GenerateConfig) -> Future[JobResult]:
+        """Queues one request's images; its future gets the captions in order."""
+        if not self.alive:
+            raise ApiError(503, "unavailable", "the generation worker is not running (the server is starting or "
+                           "stopping); retry in a moment", {"Retry-After": "1"})  # fmt: skip
+        future: Future[JobResult] = Future()
+        self._queue.put(_Job(images, options, future, time.monotonic()))
+        return future
+
+    def close(self) -> None:
+        """Captions what is queued, then stops the worker."""
+        self._accepting = False
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            jobs, stop = self._gather()
+            groups: dict[tuple[int, int, int, float], list[_Job]] = {}
+            for job in jobs:
+                if job.future.set_running_or_notify_cancel():
+                    groups.setdefault(_options_key(job.options), []).append(job)
+            for group in groups.values():
+                self._caption(group)
+
+    def _gather(self) -> tuple[list[_Job], bool]:
+        """The next batch of jobs, and whether the stop marker came."""
+        first = self._queue.get()
+        if first is None:
+            return [], True
+        jobs, count = [first], len(first.images)
+        deadline = time.monotonic() + self.max_wait_s
+        while count < self.max_batch:
+            try:
+                job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if job is None:
+                return jobs, True
+            jobs.append(job)
+            count += len(job.images)
+        return jobs, False
+
+    def _caption(self, group: list[_Job]) -> None:
+        images = [image for job in group for image in job.images]
+        chunks = [images[start : start + self.max_batch] for start in range(0, len(images), self.max_batch)]
+        started = time.monotonic()
+        try:
+            captions = [caption for chunk in chunks for caption in self.generate(chunk, group[0].options)]
+        except Exception as exc:  # a failed batch fails its requests, never the worker
+            log.exception("generate failed for %d image(s)", len(images))
+            for job in group:
+                job.future.set_exception(exc)
+            return
+        elapsed = time.monotonic() - started
+        offset = 0
+        for job in group:
+            count = len(job.images)
+            batch = len(chunks[offset // self.max_batch])
+            job.future.set_result(JobResult(captions[offset : offset + count], started - job.queued_at, elapsed, batch))
+            offset += count
+
+
+# ------------------------------------------------------------------------------------------------------- images ---
+@dataclass
+class Upload:
+    """One image of a request, as received."""
+
+    name: str
+    """The upload's file name, or `image N` for JSON, as error messages name it."""
+    data: bytes
+    filename: str | None
+
+
+class _NamedBytes(io.BytesIO):
+    """An upload that `load_rgb` opens like a file (Pillow reads file objects); its messages format the path with
+    str(), which gives the upload's name."""
+
+    def __init__(self, data: bytes, name: str) -> None:
+        super().__init__(data)
+        self.label = name
+
+    def __str__(self) -> str:
+        return self.label
+
+
+def decode_upload(upload: Upload, max_pixels: int) -> Image.Image:
+    """Decodes one uploaded image with `load_rgb`'s checks, after refusing from its header what is too large.
+
+    Raises:
+        ApiError: 415 not an image, 413 more than `max_pixels` pixels (before decoding), 422 damaged or unusable.
+    """
+    try:
+        with Image.open(io.BytesIO(upload.data)) as probe:
+            width, height = probe.size
+    except UnidentifiedImageError:
+        raise ApiError(415, "not_an_image", f"{upload.name}: not an image Pillow can read; send JPEG, PNG, WebP, "
+                       "GIF, BMP or TIFF") from None  # fmt: skip
+    except Image.DecompressionBombError as exc:
+        raise ApiError(413, "image_too_large", f"{upload.name}: decompression bomb: {exc}") from None
+    except _DAMAGED_HEADER:
+        width = height = 0  # load_rgb below fails on it with the reason
+    if width * height > max_pixels:
+        raise ApiError(
+            413,
+            "image_too_large",
+            f"{upload.name}: {width}x{height} = {width * height} pixels exceeds this server's limit of {max_pixels} "
+            "(--max-image-pixels); send a smaller image",
+        )
+    try:
+        # load_rgb takes a path; a named file object goes through the same checks (see the report of issue 8).
+        return load_rgb(cast(Path, _NamedBytes(upload.data, upload.name)))
+    except ImageError as err:
+        raise ApiError(422, "bad_image", str(err)) from None
+
+
+def _image_bytes(text: str, index: int) -> bytes:
+    """The bytes of one base64 image of a JSON request; URLs are refused, never fetched."""
+    text = text.strip()
+    if text.lower().startswith(("http:", "https:", "ftp:", "file:", "//")):
+        raise ApiError(422, "url_not_fetched", f"images.{index}: this server never fetches URLs; send the image "
+                       "bytes base64-encoded")  # fmt: skip
+    if text.startswith("data:"):
+        header, _, text = text.partition(",")
+        if not header.endswith(";base64"):
+            raise ApiError(
+                422, "invalid_base64", f"images.{index}: a data URL must be base64 (data:image/png;base64,...)"
+            )
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError as exc:  # binascii.Error, or characters outside ASCII
+        raise ApiError(422, "invalid_base64", f"images.{index}: not valid base64 ({exc})") from None
+
+
+# ------------------------------------------------------------------------------------------------ request body ---
+def _limited(request: Request, limit: int) -> Request:
+    """The same request whose body reading fails with 413 once more than `limit` bytes have come."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise _too_large(limit)
+    received = 0
+
+    async def receive() -> Message:
+        nonlocal received
+        message = await request.receive()
+        received += len(message.get("body", b""))
+        if received > limit:
+            raise _too_large(limit)
+        return message
+
+    return Request(request.scope, receive)
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, "upload_too_large", f"the request body exceeds this server's limit of {limit} bytes "
+                    f"({limit / 2**20:.1f} MiB, --max-upload-bytes); send fewer or smaller images")  # fmt: skip
+
+
+async def _read_multipart(request: Request) -> tuple[list[Upload], dict[str, Any]]:
+    try:
+        form = await request.form()
+    except HTTPException as exc:  # what Starlette raises for malformed multipart data
+        raise ApiError(400, "invalid_multipart", f"malformed multipart body: {exc.detail}") from None
+    try:
+        uploads: list[Upload] = []
+        options: dict[str, Any] = {}
+        for key, value in form.multi_items():
+            if key == "images":
+                if not isinstance(value, UploadFile):
+                    raise ApiError(422, "invalid_request", "images: must be file parts (curl -F images=@photo.jpg)")
+                name = (value.filename or f"image {len(uploads)}")[:200]
+                uploads.append(Upload(name, await value.read(), value.filename))
+            elif key in options:
+                raise ApiError(422, "invalid_options", f"{key}: given more than once")
+            else:
+                options[key] = value if isinstance(value, str) else None
+        return uploads, options
+    finally:
+        await form.close()
+
+
+async def _read_json(request: Request, json_request: type[BaseModel]) -> tuple[list[Upload], dict[str, Any]]:
+    try:
+        payload = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(422, "invalid_json", f"the body is not valid JSON: {exc}") from None
+    try:
+        parsed = json_request.model_validate(payload)
+    except ValidationError as err:
+        raise ApiError(422, "invalid_request", _validation_message(err)) from None
+    values = parsed.model_dump()
+    images = values.pop("images")
+    return [Upload(f"image {i}", _image_bytes(text, i), None) for i, text in enumerate(images)], values
+
+
+# -------------------------------------------------------------------------------------------------------- model ---
+def _model_config(model_dir: Path) -> Config:
+    """The config the model was trained with (captune.json), or the defaults for a plain BLIP-2."""
+    meta = model_dir / META_FILE
+    return config_from_dict(json.loads(meta.read_text())["config"], str(meta)) if meta.is_file() else Config()
+
+
+def _saved_metrics(model_dir: Path) -> dict[str, dict[str, float]]:
+    """metrics.json (training's best/) and eval-*/metrics.json (`captune eval`) beside the model, by relative path."""
+    found: dict[str, dict[str, float]] = {}
+    for path in [model_dir / "metrics.json", *sorted(model_dir.glob("eval-*/metrics.json"))]:
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            log.warning("%s: not valid JSON (%s); /v1/model leaves it out", path, err)
+            continue
+        if not isinstance(data, dict) or not all(isinstance(v, int | float) for v in data.values()):
+            log.warning("%s: not a flat object of metric values; /v1/model leaves it out", path)
+            continue
+        found[str(path.relative_to(model_dir))] = {name: float(value) for name, value in data.items()}
+    return found
+
+
+def _adapter_info(model: Any) -> AdapterInfo | None:
+    peft_config = getattr(model, "peft_config", None)
+    if not peft_config:
+        return None
+    adapter = next(iter(peft_config.values()))
+    targets = adapter.target_modules
+    return AdapterInfo(
+        type=str(getattr(adapter.peft_type, "value", adapter.peft_type)),
+        r=getattr(adapter, "r", None),
+        alpha=getattr(adapter, "lora_alpha", None),
+        target_modules=sorted(targets) if isinstance(targets, set | list) else targets,
+    )
+
+
+def _model_info(model_dir: Path, loaded: LoadedModel, config: Config, settings: ServeSettings) -> ModelInfo:
+    parameter = next(loaded.model.parameters())
+    base = config.model.name if (model_dir / META_FILE).is_file() else loaded.base_name
+    return ModelInfo(
+        model_dir=str(model_dir),
+        base_model=base,
+        adapter=_adapter_info(loaded.model),
+        device=str(parameter.device),
+        dtype=str(parameter.dtype).removeprefix("torch."),
+        prompt=config.data.prompt,
+        generation_defaults=GenerationOptions(**_options_dict(config.generate)),
+        limits=settings,
+        metrics=_saved_metrics(model_dir),
+    )
+
+
+def _options_dict(options: GenerateConfig) -> dict[str, Any]:
+    return {name: getattr(options, name) for name in OPTION_NAMES}
+
+
+def _resolve_options(defaults: GenerateConfig, given: dict[str, Any], options_model: type[BaseModel]) -> GenerateConfig:
+    """The model's defaults with the request's options on top, validated against the server's limits."""
+    try:
+        values = options_model.model_validate(given).model_dump()
+    except ValidationError as err:
+        raise ApiError(422, "invalid_options", _validation_message(err)) from None
+    options = replace(defaults, **{name: value for name, value in values.items() if value is not None})
+    if options.min_new_tokens > options.max_new_tokens:
+        raise ApiError(
+            422,
+            "invalid_options",
+            f"min_new_tokens {options.min_new_tokens} is above max_new_tokens {options.max_new_tokens} (the model's "
+            f"defaults are {defaults.min_new_tokens}-{defaults.max_new_tokens}); give both or a consistent one",
+        )
+    return options
+
+
+def _check_defaults(defaults: GenerateConfig, options_model: type[BaseModel], model_dir: Path) -> None:
+    """A model whose own generation settings break the server's limits is refused at start, not per request."""
+    try:
+        options_model.model_validate(_options_dict(defaults))
+    except ValidationError as err:
+        raise CaptuneError(
+            f"{model_dir}: the model's generation defaults break this server's limits ({_validation_message(err)}); "
+            "raise --max-num-beams or --max-new-tokens"
+        ) from None
+
+
+async def _read_request(
+    request: Request, settings: ServeSettings, json_request: type[BaseModel]
+) -> tuple[list[Upload], dict[str, Any]]:
+    """The uploads and the raw options of a multipart or JSON request, its body limited to `max_upload_bytes`."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        return await _read_multipart(_limited(request, settings.max_upload_bytes))
+    if content_type == "application/json":
+        return await _read_json(_limited(request, settings.max_upload_bytes), json_request)
+    raise ApiError(415, "unsupported_media_type", f"content type {content_type or '(none)'!r}: send "
+                   "multipart/form-data (field `images`) or application/json")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------- app ---
+_ERROR_STATUSES = {
+    400: "malformed multipart body",
+    413: "body over --max-upload-bytes, or an image over --max-image-pixels (refused from its header)",
+    415: "a part that is not an image, or a body that is neither multipart/form-data nor JSON",
+    422: "invalid options, JSON or base64; damaged image; no images or more than --max-images; a URL",
+    500: "the generate call failed",
+    503: "at capacity (--max-queue) or stopping; see Retry-After",
+}
+
+
+@dataclass
+class _Server:
+    """What the routes share: the model's config, the limits, the request schemas, admission and the batcher."""
+
+    model_dir: Path
+    config: Config
+    settings: ServeSettings
+    options_model: type[BaseModel]
+    json_request: type[BaseModel]
+    info: ModelInfo
+    batcher: MicroBatcher
+    admission: Admission
+    page: str
+    decode_limiter: anyio.CapacityLimiter | None = None
+    """Made by `lifespan`, on the server's event loop."""
+
+    @asynccontextmanager
+    async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
+        self.decode_limiter = anyio.CapacityLimiter(DECODE_THREADS)
+        self.batcher.start()
+        log.info("captioning with %s on %s; limits %s", self.model_dir, self.info.device, asdict(self.settings))
+        try:
+            yield
+        finally:
+            await run_in_threadpool(self.batcher.close)
+
+    async def captions(self, request: Request) -> CaptionResponse:
+        """Captions 1 to `max_images` images: multipart uploads (field `images`) or JSON `{"images": [base64]}`,
+        with optional `num_beams`, `min_new_tokens`, `max_new_tokens`, `repetition_penalty`."""
+        arrived, limits = time.monotonic(), self.settings
+        with self.admission.slot() as take:
+            uploads, given = await _read_request(request, limits, self.json_request)
+            if not uploads:
+                raise ApiError(422, "no_images", "no images: send at least one (multipart field `images`, or JSON "
+                               "`images`: [base64])")  # fmt: skip
+            if len(uploads) > limits.max_images:
+                raise ApiError(422, "too_many_images", f"{len(uploads)} images in one request; this server takes at "
+                               f"most {limits.max_images} (--max-images)")  # fmt: skip
+            options = _resolve_options(self.config.generate, given, self.options_model)
+            take(len(uploads) - 1)
+            images = await anyio.to_thread.run_sync(
+                lambda: [decode_upload(u, limits.max_image_pixels) for u in uploads], limiter=self.decode_limiter
+            )
+            decoded = time.monotonic()
+            try:
+                result = await asyncio.wrap_future(self.batcher.submit(images, options))
+            except Exception as exc:  # the generate call failed; the log has its traceback
+                raise ApiError(500, "generation_failed", f"captioning failed ({type(exc).__name__}); the server log "
+                               "has the details") from None  # fmt: skip
+        captions = zip(uploads, result.captions, strict=True)
+        return CaptionResponse(
+            captions=[ImageCaption(index=i, filename=u.filename, caption=c) for i, (u, c) in enumerate(captions)],
+            options=GenerationOptions(**_options_dict(options)),
+            timing=Timing(
+                decode_ms=1000 * (decoded - arrived),
+                queue_ms=1000 * result.queue_s,
+                generate_ms=1000 * result.generate_s,
+                total_ms=1000 * (time.monotonic() - arrived),
+                batch_images=result.batch_images,
+            ),
+        )
+
+    async def health(self) -> Health | JSONResponse:
+        """`ok` while the generation worker runs, else 503."""
+        state = Health(status="ok" if self.batcher.alive else "unavailable", pending_images=self.admission.pending,
+                       max_queue=self.settings.max_queue)  # fmt: skip
+        return state if self.batcher.alive else JSONResponse(state.model_dump(), status_code=503)
+
+    async def model(self) -> ModelInfo:
+        """The model, its adapter, generation defaults, this server's limits and the metrics saved with it."""
+        return self.info
+
+    async def index(self) -> HTMLResponse:
+        return HTMLResponse(self.page, headers={"Content-Security-Policy": _PAGE_CSP})
+
+
+def create_app(model_dir: str | Path, settings: ServeSettings | None = None) -> FastAPI:
+    """Loads the model once and returns the caption server's app; its lifespan starts and stops the batcher.
+
+    Args:
+        model_dir: What `captune caption --model-dir` takes: RUN/best, RUN/final, a checkpoint, or a plain BLIP-2.
+        settings: Limits and batching; the defaults of `ServeSettings` when None.
+
+    Raises:
+        CaptuneError: invalid settings, or a model that cannot be loaded.
+    """
+    settings = settings or ServeSettings()
+    check_settings(settings)
+    model_dir = Path(model_dir).expanduser()
+    config = _model_config(model_dir)
+    options_model = _options_model(settings)
+    _check_defaults(config.generate, options_model, model_dir)
+    loaded = load_model_dir(model_dir, device=settings.device)
+
+    def generate(images: list[Image.Image], options: GenerateConfig) -> list[str]:
+        return generate_captions(loaded.model, loaded.processor, images, options, config.data.prompt)
+
+    server = _Server(
+        model_dir=model_dir,
+        config=config,
+        settings=settings,
+        options_model=options_model,
+        json_request=_json_request_model(options_model, settings),
+        info=_model_info(model_dir, loaded, config, settings),
+        batcher=MicroBatcher(generate, settings.max_batch, settings.max_wait_ms / 1000),
+        admission=Admission(settings.max_queue, settings.retry_after_s),
+        page=(resources.files("captune") / "static" / "serve.html").read_text(encoding="utf-8"),
+    )
+    # Swagger UI and ReDoc load their scripts from a CDN: off, so that nothing the server sends reaches outside.
+    app = FastAPI(title="captune caption server", summary="Captions images with a fine-tuned BLIP-2", version="1",
+                  lifespan=server.lifespan, docs_url=None, redoc_url=None)  # fmt: skip
+    _install_error_handlers(app)
+    errors: dict[int | str, dict[str, Any]] = {
+        status: {"model": ErrorResponse, "description": why} for status, why in _ERROR_STATUSES.items()
+    }
+    app.add_api_route("/v1/captions", server.captions, methods=["POST"], response_model=CaptionResponse,
+                      summary="Caption images", responses=errors,
+                      openapi_extra=_request_body(options_model, server.json_request, settings))  # fmt: skip
+    app.add_api_route("/health", server.health, response_model=Health, responses={503: {"model": Health}})
+    app.add_api_route("/v1/model", server.model, response_model=ModelInfo, summary="Model information")
+    app.add_api_route("/", server.index, response_class=HTMLResponse, include_in_schema=False)
+    return app
+
+
+def run_server(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
+               settings: ServeSettings | None = None) -> None:  # fmt: skip
+    """Serves `create_app(model_dir, settings)` with uvicorn until SIGTERM or Ctrl-C, then lets the requests in
+    flight finish (up to `GRACEFUL_SHUTDOWN_S`) and returns."""
+    import uvicorn
+
+    app = create_app(model_dir, settings)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+    log.info("page http://%s:%d/ ; API POST /v1/captions ; OpenAPI /openapi.json", host, port)
+    # uvicorn shuts down gracefully on the signal, then raises it again for the handler it found: a no-op for SIGTERM
+    # and a caught KeyboardInterrupt for Ctrl-C make that a normal return.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,281 @@
+"""`captune merge`: the merged tiny model loads without PEFT and captions exactly as base + adapter; the model card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+from captune.cli import main
+from captune.config import Config, GenerateConfig, load_config
+from captune.errors import CaptuneError
+from captune.export import merge_model_dir, model_card, run_metrics
+from captune.generate import generate_captions
+from captune.model import (
+    META_FILE,
+    LoadedModel,
+    apply_lora,
+    build_tiny,
+    load_base,
+    load_model_dir,
+    save_base,
+    save_model_dir,
+)
+
+GREEDY = GenerateConfig(num_beams=1, min_new_tokens=1, max_new_tokens=8)
+METRICS = {"Bleu_4": 0.1234, "CIDEr": 0.5678}
+
+
+def _images() -> list[Image.Image]:
+    colours = [(200, 20, 20), (20, 180, 40), (30, 40, 220), (230, 230, 30), (128, 128, 128), (10, 10, 10)]
+    return [Image.new("RGB", (40, 30), colour) for colour in colours]
+
+
+def _save_run(root: Path, overrides: list[str]) -> tuple[LoadedModel, Config, Path]:
+    """A run directory as `captune train` leaves it (tiny base, `best/`), with LoRA and modules_to_save weights made
+    random: LoRA B starts at zero, and an adapter that changes nothing would hide a merge that drops it."""
+    config = load_config(None, ["num_beams=1", "min_new_tokens=1", "max_new_tokens=8", *overrides])
+    loaded = build_tiny(0)
+    save_base(root / "base-model", loaded)
+    loaded.model = apply_lora(loaded.model, config.lora)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in loaded.model.named_parameters():
+            if ".lora_B." in name:
+                param.copy_(torch.randn(param.shape, generator=generator))
+            elif ".modules_to_save." in name:
+                param.add_(torch.randn(param.shape, generator=generator))
+    loaded.model.eval()
+    save_model_dir(root / "best", loaded, config, root / "base-model")
+    return loaded, config, root / "best"
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> tuple[LoadedModel, Config, Path]:
+    """Default LoRA (language model q_proj, v_proj), saved with val metrics as training writes them."""
+    loaded, config, best = _save_run(tmp_path / "run", [])
+    (best / "metrics.json").write_text(json.dumps(METRICS))
+    return loaded, config, best
+
+
+def _weight(model: torch.nn.Module, suffix: str) -> torch.Tensor:
+    """The weight of the one module whose name ends with `suffix` (PEFT's wrapper names stripped)."""
+    found = [p for n, p in model.named_parameters() if n.endswith(suffix) and "lora_" not in n]
+    assert len(found) == 1, suffix
+    return found[0].detach()
+
+
+# --- the merged directory -------------------------------------------------------------------------------------
+
+
+def test_merged_directory_loads_with_plain_transformers(run: tuple[LoadedModel, Config, Path], tmp_path: Path) -> None:
+    output = merge_model_dir(run[2], tmp_path / "merged")
+    model = Blip2ForConditionalGeneration.from_pretrained(output)
+    processor = Blip2Processor.from_pretrained(output)
+    assert not [n for n, _ in model.named_parameters() if "lora_" in n]
+    assert processor.num_query_tokens == model.config.num_query_tokens
+    files = {p.name for p in output.iterdir()}
+    assert {"model.safetensors", "config.json", "generation_config.json", META_FILE, "README.md"} <= files
+    assert "adapter_config.json" not in files
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["qformer_target_modules=query,value"], ["modules_to_save=language_projection", "target_modules=fc1"]],
+    ids=["language_model", "qformer", "modules_to_save"],
+)
+def test_merged_model_captions_token_for_token_as_base_plus_adapter(tmp_path: Path, overrides: list[str]) -> None:
+    tuned, _, best = _save_run(tmp_path / "run", overrides)
+    merged = Blip2ForConditionalGeneration.from_pretrained(merge_model_dir(best, tmp_path / "merged")).eval()
+    processor = Blip2Processor.from_pretrained(tmp_path / "merged")
+    base = load_base("tiny")
+    images = _images()
+    expected = generate_captions(tuned.model, tuned.processor, images, GREEDY)
+    # The adapter must matter, or equal captions would prove nothing.
+    assert expected != generate_captions(base.model, base.processor, images, GREEDY)
+    assert generate_captions(merged, processor, images, GREEDY) == expected
+
+
+def test_qformer_lora_is_merged_into_the_qformer_weights(tmp_path: Path) -> None:
+    tuned, _, best = _save_run(tmp_path / "run", ["qformer_target_modules=query,value"])
+    merged = Blip2ForConditionalGeneration.from_pretrained(merge_model_dir(best, tmp_path / "merged"))
+    name = "qformer.encoder.layer.0.attention.attention.query.weight"
+    base_weight = _weight(load_base("tiny").model, name)
+    expected = base_weight + tuned.model.base_model.model.get_submodule(name.removesuffix(".weight")).get_delta_weight(
+        "default"
+    )
+    assert not torch.allclose(_weight(merged, name), base_weight)
+    torch.testing.assert_close(_weight(merged, name), expected)
+
+
+def test_modules_to_save_weights_survive_the_merge(tmp_path: Path) -> None:
+    tuned, _, best = _save_run(tmp_path / "run", ["modules_to_save=language_projection"])
+    merged = Blip2ForConditionalGeneration.from_pretrained(merge_model_dir(best, tmp_path / "merged"))
+    trained = _weight(tuned.model, "language_projection.modules_to_save.default.weight")
+    assert not torch.equal(trained, _weight(load_base("tiny").model, "language_projection.weight"))
+    assert torch.equal(_weight(merged, "language_projection.weight"), trained)
+
+
+def test_captune_loads_the_merged_directory(run: tuple[LoadedModel, Config, Path], tmp_path: Path) -> None:
+    tuned, _, best = run
+    reloaded = load_model_dir(merge_model_dir(best, tmp_path / "merged"), device="cpu")
+    assert isinstance(reloaded.model, Blip2ForConditionalGeneration)
+    images = _images()
+    expected = generate_captions(tuned.model, tuned.processor, images, GREEDY)
+    assert generate_captions(reloaded.model, reloaded.processor, images, GREEDY) == expected
+
+
+def test_plain_generate_with_the_saved_generation_config_uses_the_runs_settings(tmp_path: Path) -> None:
+    # Beam search and a minimum length: captions that greedy defaults would not produce.
+    tuned, config, best = _save_run(tmp_path / "run", ["num_beams=3", "min_new_tokens=4", "max_new_tokens=6"])
+    output = merge_model_dir(best, tmp_path / "merged")
+    model = Blip2ForConditionalGeneration.from_pretrained(output).eval()
+    processor = Blip2Processor.from_pretrained(output)
+    saved = model.generation_config
+    assert (saved.num_beams, saved.min_new_tokens, saved.max_new_tokens, saved.do_sample) == (3, 4, 6, False)
+    images = _images()
+    inputs = processor(images=images, text=[""] * len(images), return_tensors="pt")
+    out = model.generate(**inputs, generation_config=model.generation_config)
+    captions = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    expected = generate_captions(tuned.model, tuned.processor, images, config.generate)
+    assert expected != generate_captions(tuned.model, tuned.processor, images, GREEDY)  # the settings matter
+    assert [" ".join(c.split()) for c in captions] == expected
+
+
+def test_a_static_cache_run_writes_it_into_the_generation_config(tmp_path: Path) -> None:
+    _, _, best = _save_run(tmp_path / "run", ["static_cache=true"])
+    model = Blip2ForConditionalGeneration.from_pretrained(merge_model_dir(best, tmp_path / "merged"))
+    assert model.generation_config.cache_implementation == "static"
+
+
+def test_merged_directory_records_its_provenance(run: tuple[LoadedModel, Config, Path], tmp_path: Path) -> None:
+    meta = json.loads((merge_model_dir(run[2], tmp_path / "merged") / META_FILE).read_text())
+    assert meta["merged_from"] == str(run[2].resolve())
+    assert meta["base_model"] == "tiny"
+    assert meta["dtype"] == "float32"
+    assert meta["config"]["generate"]["max_new_tokens"] == 8
+    assert {"captune", "transformers", "peft", "torch"} <= set(meta["versions"])
+
+
+def test_bf16_output_is_written_and_loaded_in_bf16(run: tuple[LoadedModel, Config, Path], tmp_path: Path) -> None:
+    output = merge_model_dir(run[2], tmp_path / "merged", dtype="bf16")
+    with safe_open(str(output / "model.safetensors"), "pt") as weights:
+        assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"BF16"}  # noqa: SIM118 (not a dict)
+    model = Blip2ForConditionalGeneration.from_pretrained(output, dtype="auto")
+    assert model.language_model.dtype == torch.bfloat16
+
+
+# --- refusals ---------------------------------------------------------------------------------------------------
+
+
+def test_a_non_empty_output_is_not_overwritten(run: tuple[LoadedModel, Config, Path], tmp_path: Path) -> None:
+    output = tmp_path / "merged"
+    output.mkdir()
+    (output / "keep.txt").write_text("mine")
+    with pytest.raises(CaptuneError, match=rf"--output {output} exists and is not empty.*--overwrite"):
+        merge_model_dir(run[2], output)
+    assert (output / "keep.txt").read_text() == "mine"
+
+
+def test_overwrite_replaces_the_output(run: tuple[LoadedModel, Config, Path], tmp_path: Path) -> None:
+    output = tmp_path / "merged"
+    output.mkdir()
+    (output / "stale.txt").write_text("old")
+    merge_model_dir(run[2], output, overwrite=True)
+    assert not (output / "stale.txt").exists()
+    assert (output / "model.safetensors").is_file()
+
+
+def test_a_failed_merge_leaves_the_previous_output_whole(
+    run: tuple[LoadedModel, Config, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    output = tmp_path / "merged"
+    output.mkdir()
+    (output / "keep.txt").write_text("previous")
+
+    def fail(*args: object, **kwargs: object) -> str:
+        raise OSError("disk full")
+
+    monkeypatch.setattr("captune.export.model_card", fail)
+    with pytest.raises(OSError, match="disk full"):
+        merge_model_dir(run[2], output, overwrite=True)
+    assert [p.name for p in output.iterdir()] == ["keep.txt"]
+
+
+def test_the_model_directory_itself_is_refused_as_output(run: tuple[LoadedModel, Config, Path]) -> None:
+    with pytest.raises(CaptuneError, match="is the model directory itself"):
+        merge_model_dir(run[2], run[2], overwrite=True)
+
+
+def test_a_directory_without_an_adapter_is_refused(run: tuple[LoadedModel, Config, Path], tmp_path: Path) -> None:
+    merged = merge_model_dir(run[2], tmp_path / "merged")
+    with pytest.raises(CaptuneError, match=rf"{merged}: no LoRA adapter to merge"):
+        merge_model_dir(merged, tmp_path / "again")
+
+
+# --- the model card ---------------------------------------------------------------------------------------------
+
+
+def test_model_card_names_base_hyperparameters_and_metrics(
+    run: tuple[LoadedModel, Config, Path], tmp_path: Path
+) -> None:
+    card = (merge_model_dir(run[2], tmp_path / "merged") / "README.md").read_text()
+    assert "library_name: transformers" in card
+    assert "`tiny`" in card and "random weights" in card
+    assert "| lora.r | `8` |" in card and "| lora.alpha | `32` |" in card
+    assert "| train.lr / weight_decay / warmup_steps | `0.0001 / 0.01 / 100` |" in card
+    assert "| format | `synthetic` |" in card
+    assert "| CIDEr | 0.5678 |" in card and "From best/metrics.json" in card
+    assert f"adapter of `{run[2]}` merged" in card
+    assert "generation_config=model.generation_config" in card
+
+
+def test_adapter_card_says_how_to_load_the_adapter_and_that_metrics_are_absent(
+    run: tuple[LoadedModel, Config, Path],
+) -> None:
+    loaded, config, _ = run
+    config.model.name = "Salesforce/blip2-opt-2.7b"
+    card = model_card(loaded, config)
+    assert "library_name: peft" in card and "base_model: Salesforce/blip2-opt-2.7b" in card
+    assert 'PeftModel.from_pretrained(base, "MODEL_DIR")' in card
+    assert "No validation metrics were recorded" in card
+    assert "random weights" not in card
+    with_metrics = model_card(loaded, config, METRICS)
+    assert "| CIDEr | 0.5678 |" in with_metrics and "From the val split, scored during training." in with_metrics
+
+
+def test_run_metrics_fall_back_to_the_best_step_in_results_json(tmp_path: Path) -> None:
+    best = tmp_path / "best"
+    best.mkdir()
+    history = [{"epoch": 1, "step": 4, "metrics": {"CIDEr": 0.2}}, {"epoch": 2, "step": 8, "metrics": {"CIDEr": 0.1}}]
+    (tmp_path / "results.json").write_text(json.dumps({"best_step": 4, "history": history}))
+    assert run_metrics(best) == ({"CIDEr": 0.2}, "results.json, val split at step 4")
+
+
+# --- the command ------------------------------------------------------------------------------------------------
+
+
+def test_merge_command_writes_a_model_that_captune_captions_with(
+    run: tuple[LoadedModel, Config, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "merged"
+    assert main(["merge", "--model-dir", str(run[2]), "--output", str(output), "--dtype", "fp32"]) == 0
+    assert f"merged model in {output}" in capsys.readouterr().out
+    image = tmp_path / "red.png"
+    _images()[0].save(image)
+    assert main(["caption", str(image), "--model-dir", str(output), "--device", "cpu"]) == 0
+    tuned = run[0]
+    assert capsys.readouterr().out.strip() == generate_captions(tuned.model, tuned.processor, _images()[:1], GREEDY)[0]
+
+
+def test_merge_command_names_a_missing_model_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "runs" / "best"
+    assert main(["merge", "--model-dir", str(missing), "--output", str(tmp_path / "out")]) == 2
+    assert f"error: --model-dir {missing}: no such directory" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
