@@ -210,3 +210,12 @@ def test_load_base_of_a_missing_directory_says_so(tmp_path: Path) -> None:
     missing = tmp_path / "absent" / "model"
     with pytest.raises(CaptuneError, match=rf"{missing}.*no such directory"):
         load_base(str(missing))
+
+
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_quantisation_where_it_cannot_run_says_why(quantization: str, tmp_path: Path) -> None:
+    with pytest.raises(CaptuneError, match=rf"quantization={quantization}: the built-in tiny model is built in code"):
+        load_base("tiny", quantization=quantization)
+    if not torch.cuda.is_available():
+        with pytest.raises(CaptuneError, match=rf"quantization={quantization} needs a CUDA GPU"):
+            load_base(str(tmp_path), quantization=quantization)

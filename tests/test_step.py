@@ -126,3 +126,18 @@ def test_length_grouped_batches_cover_everything_once_with_little_padding() -> N
     assert spread < random_spread / 5
     sampler.set_epoch(3)
     assert list(sampler) != order
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(lora: LoadedModel, synthetic_dir: Path) -> None:
+    batch = _batch(lora, synthetic_dir)
+    ours = CaptionLoss(lora.model).train()  # transformers checkpoints only in training mode
+    torch.manual_seed(0)  # the same dropout masks in both runs: the recomputation replays the RNG state
+    loss, grads = _loss_and_grads(lora.model, lambda: ours(**batch))
+    lm = step.blip_of(lora.model).language_model
+    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert lm.is_gradient_checkpointing
+    torch.manual_seed(0)
+    checkpointed, checkpointed_grads = _loss_and_grads(lora.model, lambda: ours(**batch))
+    assert checkpointed == pytest.approx(loss, rel=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)

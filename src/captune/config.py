@@ -29,6 +29,10 @@ class ModelConfig:
     demo; nothing to download)."""
     dtype: str = "auto"
     """Weight dtype: `auto` (bf16 on a GPU that supports it, fp32 on CPU), `bf16`, `fp16` or `fp32`."""
+    quantization: str = "none"
+    """`4bit` (QLoRA: NF4, double quantisation, bf16 compute) or `8bit` loads the language model quantised with
+    bitsandbytes (vision encoder, Q-Former, projection and LM head stay in `dtype`); needs a CUDA GPU and the
+    bitsandbytes package. `none`: no quantisation."""
 
 
 @dataclass
@@ -139,6 +143,9 @@ class TrainConfig:
     """Use PyTorch's fused AdamW on CUDA."""
     compile: bool = False
     """torch.compile the language model's decoder layers."""
+    gradient_checkpointing: bool = False
+    """Recompute the language model's activations in the backward pass (non-reentrant): less memory, ~30 % more
+    compute."""
 
 
 @dataclass
@@ -317,6 +324,7 @@ def validate(config: Config) -> None:
             "generate: need 0 <= min_new_tokens <= max_new_tokens",
         ),
         (config.model.dtype in ("auto", "bf16", "fp16", "fp32"), "model.dtype must be auto, bf16, fp16 or fp32"),
+        (config.model.quantization in ("none", "4bit", "8bit"), "model.quantization must be none, 4bit or 8bit"),
     ]
     for ok, message in checks:
         if not ok:

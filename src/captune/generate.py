@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import Blip2Processor
 
 from captune.config import GenerateConfig
+from captune.data import freeze_inherited_objects
 from captune.data.images import load_rgb
 from captune.errors import CaptuneError
 from captune.model import Blip2Like
@@ -145,6 +146,7 @@ def caption_paths(
         collate_fn=_as_batch,
         prefetch_factor=2 if num_workers else None,
         pin_memory=device.type == "cuda",
+        worker_init_fn=freeze_inherited_objects,
     )
     for batch in loader:
         good = [(index, pixels) for index, pixels, _ in batch if pixels is not None]

@@ -158,12 +158,17 @@ def build_tiny(seed: int = 0, name: str = TINY) -> LoadedModel:
     return LoadedModel(model.eval(), processor, name)
 
 
-def load_base(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> LoadedModel:
+def load_base(name: str, dtype: torch.dtype = torch.float32, seed: int = 0, quantization: str = "none") -> LoadedModel:
     """Loads a BLIP-2 and its processor by hub id or local directory (the same `from_pretrained` path), or `tiny`.
 
+    Args:
+        quantization: `4bit` or `8bit` loads the language model quantised with bitsandbytes (see `ModelConfig`).
+
     Raises:
-        CaptuneError: the name is neither a local directory nor a model that can be loaded (offline, no cache).
+        CaptuneError: the name is neither a local directory nor a model that can be loaded (offline, no cache), or
+            quantisation is asked where it cannot run.
     """
+    extra = _quantization_kwargs(quantization, dtype, name)
     if name in TINY_MODELS:
         loaded = build_tiny(seed, name)
         loaded.model.to(dtype)
@@ -174,7 +179,7 @@ def load_base(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> L
     name = str(local) if local.is_dir() else name
     try:
         processor = Blip2Processor.from_pretrained(name)
-        model = Blip2ForConditionalGeneration.from_pretrained(name, dtype=dtype)
+        model = Blip2ForConditionalGeneration.from_pretrained(name, dtype=dtype, **extra)
     except (OSError, ValueError) as err:
         raise CaptuneError(
             f"could not load BLIP-2 model {name!r}: {err}\n"
@@ -183,6 +188,33 @@ def load_base(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> L
         ) from None
     _check_image_tokens(processor, model.config, name)
     return LoadedModel(model.eval(), processor, name)
+
+
+def _quantization_kwargs(quantization: str, dtype: torch.dtype, name: str) -> dict[str, Any]:
+    """`from_pretrained` arguments for a quantised language model, after checking that quantisation can run here."""
+    if quantization == "none":
+        return {}
+    if name in TINY_MODELS:
+        raise CaptuneError(f"model.quantization={quantization}: the built-in {name} model is built in code, not "
+                           "loaded; quantise a model loaded by hub id or directory")  # fmt: skip
+    if not torch.cuda.is_available():
+        raise CaptuneError(f"model.quantization={quantization} needs a CUDA GPU (bitsandbytes' kernels); this machine "
+                           "has none. Train without quantisation (model.quantization=none) on the CPU")  # fmt: skip
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise CaptuneError(f"model.quantization={quantization} needs the bitsandbytes package: "
+                           "pip install bitsandbytes") from None  # fmt: skip
+    # Only the language model is quantised: the frozen ViT and the small Q-Former keep their precision, as the
+    # image side matters for captions and takes a third of the memory of blip2-opt-2.7b.
+    keep = ["vision_model", "qformer", "language_projection", "lm_head"]
+    if quantization == "4bit":
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=keep)  # fmt: skip
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
+    return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}
 
 
 def _check_image_tokens(processor: Blip2Processor, config: Blip2Config, name: str) -> None:

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
+from captune.data import freeze_inherited_objects
 from captune.data.images import load_rgb
 
 IGNORE = -100  # label value the loss skips
@@ -182,7 +183,7 @@ def image_features(
     embeddings = _embedding(blip)
     dtype, width = embeddings.weight.dtype, embeddings.embedding_dim
     loader = DataLoader(_Pixels(paths, processor), batch_size=batch_size, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")  # fmt: skip
+                        pin_memory=device.type == "cuda", worker_init_fn=freeze_inherited_objects)  # fmt: skip
     out = torch.empty((len(paths), blip.config.num_query_tokens, width), dtype=dtype, device=keep_on,
                       pin_memory=keep_on.type == "cpu" and device.type == "cuda")  # fmt: skip
     row = 0

@@ -221,6 +221,26 @@ class LengthGroupedShuffle(EpochShuffle):
         return iter(np.concatenate(shuffled + short).tolist() if batches else [])
 
 
+def training_loader(
+    pairs: CaptionPairs, sampler: Sampler[int], collate: CaptionCollator, config: Config, pin_memory: bool
+) -> DataLoader:
+    """The training DataLoader: `data.num_workers` persistent worker processes decoding images, each at most
+    `data.prefetch_factor` batches ahead, their garbage collector kept off the inherited heap."""
+    workers = config.data.num_workers
+    return DataLoader(
+        pairs,
+        batch_size=config.train.batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        num_workers=workers,
+        prefetch_factor=config.data.prefetch_factor if workers else None,
+        persistent_workers=workers > 0,  # forked once, not at every epoch
+        worker_init_fn=datasets.freeze_inherited_objects,
+        generator=torch.Generator().manual_seed(config.train.seed),
+        pin_memory=pin_memory,
+    )
+
+
 def load_training_data(config: Config, main: bool) -> CaptionSet:
     """Reads the dataset, decodes every image once, and refuses to go on over problems unless told to skip them."""
     with PartialState().main_process_first():  # the synthetic set is generated once, by rank 0
@@ -333,13 +353,22 @@ def setup(config: Config) -> Run:
     val_records = captions.split("val")[: config.train.val_max_images]
 
     # 3. The base model, then LoRA on the configured layers only.
-    loaded = load_base(config.model.name, dtype, config.train.seed)
+    loaded = load_base(config.model.name, dtype, config.train.seed, config.model.quantization)
     base_dir = None
     if loaded.base_name in TINY_MODELS:
         # The tiny base is random: keep its weights so every saved model directory can be reloaded on its own.
         base_dir = output_dir / "base-model"
         if main:
             save_base(base_dir, loaded)
+    if config.model.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        # Casts layer norms and the output head to float32 and makes the inputs carry gradients (what QLoRA needs).
+        loaded.model = prepare_model_for_kbit_training(loaded.model, use_gradient_checkpointing=False)
+    if config.train.gradient_checkpointing:
+        blip_of(loaded.model).language_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     loaded.model = apply_lora(loaded.model, config.lora)
     if main:
         log.info("model %s: %s", config.model.name, trainable_summary(loaded.model))
@@ -352,22 +381,9 @@ def setup(config: Config) -> Run:
         if config.train.group_by_length
         else EpochShuffle(len(pairs), config.train.seed)
     )
-    loader = DataLoader(
-        pairs,
-        batch_size=config.train.batch_size,
-        sampler=sampler,
-        collate_fn=CaptionCollator(
-            loaded.processor,
-            config.data.prompt,
-            config.data.max_caption_tokens,
-            not blip_of(loaded.model).config.use_decoder_only_language_model,
-        ),  # fmt: skip
-        num_workers=config.data.num_workers,
-        prefetch_factor=config.data.prefetch_factor if config.data.num_workers else None,
-        persistent_workers=config.data.num_workers > 0,  # forked once, not at every epoch
-        generator=torch.Generator().manual_seed(config.train.seed),
-        pin_memory=accelerator.device.type == "cuda",
-    )
+    collate = CaptionCollator(loaded.processor, config.data.prompt, config.data.max_caption_tokens,
+                              not blip_of(loaded.model).config.use_decoder_only_language_model)  # fmt: skip
+    loader = training_loader(pairs, sampler, collate, config, pin_memory=accelerator.device.type == "cuda")
     params = [p for p in loaded.model.parameters() if p.requires_grad]
     fused = config.train.fused_optimizer and accelerator.device.type == "cuda"
     optimizer = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay, fused=fused)

@@ -11,6 +11,7 @@ problems (anything that could not be used, named by image file and reason). Noth
 from __future__ import annotations
 
 import dataclasses
+import gc
 import importlib
 import os
 import random
@@ -291,6 +292,16 @@ def seeded_split(names: list[str], options: ReadOptions) -> dict[str, str]:
     n_test = round(len(order) * options.test_fraction)
     n_val = round(len(order) * options.val_fraction)
     return {name: "test" if i < n_test else "val" if i < n_test + n_val else "train" for i, name in enumerate(order)}
+
+
+def freeze_inherited_objects(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: keeps the worker's garbage collector away from the objects it inherited.
+
+    A forked worker shares the training process's memory until it writes to it, and a full collection writes to the
+    header of every object it visits: without this, the first one copies the parent's whole Python heap (~0.4 GB in
+    a test session) into each worker. `gc.freeze` moves those objects out of the collector's reach in O(1).
+    """
+    gc.freeze()
 
 
 def check_images(
