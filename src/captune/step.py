@@ -94,9 +94,12 @@ class CaptionLoss(nn.Module):
         caption_start: int,
         pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
+        token_count: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The loss of a batch as `CaptionCollator` makes it (`caption_start`: the first caption column, the same in
-        every row since image tokens and prompt come first and padding last), with pixels or cached features."""
+        every row since image tokens and prompt come first and padding last), with pixels or cached features.
+        `token_count`, when given, divides the summed loss instead of this batch's own caption-token count (decoder-only
+        models; captune.train passes the mean over processes, so that DDP's gradient average is the global batch's)."""
         blip = blip_of(self.model)
         if not blip.config.use_decoder_only_language_model:
             if image_features is not None:
@@ -118,10 +121,12 @@ class CaptionLoss(nn.Module):
         # label or padding (-100, skipped). Slicing by a number, not by a mask, keeps the GPU from waiting on the CPU.
         hidden = hidden[:, caption_start - 1 : -1].flatten(0, 1)
         targets = labels[:, caption_start:].flatten()
-        return chunked_cross_entropy(hidden, targets, lm.get_output_embeddings())
+        return chunked_cross_entropy(hidden, targets, lm.get_output_embeddings(), token_count)
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
+def chunked_cross_entropy(
+    hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, divisor: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean cross-entropy of head(hidden) against targets (-100 skipped), CE_CHUNK_TOKENS rows at a time, logits in
     float32.
 
@@ -132,7 +137,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: nn.
     for start in range(0, len(targets), CE_CHUNK_TOKENS):
         rows = slice(start, start + CE_CHUNK_TOKENS)
         total = total + checkpoint(_summed_cross_entropy, hidden[rows], targets[rows], head, use_reentrant=False)
-    return total / (targets != IGNORE).sum().clamp(min=1)
+    return total / (divisor if divisor is not None else (targets != IGNORE).sum().clamp(min=1))
 
 
 def _summed_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:

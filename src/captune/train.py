@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import sys
@@ -343,6 +344,12 @@ def setup(config: Config) -> Run:
         log_with="tensorboard",
         project_dir=str(output_dir),
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise CaptuneError(
+            f"launched as {launched} processes, but accelerate runs {accelerator.num_processes}: each would train "
+            "alone into the same folder. Without GPUs set ACCELERATE_USE_CPU=true (or use `accelerate launch --cpu`)"
+        )
     set_seed(config.train.seed)
     main = accelerator.is_main_process
     if torch.cuda.is_available():
@@ -432,8 +439,13 @@ def _use_feature_cache(config: Config, model: nn.Module) -> bool:
 
 
 def _train_image_features(config: Config, loaded: LoadedModel, pairs: CaptionPairs, accelerator: Accelerator) -> Any:
-    """Every train image's features, on the GPU when they take under a quarter of its free memory, else pinned CPU."""
-    device = accelerator.device
+    """Every train image's features, on the GPU when they take under a quarter of its free memory, else pinned CPU.
+
+    With several processes each computes a contiguous 1/N of the images and the shards are all-gathered (in blocks,
+    so the GPU never holds more than N blocks in transit): every rank ends with the whole cache, since its batches
+    may hold any image.
+    """
+    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     keep_on = device
     if (
         device.type == "cuda"
@@ -441,9 +453,25 @@ def _train_image_features(config: Config, loaded: LoadedModel, pairs: CaptionPai
     ):
         keep_on = torch.device("cpu")
     paths = [Path(pairs.paths[i]) for i in range(len(pairs.paths))]
-    return image_features(loaded.model, loaded.processor, paths, batch_size=config.train.feature_batch_size,
-                          num_workers=config.data.num_workers, device=device, keep_on=keep_on,
+    share = math.ceil(len(paths) / world)
+    mine = image_features(loaded.model, loaded.processor, paths[rank * share : (rank + 1) * share],
+                          batch_size=config.train.feature_batch_size, num_workers=config.data.num_workers,
+                          device=device, keep_on=keep_on if world == 1 else device,
                           progress=accelerator.is_main_process)  # fmt: skip
+    if world == 1:
+        return mine
+    out = torch.empty((len(paths), *mine.shape[1:]), dtype=mine.dtype, device=keep_on)
+    block = max(1, min(share, config.train.feature_batch_size * 8))
+    for start in range(0, share, block):
+        piece = torch.zeros((block, *mine.shape[1:]), dtype=mine.dtype, device=device)
+        rows = mine[start : start + block]
+        piece[: len(rows)] = rows
+        gathered = accelerator.gather(piece).view(world, block, *mine.shape[1:])  # rank r's rows of this block
+        for r in range(world):
+            first = r * share + start
+            count = max(0, min(block, share - start, len(paths) - first))
+            out[first : first + count] = gathered[r, :count].to(keep_on)
+    return out
 
 
 def _compile_decoder_layers(model: nn.Module) -> None:
@@ -483,6 +511,11 @@ def fit(run: Run) -> TrainState:
             if run.features is not None:
                 rows = batch.pop("image_index").to(run.features.device)
                 batch["image_features"] = run.features[rows].to(accelerator.device, non_blocking=True)
+            if accelerator.num_processes > 1:
+                # DDP averages the ranks' gradients: dividing each rank's summed loss by the mean caption-token count
+                # over ranks makes that average the loss of the global batch, as one process would compute it.
+                local = (batch["labels"][:, batch["caption_start"] :] != IGNORE).sum()
+                batch["token_count"] = accelerator.reduce(local, reduction="sum") / accelerator.num_processes
             with accelerator.accumulate(model):
                 loss = model(**batch)
                 accelerator.backward(loss)
@@ -502,7 +535,9 @@ def fit(run: Run) -> TrainState:
             # Reading the loss makes the CPU wait for the GPU, which then idles while the next step is queued: only
             # at logging steps.
             if state.global_step % config.train.log_every == 0:
-                scalars = {"loss": loss.item(), "lr": lr, "samples_per_s": rate}
+                # Every rank takes part: the mean over ranks is the global batch's loss (see token_count above).
+                global_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
+                scalars = {"loss": global_loss, "lr": lr, "samples_per_s": rate}
                 bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}", refresh=False)
                 accelerator.log({f"train/{k}": v for k, v in scalars.items()}, step=state.global_step)
                 if main:  # the same scalars as JSON lines, for the report and for scripts

@@ -1,0 +1,134 @@
+"""`captune train` in two processes (torch.distributed over gloo on the CPU, as `accelerate launch --cpu` would run
+it): the same adapter as one process with the same global batch, files and logs from rank 0 only, validation over
+every val image exactly once, resume across ranks, and a clear error when accelerate would run the processes alone.
+
+Each run is a subprocess (~10-20 s here). The model is the tiny one with its dropout off, so that the processes'
+random streams cannot make the runs differ.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import Blip2ForConditionalGeneration
+
+from captune.model import LoadedModel, build_tiny_processor, save_base, tiny_config
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny BLIP-2 with its language model's dropout off, saved as a model directory."""
+    processor = build_tiny_processor()
+    config = tiny_config(processor)
+    config.text_config.dropout = 0.0
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("base")
+    save_base(path, LoadedModel(Blip2ForConditionalGeneration(config), processor, str(path)))
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _train(
+    processes: int, base: Path, data: Path, out: Path, *extra: str, cpu_flag: bool = True
+) -> subprocess.CompletedProcess:
+    args = [f"model.name={base}", "model.dtype=fp32", "data=synthetic", f"data_dir={data}", f"output_dir={out}",
+            f"train.batch_size={8 // processes}", f"max_steps={STEPS}", "lora.dropout=0", "group_by_length=false",
+            "warmup_steps=0", "lr=1e-3", "log_every=1", "val_max_images=6", "generate.num_beams=1",
+            "generate.min_new_tokens=1", "generate.max_new_tokens=4", *extra]  # fmt: skip
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
+                     str(_free_port())]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if cpu_flag:
+        env["ACCELERATE_USE_CPU"] = "true"
+    else:
+        env.pop("ACCELERATE_USE_CPU", None)
+    return subprocess.run([*launcher, "-m", "captune.cli", "train", *args], env=env, capture_output=True, text=True,
+                          timeout=600, check=False)  # fmt: skip
+
+
+def _adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "final" / "adapter_model.safetensors"))
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and a
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+@pytest.fixture(scope="module")
+def runs(base_dir: Path, synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("distributed")
+    done = {
+        "one": _train(1, base_dir, synthetic_dir, root / "one"),
+        "two": _train(2, base_dir, synthetic_dir, root / "two", "save_every=2"),
+    }
+    for name, result in done.items():
+        assert result.returncode == 0, f"{name}: {result.stderr[-3000:]}"
+    return {"one": root / "one", "two": root / "two", "root": root}
+
+
+def test_two_processes_train_the_adapter_one_process_trains(runs: dict[str, Path]) -> None:
+    _assert_same(_adapter(runs["two"]), _adapter(runs["one"]))
+    one = [json.loads(line)["loss"] for line in (runs["one"] / "train_log.jsonl").read_text().splitlines()]
+    two = [json.loads(line)["loss"] for line in (runs["two"] / "train_log.jsonl").read_text().splitlines()]
+    assert len(two) == STEPS  # rank 0 alone logs: one line a step
+    assert two == pytest.approx(one, rel=1e-5)  # each the global batch's loss
+
+
+def test_validation_sees_every_val_image_exactly_once(runs: dict[str, Path]) -> None:
+    one = json.loads((runs["one"] / "val" / f"step-{STEPS:06d}.json").read_text())["predictions"]
+    two = json.loads((runs["two"] / "val" / f"step-{STEPS:06d}.json").read_text())["predictions"]
+    assert sorted(two) == sorted(one) and len(two) == 6
+    results = json.loads((runs["two"] / "results.json").read_text())
+    assert results["total_steps"] == STEPS and len(results["history"]) == 1
+
+
+def test_resume_across_ranks_gives_the_uninterrupted_adapter(
+    runs: dict[str, Path], base_dir: Path, synthetic_dir: Path
+) -> None:
+    checkpoint = runs["two"] / "checkpoints" / "step-000002"
+    assert sorted(p.name for p in checkpoint.glob("rng-*.pt")) == ["rng-0.pt", "rng-1.pt"]
+    resumed = runs["root"] / "resumed"
+    result = _train(2, base_dir, synthetic_dir, resumed, "save_every=2", f"train.resume_from={checkpoint}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_same(_adapter(resumed), _adapter(runs["two"]))
+
+
+def test_processes_that_accelerate_would_run_alone_are_refused(
+    base_dir: Path, synthetic_dir: Path, tmp_path: Path
+) -> None:
+    result = _train(2, base_dir, synthetic_dir, tmp_path / "alone", cpu_flag=False)
+    if torch.cuda.is_available():
+        pytest.skip("with GPUs accelerate sees the processes")
+    assert result.returncode != 0
+    assert "launched as 2 processes, but accelerate runs 1" in result.stderr
+
+
+@pytest.mark.parametrize(("name", "kind"), [("single_gpu", "NO"), ("ddp", "MULTI_GPU"), ("fsdp", "FSDP")])
+def test_shipped_accelerate_configs_load_and_open_with_their_command(name: str, kind: str) -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = Path(__file__).parents[1] / "configs" / "accelerate" / f"{name}.yaml"
+    config = load_config_from_file(str(path))
+    assert config.distributed_type.value == kind and config.mixed_precision == "no"
+    first = path.read_text().splitlines()[0]
+    assert first.startswith(f"# accelerate launch --config_file configs/accelerate/{name}.yaml -m captune.cli train")
