@@ -104,6 +104,16 @@ def test_features_are_cached_only_when_nothing_upstream_trains(tiny: LoadedModel
     assert not _use_feature_cache(load_config(None, ["cache_image_features=off"]), tiny.model)
 
 
+def test_the_run_log_says_which_path_and_why(tiny: LoadedModel, caplog: pytest.LogCaptureFixture) -> None:
+    config = load_config(None, ["qformer_target_modules=query,value"])
+    model = apply_lora(tiny.model, config.lora)
+    with caplog.at_level("INFO", logger="captune.train"):
+        assert not _use_feature_cache(config, model)
+    assert "training path: full (image features recomputed every step): parameters outside the language model" in (
+        caplog.text
+    )
+
+
 def test_cache_on_with_a_trained_qformer_is_an_error(tiny: LoadedModel) -> None:
     config = load_config(None, ["qformer_target_modules=query,value", "cache_image_features=on"])
     model = apply_lora(tiny.model, config.lora)

@@ -423,19 +423,26 @@ def setup(config: Config) -> Run:
 
 
 def _use_feature_cache(config: Config, model: nn.Module) -> bool:
-    """Whether image features can be computed once (nothing upstream of a decoder-only LM trains)."""
+    """Whether image features can be computed once (nothing upstream of a decoder-only LM trains); says why not."""
     if config.train.cache_image_features == "off":
+        log.info("training path: full (image features recomputed every step): train.cache_image_features=off")
         return False
     trains = upstream_of_language_model_trains(model)
     decoder_only = blip_of(model).config.use_decoder_only_language_model
-    if config.train.cache_image_features == "on" and (trains or not decoder_only):
-        why = (
-            f"parameters outside the language model train ({trains[0]}, ...)"
-            if trains
-            else "the LM is not decoder-only"
-        )
+    why = (
+        f"parameters outside the language model train ({trains[0]}, ...)"
+        if trains
+        else "the language model is an encoder-decoder"
+        if not decoder_only
+        else ""
+    )
+    if why and config.train.cache_image_features == "on":
         raise CaptuneError(f"train.cache_image_features=on, but {why}; use auto or off")
-    return not trains and decoder_only
+    if why:
+        log.info("training path: full (image features recomputed every step): %s", why)
+    else:
+        log.info("training path: cached image features (nothing upstream of the language model trains)")
+    return not why
 
 
 def _train_image_features(config: Config, loaded: LoadedModel, pairs: CaptionPairs, accelerator: Accelerator) -> Any:
