@@ -52,11 +52,10 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
 
 def _run_config(args: argparse.Namespace) -> Config:
     """The config a model was trained with (defaults for a plain BLIP-2), command-line generation options on top."""
-    from captune.config import Config, config_from_dict, validate
-    from captune.model import META_FILE
+    from captune.config import validate
+    from captune.model import saved_config
 
-    meta = Path(args.model_dir).expanduser() / META_FILE
-    config = config_from_dict(json.loads(meta.read_text())["config"], str(meta)) if meta.is_file() else Config()
+    config = saved_config(Path(args.model_dir).expanduser())
     for name in ("num_beams", "min_new_tokens", "max_new_tokens", "repetition_penalty", "batch_size", "static_cache"):
         value = getattr(args, name)
         if value is not None:

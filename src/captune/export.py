@@ -19,10 +19,19 @@ from typing import Any
 import torch
 from peft import PeftModel
 
-from captune.config import Config, config_from_dict, to_dict
+from captune.config import Config, to_dict
 from captune.errors import CaptuneError
 from captune.files import replace_dir
-from captune.model import MERGED_KEY, META_FILE, TINY_MODELS, LoadedModel, load_model_dir, resolve_dtype, save_base
+from captune.model import (
+    MERGED_KEY,
+    META_FILE,
+    TINY_MODELS,
+    LoadedModel,
+    load_model_dir,
+    resolve_dtype,
+    save_base,
+    saved_config,
+)
 
 CARD_FILE = "README.md"
 DTYPES = ("auto", "bf16", "fp16", "fp32")
@@ -53,7 +62,7 @@ def merge_model_dir(model_dir: Path, output: Path, *, dtype: str = "auto", overw
     _check_paths(model_dir, output, overwrite)
     if dtype not in DTYPES:
         raise CaptuneError(f"dtype {dtype!r}: use {', '.join(DTYPES)}")
-    config = config_from_dict(json.loads((model_dir / META_FILE).read_text())["config"], str(model_dir / META_FILE))
+    config = saved_config(model_dir)
 
     # 1. Merge at full precision: W + (alpha / r) B A is computed in fp32 and rounded to the output dtype once.
     loaded = load_model_dir(model_dir, torch.float32, device="cpu")

@@ -117,9 +117,8 @@ class _Preprocessed(Dataset):
         return index, self.image_processor(image, return_tensors="pt")["pixel_values"][0], None
 
 
-def _as_batch(
-    items: list[tuple[int, torch.Tensor | None, str | None]],
-) -> list[tuple[int, torch.Tensor | None, str | None]]:
+def _as_batch(items: list[_Item]) -> list[_Item]:
+    """Keeps a batch as its list of items: stacking waits until the failed images are left out."""
     return items
 
 

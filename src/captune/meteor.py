@@ -178,7 +178,7 @@ def _filtered_table(sentences: list[str], scratch: Path) -> Path | None:
     try:
         found.append(_phrase_ids(index, _token_lists(normalizer.result())))
     except _IndexUnusable as error:
-        print(f"captune: METEOR will load its full paraphrase table ({error})", file=sys.stderr)
+        _full_table(error)
         return None
     wanted = np.zeros(len(index.phrase_hashes), dtype=bool)
     wanted[np.concatenate(found)] = True
@@ -254,6 +254,11 @@ def _phrase_ids(index: ParaphraseIndex, token_lists: Iterable[list[str]]) -> np.
     return np.concatenate(found)
 
 
+def _full_table(reason: Exception) -> None:
+    """Says why METEOR falls back to its full paraphrase table (the same numbers, a slower start)."""
+    print(f"captune: METEOR will load its full paraphrase table ({reason})", file=sys.stderr)
+
+
 class _IndexUnusable(Exception):
     """The filtered table cannot be made; METEOR then loads the full one (same numbers, slower start)."""
 
@@ -283,7 +288,7 @@ def paraphrase_index(*, build: bool = True) -> ParaphraseIndex | None:
         words = (directory / "words.txt").read_text(encoding="utf-8").split("\n")
         return ParaphraseIndex(words={word: i for i, word in enumerate(words)}, **arrays)
     except (OSError, ValueError, _IndexUnusable) as error:
-        print(f"captune: METEOR will load its full paraphrase table ({error})", file=sys.stderr)
+        _full_table(error)
         return None
 
 

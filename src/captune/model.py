@@ -29,7 +29,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from captune.config import Config, LoraConfig, to_dict
+from captune.config import Config, LoraConfig, config_from_dict, to_dict
 from captune.errors import CaptuneError
 
 log = logging.getLogger(__name__)
@@ -286,6 +286,12 @@ def trainable_summary(model: torch.nn.Module) -> str:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)"
+
+
+def saved_config(model_dir: Path) -> Config:
+    """The config a saved model directory was trained with (its captune.json), or the defaults for a plain BLIP-2."""
+    meta = model_dir / META_FILE
+    return config_from_dict(json.loads(meta.read_text())["config"], str(meta)) if meta.is_file() else Config()
 
 
 def save_model_dir(

@@ -53,11 +53,11 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.types import Message
 
-from captune.config import Config, GenerateConfig, config_from_dict
+from captune.config import Config, GenerateConfig
 from captune.data.images import ImageError, load_rgb
 from captune.errors import CaptuneError
 from captune.generate import generate_captions
-from captune.model import META_FILE, LoadedModel, load_model_dir
+from captune.model import META_FILE, LoadedModel, load_model_dir, saved_config
 
 log = logging.getLogger(__name__)
 
@@ -551,12 +551,6 @@ async def _read_json(request: Request, json_request: type[BaseModel]) -> tuple[l
 
 
 # -------------------------------------------------------------------------------------------------------- model ---
-def _model_config(model_dir: Path) -> Config:
-    """The config the model was trained with (captune.json), or the defaults for a plain BLIP-2."""
-    meta = model_dir / META_FILE
-    return config_from_dict(json.loads(meta.read_text())["config"], str(meta)) if meta.is_file() else Config()
-
-
 def _saved_metrics(model_dir: Path) -> dict[str, dict[str, float]]:
     """metrics.json (training's best/) and eval-*/metrics.json (`captune eval`) beside the model, by relative path."""
     found: dict[str, dict[str, float]] = {}
@@ -750,7 +744,7 @@ def create_app(model_dir: str | Path, settings: ServeSettings | None = None) -> 
     settings = settings or ServeSettings()
     check_settings(settings)
     model_dir = Path(model_dir).expanduser()
-    config = _model_config(model_dir)
+    config = saved_config(model_dir)
     options_model = _options_model(settings)
     _check_defaults(config.generate, options_model, model_dir)
     loaded = load_model_dir(model_dir, device=settings.device)

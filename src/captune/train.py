@@ -187,9 +187,11 @@ class EpochShuffle(Sampler[int]):
     def __len__(self) -> int:
         return self.size
 
+    def _generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        return iter(torch.randperm(self.size, generator=self._generator()).tolist())
 
 
 class LengthGroupedShuffle(EpochShuffle):
@@ -207,7 +209,7 @@ class LengthGroupedShuffle(EpochShuffle):
         self.lengths, self.batch_size = lengths, batch_size
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        generator = self._generator()
         order = torch.randperm(self.size, generator=generator).numpy()
         group = self.batch_size * max(1, min(self.GROUP_BATCHES, self.size // (self.batch_size * 4)))
         batches = []
@@ -428,14 +430,11 @@ def _use_feature_cache(config: Config, model: nn.Module) -> bool:
         log.info("training path: full (image features recomputed every step): train.cache_image_features=off")
         return False
     trains = upstream_of_language_model_trains(model)
-    decoder_only = blip_of(model).config.use_decoder_only_language_model
-    why = (
-        f"parameters outside the language model train ({trains[0]}, ...)"
-        if trains
-        else "the language model is an encoder-decoder"
-        if not decoder_only
-        else ""
-    )
+    why = ""
+    if trains:
+        why = f"parameters outside the language model train ({trains[0]}, ...)"
+    elif not blip_of(model).config.use_decoder_only_language_model:
+        why = "the language model is an encoder-decoder"
     if why and config.train.cache_image_features == "on":
         raise CaptuneError(f"train.cache_image_features=on, but {why}; use auto or off")
     if why:

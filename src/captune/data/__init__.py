@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import importlib
+import json
 import os
 import random
 import sys
@@ -232,6 +233,18 @@ def read_text(path: Path) -> str:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise CaptuneError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+
+
+def read_json(path: Path) -> object:
+    """The JSON value of an annotation file (read as `read_text` reads it).
+
+    Raises:
+        CaptuneError: The file is not UTF-8, or not valid JSON (the message names line and column).
+    """
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as exc:
+        raise CaptuneError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}") from None
 
 
 def find_images_dir(data_dir: Path, options: ReadOptions, candidates: Sequence[str]) -> Path:

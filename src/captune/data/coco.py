@@ -9,7 +9,6 @@ COCO publishes no test captions, so the val file's images are split by image int
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from captune.data import (
     ReadOptions,
     find_images_dir,
     missing_annotations,
-    read_text,
+    read_json,
     resolve,
     seeded_split,
     usable,
@@ -163,10 +162,7 @@ def _read_images(path: Path, first_listed: dict[str, str], problems: list[Proble
 
 def _load(path: Path) -> tuple[list[object], list[object]]:
     """The `images` and `annotations` lists of a COCO captions file."""
-    try:
-        data = json.loads(read_text(path))
-    except json.JSONDecodeError as exc:
-        raise CaptuneError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}") from None
+    data = read_json(path)
     if not isinstance(data, dict):
         raise CaptuneError(
             f"{path}: the top level is {_json_type(data)}; expected an object with 'images' and "

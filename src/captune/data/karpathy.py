@@ -6,7 +6,6 @@ val, test or restval, which joins train unless `restval` is `none`) and `sentenc
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from captune.data import (
@@ -16,7 +15,7 @@ from captune.data import (
     ReadOptions,
     find_images_dir,
     missing_annotations,
-    read_text,
+    read_json,
     resolve,
     usable,
 )
@@ -45,10 +44,7 @@ def read_karpathy(data_dir: Path, options: ReadOptions) -> CaptionSet:
     """
     path = _find_annotations(data_dir, options)
     images_dir = find_images_dir(data_dir, options, IMAGE_DIRS)
-    try:
-        data = json.loads(read_text(path))
-    except json.JSONDecodeError as exc:
-        raise CaptuneError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}") from None
+    data = read_json(path)
     entries = data.get("images") if isinstance(data, dict) else None
     if not isinstance(entries, list):
         raise CaptuneError(f"{path}: expected an object with an 'images' list, as in Karpathy's dataset_*.json")
