@@ -163,6 +163,13 @@ def test_caption_resume_needs_a_jsonl_output_file(
     assert "--resume needs --output FILE and --format jsonl" in capsys.readouterr().err
 
 
+def test_caption_with_negative_workers_is_a_user_error(
+    model_dir: Path, images: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _caption(model_dir, str(images[0]), "--workers", "-1") == 2
+    assert "--workers -1: give 0" in capsys.readouterr().err
+
+
 def test_caption_with_a_missing_model_dir_is_a_user_error(
     images: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

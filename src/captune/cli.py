@@ -62,6 +62,8 @@ def _run_config(args: argparse.Namespace) -> Config:
             setattr(config.generate, name, value)
     if args.prompt is not None:
         config.data.prompt = args.prompt
+    if args.workers < 0:
+        raise CaptuneError(f"--workers {args.workers}: give 0 (decode in this process) or more worker processes")
     validate(config)
     return config
 
