@@ -44,6 +44,12 @@ ARCHITECTURES = {
         "pad_token_id": 1,
     },
 }
+# blip2-opt-6.7b: the same image side, OPT-6.7B (the public facebook/opt-6.7b config).
+ARCHITECTURES["opt-6.7b"] = ARCHITECTURES["opt-2.7b"] | {
+    "hidden_size": 4096,
+    "ffn_dim": 16384,
+    "word_embed_proj_dim": 4096,
+}
 OPT_TEXT_VOCAB = 50265  # ids 0..50264; <image> becomes 50265, as in the released processor
 
 

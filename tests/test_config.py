@@ -202,7 +202,7 @@ def test_epochs_zero_is_allowed_with_max_steps() -> None:
 
 
 def test_lora_on_the_qformer_only_is_valid() -> None:
-    config = load_config(None, ["target_modules=", "qformer_target_modules=query,value"])
+    config = load_config(None, ["target_modules=", "qformer_target_modules=query,value", "mode=lora-lm+qformer"])
     assert (config.lora.target_modules, config.lora.qformer_target_modules) == ([], ["query", "value"])
 
 
@@ -243,7 +243,8 @@ def test_save_then_load_round_trips(tmp_path: Path) -> None:
     config = load_config(
         None,
         ["model=Salesforce/blip2-opt-2.7b", "lr=3e-4", "max_steps=12", "images_dir=Images",
-         "qformer_target_modules=query,value", "prompt=a photo of", "skip_bad_images=true", "validate=false"],
+         "qformer_target_modules=query,value", "mode=lora-lm+qformer", "prompt=a photo of", "skip_bad_images=true",
+         "validate=false"],
     )  # fmt: skip
     path = tmp_path / "config.yaml"
     save_config(config, path)

@@ -19,7 +19,7 @@ from captune.generate import generate_captions
 from captune.model import (
     META_FILE,
     LoadedModel,
-    apply_lora,
+    apply_train_mode,
     build_tiny,
     load_base,
     load_model_dir,
@@ -42,13 +42,13 @@ def _save_run(root: Path, overrides: list[str]) -> tuple[LoadedModel, Config, Pa
     config = load_config(None, ["num_beams=1", "min_new_tokens=1", "max_new_tokens=8", *overrides])
     loaded = build_tiny(0)
     save_base(root / "base-model", loaded)
-    loaded.model = apply_lora(loaded.model, config.lora)
+    loaded.model = apply_train_mode(loaded.model, config)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in loaded.model.named_parameters():
             if ".lora_B." in name:
                 param.copy_(torch.randn(param.shape, generator=generator))
-            elif ".modules_to_save." in name:
+            elif ".modules_to_save." in name or (config.train.mode == "qformer" and param.requires_grad):
                 param.add_(torch.randn(param.shape, generator=generator))
     loaded.model.eval()
     save_model_dir(root / "best", loaded, config, root / "base-model")
@@ -87,8 +87,13 @@ def test_merged_directory_loads_with_plain_transformers(run: tuple[LoadedModel, 
 
 @pytest.mark.parametrize(
     "overrides",
-    [[], ["qformer_target_modules=query,value"], ["modules_to_save=language_projection", "target_modules=fc1"]],
-    ids=["language_model", "qformer", "modules_to_save"],
+    [
+        [],
+        ["qformer_target_modules=query,value", "train.mode=lora-lm+qformer"],
+        ["modules_to_save=language_projection", "target_modules=fc1"],
+        ["train.mode=qformer"],
+    ],
+    ids=["language_model", "qformer", "modules_to_save", "qformer_in_full"],
 )
 def test_merged_model_captions_token_for_token_as_base_plus_adapter(tmp_path: Path, overrides: list[str]) -> None:
     tuned, _, best = _save_run(tmp_path / "run", overrides)
@@ -103,7 +108,7 @@ def test_merged_model_captions_token_for_token_as_base_plus_adapter(tmp_path: Pa
 
 
 def test_qformer_lora_is_merged_into_the_qformer_weights(tmp_path: Path) -> None:
-    tuned, _, best = _save_run(tmp_path / "run", ["qformer_target_modules=query,value"])
+    tuned, _, best = _save_run(tmp_path / "run", ["qformer_target_modules=query,value", "train.mode=lora-lm+qformer"])
     merged = Blip2ForConditionalGeneration.from_pretrained(merge_model_dir(best, tmp_path / "merged"))
     name = "qformer.encoder.layer.0.attention.attention.query.weight"
     base_weight = _weight(load_base("tiny").model, name)
@@ -215,7 +220,7 @@ def test_the_model_directory_itself_is_refused_as_output(run: tuple[LoadedModel,
 
 def test_a_directory_without_an_adapter_is_refused(run: tuple[LoadedModel, Config, Path], tmp_path: Path) -> None:
     merged = merge_model_dir(run[2], tmp_path / "merged")
-    with pytest.raises(CaptuneError, match=rf"{merged}: no LoRA adapter to merge"):
+    with pytest.raises(CaptuneError, match=rf"{merged}: nothing to merge"):
         merge_model_dir(merged, tmp_path / "again")
 
 
@@ -232,7 +237,7 @@ def test_model_card_names_base_hyperparameters_and_metrics(
     assert "| train.lr / weight_decay / warmup_steps | `0.0001 / 0.01 / 100` |" in card
     assert "| format | `synthetic` |" in card
     assert "| CIDEr | 0.5678 |" in card and "From best/metrics.json" in card
-    assert f"adapter of `{run[2]}` merged" in card
+    assert f"`{run[2]}` merged into the base weights" in card
     assert "generation_config=model.generation_config" in card
 
 

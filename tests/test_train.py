@@ -5,15 +5,19 @@ from __future__ import annotations
 import importlib
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
-from captune.config import Config, load_config
+from captune.config import Config, LoraConfig, load_config
 from captune.errors import CaptuneError
-from captune.model import LoadedModel
+from captune.model import QFORMER_TRAINED, TRAINED_FILE, LoadedModel, apply_lora, load_base, load_model_dir
 from captune.train import IGNORE, CaptionCollator, CaptionPairs, EpochShuffle
 
 from .conftest import write_image, write_truncated_jpeg
@@ -127,6 +131,35 @@ def test_resume_mid_epoch_gives_the_same_adapter_bit_for_bit(synthetic_dir: Path
         assert torch.equal(expected[name], actual[name]), name
     # ...and training moved the weights at all (LoRA B starts at zero).
     assert any(v.abs().sum() > 0 for k, v in actual.items() if "lora_B" in k)
+
+
+def test_each_epoch_has_its_own_order_also_after_a_resume(
+    synthetic_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # accelerate's loader sets its sampler's epoch to its own pass count at every pass; the loop must set that count,
+    # or every epoch (and every resume) replays epoch 0's order.
+    seen: list[tuple[int, list[int]]] = []
+    for sampler in (recipe.EpochShuffle, recipe.LengthGroupedShuffle):
+        real = sampler.__iter__
+
+        def recording(self: recipe.EpochShuffle, real: Any = real) -> Iterator[int]:
+            order = list(real(self))
+            seen.append((self.epoch, order))
+            return iter(order)
+
+        monkeypatch.setattr(sampler, "__iter__", recording)
+    recipe.train(
+        _config(
+            synthetic_dir, tmp_path / "full", "train.max_steps=45", "train.save_every=20", "train.keep_checkpoints=10"
+        )
+    )
+    assert [epoch for epoch, _ in seen] == [0, 1, 2]  # 15 steps an epoch
+    orders = [order for _, order in seen]
+    assert orders[0] != orders[1] != orders[2] and sorted(orders[0]) == sorted(orders[1])
+    seen.clear()
+    checkpoint = tmp_path / "full" / "checkpoints" / "step-000020"  # 5 steps into epoch 1
+    recipe.train(_config(synthetic_dir, tmp_path / "resumed", "train.max_steps=45", f"train.resume_from={checkpoint}"))
+    assert [epoch for epoch, _ in seen] == [1, 2] and [order for _, order in seen] == orders[1:]
 
 
 def test_checkpoint_holds_everything_needed_to_resume(synthetic_dir: Path, tmp_path: Path) -> None:
@@ -247,3 +280,54 @@ def test_gradient_checkpointing_trains_the_same_steps(synthetic_dir: Path, tmp_p
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_qformer_mode_trains_the_qformer_in_full_and_resumes_exactly(
+    synthetic_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The LAVIS caption fine-tune: Q-Former, query tokens and projection train in full; LM and ViT stay as they were.
+    caplog.set_level("INFO", logger="captune")
+    overrides = ("train.mode=qformer", "lora.modules_to_save=", "train.max_steps=6", "train.save_every=3")
+    recipe.train(_config(synthetic_dir, tmp_path / "run", *overrides))
+    assert "training path: full" in caplog.text and "parameters outside the language model train" in caplog.text
+    final = tmp_path / "run" / "final"
+    assert (final / TRAINED_FILE).is_file() and not (final / "adapter_model.safetensors").exists()
+    trained = load_file(str(final / TRAINED_FILE))
+    assert {"query_tokens", "language_projection.weight"} <= trained.keys()
+    assert all(name.startswith(QFORMER_TRAINED) for name in trained)
+    base = dict(load_base(str(tmp_path / "run" / "base-model")).model.named_parameters())  # the run's random base
+    assert not torch.equal(trained["query_tokens"], base["query_tokens"])
+    assert any(not torch.equal(v, base[k]) for k, v in trained.items() if k.startswith("qformer."))
+    loaded = load_model_dir(final, torch.float32, device="cpu")
+    for name, param in loaded.model.named_parameters():  # the trained weights in place, the rest the base's
+        torch.testing.assert_close(param, trained.get(name, base[name]), rtol=0, atol=0, msg=name)
+    resumed = _config(synthetic_dir, tmp_path / "resumed", *overrides,
+                      f"train.resume_from={tmp_path / 'run' / 'checkpoints' / 'step-000003'}")  # fmt: skip
+    recipe.train(resumed)
+    again = load_file(str(tmp_path / "resumed" / "final" / TRAINED_FILE))
+    assert again.keys() == trained.keys() and all(torch.equal(again[k], trained[k]) for k in trained)
+
+
+def test_qformer_targets_without_the_mode_that_uses_them_is_an_error() -> None:
+    with pytest.raises(CaptuneError, match=r"train.mode is lora-lm .* set train.mode=lora-lm\+qformer"):
+        load_config(None, ["lora.qformer_target_modules=query"])
+    assert load_config(None, ["train.mode=lora-lm+qformer"]).lora.qformer_target_modules == ["query", "value"]
+
+
+def test_the_fsdp_gathering_of_trainable_weights_gives_what_the_plain_path_gives(tiny: LoadedModel) -> None:
+    # FSDP needs GPUs; torch's state-dict API that gathers its shards also runs on a plain model, so the FSDP branch
+    # (its key filter: no frozen weight, not even OPT's tied lm_head) is checked here against the plain one.
+    model = apply_lora(tiny.model, LoraConfig(modules_to_save=["language_projection"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+
+    def run(kind: DistributedType) -> Any:
+        accelerator = SimpleNamespace(distributed_type=kind, unwrap_model=lambda m: m)
+        return SimpleNamespace(accelerator=accelerator, loaded=SimpleNamespace(model=model))
+
+    plain = recipe._trainable_weights(run(DistributedType.NO))
+    gathered = recipe._trainable_weights(run(DistributedType.FSDP))
+    assert plain.keys() == gathered.keys() and any("modules_to_save" in k for k in plain)
+    assert all(torch.equal(plain[k], gathered[k]) for k in plain)

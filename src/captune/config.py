@@ -95,6 +95,12 @@ class DataConfig:
 class TrainConfig:
     output_dir: str = "runs/default"
     """Run directory: config, TensorBoard events, checkpoints/, best/, final/."""
+    mode: str = "lora-lm"
+    """What trains. `lora-lm`: LoRA on the language model (`lora.target_modules`), plus `lora.modules_to_save`.
+    `lora-lm+qformer`: LoRA on the Q-Former as well (`lora.qformer_target_modules`, default query and value).
+    `qformer`: the LAVIS caption fine-tune, no LoRA: the Q-Former, its query tokens and `language_projection` train in
+    full, the language model and the vision encoder stay frozen (`lora.*` is not used); the saved directory holds
+    those weights (`trained.safetensors`) and names the base model."""
     batch_size: int = 8
     """Samples (image-caption pairs) per device per forward pass."""
     grad_accum: int = 1
@@ -280,6 +286,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not sep or not key:
             raise CaptuneError(f"override {item!r} is not of the form key=value (e.g. lr=3e-4)")
         _set(config, key.strip(), value.strip(), "command line")
+    _fill_defaults(config)
     validate(config)
     return config
 
@@ -290,8 +297,19 @@ def config_from_dict(values: dict[str, Any], source: str) -> Config:
     for section, fields in values.items():
         for key, value in fields.items():
             _set(config, f"{section}.{key}", value, source)
+    _fill_defaults(config)
     validate(config)
     return config
+
+
+TRAIN_MODES = ("lora-lm", "lora-lm+qformer", "qformer")
+QFORMER_LORA_DEFAULT = ["query", "value"]
+
+
+def _fill_defaults(config: Config) -> None:
+    """Defaults that depend on another key: `lora-lm+qformer` without Q-Former targets gets query and value."""
+    if config.train.mode == "lora-lm+qformer" and not config.lora.qformer_target_modules:
+        config.lora.qformer_target_modules = list(QFORMER_LORA_DEFAULT)
 
 
 def validate(config: Config) -> None:
@@ -304,7 +322,16 @@ def validate(config: Config) -> None:
         (config.train.max_steps is None or config.train.max_steps >= 1, "train.max_steps must be >= 1"),
         (config.lora.r >= 1, "lora.r must be >= 1"),
         (0 <= config.lora.dropout < 1, "lora.dropout must be in [0, 1)"),
-        (bool(config.lora.target_modules or config.lora.qformer_target_modules), "lora: no target modules given"),
+        (config.train.mode in TRAIN_MODES, f"train.mode must be one of {', '.join(TRAIN_MODES)}"),
+        (
+            config.train.mode != "lora-lm" or not config.lora.qformer_target_modules,
+            "lora.qformer_target_modules is set but train.mode is lora-lm (the language model only): set "
+            "train.mode=lora-lm+qformer, or lora.qformer_target_modules= (empty)",
+        ),
+        (
+            config.train.mode == "qformer" or bool(config.lora.target_modules or config.lora.qformer_target_modules),
+            "lora: no target modules given",
+        ),
         (config.train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
         (config.train.log_every >= 1, "train.log_every must be >= 1"),
         (config.train.save_every >= 0, "train.save_every must be >= 0 (0: only at epoch ends)"),

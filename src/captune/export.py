@@ -25,7 +25,9 @@ from captune.files import replace_dir
 from captune.model import (
     MERGED_KEY,
     META_FILE,
+    QFORMER_TRAINED,
     TINY_MODELS,
+    TRAINED_FILE,
     LoadedModel,
     load_model_dir,
     resolve_dtype,
@@ -66,10 +68,12 @@ def merge_model_dir(model_dir: Path, output: Path, *, dtype: str = "auto", overw
 
     # 1. Merge at full precision: W + (alpha / r) B A is computed in fp32 and rounded to the output dtype once.
     loaded = load_model_dir(model_dir, torch.float32, device="cpu")
-    try:
-        merged = loaded.model.merge_and_unload(safe_merge=True)  # modules_to_save copies replace their originals
-    except ValueError as err:
-        raise CaptuneError(f"{model_dir}: the adapter cannot be merged: {err}") from None
+    merged = loaded.model  # train.mode=qformer: the trained weights are already in place
+    if isinstance(merged, PeftModel):
+        try:
+            merged = merged.merge_and_unload(safe_merge=True)  # modules_to_save copies replace their originals
+        except ValueError as err:
+            raise CaptuneError(f"{model_dir}: the adapter cannot be merged: {err}") from None
     target = resolve_dtype(dtype, torch.device("cpu"))
     merged.to(target)
 
@@ -120,11 +124,12 @@ def _check_paths(model_dir: Path, output: Path, overwrite: bool) -> None:
     """Everything that can be refused is refused before the model is loaded."""
     if not model_dir.is_dir():
         raise CaptuneError(f"--model-dir {model_dir}: no such directory; give a saved model such as RUN/best")
-    if not (model_dir / "adapter_config.json").is_file() or not (model_dir / META_FILE).is_file():
+    trained = (model_dir / "adapter_config.json").is_file() or (model_dir / TRAINED_FILE).is_file()
+    if not trained or not (model_dir / META_FILE).is_file():
         raise CaptuneError(
-            f"--model-dir {model_dir}: no LoRA adapter to merge (adapter_config.json and {META_FILE} are what "
-            "`captune train` saves in RUN/best, RUN/final and checkpoints); a plain or merged BLIP-2 is already "
-            "standalone"
+            f"--model-dir {model_dir}: nothing to merge (adapter_config.json or {TRAINED_FILE}, with {META_FILE}, "
+            "are what `captune train` saves in RUN/best, RUN/final and checkpoints); a plain or merged BLIP-2 is "
+            "already standalone"
         )
     if output.resolve() == model_dir.resolve():
         raise CaptuneError(f"--output {output} is the model directory itself; choose another directory")
@@ -190,6 +195,7 @@ def model_card(
         val_images: Number of val images the metrics were computed on, if known.
     """
     is_adapter = isinstance(loaded.model, PeftModel)
+    in_full = not is_adapter and merged_from is None  # train.mode=qformer: trained weights beside a named base
     base = config.model.name
     front = ["---", f"library_name: {'peft' if is_adapter else 'transformers'}"]
     if base not in TINY_MODELS and not Path(base).expanduser().exists():
@@ -201,20 +207,28 @@ def model_card(
             "`captune.json` (base model and the run's config). Load it with the base model, or make a standalone "
             "model with `captune merge --model-dir MODEL_DIR --output MERGED_DIR`."
         )
+    elif in_full:
+        what = (
+            "This directory holds the Q-Former, its query tokens and the language projection, trained in full (the "
+            "LAVIS caption fine-tune, `train.mode=qformer`), as `trained.safetensors`, with the processor and "
+            "`captune.json` (base model and the run's config). They replace the base model's own weights of those "
+            "names; `captune merge --model-dir MODEL_DIR --output MERGED_DIR` writes a standalone model."
+        )
     else:
         what = (
-            "This directory holds a standalone `Blip2ForConditionalGeneration`: the LoRA adapter of "
-            f"`{merged_from}` merged into the base weights with PEFT's `merge_and_unload` (no adapter layers at "
-            f"inference), weights in {str(loaded.model.dtype).removeprefix('torch.')}. `generation_config.json` holds "
-            "the run's generation settings; `captune.json` the provenance. In fp32 it captions exactly as base + "
-            "adapter; in bf16 or fp16 the merged weights are rounded once, so a caption can now and then differ."
+            f"This directory holds a standalone `Blip2ForConditionalGeneration`: `{merged_from}` merged into the base "
+            "weights (a LoRA adapter through PEFT's `merge_and_unload`, no adapter layers at inference; or the "
+            f"weights it trained in full), weights in {str(loaded.model.dtype).removeprefix('torch.')}. "
+            "`generation_config.json` holds the run's generation settings; `captune.json` the provenance. In fp32 it "
+            "captions exactly as the directory it was made from; in bf16 or fp16 the merged weights are rounded "
+            "once, so a caption can now and then differ."
         )
     lines = [*front, "# BLIP-2 image captioner fine-tuned with captune", "", what, ""]
-    lines += _base_section(loaded, config, is_adapter)
+    lines += _base_section(loaded, config, is_adapter, in_full)
     lines += _data_section(config, val_images)
     lines += _hyperparameter_section(config)
     lines += _metrics_section(metrics, metrics_source)
-    lines += _usage_section(config, is_adapter)
+    lines += _usage_section(config, is_adapter, in_full)
     lines += _limitations_section(config)
     return "\n".join(lines)
 
@@ -223,19 +237,22 @@ def _table(rows: list[tuple[str, Any]]) -> list[str]:
     return ["| setting | value |", "|---|---|", *(f"| {key} | `{value}` |" for key, value in rows), ""]
 
 
-def _base_section(loaded: LoadedModel, config: Config, is_adapter: bool) -> list[str]:
+def _base_section(loaded: LoadedModel, config: Config, is_adapter: bool, in_full: bool) -> list[str]:
     params = sum(p.numel() for p in loaded.model.parameters())
     adapter = sum(p.numel() for n, p in loaded.model.named_parameters() if "lora_" in n or "modules_to_save" in n)
     if config.model.name in TINY_MODELS:
-        where = "stored in `base/` beside the adapter" if is_adapter else "merged into the weights in this directory"
+        where = "merged into the weights in this directory"
+        if is_adapter or in_full:
+            where = f"stored in `base/` beside the {'adapter' if is_adapter else 'trained weights'}"
         base = f"`tiny`: captune's built-in BLIP-2 (hidden sizes 32-64) with **random weights**, {where}."
     else:
         base = f"`{config.model.name}` (loaded with `from_pretrained`)."
-    size = (
-        f"{params - adapter:,} base parameters; the adapter adds {adapter:,}"
-        if is_adapter
-        else f"{params:,} parameters"
-    )
+    size = f"{params:,} parameters"
+    if is_adapter:
+        size = f"{params - adapter:,} base parameters; the adapter adds {adapter:,}"
+    elif in_full:
+        trained = sum(p.numel() for n, p in loaded.model.named_parameters() if n.startswith(QFORMER_TRAINED))
+        size = f"{params:,} parameters, of which {trained:,} trained in full"
     return ["## Base model", "", f"{base} {size}. Weight dtype in training: `{config.model.dtype}`.", ""]
 
 
@@ -255,13 +272,17 @@ def _data_section(config: Config, val_images: int | None) -> list[str]:
 
 def _hyperparameter_section(config: Config) -> list[str]:
     lora, train = config.lora, config.train
-    rows: list[tuple[str, Any]] = [
-        ("lora.r", lora.r),
-        ("lora.alpha", lora.alpha),
-        ("lora.dropout", lora.dropout),
-        ("lora.target_modules (language model)", ", ".join(lora.target_modules) or "none"),
-        ("lora.qformer_target_modules", ", ".join(lora.qformer_target_modules) or "none"),
-        ("lora.modules_to_save", ", ".join(lora.modules_to_save) or "none"),
+    rows: list[tuple[str, Any]] = [("train.mode", train.mode)]
+    if train.mode != "qformer":  # LoRA settings mean nothing when nothing has LoRA
+        rows += [
+            ("lora.r", lora.r),
+            ("lora.alpha", lora.alpha),
+            ("lora.dropout", lora.dropout),
+            ("lora.target_modules (language model)", ", ".join(lora.target_modules) or "none"),
+            ("lora.qformer_target_modules", ", ".join(lora.qformer_target_modules) or "none"),
+            ("lora.modules_to_save", ", ".join(lora.modules_to_save) or "none"),
+        ]
+    rows += [
         ("train.batch_size x grad_accum (per device)", f"{train.batch_size} x {train.grad_accum}"),
         ("train.lr / weight_decay / warmup_steps", f"{train.lr} / {train.weight_decay} / {train.warmup_steps}"),
         ("train.epochs / max_steps", f"{train.epochs} / {train.max_steps}"),
@@ -299,21 +320,24 @@ def _metrics_section(metrics: dict[str, float] | None, source: str | None) -> li
     return ["## Metrics", "", *rows, "", note, ""]
 
 
-def _usage_section(config: Config, is_adapter: bool) -> list[str]:
+def _usage_section(config: Config, is_adapter: bool, in_full: bool) -> list[str]:
     prompt = config.data.prompt
     captune = ["```bash", "captune caption photo.jpg --model-dir MODEL_DIR", "```", ""]
-    if is_adapter:
+    if is_adapter or in_full:
         base = "MODEL_DIR/base" if config.model.name in TINY_MODELS else config.model.name
-        load = [
-            f'base = Blip2ForConditionalGeneration.from_pretrained("{base}")',
-            'model = PeftModel.from_pretrained(base, "MODEL_DIR").eval()',
-        ]
+        load = [f'model = Blip2ForConditionalGeneration.from_pretrained("{base}").eval()']
+        if is_adapter:
+            imports = ["from peft import PeftModel"]
+            load[0] = load[0].replace("model = ", "base = ").replace(".eval()", "")
+            load.append('model = PeftModel.from_pretrained(base, "MODEL_DIR").eval()')
+        else:
+            imports = ["from safetensors.torch import load_file"]
+            load.append(f'model.load_state_dict(load_file("MODEL_DIR/{TRAINED_FILE}"), strict=False)')
         gen = config.generate
         call = (
             f"out = model.generate(**inputs, num_beams={gen.num_beams}, min_new_tokens={gen.min_new_tokens}, "
             f"max_new_tokens={gen.max_new_tokens}, repetition_penalty={gen.repetition_penalty})"
         )
-        imports = ["from peft import PeftModel"]
     else:
         load = ['model = Blip2ForConditionalGeneration.from_pretrained("MODEL_DIR", dtype="auto").eval()']
         # BLIP-2's generate hands over to its language model, which does not read generation_config.json itself.

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     Blip2Config,
@@ -42,6 +43,10 @@ encoder-decoder, as blip2-flan-t5)."""
 MERGED_KEY = "merged_from"
 """The captune.json key that marks a `captune merge` output (a plain BLIP-2; the file is provenance only)."""
 META_FILE = "captune.json"
+TRAINED_FILE = "trained.safetensors"
+"""`train.mode=qformer` output: the weights trained in full, by their names in Blip2ForConditionalGeneration."""
+QFORMER_TRAINED = ("qformer.", "query_tokens", "language_projection.")
+"""What `train.mode=qformer` trains (the LAVIS caption fine-tune): parameter name prefixes."""
 BASE_SUBDIR = "base"
 
 # The tiny tokenizer's words: exactly those of the built-in synthetic captions. The tiny model's output layer is
@@ -281,6 +286,16 @@ def apply_lora(model: Blip2Like, lora: LoraConfig) -> PeftModel:
     return get_peft_model(model, peft_config)
 
 
+def apply_train_mode(model: Blip2Like, config: Config) -> torch.nn.Module:
+    """Makes trainable what `train.mode` says: LoRA through PEFT (`lora-lm`, `lora-lm+qformer`), or the Q-Former,
+    its query tokens and the language projection in full (`qformer`); everything else is frozen."""
+    if config.train.mode != "qformer":
+        return apply_lora(model, config.lora)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith(QFORMER_TRAINED))
+    return model
+
+
 def trainable_summary(model: torch.nn.Module) -> str:
     """`trainable 12,345 of 3,872,000 parameters (0.32%)` for the run log."""
     total = sum(p.numel() for p in model.parameters())
@@ -300,6 +315,7 @@ def save_model_dir(
     config: Config,
     base_dir: Path | None = None,
     metrics: dict[str, float] | None = None,
+    trainable: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Writes adapter (safetensors), processor, `captune.json` and a model card into `path` (which the caller makes
     atomic).
@@ -308,11 +324,18 @@ def save_model_dir(
         base_dir: where the tiny base model was saved once per run; copied into `path/base` so the directory stands
             alone. None for bases loadable by name.
         metrics: this model's val metrics, for the model card.
+        trainable: the trainable weights by parameter name, when the model's own are sharded (FSDP); None reads them
+            from the model.
     """
     from captune.export import CARD_FILE, model_card  # here: captune.export imports this module
 
     path.mkdir(parents=True, exist_ok=True)
-    save_base(path, loaded)  # with a PeftModel, save_pretrained writes the adapter only
+    if isinstance(loaded.model, PeftModel):
+        save_base(path, loaded, trainable)  # with a PeftModel, save_pretrained writes the adapter only
+    else:  # train.mode=qformer: the weights trained in full, to be loaded onto the base
+        weights = trainable or {n: p.detach().cpu() for n, p in loaded.model.named_parameters() if p.requires_grad}
+        save_file({name: value.contiguous() for name, value in weights.items()}, str(path / TRAINED_FILE))
+        loaded.processor.save_pretrained(path)
     base = loaded.base_name
     if base_dir is not None:
         shutil.copytree(base_dir, path / BASE_SUBDIR, dirs_exist_ok=True)
@@ -335,9 +358,10 @@ def save_tiny_model_dir(root: Path, overrides: Sequence[str] = ()) -> Path:
     return root / "best"
 
 
-def save_base(path: Path, loaded: LoadedModel) -> None:
-    """Saves a model (a plain base, or just the adapter of a PeftModel) and its processor as safetensors."""
-    loaded.model.save_pretrained(path, safe_serialization=True)
+def save_base(path: Path, loaded: LoadedModel, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Saves a model (a plain base, or just the adapter of a PeftModel) and its processor as safetensors;
+    `state_dict`, when given, holds the weights to write (PEFT keeps the adapter's among them)."""
+    loaded.model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
     loaded.processor.save_pretrained(path)
 
 
@@ -387,5 +411,24 @@ def _load_model_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
     base_name = str(base_path.resolve()) if base_path.is_dir() else meta["base_model"]
     base = load_base(base_name, dtype)
     processor = Blip2Processor.from_pretrained(path)
+    if (path / TRAINED_FILE).is_file():
+        return LoadedModel(_load_trained(base.model, path / TRAINED_FILE).eval(), processor, base_name)
     model = PeftModel.from_pretrained(base.model, path)
     return LoadedModel(model.eval(), processor, base_name)
+
+
+def _load_trained(model: Blip2Like, file: Path) -> Blip2Like:
+    """The base with the weights of `file` (train.mode=qformer) in place of its own."""
+    weights = load_file(str(file))
+    params = dict(model.named_parameters())
+    unknown = sorted(set(weights) - set(params))
+    if unknown:
+        raise CaptuneError(f"{file}: weights the base model does not have ({', '.join(unknown[:3])} ...): it was "
+                           "trained on another base; check base_model in captune.json")  # fmt: skip
+    with torch.no_grad():
+        for name, value in weights.items():
+            if params[name].shape != value.shape:
+                raise CaptuneError(f"{file}: {name} has shape {tuple(value.shape)}, the base model's "
+                                   f"{tuple(params[name].shape)}: it was trained on another base")  # fmt: skip
+            params[name].copy_(value)
+    return model

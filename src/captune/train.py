@@ -22,15 +22,22 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 from transformers import Blip2Processor, get_cosine_schedule_with_warmup
 
 from captune import data as datasets
-from captune.config import Config, save_config, to_dict
+from captune.config import Config, config_from_dict, save_config, to_dict
 from captune.data import CaptionSet, Record
 from captune.data.images import load_rgb
 from captune.errors import CaptuneError
@@ -41,7 +48,7 @@ from captune.model import (
     META_FILE,
     TINY_MODELS,
     LoadedModel,
-    apply_lora,
+    apply_train_mode,
     load_base,
     resolve_device,
     resolve_dtype,
@@ -200,28 +207,36 @@ class LengthGroupedShuffle(EpochShuffle):
 
     A group is 50 batches, or fewer on small sets so that an epoch has at least 4 groups (as transformers'
     LengthGroupedSampler does). Grouping makes a batch's captions less varied: on a few templated captions (the
-    demo) that slows learning, so the demo config turns it off."""
+    demo) that slows learning, so the demo config turns it off.
+
+    With several processes (`processes`), batches move in runs of that many neighbours of one sorted group: accelerate
+    gives one step's consecutive batches to the processes, so they hold captions of similar length and none waits at
+    the gradient all-reduce for another's longer batch."""
 
     GROUP_BATCHES = 50
 
-    def __init__(self, lengths: np.ndarray, batch_size: int, seed: int):
+    def __init__(self, lengths: np.ndarray, batch_size: int, seed: int, processes: int = 1):
         super().__init__(len(lengths), seed)
-        self.lengths, self.batch_size = lengths, batch_size
+        self.lengths, self.batch_size, self.processes = lengths, batch_size, processes
 
     def __iter__(self) -> Iterator[int]:
         generator = self._generator()
         order = torch.randperm(self.size, generator=generator).numpy()
-        group = self.batch_size * max(1, min(self.GROUP_BATCHES, self.size // (self.batch_size * 4)))
-        batches = []
+        per_group = max(1, min(self.GROUP_BATCHES, self.size // (self.batch_size * 4)))
+        group = self.batch_size * math.ceil(per_group / self.processes) * self.processes
+        runs, rest = [], []
         for start in range(0, self.size, group):
             members = order[start : start + group]
             members = members[np.argsort(-self.lengths[members], kind="stable")]
-            batches += [members[i : i + self.batch_size] for i in range(0, len(members), self.batch_size)]
-        # Full batches in random order; a short last batch stays last, so every other batch is full.
-        full = [b for b in batches if len(b) == self.batch_size]
-        short = [b for b in batches if len(b) < self.batch_size]
-        shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
-        return iter(np.concatenate(shuffled + short).tolist() if batches else [])
+            batches = [members[i : i + self.batch_size] for i in range(0, len(members), self.batch_size)]
+            full = [b for b in batches if len(b) == self.batch_size]
+            cut = len(full) - len(full) % self.processes
+            runs += [full[i : i + self.processes] for i in range(0, cut, self.processes)]
+            rest += full[cut:] + [b for b in batches if len(b) < self.batch_size]
+        # Runs of full batches in random order; what is left (at most the last group's) comes last, short batch last.
+        shuffled = [batch for i in torch.randperm(len(runs), generator=generator).tolist() for batch in runs[i]]
+        rest.sort(key=len, reverse=True)
+        return iter(np.concatenate(shuffled + rest).tolist() if shuffled or rest else [])
 
 
 def training_loader(
@@ -288,6 +303,9 @@ class Throughput:
     window_samples: int = 0
     window_seconds: float = 0.0
     since: float = field(default_factory=time.perf_counter)
+    epochs: list[float] = field(default_factory=list)
+    """Samples per second of each finished epoch (the first pays for start-up: compare later ones)."""
+    _epoch_start: tuple[int, float] = (0, 0.0)
 
     def add(self, samples: int) -> None:
         """Counts a batch and the time since the previous one."""
@@ -305,6 +323,11 @@ class Throughput:
     def skip(self) -> None:
         """Leaves the time since the last batch (a validation, a checkpoint) out of the count."""
         self.since = time.perf_counter()
+
+    def end_epoch(self) -> None:
+        samples, seconds = self.samples - self._epoch_start[0], self.seconds - self._epoch_start[1]
+        self.epochs.append(samples / max(seconds, 1e-9))
+        self._epoch_start = (self.samples, self.seconds)
 
 
 @dataclass
@@ -352,6 +375,11 @@ def setup(config: Config) -> Run:
             f"launched as {launched} processes, but accelerate runs {accelerator.num_processes}: each would train "
             "alone into the same folder. Without GPUs set ACCELERATE_USE_CPU=true (or use `accelerate launch --cpu`)"
         )
+    if accelerator.distributed_type == DistributedType.FSDP and config.train.validate:
+        raise CaptuneError(
+            "train.validate=true under FSDP: generating captions with sharded weights is not supported yet. Set "
+            "train.validate=false and score the saved adapter with `captune eval --model-dir RUN/final` (one GPU)"
+        )
     set_seed(config.train.seed)
     main = accelerator.is_main_process
     if torch.cuda.is_available():
@@ -369,16 +397,15 @@ def setup(config: Config) -> Run:
         base_dir = output_dir / "base-model"
         if main:
             save_base(base_dir, loaded)
-    if config.model.quantization != "none":
-        from peft import prepare_model_for_kbit_training
-
-        # Casts layer norms and the output head to float32 and makes the inputs carry gradients (what QLoRA needs).
-        loaded.model = prepare_model_for_kbit_training(loaded.model, use_gradient_checkpointing=False)
+    # A quantised model is not passed through PEFT's prepare_model_for_kbit_training: it casts every bf16 weight to
+    # float32, the frozen ViT and Q-Former too (1.1 B parameters: +2.2 GB for blip2-opt-2.7b), and its input-gradient
+    # hook serves only reentrant checkpointing, which captune does not use. Training stays bf16 as for unquantised
+    # models (bf16 is also the 4-bit compute dtype); the loss is float32 either way.
     if config.train.gradient_checkpointing:
         blip_of(loaded.model).language_model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}
         )
-    loaded.model = apply_lora(loaded.model, config.lora)
+    loaded.model = apply_train_mode(loaded.model, config)
     if main:
         log.info("model %s: %s", config.model.name, trainable_summary(loaded.model))
 
@@ -386,7 +413,9 @@ def setup(config: Config) -> Run:
     cached = _use_feature_cache(config, loaded.model)
     pairs = CaptionPairs(captions.split("train"), loaded.processor, with_pixels=not cached)
     sampler: EpochShuffle = (
-        LengthGroupedShuffle(pairs.caption_lengths(), config.train.batch_size, config.train.seed)
+        LengthGroupedShuffle(
+            pairs.caption_lengths(), config.train.batch_size, config.train.seed, accelerator.num_processes
+        )
         if config.train.group_by_length
         else EpochShuffle(len(pairs), config.train.seed)
     )
@@ -398,18 +427,23 @@ def setup(config: Config) -> Run:
     optimizer = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay, fused=fused)
     if config.train.compile:
         _compile_decoder_layers(loaded.model)
-    # accelerate prepares the training forward (DDP must see it); loaded.model stays the plain model it holds.
-    step, optimizer, loader = accelerator.prepare(
-        CaptionLoss(loaded.model, config.train.caption_logits_only), optimizer, loader
-    )
+    # The feature pass runs before accelerate prepares the model: under FSDP the weights are sharded after that, and
+    # only the training forward gathers them. A quantised model is already on its GPU.
     features, feature_seconds = None, 0.0
     if cached:
+        if config.model.quantization == "none":
+            loaded.model.to(accelerator.device)
         start = time.perf_counter()
         features = _train_image_features(config, loaded, pairs, accelerator)
         feature_seconds = time.perf_counter() - start
         if main:
             log.info("image features of %d train images computed in %.1f s, kept on %s", len(features),
                      feature_seconds, features.device)  # fmt: skip
+    # accelerate prepares the training forward (DDP must see it); loaded.model stays the model it holds (under FSDP
+    # sharded in place).
+    step, optimizer, loader = accelerator.prepare(
+        CaptionLoss(loaded.model, config.train.caption_logits_only), optimizer, loader
+    )
 
     # 5. Schedule in optimizer steps; not handed to accelerate, which would step it once per process.
     steps_per_epoch = math.ceil(len(loader) / config.train.grad_accum)
@@ -507,12 +541,22 @@ def fit(run: Run) -> TrainState:
                mininterval=interval)  # fmt: skip
     model = run.step
     model.train()
+    setup_peak = None
+    if torch.cuda.is_available():
+        # Training's own peak from here on: loading (under FSDP the whole model is on each GPU until it is sharded)
+        # and the feature pass are reported apart.
+        setup_peak = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
     speed = Throughput()
     while state.global_step < run.total_steps:
         # 1. Continue mid-epoch after a resume by skipping the batches the checkpoint had already seen.
-        run.sampler.set_epoch(state.epoch)
+        # accelerate's loader sets its sampler's epoch to its own count at every pass: set that count, so each epoch
+        # (also one a resume starts in) gets the order (seed, epoch) gives.
+        run.loader.set_epoch(state.epoch)  # type: ignore[attr-defined]  # accelerate's DataLoaderShard
         done_in_epoch = state.global_step - state.epoch * run.steps_per_epoch
-        loader = accelerator.skip_first_batches(run.loader, done_in_epoch * config.train.grad_accum)
+        loader = run.loader
+        if done_in_epoch:  # a new DataLoader (new worker processes): only for the epoch a resume starts inside
+            loader = accelerator.skip_first_batches(run.loader, done_in_epoch * config.train.grad_accum)
         for batch in loader:
             if run.features is not None:
                 rows = batch.pop("image_index").to(run.features.device)
@@ -559,6 +603,7 @@ def fit(run: Run) -> TrainState:
         epoch_finished = state.global_step % run.steps_per_epoch == 0
         if epoch_finished:
             state.epoch += 1
+            speed.end_epoch()
         if epoch_finished or state.global_step >= run.total_steps:
             validate_and_keep_best(run)
             model.train()  # generation switched the model to eval mode and back to plain train mode
@@ -574,7 +619,9 @@ def fit(run: Run) -> TrainState:
             "train_samples": speed.samples,
             "train_seconds": speed.seconds,
             "samples_per_second": speed.samples / max(speed.seconds, 1e-9),
+            "samples_per_second_by_epoch": speed.epochs,
             "peak_gpu_memory_gib": peak,
+            "setup_peak_gpu_memory_gib": setup_peak,
             "image_features_cached": run.features is not None,
             "feature_pass_seconds": run.feature_pass_seconds,
         }
@@ -659,12 +706,13 @@ def save_model(run: Run, path: Path) -> None:
     """Adapter + processor + captune.json, written to a temporary directory and renamed into place (rank 0)."""
     accelerator = run.accelerator
     accelerator.wait_for_everyone()
+    trainable = _trainable_weights(run)
     if accelerator.is_main_process:
         tmp = path.with_name(f".tmp-{path.name}")
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped = LoadedModel(accelerator.unwrap_model(run.loaded.model), run.loaded.processor, run.loaded.base_name)
         metrics = run.state.history[-1]["metrics"] if run.state.history else None
-        save_model_dir(tmp, unwrapped, run.config, run.base_dir, metrics)
+        save_model_dir(tmp, unwrapped, run.config, run.base_dir, metrics, trainable)
         save_config(run.config, tmp / "config.yaml")
         if metrics is not None:
             _write_json(tmp / "metrics.json", metrics)
@@ -681,15 +729,19 @@ def save_checkpoint(run: Run, name: str) -> Path:
     path = folder / name
     tmp = folder / f".tmp-{name}"
     accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(run.loaded.model)
+    # Collectives (under FSDP each rank holds a shard): every rank takes part, rank 0 ends with the whole tensors.
+    trainable = _trainable_weights(run)
+    optimizer_state = run.optimizer.state_dict()
+    if _sharded(run):
+        optimizer_state = get_optimizer_state_dict(model, _inner(run.optimizer), options=_FULL_ON_RANK0)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        model = accelerator.unwrap_model(run.loaded.model)
-        save_model_dir(tmp, LoadedModel(model, run.loaded.processor, run.loaded.base_name), run.config, run.base_dir)
+        loaded = LoadedModel(model, run.loaded.processor, run.loaded.base_name)
+        save_model_dir(tmp, loaded, run.config, run.base_dir, trainable=trainable)
         save_config(run.config, tmp / "config.yaml")
-        trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        save_file(trainable, str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict()},
-                   tmp / "optimizer.pt")  # fmt: skip
+        save_file({k: v.contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer_state, "scheduler": run.scheduler.state_dict()}, tmp / "optimizer.pt")
         _write_json(tmp / "trainer_state.json", _results(state) | {"global_step": state.global_step,
                                                                    "epoch": state.epoch})  # fmt: skip
     accelerator.wait_for_everyone()
@@ -719,21 +771,33 @@ def resolve_checkpoint(value: str, output_dir: Path) -> Path:
 
 def load_checkpoint(run: Run, path: Path) -> None:
     """Restores weights, optimizer, scheduler, RNG and loop state saved by `save_checkpoint`."""
-    saved = json.loads((path / META_FILE).read_text())["config"]
+    # Read back as a Config, so keys added since the checkpoint was written take their defaults.
+    saved = to_dict(config_from_dict(json.loads((path / META_FILE).read_text())["config"], str(path / META_FILE)))
     current = to_dict(run.config)
-    keys = [("model", "name"), ("train", "batch_size"), ("train", "grad_accum"), ("train", "seed")]
+    keys = [("model", "name"), ("train", "mode"), ("train", "batch_size"), ("train", "grad_accum"),
+            ("train", "seed")]  # fmt: skip
     changed = [f"{s}.{k}" for s, k in keys if saved[s][k] != current[s][k]]
     changed += ["lora"] if saved["lora"] != current["lora"] else []
     if changed:
         raise CaptuneError(f"resume_from={path}: the checkpoint was trained with different {', '.join(changed)}")
     model = run.accelerator.unwrap_model(run.loaded.model)
     weights = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != trainable:
+        differ = sorted(set(weights) ^ trainable)[:3]
+        raise CaptuneError(f"{path / 'trainable.safetensors'} holds other weights than this run trains ({differ} "
+                           "...): resume with the checkpoint's settings")  # fmt: skip
     states = torch.load(path / "optimizer.pt", weights_only=False)
-    run.optimizer.load_state_dict(states["optimizer"])
+    if _sharded(run):  # every rank reads the whole tensors; each keeps its shard of them
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(model, dict(weights), options=options)
+        set_optimizer_state_dict(model, _inner(run.optimizer), states["optimizer"], options=options)
+    else:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+        run.optimizer.load_state_dict(states["optimizer"])
     run.scheduler.load_state_dict(states["scheduler"])
     rng_file = path / f"rng-{run.accelerator.process_index}.pt"
     if not rng_file.is_file():
@@ -743,6 +807,32 @@ def load_checkpoint(run: Run, path: Path) -> None:
     run.state = TrainState(trainer["global_step"], trainer["epoch"], trainer["best_cider"], trainer["best_step"],
                            trainer["history"])  # fmt: skip
     log.info("resumed from %s at step %d", path, run.state.global_step)
+
+
+_FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+"""Whole tensors (gathered from the shards under FSDP), on rank 0's CPU; other ranks get an empty dict."""
+
+
+def _trainable_weights(run: Run) -> dict[str, torch.Tensor]:
+    """The trainable weights by parameter name, whole, on rank 0's CPU (a collective: every rank calls it)."""
+    model = run.accelerator.unwrap_model(run.loaded.model)
+    if not _sharded(run):  # whole already (and bitsandbytes' 8-bit layers keep state-dict entries, such as SCB,
+        # that torch's state-dict API cannot follow: it is kept for FSDP)
+        return {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
+    weights = get_model_state_dict(model, options=_FULL_ON_RANK0)
+    # A frozen weight tied to another (OPT's lm_head) is not a parameter of its own, so the filter above keeps it.
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {name: value for name, value in weights.items() if isinstance(value, torch.Tensor) and name in trainable}
+
+
+def _sharded(run: Run) -> bool:
+    """Whether FSDP shards the weights (then saving and loading go through torch.distributed.checkpoint)."""
+    return run.accelerator.distributed_type == DistributedType.FSDP
+
+
+def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def _rng_state() -> dict[str, Any]:
