@@ -50,22 +50,46 @@ ARCHITECTURES["opt-6.7b"] = ARCHITECTURES["opt-2.7b"] | {
     "ffn_dim": 16384,
     "word_embed_proj_dim": 4096,
 }
+# blip2-flan-t5-xl: the same image side, Flan-T5-XL (the public google/flan-t5-xl config).
+ARCHITECTURES["flan-t5-xl"] = {
+    "model_type": "t5",
+    "d_model": 2048,
+    "d_kv": 64,
+    "d_ff": 5120,
+    "num_layers": 24,
+    "num_decoder_layers": 24,
+    "num_heads": 32,
+    "feed_forward_proj": "gated-gelu",
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "layer_norm_epsilon": 1e-6,
+    "vocab_size": 32128,
+    "tie_word_embeddings": False,
+    "decoder_start_token_id": 0,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+}
 OPT_TEXT_VOCAB = 50265  # ids 0..50264; <image> becomes 50265, as in the released processor
+T5_TEXT_VOCAB = 32100  # ids 0..32099 (with T5's 100 sentinels); <image> becomes 32100
 
 
-def build_processor() -> Blip2Processor:
-    """OPT special ids (<s> 0, <pad> 1, </s> 2, <unk> 3), the synthetic captions' words, filler up to 50265."""
-    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+def build_processor(t5: bool = False) -> Blip2Processor:
+    """The synthetic captions' words between the real special ids and filler up to the real vocabulary size. OPT:
+    <s> 0, <pad> 1, </s> 2 (BOS and EOS, starts every text), <unk> 3. T5: <pad> 0, </s> 1 (ends every text), <unk> 2."""
+    specials = {"<pad>": 0, "</s>": 1, "<unk>": 2} if t5 else {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    vocab = dict(specials)
     for word in TINY_WORDS:
         vocab.setdefault(word, len(vocab))
-    while len(vocab) < OPT_TEXT_VOCAB:
+    while len(vocab) < (T5_TEXT_VOCAB if t5 else OPT_TEXT_VOCAB):
         vocab[f"<filler{len(vocab)}>"] = len(vocab)
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
+    template = "$A </s>" if t5 else "</s> $A"
+    backend.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("</s>", vocab["</s>"])])
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
+        tokenizer_object=backend, bos_token=None if t5 else "</s>", eos_token="</s>", pad_token="<pad>",
+        unk_token="<unk>",
+    )  # fmt: skip
     return Blip2Processor(BlipImageProcessorPil(size={"height": 224, "width": 224}), tokenizer, num_query_tokens=32)
 
 
@@ -75,7 +99,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args()
     start = time.perf_counter()
-    processor = build_processor()
+    processor = build_processor(t5=ARCHITECTURES[args.arch]["model_type"] == "t5")
     image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
     config = Blip2Config(text_config=ARCHITECTURES[args.arch], num_query_tokens=32, image_token_index=image_token)
     device = "cuda" if torch.cuda.is_available() else "cpu"

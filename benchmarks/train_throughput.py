@@ -86,21 +86,30 @@ def make_data(folder: Path, images: int, seed: int = 0) -> Path:
     return manifest
 
 
+def is_t5(model_dir: Path) -> bool:
+    """Whether the model directory holds an encoder-decoder (Flan-T5) BLIP-2."""
+    return json.loads((model_dir / "config.json").read_text())["text_config"]["model_type"] == "t5"
+
+
 def usual_batches(model_dir: Path, manifest: Path, batch_size: int, count: int, device: torch.device) -> list[dict]:
-    """`count` batches of the usual recipe's shape (fixed 20 caption tokens), on the device."""
+    """`count` batches of the usual recipe's shape (fixed 20 caption tokens), on the device. OPT: one sequence of
+    image tokens + BOS + caption; T5: image tokens + EOS into the encoder, the caption as labels."""
     from transformers import Blip2Processor
 
     processor = Blip2Processor.from_pretrained(model_dir)
     records = read("manifest", manifest).records
     pairs = CaptionPairs(records, processor)
-    collate = CaptionCollator(processor, "", USUAL_CAPTION_TOKENS - 1)
+    t5 = is_t5(model_dir)
+    collate = CaptionCollator(processor, "", USUAL_CAPTION_TOKENS - 1, encoder_decoder=t5)
     length = processor.num_query_tokens + 1 + USUAL_CAPTION_TOKENS
+    padded = (("labels", -100),) if t5 else (
+        ("input_ids", processor.tokenizer.pad_token_id), ("attention_mask", 0), ("labels", -100))  # fmt: skip
     batches = []
     for b in range(count):
         batch = collate([pairs[(b * batch_size + i) % len(pairs)] for i in range(batch_size)])
-        pad = length - batch["input_ids"].shape[1]
-        for key, value in (("input_ids", processor.tokenizer.pad_token_id), ("attention_mask", 0), ("labels", -100)):
-            batch[key] = torch.nn.functional.pad(batch[key], (0, pad), value=value)
+        for key, value in padded:
+            width = USUAL_CAPTION_TOKENS if t5 else length
+            batch[key] = torch.nn.functional.pad(batch[key], (0, width - batch[key].shape[1]), value=value)
         batches.append({k: v.to(device) for k, v in batch.items() if k != "caption_start"})
     return batches
 
@@ -114,7 +123,7 @@ def captune_order_batches(model_dir: Path, manifest: Path, batch_size: int, coun
     pairs = CaptionPairs(read("manifest", manifest).split("train"), processor)
     sampler = LengthGroupedShuffle(pairs.caption_lengths(), batch_size, seed=42)
     loader = DataLoader(pairs, batch_size=batch_size, sampler=sampler, num_workers=8,
-                        collate_fn=CaptionCollator(processor, "", 40))  # fmt: skip
+                        collate_fn=CaptionCollator(processor, "", 40, encoder_decoder=is_t5(model_dir)))  # fmt: skip
     batches = []
     for batch in loader:
         batches.append({k: v.to(device) for k, v in batch.items() if k != "caption_start"})
@@ -129,7 +138,8 @@ def usual_model(model_dir: Path, device: torch.device, dtype: torch.dtype) -> to
 
     torch.manual_seed(0)
     model = Blip2ForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).to(device)
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"])
+    targets = ["q", "v"] if is_t5(model_dir) else ["q_proj", "v_proj"]  # T5's names for the same projections
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=targets)
     return get_peft_model(model, config)
 
 

@@ -94,6 +94,25 @@ def test_two_processes_train_the_adapter_one_process_trains(runs: dict[str, Path
     assert two == pytest.approx(one, rel=1e-5)  # each the global batch's loss
 
 
+def test_two_processes_train_the_t5_adapter_one_process_trains(
+    synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # Flan-T5 BLIP-2s take the language model's mean loss; scaled by the token counts it is the global batch's too.
+    processor = build_tiny_processor(t5=True)
+    config = tiny_config(processor, t5=True)
+    config.text_config.dropout_rate = 0.0
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("t5")
+    save_base(root / "base", LoadedModel(Blip2ForConditionalGeneration(config), processor, str(root / "base")))
+    runs = {n: _train(n, root / "base", synthetic_dir, root / str(n), "train.validate=false") for n in (1, 2)}
+    for n, result in runs.items():
+        assert result.returncode == 0, f"{n}: {result.stderr[-3000:]}"
+    _assert_same(_adapter(root / "2"), _adapter(root / "1"))
+    losses = [[json.loads(line)["loss"] for line in (root / str(n) / "train_log.jsonl").read_text().splitlines()]
+              for n in (1, 2)]  # fmt: skip
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
 def test_validation_sees_every_val_image_exactly_once(runs: dict[str, Path]) -> None:
     one = json.loads((runs["one"] / "val" / f"step-{STEPS:06d}.json").read_text())["predictions"]
     two = json.loads((runs["two"] / "val" / f"step-{STEPS:06d}.json").read_text())["predictions"]

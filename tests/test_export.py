@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
 from captune.cli import main
@@ -284,3 +285,18 @@ def test_merge_command_names_a_missing_model_directory(tmp_path: Path, capsys: p
     assert main(["merge", "--model-dir", str(missing), "--output", str(tmp_path / "out")]) == 2
     assert f"error: --model-dir {missing}: no such directory" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_qformer_mode_directory_has_a_card_and_loads_with_plain_transformers(tmp_path: Path) -> None:
+    tuned, _, best = _save_run(tmp_path / "run", ["train.mode=qformer"])
+    assert {p.name for p in best.iterdir()} >= {"trained.safetensors", META_FILE, "README.md"}
+    assert not (best / "adapter_config.json").exists()
+    card = (best / "README.md").read_text()
+    assert "trained in full" in card and "| train.mode | `qformer` |" in card and "lora.r" not in card
+    # The card's transformers-only recipe: the base, then the trained weights over it.
+    model = Blip2ForConditionalGeneration.from_pretrained(best / "base").eval()
+    model.load_state_dict(load_file(str(best / "trained.safetensors")), strict=False)
+    images = _images()
+    assert generate_captions(model, tuned.processor, images, GREEDY) == generate_captions(
+        tuned.model, tuned.processor, images, GREEDY
+    )

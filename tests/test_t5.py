@@ -18,7 +18,7 @@ from captune.data import read
 from captune.export import merge_model_dir
 from captune.generate import caption_paths
 from captune.model import TINY_T5, LoadedModel, apply_lora, build_tiny, load_model_dir
-from captune.step import CaptionLoss
+from captune.step import CaptionLoss, image_features
 from captune.train import IGNORE, CaptionCollator, CaptionPairs
 
 
@@ -42,6 +42,7 @@ def test_encoder_reads_image_tokens_and_prompt_and_the_decoder_learns_the_captio
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     prefix = [image_id] * 8 + tokenizer("a picture of").input_ids
     assert batch["input_ids"].tolist() == [prefix, prefix] and bool(batch["attention_mask"].all())
+    assert batch["caption_start"] == 0  # the labels are the caption from their first column on
     for row, item in enumerate(items):
         caption = tokenizer(item["caption"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
         labels = batch["labels"][row].tolist()
@@ -66,6 +67,38 @@ def test_caption_loss_is_the_models_own(t5: LoadedModel, synthetic_dir: Path) ->
         assert CaptionLoss(t5.model).eval()(**batch).item() == pytest.approx(t5.model(**plain).loss.item())
 
 
+def test_cached_features_give_the_pixel_paths_loss_and_gradients(t5: LoadedModel, synthetic_dir: Path) -> None:
+    model = apply_lora(t5.model, load_config(None, []).lora)
+    torch.manual_seed(0)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 0.05)  # LoRA must change the loss for equal gradients to mean anything
+    model.eval()
+    records = read("synthetic", synthetic_dir).split("train")[:2]
+    features = image_features(model, t5.processor, [r.image_path for r in records], batch_size=2, num_workers=0,
+                              device=torch.device("cpu"), keep_on=torch.device("cpu"))  # fmt: skip
+    collate = CaptionCollator(t5.processor, "a picture of", encoder_decoder=True)
+    with_pixels = collate([CaptionPairs(records, t5.processor)[i] for i in (0, 5)])
+    cached = collate([CaptionPairs(records, t5.processor, with_pixels=False)[i] for i in (0, 5)])
+    rows = cached.pop("image_index")
+    ours = CaptionLoss(model).eval()
+    results = []
+    for compute in (lambda: ours(**cached, image_features=features[rows]), lambda: ours(**with_pixels)):
+        model.zero_grad()
+        loss = compute()
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (loss, grads), (reference, reference_grads) = results
+    assert loss == pytest.approx(reference, rel=1e-6) and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    # Divided by a token count (what DDP passes: the mean over processes), the loss is the summed loss over it.
+    count = (cached["labels"] != IGNORE).sum()
+    with torch.no_grad():
+        scaled = ours(**cached, image_features=features[rows], token_count=count * 2).item()
+    assert scaled == pytest.approx(loss / 2, rel=1e-6)
+
+
 def test_train_eval_caption_and_merge_end_to_end(
     synthetic_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -76,7 +109,7 @@ def test_train_eval_caption_and_merge_end_to_end(
     assert main(["train", f"model={TINY_T5}", "data=synthetic", f"data_dir={synthetic_dir}", f"output_dir={run}",
                  *fast]) == 0  # fmt: skip
     results = json.loads((run / "results.json").read_text())
-    assert results["total_steps"] == 20 and results["image_features_cached"] is False  # T5: the full path
+    assert results["total_steps"] == 20 and results["image_features_cached"] is True  # LoRA on the T5 only
     losses = [json.loads(line)["loss"] for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert losses[-1] < losses[0]
     out = tmp_path / "eval"

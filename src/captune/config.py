@@ -136,7 +136,7 @@ class TrainConfig:
     """Checkpoint directory to continue from, or `latest` for the newest in output_dir/checkpoints."""
     cache_image_features: str = "auto"
     """`auto`: compute each training image's projected Q-Former output once and reuse it for all its captions and
-    epochs, when nothing upstream of the language model trains and it is decoder-only (else the full path); `on`:
+    epochs, when nothing upstream of the language model trains (else the full path; OPT and T5 alike); `on`:
     the same, an error where it cannot apply; `off`: run the vision encoder and Q-Former at every step."""
     feature_batch_size: int = 64
     """Images per forward pass of the image-feature pass."""

@@ -8,7 +8,8 @@ image features into the image-token positions of the embedded input, the languag
 the caption tokens — with two savings for decoder-only language models: the LM head runs only on positions whose
 next token is a caption label (not on the 32 image positions, the prompt or the padding), and the cross-entropy runs
 in chunks whose float32 logits are recomputed in the backward pass instead of kept, so the (tokens x 50k) float32
-logits of a batch never exist at once. Encoder-decoder language models (Flan-T5) take the model's own loss.
+logits of a batch never exist at once. Encoder-decoder language models (Flan-T5) take the language model's own loss
+on the same embedded input (image features into the encoder's image-token positions), with pixels or cached features.
 """
 
 from __future__ import annotations
@@ -98,14 +99,9 @@ class CaptionLoss(nn.Module):
     ) -> torch.Tensor:
         """The loss of a batch as `CaptionCollator` makes it (`caption_start`: the first caption column, the same in
         every row since image tokens and prompt come first and padding last), with pixels or cached features.
-        `token_count`, when given, divides the summed loss instead of this batch's own caption-token count (decoder-only
-        models; captune.train passes the mean over processes, so that DDP's gradient average is the global batch's)."""
+        `token_count`, when given, divides the summed loss instead of this batch's own caption-token count
+        (captune.train passes the mean over processes, so that DDP's gradient average is the global batch's)."""
         blip = blip_of(self.model)
-        if not blip.config.use_decoder_only_language_model:
-            if image_features is not None:
-                raise ValueError("cached image features are used with decoder-only language models only")
-            return self.model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
-                              labels=labels).loss  # fmt: skip
         if image_features is None:
             assert pixel_values is not None
             image_features = blip.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
@@ -113,6 +109,10 @@ class CaptionLoss(nn.Module):
         is_image = (input_ids == blip.config.image_token_id).unsqueeze(-1)
         embeds = embeds.masked_scatter(is_image, image_features.to(embeds.dtype))
         lm = blip.language_model
+        if not blip.config.use_decoder_only_language_model:  # T5: the encoder reads images + prompt, labels decode
+            loss = lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, return_dict=True).loss
+            # T5's loss is the mean over this batch's label tokens; as a sum over token_count it is DDP-exact too.
+            return loss if token_count is None else loss * (labels != IGNORE).sum() / token_count
         if not self.caption_logits_only:
             logits = lm(inputs_embeds=embeds, attention_mask=attention_mask).logits
             return lm.loss_function(logits=logits, labels=labels, vocab_size=lm.config.vocab_size)

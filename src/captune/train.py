@@ -166,7 +166,7 @@ class CaptionCollator:
             images = {"image_index": torch.tensor([item["image_index"] for item in batch])}
         return {
             **images,
-            "caption_start": len(self.prefix),
+            "caption_start": 0 if self.encoder_decoder else len(self.prefix),  # labels' first caption column
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
@@ -464,11 +464,7 @@ def _use_feature_cache(config: Config, model: nn.Module) -> bool:
         log.info("training path: full (image features recomputed every step): train.cache_image_features=off")
         return False
     trains = upstream_of_language_model_trains(model)
-    why = ""
-    if trains:
-        why = f"parameters outside the language model train ({trains[0]}, ...)"
-    elif not blip_of(model).config.use_decoder_only_language_model:
-        why = "the language model is an encoder-decoder"
+    why = f"parameters outside the language model train ({trains[0]}, ...)" if trains else ""
     if why and config.train.cache_image_features == "on":
         raise CaptuneError(f"train.cache_image_features=on, but {why}; use auto or off")
     if why:
