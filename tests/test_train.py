@@ -331,3 +331,13 @@ def test_the_fsdp_gathering_of_trainable_weights_gives_what_the_plain_path_gives
     gathered = recipe._trainable_weights(run(DistributedType.FSDP))
     assert plain.keys() == gathered.keys() and any("modules_to_save" in k for k in plain)
     assert all(torch.equal(plain[k], gathered[k]) for k in plain)
+
+
+def test_validation_under_fsdp_is_refused_with_what_to_do(
+    synthetic_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # FSDP needs GPUs; accelerate's answer is what the recipe reads, so it is stood in for here.
+    monkeypatch.setattr(recipe.Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
+    config = _config(synthetic_dir, tmp_path / "run", "train.validate=true")
+    with pytest.raises(CaptuneError, match=r"train.validate=true under FSDP.*train.validate=false.*captune eval"):
+        recipe.train(config)
