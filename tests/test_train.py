@@ -16,11 +16,12 @@ from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
 from captune.config import Config, LoraConfig, load_config
+from captune.data.synthetic import generate_synthetic
 from captune.errors import CaptuneError
 from captune.model import QFORMER_TRAINED, TRAINED_FILE, LoadedModel, apply_lora, load_base, load_model_dir
 from captune.train import IGNORE, CaptionCollator, CaptionPairs, EpochShuffle
 
-from .conftest import write_image, write_truncated_jpeg
+from .conftest import SMALL_SPEC, write_image, write_truncated_jpeg
 
 # `captune.train` the attribute is the public function; the module is reached through the import system.
 recipe = importlib.import_module("captune.train")
@@ -341,3 +342,27 @@ def test_validation_under_fsdp_is_refused_with_what_to_do(
     config = _config(synthetic_dir, tmp_path / "run", "train.validate=true")
     with pytest.raises(CaptuneError, match=r"train.validate=true under FSDP.*train.validate=false.*captune eval"):
         recipe.train(config)
+
+
+def test_feature_cache_dir_keeps_features_between_runs_and_notices_a_changed_image(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="captune")
+    generate_synthetic(tmp_path / "data", SMALL_SPEC)  # its own copy: an image is rewritten below
+    cache = tmp_path / "features"
+
+    def run(name: str) -> dict[str, torch.Tensor]:
+        caplog.clear()
+        overrides = ["train.max_steps=3", f"train.feature_cache_dir={cache}", "lora.modules_to_save="]
+        recipe.train(_config(tmp_path / "data", tmp_path / name, *overrides))
+        return _adapter(tmp_path / name / "final")
+
+    first = run("first")
+    assert "kept in" in caplog.text and len(list(cache.glob("*.pt"))) == 1
+    second = run("second")
+    assert "image features read from" in caplog.text and "kept in" not in caplog.text
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    image = sorted((tmp_path / "data").rglob("train-*.png"))[0]
+    write_image(image, colour=(1, 2, 3), fmt="PNG")
+    run("changed")
+    assert "kept in" in caplog.text and len(list(cache.glob("*.pt"))) == 2  # computed again, a file of its own

@@ -140,6 +140,11 @@ class TrainConfig:
     the same, an error where it cannot apply; `off`: run the vision encoder and Q-Former at every step."""
     feature_batch_size: int = 64
     """Images per forward pass of the image-feature pass."""
+    feature_cache_dir: str | None = None
+    """Folder that keeps cached image features between runs (`auto`: ~/.cache/captune/features, or
+    $CAPTUNE_CACHE_DIR/features): one file per base model (its weight files), image processor, dtype and set of train
+    images (paths, sizes, modification times), so a second run on the same data (a sweep, a restart) skips the
+    feature pass; any change makes a new file. None: the features live for this run only."""
     group_by_length: bool = True
     """Batch captions of similar length together (shuffled in groups of 50 batches), so padding wastes little."""
     caption_logits_only: bool = True

@@ -187,8 +187,11 @@ def image_features(
     blip.eval()
     embeddings = _embedding(blip)
     dtype, width = embeddings.weight.dtype, embeddings.embedding_dim
+    # A generator of its own: the loader's seed draw must not move the global RNG, or training after a computed pass
+    # would differ from training after features read from train.feature_cache_dir.
     loader = DataLoader(_Pixels(paths, processor), batch_size=batch_size, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", worker_init_fn=freeze_inherited_objects)  # fmt: skip
+                        pin_memory=device.type == "cuda", worker_init_fn=freeze_inherited_objects,
+                        generator=torch.Generator())  # fmt: skip
     out = torch.empty((len(paths), blip.config.num_query_tokens, width), dtype=dtype, device=keep_on,
                       pin_memory=keep_on.type == "cpu" and device.type == "cuda")  # fmt: skip
     row = 0

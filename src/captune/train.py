@@ -6,6 +6,7 @@ averages gradients and decides who writes (rank 0 writes files and logs; every r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -42,7 +43,7 @@ from captune.data import CaptionSet, Record
 from captune.data.images import load_rgb
 from captune.errors import CaptuneError
 from captune.evaluation import predict_records, references_of, write_references
-from captune.files import replace_dir
+from captune.files import atomic_open, cache_dir, replace_dir
 from captune.metrics import FAST_METRICS, METRIC_NAMES, score_captions
 from captune.model import (
     META_FILE,
@@ -437,7 +438,7 @@ def setup(config: Config) -> Run:
         features = _train_image_features(config, loaded, pairs, accelerator)
         feature_seconds = time.perf_counter() - start
         if main:
-            log.info("image features of %d train images computed in %.1f s, kept on %s", len(features),
+            log.info("image features of %d train images ready in %.1f s, kept on %s", len(features),
                      feature_seconds, features.device)  # fmt: skip
     # accelerate prepares the training forward (DDP must see it); loaded.model stays the model it holds (under FSDP
     # sharded in place).
@@ -489,12 +490,21 @@ def _train_image_features(config: Config, loaded: LoadedModel, pairs: CaptionPai
     ):
         keep_on = torch.device("cpu")
     paths = [Path(pairs.paths[i]) for i in range(len(pairs.paths))]
+    file = _feature_file(config, loaded, paths)
+    if file is not None and file.is_file():
+        if accelerator.is_main_process:
+            log.info("image features read from %s (same base model, image processor and train images)", file)
+        stored = torch.load(file, mmap=True, weights_only=True)  # read from disk as it is used
+        if keep_on.type == "cuda":
+            return stored.to(keep_on)
+        return stored.pin_memory() if device.type == "cuda" else stored
     share = math.ceil(len(paths) / world)
     mine = image_features(loaded.model, loaded.processor, paths[rank * share : (rank + 1) * share],
                           batch_size=config.train.feature_batch_size, num_workers=config.data.num_workers,
                           device=device, keep_on=keep_on if world == 1 else device,
                           progress=accelerator.is_main_process)  # fmt: skip
     if world == 1:
+        _keep_features(mine, file, accelerator.is_main_process)
         return mine
     out = torch.empty((len(paths), *mine.shape[1:]), dtype=mine.dtype, device=keep_on)
     block = max(1, min(share, config.train.feature_batch_size * 8))
@@ -507,7 +517,61 @@ def _train_image_features(config: Config, loaded: LoadedModel, pairs: CaptionPai
             first = r * share + start
             count = max(0, min(block, share - start, len(paths) - first))
             out[first : first + count] = gathered[r, :count].to(keep_on)
+    _keep_features(out, file, accelerator.is_main_process)
     return out
+
+
+def _feature_file(config: Config, loaded: LoadedModel, paths: list[Path]) -> Path | None:
+    """The file of `train.feature_cache_dir` for these features (None without one): named by a hash of what they
+    depend on, the base model's weight files, the image side's config, the image processor, the dtype, and each train
+    image's path, size and modification time."""
+    if not config.train.feature_cache_dir:
+        return None
+    folder = config.train.feature_cache_dir
+    root = cache_dir() / "features" if folder == "auto" else Path(folder).expanduser()
+    blip = blip_of(loaded.model)
+    digest = hashlib.sha256()
+    what = {
+        "version": 1,
+        "weights": _weight_files(loaded.base_name, config.train.seed),
+        "config": {k: v for k, v in blip.config.to_dict().items() if k != "text_config"},  # vision, Q-Former
+        "image_processor": loaded.processor.image_processor.to_dict(),
+        "dtype": str(blip.get_input_embeddings().weight.dtype),
+    }
+    digest.update(json.dumps(what, sort_keys=True, default=str).encode())
+    for path in paths:
+        stat = path.stat()
+        digest.update(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return root / f"{digest.hexdigest()[:32]}.pt"
+
+
+def _weight_files(name: str, seed: int) -> list[Any]:
+    """What identifies a base model's weights: its weight and config files (name, size, modification time) for a
+    directory or a hub id in the local cache (a snapshot folder, named by its commit); the seed for a built-in one."""
+    if name in TINY_MODELS:
+        return [name, seed]
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name, "config.json")
+        if not isinstance(found, str):
+            return [name]  # not in the local cache: the name (and the files' sizes below: none) is all there is
+        folder = Path(found).parent
+    files = [f for f in sorted(folder.iterdir()) if f.suffix in (".safetensors", ".bin", ".json")]
+    return [str(folder.resolve()), *[(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]]
+
+
+def _keep_features(features: torch.Tensor, file: Path | None, main: bool) -> None:
+    """Writes the features to `file` (rank 0, atomically); a failure (a full disk) only costs the next run the pass."""
+    if file is None or not main:
+        return
+    try:
+        with atomic_open(file, "wb") as out:
+            torch.save(features.cpu(), out)
+        log.info("image features kept in %s for later runs", file)
+    except OSError as err:
+        log.warning("image features could not be kept in %s (%s); the next run computes them again", file, err)
 
 
 def _compile_decoder_layers(model: nn.Module) -> None:
