@@ -18,7 +18,17 @@ from safetensors.torch import load_file
 from captune.config import Config, LoraConfig, load_config
 from captune.data.synthetic import generate_synthetic
 from captune.errors import CaptuneError
-from captune.model import QFORMER_TRAINED, TRAINED_FILE, LoadedModel, apply_lora, load_base, load_model_dir
+from captune.model import (
+    QFORMER_TRAINED,
+    TRAINED_FILE,
+    LoadedModel,
+    apply_lora,
+    build_tiny,
+    load_base,
+    load_model_dir,
+    load_saved_weights,
+    save_model_dir,
+)
 from captune.train import IGNORE, CaptionCollator, CaptionPairs, EpochShuffle
 
 from .conftest import SMALL_SPEC, write_image, write_truncated_jpeg
@@ -366,3 +376,45 @@ def test_feature_cache_dir_keeps_features_between_runs_and_notices_a_changed_ima
     write_image(image, colour=(1, 2, 3), fmt="PNG")
     run("changed")
     assert "kept in" in caplog.text and len(list(cache.glob("*.pt"))) == 2  # computed again, a file of its own
+
+
+def test_greedy_validation_picks_best_and_best_is_scored_with_the_generate_settings(
+    synthetic_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first validation is made the best, so the end has to put best/'s weights back into the model.
+    ciders = iter([1.0, 0.5])
+    monkeypatch.setattr(recipe, "_broadcast_float", lambda accelerator, value: next(ciders))
+    loads: list[Path] = []  # the tiny model may caption alike with either weights: see that they are swapped
+    real_load = recipe.load_saved_weights
+    monkeypatch.setattr(recipe, "load_saved_weights", lambda model, path: (loads.append(path), real_load(model, path)))
+    config = _config(synthetic_dir, tmp_path / "run", "train.epochs=2", "train.validate=true", "train.val_num_beams=1",
+                     "generate.num_beams=3", "generate.min_new_tokens=1", "generate.max_new_tokens=6")  # fmt: skip
+    state = recipe.train(config)
+    assert len(state.history) == 2 and state.best_step == 15 and state.global_step == 30
+    assert loads == [tmp_path / "run" / "best"]
+    best = tmp_path / "run" / "best"
+    final = json.loads((tmp_path / "run" / "val" / "best-final.json").read_text())
+    assert final["step"] == state.best_step and final["generate"]["num_beams"] == 3
+    assert json.loads((best / "metrics.json").read_text()) == final["metrics"]
+    # The numbers are best/'s own with beam 3: caption the val images again from the saved directory.
+    loaded = load_model_dir(best, torch.float32, device="cpu")
+    records = recipe.datasets.read("synthetic", synthetic_dir).split("val")
+    again = recipe.predict_records(loaded.model, loaded.processor, records, config.generate)
+    assert again == final["predictions"]
+    greedy = json.loads((tmp_path / "run" / "val" / f"step-{state.best_step:06d}.json").read_text())["predictions"]
+    assert greedy.keys() == again.keys()
+
+
+def test_saved_weights_go_back_into_a_model_of_the_same_kind(tmp_path: Path) -> None:
+    for overrides in ([], ["train.mode=qformer"]):
+        config = load_config(None, overrides)
+        saved, other = (recipe.apply_train_mode(build_tiny(seed).model, config) for seed in (0, 1))
+        weights = {n: p for n, p in saved.named_parameters() if p.requires_grad}
+        with torch.no_grad():
+            for param in weights.values():
+                param.normal_()
+        folder = tmp_path / config.train.mode
+        save_model_dir(folder, LoadedModel(saved, build_tiny(0).processor, "tiny"), config)
+        load_saved_weights(other, folder)
+        mine = dict(other.named_parameters())
+        assert weights and all(torch.equal(mine[n], p) for n, p in weights.items()), config.train.mode

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
@@ -415,6 +415,15 @@ def _load_model_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
         return LoadedModel(_load_trained(base.model, path / TRAINED_FILE).eval(), processor, base_name)
     model = PeftModel.from_pretrained(base.model, path)
     return LoadedModel(model.eval(), processor, base_name)
+
+
+def load_saved_weights(model: torch.nn.Module, model_dir: Path) -> None:
+    """Puts the weights a model directory saved (an adapter, or `trained.safetensors`) into a model of the same
+    kind in place: a PeftModel with the same adapter layers, or the plain BLIP-2 a `qformer` run trains."""
+    if (model_dir / TRAINED_FILE).is_file():
+        _load_trained(model, model_dir / TRAINED_FILE)
+    else:
+        set_peft_model_state_dict(model, load_file(str(model_dir / "adapter_model.safetensors")))
 
 
 def _load_trained(model: Blip2Like, file: Path) -> Blip2Like:

@@ -6,6 +6,7 @@ averages gradients and decides who writes (rank 0 writes files and logs; every r
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -51,6 +52,7 @@ from captune.model import (
     LoadedModel,
     apply_train_mode,
     load_base,
+    load_saved_weights,
     resolve_device,
     resolve_dtype,
     save_base,
@@ -708,7 +710,10 @@ def validate_and_keep_best(run: Run) -> dict[str, float] | None:
     accelerator, state = run.accelerator, run.state
     model = accelerator.unwrap_model(run.loaded.model)
     mine = run.val_records[accelerator.process_index :: accelerator.num_processes]
-    predictions = predict_records(model, run.loaded.processor, mine, run.config.generate, run.config.data.prompt,
+    options = run.config.generate
+    if run.config.train.val_num_beams is not None:
+        options = dataclasses.replace(options, num_beams=run.config.train.val_num_beams)
+    predictions = predict_records(model, run.loaded.processor, mine, options, run.config.data.prompt,
                                   run.config.data.num_workers)  # fmt: skip
     gathered = dict(gather_object(list(predictions.items())))
     metrics = None
@@ -729,27 +734,43 @@ def validate_and_keep_best(run: Run) -> dict[str, float] | None:
 
 
 def finish_validation(run: Run) -> None:
-    """With fast validation metrics, scores the best step's saved val captions with every metric (METEOR too), once.
+    """The best step's numbers with every metric (METEOR too) in best/metrics.json and its model card (rank 0).
 
-    The captions are those best/ produced, so no generation is repeated; best/metrics.json and the step's val file
-    get the full set.
+    When validation used the `generate` settings, its saved captions are scored again (with fast validation
+    metrics; no generation is repeated) and the step's val file gets the full set. When it used fewer beams
+    (`train.val_num_beams`), best/ is captioned once more with `generate.*` into `val/best-final.json`.
     """
-    state = run.state
-    if not run.accelerator.is_main_process or state.best_step is None or run.config.train.val_metrics == "full":
+    state, config = run.state, run.config
+    regenerate = config.train.val_num_beams not in (None, config.generate.num_beams)
+    if not run.accelerator.is_main_process or state.best_step is None:
         return
-    val_file = run.output_dir / "val" / f"step-{state.best_step:06d}.json"
-    saved = json.loads(val_file.read_text())
-    metrics = score_captions(references_of(run.val_records), saved["predictions"]).metrics
-    _write_json(val_file, saved | {"metrics": metrics})
+    if not regenerate and config.train.val_metrics == "full":
+        return
+    model = run.accelerator.unwrap_model(run.loaded.model)
+    if regenerate:
+        if state.best_step != state.global_step:  # the live model holds the last step's weights; final/ is saved
+            load_saved_weights(model, run.output_dir / "best")
+        predictions = predict_records(model, run.loaded.processor, run.val_records, config.generate,
+                                      config.data.prompt, config.data.num_workers)  # fmt: skip
+        metrics = score_captions(references_of(run.val_records), predictions).metrics
+        val_file = run.output_dir / "val" / "best-final.json"
+        _write_json(val_file, {"step": state.best_step, "generate": to_dict(config)["generate"],
+                               "metrics": metrics, "predictions": predictions})  # fmt: skip
+    else:
+        val_file = run.output_dir / "val" / f"step-{state.best_step:06d}.json"
+        saved = json.loads(val_file.read_text())
+        metrics = score_captions(references_of(run.val_records), saved["predictions"]).metrics
+        _write_json(val_file, saved | {"metrics": metrics})
+        for entry in state.history:
+            if entry["step"] == state.best_step:
+                entry["metrics"] = metrics
     _write_json(run.output_dir / "best" / "metrics.json", metrics)
     from captune.export import CARD_FILE, model_card
 
-    best = LoadedModel(run.accelerator.unwrap_model(run.loaded.model), run.loaded.processor, run.loaded.base_name)
+    best = LoadedModel(model, run.loaded.processor, run.loaded.base_name)
     (run.output_dir / "best" / CARD_FILE).write_text(model_card(best, run.config, metrics))
-    for entry in state.history:
-        if entry["step"] == state.best_step:
-            entry["metrics"] = metrics
-    log.info("best step %d, all metrics: %s", state.best_step, " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    log.info("best step %d, all metrics (%s): %s", state.best_step, val_file,
+             " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))  # fmt: skip
 
 
 def _broadcast_float(accelerator: Accelerator, value: float) -> float:
