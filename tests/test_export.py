@@ -137,6 +137,28 @@ def test_captune_loads_the_merged_directory(run: tuple[LoadedModel, Config, Path
     assert generate_captions(reloaded.model, reloaded.processor, images, GREEDY) == expected
 
 
+def test_merge_at_load_captions_as_base_plus_adapter(run: tuple[LoadedModel, Config, Path], tmp_path: Path) -> None:
+    tuned, _, best = run
+    merged = load_model_dir(best, device="cpu", merge=True)  # float32 on the CPU: exactly equal
+    assert isinstance(merged.model, Blip2ForConditionalGeneration)
+    assert not [n for n, _ in merged.model.named_parameters() if "lora_" in n]
+    images = _images()
+    assert generate_captions(merged.model, merged.processor, images, GREEDY) == generate_captions(
+        tuned.model, tuned.processor, images, GREEDY
+    )
+    paths = []
+    for i, image in enumerate(images):
+        image.save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    outputs = {}
+    for flag in ([], ["--merge-adapter"]):
+        out = tmp_path / f"captions{len(flag)}.jsonl"
+        assert main(["caption", *paths, "--model-dir", str(best), "--device", "cpu", "--format", "jsonl",
+                     "--output", str(out), "--workers", "0", *flag]) == 0  # fmt: skip
+        outputs[len(flag)] = out.read_text()
+    assert outputs[0] == outputs[1] and outputs[0].count("\n") == len(images)
+
+
 def test_plain_generate_with_the_saved_generation_config_uses_the_runs_settings(tmp_path: Path) -> None:
     # Beam search and a minimum length: captions that greedy defaults would not produce.
     tuned, config, best = _save_run(tmp_path / "run", ["num_beams=3", "min_new_tokens=4", "max_new_tokens=6"])

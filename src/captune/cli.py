@@ -45,6 +45,9 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--static-cache", action="store_true", default=None,
                        help="static KV cache: on a GPU the decode step is compiled (faster in bulk)")  # fmt: skip
     group.add_argument("--prompt", help="text the caption continues (default: the training prompt)")
+    group.add_argument("--merge-adapter", action="store_true",
+                       help="merge the LoRA adapter into the base weights at load: no adapter layers per token "
+                       "(in bf16 a caption can now and then differ from base + adapter's)")  # fmt: skip
     group.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                        help="processes decoding images while the model captions (default: up to 8)")  # fmt: skip
     parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, ...")
@@ -115,7 +118,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
         done = _captioned_images(output)
         skipped = sum(1 for p in paths if str(p) in done)
         paths = [p for p in paths if str(p) not in done]
-    loaded = load_model_dir(args.model_dir, device=args.device)
+    loaded = load_model_dir(args.model_dir, device=args.device, merge=args.merge_adapter)
     ok = failed = 0
     # The bare caption only when the one input names the image itself; otherwise each line says which image it is.
     bare = len(args.paths) == 1 and paths == [Path(args.paths[0]).expanduser()] and not args.resume
@@ -225,7 +228,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
               file=sys.stderr)  # fmt: skip
     if not records:
         raise CaptuneError(f"{args.data_dir}: the {args.split} split has no usable images")
-    loaded = load_model_dir(args.model_dir, device=args.device)
+    loaded = load_model_dir(args.model_dir, device=args.device, merge=args.merge_adapter)
     evaluation = evaluate_records(loaded.model, loaded.processor, records, config.generate, config.data.prompt,
                                   args.workers)  # fmt: skip
     output_dir = Path(args.output_dir or Path(args.model_dir) / f"eval-{args.split}")
@@ -310,8 +313,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # The flags of `captune serve` that set the `ServeSettings` field of the same name (None keeps its default).
-_SERVE_SETTINGS = ("device", "max_upload_bytes", "max_images", "max_image_pixels", "max_new_tokens", "max_num_beams",
-                   "max_batch", "max_wait_ms", "max_queue", "retry_after_s")  # fmt: skip
+_SERVE_SETTINGS = ("device", "merge_adapter", "max_upload_bytes", "max_images", "max_image_pixels", "max_new_tokens",
+                   "max_num_beams", "max_batch", "max_wait_ms", "max_queue", "retry_after_s")  # fmt: skip
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -424,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "authentication, so expose it only behind one)")  # fmt: skip
     p.add_argument("--port", type=int, default=8000, help="default 8000")
     p.add_argument("--device", help="auto (default: a GPU when there is one), cpu, cuda, cuda:1, ...")
+    p.add_argument("--merge-adapter", action="store_true", default=None,
+                   help="merge the LoRA adapter into the base weights at load (as captune caption)")  # fmt: skip
     group = p.add_argument_group("limits and batching")
     group.add_argument("--max-upload-bytes", type=int, help="largest request body (default 20 MiB); 413 beyond")
     group.add_argument("--max-images", type=int, help="images per request (default 16); 422 beyond")

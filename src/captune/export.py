@@ -67,13 +67,8 @@ def merge_model_dir(model_dir: Path, output: Path, *, dtype: str = "auto", overw
     config = saved_config(model_dir)
 
     # 1. Merge at full precision: W + (alpha / r) B A is computed in fp32 and rounded to the output dtype once.
-    loaded = load_model_dir(model_dir, torch.float32, device="cpu")
-    merged = loaded.model  # train.mode=qformer: the trained weights are already in place
-    if isinstance(merged, PeftModel):
-        try:
-            merged = merged.merge_and_unload(safe_merge=True)  # modules_to_save copies replace their originals
-        except ValueError as err:
-            raise CaptuneError(f"{model_dir}: the adapter cannot be merged: {err}") from None
+    loaded = load_model_dir(model_dir, torch.float32, device="cpu", merge=True)
+    merged = loaded.model  # (train.mode=qformer: the trained weights were already in place)
     target = resolve_dtype(dtype, torch.device("cpu"))
     merged.to(target)
 

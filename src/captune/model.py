@@ -378,18 +378,32 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def load_model_dir(path: str | Path, dtype: torch.dtype | None = None, device: str = "auto") -> LoadedModel:
+def load_model_dir(
+    path: str | Path, dtype: torch.dtype | None = None, device: str = "auto", merge: bool = False
+) -> LoadedModel:
     """Loads what `captune train` saved (base + adapter), or a plain BLIP-2 directory or hub id, onto a device.
 
     Args:
         dtype: Weight dtype; None is bf16 on a GPU that has it, fp32 elsewhere.
         device: `auto`, `cpu`, `cuda`, `cuda:N`.
+        merge: Merge a LoRA adapter into the base weights (PEFT's `merge_and_unload`, in float32 on the CPU, then
+            cast once): a plain BLIP-2 without adapter layers to run at every token. In float32 it captions exactly
+            as base + adapter; in bf16 or fp16 the rounded merged weights can now and then change a caption.
 
     Raises:
-        CaptuneError: the directory holds neither an adapter nor a model, or the device does not exist.
+        CaptuneError: the directory holds neither an adapter nor a model, the device does not exist, or the adapter
+            cannot be merged.
     """
     target = resolve_device(device)
-    loaded = _load_model_dir(Path(path).expanduser(), dtype or resolve_dtype("auto", target))
+    dtype = dtype or resolve_dtype("auto", target)
+    loaded = _load_model_dir(Path(path).expanduser(), torch.float32 if merge else dtype)
+    if merge and isinstance(loaded.model, PeftModel):
+        try:
+            loaded.model = loaded.model.merge_and_unload(safe_merge=True)  # modules_to_save replace their originals
+        except ValueError as err:
+            raise CaptuneError(f"{path}: the adapter cannot be merged: {err}") from None
+    if merge:
+        loaded.model.to(dtype)  # rounded once, after the float32 merge
     loaded.model.to(target)
     return loaded
 

@@ -79,6 +79,8 @@ class ServeSettings:
 
     device: str = "auto"
     """Where the model runs: `auto` (the first GPU if there is one), `cpu`, `cuda`, `cuda:N`."""
+    merge_adapter: bool = False
+    """Merge the LoRA adapter into the base weights at load (`load_model_dir(merge=True)`)."""
     max_upload_bytes: int = 20 * 1024 * 1024
     """Largest request body; a larger one gets 413 as soon as the limit is passed (or from its Content-Length)."""
     max_images: int = 16
@@ -747,7 +749,7 @@ def create_app(model_dir: str | Path, settings: ServeSettings | None = None) -> 
     config = saved_config(model_dir)
     options_model = _options_model(settings)
     _check_defaults(config.generate, options_model, model_dir)
-    loaded = load_model_dir(model_dir, device=settings.device)
+    loaded = load_model_dir(model_dir, device=settings.device, merge=settings.merge_adapter)
 
     def generate(images: list[Image.Image], options: GenerateConfig) -> list[str]:
         return generate_captions(loaded.model, loaded.processor, images, options, config.data.prompt)
