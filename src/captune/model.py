@@ -333,8 +333,8 @@ def save_model_dir(
     if isinstance(loaded.model, PeftModel):
         save_base(path, loaded, trainable)  # with a PeftModel, save_pretrained writes the adapter only
     else:  # train.mode=qformer: the weights trained in full, to be loaded onto the base
-        weights = trainable or {n: p.detach().cpu() for n, p in loaded.model.named_parameters() if p.requires_grad}
-        save_file({name: value.contiguous() for name, value in weights.items()}, str(path / TRAINED_FILE))
+        save_file({n: v.contiguous() for n, v in (trainable or trainable_weights(loaded.model)).items()},
+                  str(path / TRAINED_FILE))  # fmt: skip
         loaded.processor.save_pretrained(path)
     base = loaded.base_name
     if base_dir is not None:
@@ -426,7 +426,8 @@ def _load_model_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
     base = load_base(base_name, dtype)
     processor = Blip2Processor.from_pretrained(path)
     if (path / TRAINED_FILE).is_file():
-        return LoadedModel(_load_trained(base.model, path / TRAINED_FILE).eval(), processor, base_name)
+        load_saved_weights(base.model, path)
+        return LoadedModel(base.model.eval(), processor, base_name)
     model = PeftModel.from_pretrained(base.model, path)
     return LoadedModel(model.eval(), processor, base_name)
 
@@ -435,14 +436,22 @@ def load_saved_weights(model: torch.nn.Module, model_dir: Path) -> None:
     """Puts the weights a model directory saved (an adapter, or `trained.safetensors`) into a model of the same
     kind in place: a PeftModel with the same adapter layers, or the plain BLIP-2 a `qformer` run trains."""
     if (model_dir / TRAINED_FILE).is_file():
-        _load_trained(model, model_dir / TRAINED_FILE)
+        load_weights(model, load_file(str(model_dir / TRAINED_FILE)), model_dir / TRAINED_FILE)
     else:
         set_peft_model_state_dict(model, load_file(str(model_dir / "adapter_model.safetensors")))
 
 
-def _load_trained(model: Blip2Like, file: Path) -> Blip2Like:
-    """The base with the weights of `file` (train.mode=qformer) in place of its own."""
-    weights = load_file(str(file))
+def trainable_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's trainable parameters by name, detached, on the CPU."""
+    return {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], file: Path) -> None:
+    """Copies weights saved by parameter name (read from `file`) into the model's parameters of those names.
+
+    Raises:
+        CaptuneError: a name the model lacks, or a shape other than the model's (weights of another base).
+    """
     params = dict(model.named_parameters())
     unknown = sorted(set(weights) - set(params))
     if unknown:
@@ -454,4 +463,3 @@ def _load_trained(model: Blip2Like, file: Path) -> Blip2Like:
                 raise CaptuneError(f"{file}: {name} has shape {tuple(value.shape)}, the base model's "
                                    f"{tuple(params[name].shape)}: it was trained on another base")  # fmt: skip
             params[name].copy_(value)
-    return model

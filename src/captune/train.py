@@ -44,7 +44,7 @@ from captune.data import CaptionSet, Record
 from captune.data.images import load_rgb
 from captune.errors import CaptuneError
 from captune.evaluation import predict_records, references_of, write_references
-from captune.files import atomic_open, cache_dir, replace_dir
+from captune.files import atomic_open, cache_dir, replace_dir, write_atomically
 from captune.metrics import FAST_METRICS, METRIC_NAMES, score_captions
 from captune.model import (
     META_FILE,
@@ -53,11 +53,13 @@ from captune.model import (
     apply_train_mode,
     load_base,
     load_saved_weights,
+    load_weights,
     resolve_device,
     resolve_dtype,
     save_base,
     save_model_dir,
     trainable_summary,
+    trainable_weights,
 )
 from captune.step import (
     IGNORE,
@@ -863,7 +865,7 @@ def load_checkpoint(run: Run, path: Path) -> None:
         raise CaptuneError(f"resume_from={path}: the checkpoint was trained with different {', '.join(changed)}")
     model = run.accelerator.unwrap_model(run.loaded.model)
     weights = load_file(str(path / "trainable.safetensors"))
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    trainable = set(trainable_weights(model))
     if set(weights) != trainable:
         differ = sorted(set(weights) ^ trainable)[:3]
         raise CaptuneError(f"{path / 'trainable.safetensors'} holds other weights than this run trains ({differ} "
@@ -874,10 +876,7 @@ def load_checkpoint(run: Run, path: Path) -> None:
         set_model_state_dict(model, dict(weights), options=options)
         set_optimizer_state_dict(model, _inner(run.optimizer), states["optimizer"], options=options)
     else:
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in weights.items():
-                params[name].copy_(value)
+        load_weights(model, weights, path / "trainable.safetensors")
         run.optimizer.load_state_dict(states["optimizer"])
     run.scheduler.load_state_dict(states["scheduler"])
     rng_file = path / f"rng-{run.accelerator.process_index}.pt"
@@ -899,7 +898,7 @@ def _trainable_weights(run: Run) -> dict[str, torch.Tensor]:
     model = run.accelerator.unwrap_model(run.loaded.model)
     if not _sharded(run):  # whole already (and bitsandbytes' 8-bit layers keep state-dict entries, such as SCB,
         # that torch's state-dict API cannot follow: it is kept for FSDP)
-        return {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
+        return trainable_weights(model)
     weights = get_model_state_dict(model, options=_FULL_ON_RANK0)
     # A frozen weight tied to another (OPT's lm_head) is not a parameter of its own, so the filter above keeps it.
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -936,10 +935,7 @@ def _results(state: TrainState) -> dict[str, Any]:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(value, indent=2))
-    tmp.replace(path)
+    write_atomically(path, json.dumps(value, indent=2))
 
 
 def _flat_hparams(config: Config) -> dict[str, Any]:

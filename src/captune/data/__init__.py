@@ -34,6 +34,9 @@ if TYPE_CHECKING:
     from captune.config import DataConfig
 
 SPLITS = ("train", "val", "test")
+SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "dev": "val", "test": "test", "restval": "train"}
+"""Split of each accepted spelling of a split column (manifests, Hugging Face datasets), lower case; `restval`
+(Karpathy's extra training images) joins train."""
 
 
 @dataclass(frozen=True)

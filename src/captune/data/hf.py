@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from captune.data import SPLITS, CaptionSet, Problem, ReadOptions, Record, resolve, seeded_split
+from captune.data import SPLIT_ALIASES, SPLITS, CaptionSet, Problem, ReadOptions, Record, resolve, seeded_split
 from captune.errors import CaptuneError
 from captune.files import cache_dir, write_atomically
 
@@ -38,7 +38,6 @@ METADATA_FILES = ("metadata.csv", "metadata.jsonl")
 """Files of an `imagefolder`: a folder with one of them is opened with `load_dataset("imagefolder")`."""
 BATCH_ROWS = 512
 """Rows read at a time; the image bytes of one batch are the most held in memory."""
-_SPLITS = {"train": "train", "restval": "train", "validation": "val", "val": "val", "dev": "val", "test": "test"}
 
 
 @dataclass
@@ -258,7 +257,7 @@ def _split(value: object) -> str | None:
     """The split a split name stands for (an unknown name as it is), or None if `value` is not a name."""
     if not isinstance(value, str) or not value.strip():
         return None
-    return _SPLITS.get(value.strip().lower(), value.strip())
+    return SPLIT_ALIASES.get(value.strip().lower(), value.strip())
 
 
 def _captions(value: object) -> tuple[list[str], list[str]]:

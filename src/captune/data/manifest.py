@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO, NamedTuple
 
 from captune.data import (
+    SPLIT_ALIASES,
     SPLITS,
     CaptionSet,
     Listing,
@@ -42,8 +43,6 @@ DEFAULT_FILES = ("manifest.jsonl", "manifest.csv")
 """Manifests looked for in the data folder, in this order, when `annotations` names none."""
 SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
 """Manifest kind by file suffix (any case); a `.json` manifest holds JSON lines too."""
-SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "dev": "val", "test": "test", "restval": "train"}
-"""Split of each accepted spelling, lower case; `restval` (Karpathy's extra training images) follows `restval`."""
 _REQUIRED = ("image_column", "caption_column")
 """Options naming the columns every manifest has."""
 
@@ -196,7 +195,8 @@ class _Collected:
     def __init__(self, path: Path, options: ReadOptions) -> None:
         self.path, self.options = path, options
         # With restval `none`, restval images keep their own name and are left out at the end.
-        self.split_names = SPLIT_NAMES | ({"restval": "restval"} if options.restval == "none" else {})
+        # `restval` follows data.restval.
+        self.split_names = SPLIT_ALIASES | ({"restval": "restval"} if options.restval == "none" else {})
         self.problems: list[Problem] = []
         self.with_split: dict[str, _Split] = {}
         self.without_split: dict[str, _Unsplit] = {}
@@ -239,7 +239,7 @@ class _Collected:
         spelling = given.lower() if isinstance(given, str) else None
         split = self.split_names.get(spelling) if spelling is not None else None
         if split is None:
-            accepted = ", ".join(SPLIT_NAMES)
+            accepted = ", ".join(SPLIT_ALIASES)
             self.problem(name, line, f"split {given!r} is not one of {accepted} (in any case)")
             return ""
         earlier = self.with_split.get(name)
