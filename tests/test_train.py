@@ -376,6 +376,10 @@ def test_feature_cache_dir_keeps_features_between_runs_and_notices_a_changed_ima
     write_image(image, colour=(1, 2, 3), fmt="PNG")
     run("changed")
     assert "kept in" in caplog.text and len(list(cache.glob("*.pt"))) == 2  # computed again, a file of its own
+    for damaged in cache.glob("*.pt"):
+        damaged.write_bytes(b"not a tensor file")
+    run("damaged")  # a damaged file costs a feature pass, not the run
+    assert "cannot be read" in caplog.text and "kept in" in caplog.text
 
 
 def test_greedy_validation_picks_best_and_best_is_scored_with_the_generate_settings(

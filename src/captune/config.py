@@ -149,7 +149,8 @@ class TrainConfig:
     """Folder that keeps cached image features between runs (`auto`: ~/.cache/captune/features, or
     $CAPTUNE_CACHE_DIR/features): one file per base model (its weight files), image processor, dtype and set of train
     images (paths, sizes, modification times), so a second run on the same data (a sweep, a restart) skips the
-    feature pass; any change makes a new file. None: the features live for this run only."""
+    feature pass; any change makes a new file, and a file that cannot be read is computed and written
+    again. None: the features live for this run only."""
     group_by_length: bool = True
     """Batch captions of similar length together (shuffled in groups of 50 batches), so padding wastes little."""
     caption_logits_only: bool = True

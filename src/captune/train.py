@@ -495,10 +495,8 @@ def _train_image_features(config: Config, loaded: LoadedModel, pairs: CaptionPai
         keep_on = torch.device("cpu")
     paths = [Path(pairs.paths[i]) for i in range(len(pairs.paths))]
     file = _feature_file(config, loaded, paths)
-    if file is not None and file.is_file():
-        if accelerator.is_main_process:
-            log.info("image features read from %s (same base model, image processor and train images)", file)
-        stored = torch.load(file, mmap=True, weights_only=True)  # read from disk as it is used
+    stored = _stored_features(file, len(paths), accelerator.is_main_process)
+    if stored is not None:
         if keep_on.type == "cuda":
             return stored.to(keep_on)
         return stored.pin_memory() if device.type == "cuda" else stored
@@ -564,6 +562,24 @@ def _weight_files(name: str, seed: int) -> list[Any]:
         folder = Path(found).parent
     files = [f for f in sorted(folder.iterdir()) if f.suffix in (".safetensors", ".bin", ".json")]
     return [str(folder.resolve()), *[(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]]
+
+
+def _stored_features(file: Path | None, images: int, main: bool) -> torch.Tensor | None:
+    """The features kept in `file` by an earlier run, mapped from disk (read as they are used); None when there is
+    no such file, or it cannot be read (then it is computed and written again, with a warning)."""
+    if file is None or not file.is_file():
+        return None
+    try:
+        stored = torch.load(file, mmap=True, weights_only=True)
+        if not isinstance(stored, torch.Tensor) or len(stored) != images:
+            raise ValueError(f"it holds {type(stored).__name__} {getattr(stored, 'shape', '')}, not {images} rows")
+    except Exception as err:  # noqa: BLE001 - a damaged cache file costs a feature pass, never the run
+        if main:
+            log.warning("image features in %s cannot be read (%s); computing them again", file, err)
+        return None
+    if main:
+        log.info("image features read from %s (same base model, image processor and train images)", file)
+    return stored
 
 
 def _keep_features(features: torch.Tensor, file: Path | None, main: bool) -> None:
