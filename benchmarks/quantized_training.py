@@ -61,12 +61,14 @@ def longest_captions(manifest: Path, words: int = 39) -> Path:
     return out
 
 
-def train_run(model_dir: Path, manifest: Path, out: Path, mode: str, batch: int, steps: int, cap: float) -> dict:
+def train_run(
+    model_dir: Path, manifest: Path, out: Path, mode: str, batch: int, steps: int, cap: float, extra: list[str]
+) -> dict:
     """One `captune train` process; its results.json numbers (read_run), or its exit status and last error line."""
     overrides = [f"model.name={model_dir}", f"model.quantization={mode}", "data=manifest", f"data.data_dir={manifest}",
                  f"train.output_dir={out}", f"train.batch_size={batch}", f"train.max_steps={steps}",
                  "train.validate=false", "train.warmup_steps=0", "train.log_every=10", "data.num_workers=4",
-                 "data.max_caption_tokens=40"]  # fmt: skip
+                 "data.max_caption_tokens=40", *extra]  # fmt: skip
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", CAPPED, str(cap), "train", *overrides], capture_output=True,
                           text=True, check=False)  # fmt: skip
@@ -92,7 +94,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--speed-steps", type=int, default=60)
     parser.add_argument("--cards-gib", default="12,24")
     parser.add_argument("--context-gib", type=float, default=0.75)
+    parser.add_argument("--overrides", default="", help="comma-separated captune overrides for every run, e.g. "
+                        "train.pack_captions=false (batch = exactly that many captions)")  # fmt: skip
     args = parser.parse_args(argv)
+    extra = list(filter(None, args.overrides.split(",")))
     manifest = make_data(args.work / "data", args.images)
     longest = longest_captions(manifest)
     result: dict[str, Any] = {"what": __doc__.splitlines()[0], "context_gib": args.context_gib, "modes": {}}
@@ -108,11 +113,11 @@ def main(argv: list[str] | None = None) -> None:
         runs = args.work / f"q-{mode}"
         entry: dict[str, Any] = {}
         result["modes"][mode] = entry
-        entry["batch_8"] = train_run(args.model_dir, manifest, runs / "speed", mode, 8, args.speed_steps, 0)
+        entry["batch_8"] = train_run(args.model_dir, manifest, runs / "speed", mode, 8, args.speed_steps, 0, extra)
         print(f"{mode} batch 8: {entry['batch_8']}", flush=True)
-        sizes = {8: train_run(args.model_dir, longest, runs / "b8", mode, 8, 4, 0)}
+        sizes = {8: train_run(args.model_dir, longest, runs / "b8", mode, 8, 4, 0, extra)}
         for batch in (32, 128):
-            sizes[batch] = train_run(args.model_dir, longest, runs / f"b{batch}", mode, batch, 4, 0)
+            sizes[batch] = train_run(args.model_dir, longest, runs / f"b{batch}", mode, batch, 4, 0, extra)
         entry["longest_captions"] = {
             b: {"peak_gib": peak(r), "exit_status": r["exit_status"]} for b, r in sizes.items()
         }
@@ -132,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
             for batch in (predicted, predicted * 3 // 4 // 8 * 8):
                 if batch < 1:
                     break
-                run = train_run(args.model_dir, longest, runs / f"cap{card:g}", mode, batch, 4, cap)
+                run = train_run(args.model_dir, longest, runs / f"cap{card:g}", mode, batch, 4, cap, extra)
                 check[f"run_batch_{batch}"] = {"exit_status": run["exit_status"], "peak_gib": peak(run),
                                                "error": run.get("error")}  # fmt: skip
                 if not run["exit_status"]:

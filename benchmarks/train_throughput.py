@@ -11,14 +11,17 @@ What runs, in order:
    `q_proj`/`v_proj` (dropout 0.05), `torch.optim.AdamW`, every sample padded to 32 image + 1 BOS + 20 caption tokens,
    `model(pixel_values, input_ids, attention_mask, labels).loss`, backward, step, on batches already on the GPU
    (data loading is not timed: the usual recipe's best case). Per batch size: 3 warm-up steps, then `--steps` timed.
-3. The loss check: one batch in eval mode (no dropout) through the usual forward and through captune's
-   `CaptionLoss` with cached image features; they must agree to bf16 tolerance.
-4. captune: `captune.train.train(config)`, the real path (data check, feature pass, loader with workers, length
-   grouping, caption-only logits, fused AdamW, checkpoint at the end), one epoch over the data at `--batch-size`; its
+3. The loss checks: one batch in eval mode (no dropout) through the usual forward and through captune's
+   `CaptionLoss` with cached image features; and 8 images' 40 captions as the usual recipe's rows and as captune's
+   packed batch (one row per image, `train.pack_captions`); each pair must agree to bf16 tolerance.
+4. captune: `captune.train.train(config)`, the real path (data check, feature pass, loader with workers, whole
+   images with packed captions, length grouping, caption-only logits, fused AdamW, checkpoint at the end), one
+   epoch over the data at `--batch-size` (captions; packed: that many / 5 images); its
    results.json gives samples/s (training steps only), peak memory and the feature-pass time. Then the ablations,
    `--ablation-steps` steps each, every optimisation switched off in turn.
 5. The learning check: the usual recipe and captune, `--curve-steps` steps each at batch 32 on the same batches
-   in the same order (captune's sampler; the usual recipe gets them with pixels), from the same base weights (each
+   in the same order (captune's sampler and whole-image batches; the usual recipe gets them a row per caption with
+   pixels), from the same base weights (each
    with its own LoRA initialisation), lr 1e-4 with a cosine decay, no gradient clipping; their loss curves side by
    side (averaged over windows of 10 steps).
 
@@ -48,16 +51,26 @@ from captune.config import load_config
 from captune.data import read
 from captune.model import TINY_WORDS, build_tiny, save_base
 from captune.step import CaptionLoss
-from captune.train import CaptionCollator, CaptionPairs, LengthGroupedShuffle, train
+from captune.train import (
+    CaptionCollator,
+    CaptionPairs,
+    ImageCaptions,
+    LengthGroupedShuffle,
+    PackedCaptionCollator,
+    train,
+)
 
 USUAL_CAPTION_TOKENS = 20
 ABLATIONS = {
     "all_on": [],
+    "no_packing": ["train.pack_captions=false"],
     "no_feature_cache": ["train.cache_image_features=off"],
     "no_caption_logits_only": ["train.caption_logits_only=false"],
     "no_length_grouping": ["train.group_by_length=false"],
     "no_fused_optimizer": ["train.fused_optimizer=false"],
     "compile": ["train.compile=true"],
+    "gradient_checkpointing": ["train.gradient_checkpointing=true"],  # on, not off: its cost (issue 7)
+    "mode_qformer": ["train.mode=qformer"],  # the LAVIS recipe: the image side runs at every step (issue 7)
     "batch_64": ["train.batch_size=64"],
     "batch_128": ["train.batch_size=128"],
     "batch_256": ["train.batch_size=256"],
@@ -115,14 +128,19 @@ def usual_batches(model_dir: Path, manifest: Path, batch_size: int, count: int, 
 
 
 def captune_order_batches(model_dir: Path, manifest: Path, batch_size: int, count: int, device: torch.device) -> list:
-    """The first `count` batches captune's run sees (its train split, sampler and collator, seed 42), with pixels."""
+    """The first `count` batches captune's run sees (its train split, sampler, whole images as train.pack_captions
+    batches them, seed 42), as the usual recipe takes them: a row per caption, with pixels."""
     from torch.utils.data import DataLoader
     from transformers import Blip2Processor
 
     processor = Blip2Processor.from_pretrained(model_dir)
     pairs = CaptionPairs(read("manifest", manifest).split("train"), processor)
-    sampler = LengthGroupedShuffle(pairs.caption_lengths(), batch_size, seed=42)
-    loader = DataLoader(pairs, batch_size=batch_size, sampler=sampler, num_workers=8,
+    images = ImageCaptions(pairs)
+    per_batch = images.images_per_batch(batch_size)
+    order = list(LengthGroupedShuffle(images.caption_lengths(), per_batch, seed=42))
+    captions = [[c for i in order[start : start + per_batch] for c in range(*pairs.first_caption[i : i + 2])]
+                for start in range(0, len(order), per_batch)]  # fmt: skip
+    loader = DataLoader(pairs, batch_sampler=captions, num_workers=8,
                         collate_fn=CaptionCollator(processor, "", 40, encoder_decoder=is_t5(model_dir)))  # fmt: skip
     batches = []
     for batch in loader:
@@ -180,6 +198,31 @@ def loss_check(model: torch.nn.Module, batch: dict) -> dict[str, float]:
         caption_start = int((batch["labels"][0] != -100).nonzero()[0])
         ours = CaptionLoss(model).eval()(**rest, caption_start=caption_start, image_features=features).item()
     return {"usual": usual, "captune": ours, "relative_difference": abs(ours - usual) / abs(usual)}
+
+
+def packed_loss_check(model: torch.nn.Module, model_dir: Path, manifest: Path, device: torch.device) -> dict:
+    """The usual forward's loss on 8 images' 40 captions (a row per caption, pixels) and captune's packed batch of the
+    same 8 images (one row per image, cached features), eval mode; captions cut to the usual recipe's 19 tokens."""
+    from transformers import Blip2Processor
+
+    processor = Blip2Processor.from_pretrained(model_dir)
+    pairs = CaptionPairs(read("manifest", manifest).records[:8], processor)
+    t5 = is_t5(model_dir)
+    plain = CaptionCollator(processor, "", USUAL_CAPTION_TOKENS - 1, t5)([pairs[i] for i in range(len(pairs))])
+    images = ImageCaptions(pairs)
+    packed = PackedCaptionCollator(processor, "", USUAL_CAPTION_TOKENS - 1, t5)([images[i] for i in range(8)])
+    pixels = torch.stack([pairs.pixels(i) for i in range(8)]).to(device, torch.bfloat16 if device.type == "cuda"
+                                                                  else torch.float32)  # fmt: skip
+    model.eval()
+    with torch.no_grad():
+        usual = model(**{k: v.to(device) for k, v in plain.items() if k != "caption_start"}).loss.item()
+        blip = model.get_base_model()
+        features = blip.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
+        rest = {k: v.to(device) for k, v in packed.items() if k not in ("samples", "pixel_values")}
+        ours = CaptionLoss(model).eval()(**rest, image_features=features).item()
+    rows = {"usual": plain["input_ids"].numel(), "packed": packed["input_ids"].numel()}  # T5: the encoder's
+    return {"usual": usual, "captune_packed": ours, "relative_difference": abs(ours - usual) / abs(usual),
+            "input_ids_tokens": rows}  # fmt: skip
 
 
 def usual_curve(model: torch.nn.Module, batches: list[dict], steps: int, image_side_eval: bool) -> list[float]:
@@ -248,8 +291,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps of the usual recipe per batch size")
     parser.add_argument("--ablation-steps", type=int, default=150)
     parser.add_argument("--curve-steps", type=int, default=100)
-    parser.add_argument("--ablations", default="all_on,no_feature_cache,no_caption_logits_only,no_length_grouping,"
-                        "no_fused_optimizer", help=f"comma-separated, of: {', '.join(ABLATIONS)}")  # fmt: skip
+    parser.add_argument("--ablations", default="all_on,no_packing,no_feature_cache,no_caption_logits_only,"
+                        "no_length_grouping,no_fused_optimizer",
+                        help=f"comma-separated, of: {', '.join(ABLATIONS)}")  # fmt: skip
     parser.add_argument("--skip", default="", help="comma-separated stages to skip: usual,epoch,ablations,curve")
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -282,6 +326,8 @@ def main(argv: list[str] | None = None) -> None:
     check_batch = usual_batches(model_dir, manifest, 8, 1, device)[0]
     result["loss_check"] = loss_check(model, check_batch)
     print(f"loss check: {result['loss_check']}", flush=True)
+    result["packed_loss_check"] = packed_loss_check(model, model_dir, manifest, device)
+    print(f"packed loss check: {result['packed_loss_check']}", flush=True)
     save()
     if "curve" not in skip:
         del model

@@ -16,9 +16,17 @@ from captune import step
 from captune.config import load_config
 from captune.data import read
 from captune.errors import CaptuneError
-from captune.model import LoadedModel, apply_lora
+from captune.model import TINY_T5, LoadedModel, apply_lora, build_tiny
 from captune.step import CaptionLoss, chunked_cross_entropy, image_features, upstream_of_language_model_trains
-from captune.train import CaptionCollator, CaptionPairs, LengthGroupedShuffle, _use_feature_cache
+from captune.train import (
+    CaptionCollator,
+    CaptionPairs,
+    ImageCaptions,
+    LengthGroupedShuffle,
+    PackedCaptionCollator,
+    _use_feature_cache,
+    _use_packing,
+)
 
 
 @pytest.fixture
@@ -168,3 +176,101 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(lora: LoadedMo
     assert checkpointed == pytest.approx(loss, rel=1e-6)
     for name, grad in grads.items():
         torch.testing.assert_close(checkpointed_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+# ------------------------------------------------------------------------------------------------ packed batches ---
+def _packed_and_plain(
+    loaded: LoadedModel, synthetic_dir: Path, encoder_decoder: bool = False, with_pixels: bool = True
+) -> tuple[dict, dict]:
+    """Three images with all their captions, packed (one row per image) and plain (one row per caption)."""
+    records = read("synthetic", synthetic_dir).split("train")[:3]
+    pairs = CaptionPairs(records, loaded.processor, with_pixels=with_pixels)
+    images = ImageCaptions(pairs)
+    packed = PackedCaptionCollator(loaded.processor, "a picture of", 40, encoder_decoder)([images[i] for i in range(3)])
+    plain = CaptionCollator(loaded.processor, "a picture of", 40, encoder_decoder)(
+        [pairs[i] for i in range(len(pairs))]
+    )
+    return packed, plain
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_rows_give_the_per_caption_loss_and_gradients(
+    lora: LoadedModel, synthetic_dir: Path, attention: str
+) -> None:
+    step.blip_of(lora.model).language_model.config._attn_implementation = attention
+    packed, plain = _packed_and_plain(lora, synthetic_dir)
+    assert len(packed["input_ids"]) == 3 and packed["samples"] == len(plain["input_ids"]) > 3
+    packed.pop("samples")
+    lora.model.eval()
+    ours = CaptionLoss(lora.model).eval()
+    loss, grads = _loss_and_grads(lora.model, lambda: ours(**packed))
+    reference, reference_grads = _loss_and_grads(lora.model, lambda: ours(**plain))
+    assert loss == pytest.approx(reference, rel=1e-5)
+    assert len(grads) > 0
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    # The packed rows hold fewer tokens: the prefix (8 image tokens + BOS + 3 prompt words) once per image.
+    assert packed["input_ids"].numel() < plain["input_ids"].numel()
+
+
+def test_packed_rows_with_cached_features_and_a_caption_token_count(lora: LoadedModel, synthetic_dir: Path) -> None:
+    lora.model.eval()
+    records = read("synthetic", synthetic_dir).split("train")[:3]
+    features = image_features(lora.model, lora.processor, [r.image_path for r in records], batch_size=3,
+                              num_workers=0, device=torch.device("cpu"), keep_on=torch.device("cpu"))  # fmt: skip
+    packed, plain = _packed_and_plain(lora, synthetic_dir, with_pixels=False)
+    packed.pop("samples")
+    assert step.label_tokens(packed) == step.label_tokens(plain) == len(packed["labels"])
+    ours = CaptionLoss(lora.model).eval()
+    rows = packed.pop("image_index")
+    count = torch.tensor(40.0)  # as DDP passes it: the summed loss over a given count
+    loss = ours(**packed, image_features=features[rows], token_count=count)
+    reference = ours(**{k: v for k, v in plain.items() if k != "image_index"},
+                     image_features=features[plain["image_index"]], token_count=count)  # fmt: skip
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_packed_row_layout(tiny: LoadedModel, synthetic_dir: Path) -> None:
+    packed, _ = _packed_and_plain(tiny, synthetic_dir)
+    prefix = 8 + 1 + 3  # image tokens, BOS, "a picture of"
+    mask, positions, ids = packed["attention_mask"][0, 0], packed["position_ids"][0], packed["input_ids"][0]
+    length = len(ids)
+    eos = tiny.processor.tokenizer.eos_token_id
+    ends = [i for i in range(prefix, length) if ids[i] == eos]  # each caption ends with EOS
+    first = prefix
+    for end in ends:
+        caption = range(first, end + 1)
+        assert positions[first : end + 1].tolist() == list(range(prefix, prefix + len(caption)))
+        for q in caption:  # the prefix and its own earlier tokens, nothing else
+            assert mask[q].nonzero().flatten().tolist() == [*range(prefix), *range(first, q + 1)]
+        first = end + 1
+    assert mask[:prefix, :prefix].equal(torch.ones(prefix, prefix, dtype=torch.bool).tril())
+    # the first label of each caption is predicted from the prefix's last position
+    assert (packed["predict_from"] == prefix - 1).sum() == len(ends)
+
+
+def test_t5_packed_batches_encode_each_image_once(synthetic_dir: Path) -> None:
+    t5 = build_tiny(0, TINY_T5)
+    model = apply_lora(t5.model, load_config(None, []).lora)
+    torch.manual_seed(0)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 0.05)
+    model.eval()
+    packed, plain = _packed_and_plain(t5, synthetic_dir, encoder_decoder=True)
+    packed.pop("samples")
+    assert len(packed["input_ids"]) == 3 and len(packed["labels"]) == len(plain["labels"])
+    ours = CaptionLoss(model).eval()
+    loss, grads = _loss_and_grads(model, lambda: ours(**packed))
+    reference, reference_grads = _loss_and_grads(model, lambda: ours(**plain))
+    assert loss == pytest.approx(reference, rel=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_flash_attention_falls_back_to_a_row_per_caption(tiny: LoadedModel, caplog: pytest.LogCaptureFixture) -> None:
+    tiny.model.language_model.config._attn_implementation = "flash_attention_2"
+    with caplog.at_level("WARNING", logger="captune.train"):
+        assert not _use_packing(load_config(None, []), tiny.model)
+    assert "one row per caption instead" in caplog.text
+    assert not _use_packing(load_config(None, ["train.pack_captions=false"]), build_tiny(0).model)

@@ -38,14 +38,15 @@ recipe = importlib.import_module("captune.train")
 
 
 def _config(data_dir: Path, output_dir: Path, *overrides: str) -> Config:
-    """A fast CPU run on the small synthetic set: 120 caption pairs, batch 4, grad_accum 2 -> 15 steps an epoch."""
+    """A fast CPU run on the small synthetic set: 24 images, 120 caption pairs, batch 5 (packed: one image of 5
+    captions), grad_accum 2 -> 12 steps an epoch."""
     return load_config(
         None,
         [
             "data.format=synthetic",
             f"data.data_dir={data_dir}",
             f"train.output_dir={output_dir}",
-            "train.batch_size=4",
+            "train.batch_size=5",
             "train.grad_accum=2",
             "train.lr=1e-3",
             "train.warmup_steps=3",
@@ -125,12 +126,12 @@ def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resume_mid_epoch_gives_the_same_adapter_bit_for_bit(synthetic_dir: Path, tmp_path: Path) -> None:
-    # 20 steps cross the epoch end at step 15; LoRA dropout makes the RNG state matter.
+    # 20 steps cross the epoch end at step 12; LoRA dropout makes the RNG state matter.
     full = _config(synthetic_dir, tmp_path / "full", "train.max_steps=20", "train.save_every=7", "lora.dropout=0.1",
                    "train.keep_checkpoints=10")  # fmt: skip
     recipe.train(full)
     saved = sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir())
-    assert saved == ["step-000007", "step-000014", "step-000015", "step-000020"]  # every 7 steps and at epoch end
+    assert saved == ["step-000007", "step-000012", "step-000014", "step-000020"]  # every 7 steps and at epoch end
     checkpoint = tmp_path / "full" / "checkpoints" / "step-000007"
     resumed = _config(synthetic_dir, tmp_path / "resumed", "train.max_steps=20", "train.save_every=7",
                       "lora.dropout=0.1", f"train.resume_from={checkpoint}")  # fmt: skip
@@ -161,15 +162,15 @@ def test_each_epoch_has_its_own_order_also_after_a_resume(
         monkeypatch.setattr(sampler, "__iter__", recording)
     recipe.train(
         _config(
-            synthetic_dir, tmp_path / "full", "train.max_steps=45", "train.save_every=20", "train.keep_checkpoints=10"
+            synthetic_dir, tmp_path / "full", "train.max_steps=36", "train.save_every=20", "train.keep_checkpoints=10"
         )
     )
-    assert [epoch for epoch, _ in seen] == [0, 1, 2]  # 15 steps an epoch
+    assert [epoch for epoch, _ in seen] == [0, 1, 2]  # 12 steps an epoch
     orders = [order for _, order in seen]
     assert orders[0] != orders[1] != orders[2] and sorted(orders[0]) == sorted(orders[1])
     seen.clear()
-    checkpoint = tmp_path / "full" / "checkpoints" / "step-000020"  # 5 steps into epoch 1
-    recipe.train(_config(synthetic_dir, tmp_path / "resumed", "train.max_steps=45", f"train.resume_from={checkpoint}"))
+    checkpoint = tmp_path / "full" / "checkpoints" / "step-000020"  # 8 steps into epoch 1
+    recipe.train(_config(synthetic_dir, tmp_path / "resumed", "train.max_steps=36", f"train.resume_from={checkpoint}"))
     assert [epoch for epoch, _ in seen] == [1, 2] and [order for _, order in seen] == orders[1:]
 
 
@@ -253,7 +254,7 @@ def test_validation_scores_each_epoch_and_keeps_best(synthetic_dir: Path, tmp_pa
     config = _config(synthetic_dir, tmp_path / "run", "train.epochs=1", "train.validate=true",
                      "generate.num_beams=1", "generate.min_new_tokens=1", "generate.max_new_tokens=6")  # fmt: skip
     state = recipe.train(config)
-    assert state.global_step == 15 and len(state.history) == 1
+    assert state.global_step == 12 and len(state.history) == 1
     metrics = state.history[0]["metrics"]
     assert set(metrics) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
     assert state.best_cider == pytest.approx(metrics["CIDEr"])
@@ -261,7 +262,7 @@ def test_validation_scores_each_epoch_and_keeps_best(synthetic_dir: Path, tmp_pa
     assert json.loads((best / "metrics.json").read_text()) == metrics
     card = (best / "README.md").read_text()  # the model card carries every metric of the best step, METEOR too
     assert f"{metrics['METEOR']:.4f}" in card and f"{metrics['CIDEr']:.4f}" in card
-    val = json.loads((tmp_path / "run" / "val" / "step-000015.json").read_text())
+    val = json.loads((tmp_path / "run" / "val" / "step-000012.json").read_text())
     assert len(val["predictions"]) == 6  # every val image exactly once
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["best_cider"] == pytest.approx(metrics["CIDEr"])
@@ -394,7 +395,7 @@ def test_greedy_validation_picks_best_and_best_is_scored_with_the_generate_setti
     config = _config(synthetic_dir, tmp_path / "run", "train.epochs=2", "train.validate=true", "train.val_num_beams=1",
                      "generate.num_beams=3", "generate.min_new_tokens=1", "generate.max_new_tokens=6")  # fmt: skip
     state = recipe.train(config)
-    assert len(state.history) == 2 and state.best_step == 15 and state.global_step == 30
+    assert len(state.history) == 2 and state.best_step == 12 and state.global_step == 24
     assert loads == [tmp_path / "run" / "best"]
     best = tmp_path / "run" / "best"
     final = json.loads((tmp_path / "run" / "val" / "best-final.json").read_text())

@@ -151,8 +151,17 @@ class TrainConfig:
     images (paths, sizes, modification times), so a second run on the same data (a sweep, a restart) skips the
     feature pass; any change makes a new file, and a file that cannot be read is computed and written
     again. None: the features live for this run only."""
+    pack_captions: bool = True
+    """A batch holds whole images (`batch_size` / captions per image of them), and each image's captions share one
+    pass of its image: the vision side runs once per image on the full path, and the language model reads one row
+    per image, `image tokens + BOS + prompt` once and then every caption, each attending to that prefix and to its own
+    earlier tokens only (a block mask; position ids restart after the prefix). The same loss and gradients as one row
+    per caption, with ~2.3x fewer tokens on Flickr8k (33 prefix tokens once instead of 5 times); the only difference
+    is that LoRA dropout draws one mask for the shared prefix. Flan-T5: each image's prompt is encoded once for all
+    its captions. `false`: one row per caption, batches of captions of different images."""
     group_by_length: bool = True
-    """Batch captions of similar length together (shuffled in groups of 50 batches), so padding wastes little."""
+    """Batch captions (packed: images, by their captions' total length) of similar length together (shuffled in
+    groups of 50 batches), so padding wastes little."""
     caption_logits_only: bool = True
     """Decoder-only LMs: run the LM head and the loss on caption positions only, in chunks recomputed in the backward
     pass (same loss; no float32 logits of the whole batch)."""

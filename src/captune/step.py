@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +25,11 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import Blip2ForConditionalGeneration, Blip2Processor
+from transformers.modeling_outputs import BaseModelOutput
 
 from captune.data import freeze_inherited_objects
 from captune.data.images import load_rgb
+from captune.errors import CaptuneError
 
 IGNORE = -100  # label value the loss skips
 CE_CHUNK_TOKENS = 2048
@@ -92,13 +95,19 @@ class CaptionLoss(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         labels: torch.Tensor,
-        caption_start: int,
+        caption_start: int | None = None,
         pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
         token_count: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        predict_from: torch.Tensor | None = None,
+        caption_image: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The loss of a batch as `CaptionCollator` makes it (`caption_start`: the first caption column, the same in
-        every row since image tokens and prompt come first and padding last), with pixels or cached features.
+        every row since image tokens and prompt come first and padding last), or as `PackedCaptionCollator` makes it
+        (one row per image: `position_ids` and a block `attention_mask` of shape (rows, 1, length, length),
+        `predict_from` the flat row x length index of the hidden state that predicts each of the flat `labels`; T5:
+        `caption_image` the image row of each caption's labels), with pixels or cached features.
         `token_count`, when given, divides the summed loss instead of this batch's own caption-token count
         (captune.train passes the mean over processes, so that DDP's gradient average is the global batch's)."""
         blip = blip_of(self.model)
@@ -109,6 +118,17 @@ class CaptionLoss(nn.Module):
         is_image = (input_ids == blip.config.image_token_id).unsqueeze(-1)
         embeds = embeds.masked_scatter(is_image, image_features.to(embeds.dtype))
         lm = blip.language_model
+        if caption_image is not None:  # packed T5: each image's prompt is encoded once, each caption decoded
+            encoded = lm.get_encoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+            output = lm(encoder_outputs=BaseModelOutput(last_hidden_state=encoded[caption_image]),
+                        attention_mask=attention_mask[caption_image], labels=labels)  # fmt: skip
+            return output.loss if token_count is None else output.loss * (labels != IGNORE).sum() / token_count
+        if predict_from is not None:  # packed decoder-only: a row per image, its captions after one shared prefix
+            mask = block_mask_for(lm, attention_mask, embeds.dtype)
+            hidden = lm.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids)
+            hidden = hidden.last_hidden_state.flatten(0, 1)[predict_from]
+            return chunked_cross_entropy(hidden, labels, lm.get_output_embeddings(), token_count)
+        assert caption_start is not None
         if not blip.config.use_decoder_only_language_model:  # T5: the encoder reads images + prompt, labels decode
             loss = lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, return_dict=True).loss
             # T5's loss is the mean over this batch's label tokens; as a sum over token_count it is DDP-exact too.
@@ -122,6 +142,33 @@ class CaptionLoss(nn.Module):
         hidden = hidden[:, caption_start - 1 : -1].flatten(0, 1)
         targets = labels[:, caption_start:].flatten()
         return chunked_cross_entropy(hidden, targets, lm.get_output_embeddings(), token_count)
+
+
+PACKING_ATTENTION = ("sdpa", "eager")
+"""Attention implementations that take the packed rows' block mask (a custom 4D mask); flash attention does not."""
+
+
+def block_mask_for(lm: nn.Module, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A (rows, 1, length, length) boolean mask (True: may attend) as the language model's attention takes it: SDPA
+    takes booleans, eager attention adds 0 or the dtype's minimum to its scores."""
+    implementation = getattr(lm, "config")._attn_implementation  # noqa: B009  (a PreTrainedModel)
+    if implementation == "sdpa":
+        return allowed
+    if implementation == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
+    raise CaptuneError(
+        f"train.pack_captions needs sdpa or eager attention, not {implementation}; set train.pack_captions=false"
+    )
+
+
+def label_tokens(batch: dict[str, Any]) -> torch.Tensor:
+    """The number of caption tokens the loss of a collated batch (packed or not) averages over."""
+    labels = batch["labels"]
+    if "caption_start" in batch:
+        labels = labels[:, batch["caption_start"] :]
+    return (labels != IGNORE).sum()
 
 
 def chunked_cross_entropy(

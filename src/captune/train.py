@@ -63,10 +63,12 @@ from captune.model import (
 )
 from captune.step import (
     IGNORE,
+    PACKING_ATTENTION,
     CaptionLoss,
     blip_of,
     feature_bytes,
     image_features,
+    label_tokens,
     upstream_of_language_model_trains,
 )
 
@@ -88,7 +90,9 @@ class CaptionPairs(Dataset):
     def __init__(self, records: list[Record], processor: Blip2Processor, with_pixels: bool = True):
         self.paths = _Texts([str(r.image_path) for r in records])
         self.captions = _Texts([caption for r in records for caption in r.captions])
-        self.image_of = np.repeat(np.arange(len(records), dtype=np.int64), [len(r.captions) for r in records])
+        counts = [len(r.captions) for r in records]
+        self.image_of = np.repeat(np.arange(len(records), dtype=np.int64), counts)
+        self.first_caption = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])  # image i: [i] to [i + 1]
         self.image_processor = processor.image_processor
         self.with_pixels = with_pixels
 
@@ -99,12 +103,41 @@ class CaptionPairs(Dataset):
         image_index = int(self.image_of[index])
         if not self.with_pixels:
             return {"image_index": image_index, "caption": self.captions[index]}
-        pixels = self.image_processor(load_rgb(Path(self.paths[image_index])), return_tensors="pt")["pixel_values"][0]
-        return {"pixel_values": pixels, "caption": self.captions[index]}
+        return {"pixel_values": self.pixels(image_index), "caption": self.captions[index]}
 
     def caption_lengths(self) -> np.ndarray:
         """Each caption's length in UTF-8 bytes: a cheap stand-in for its token count when grouping by length."""
         return np.diff(self.captions.ends, prepend=0)
+
+    def pixels(self, image_index: int) -> torch.Tensor:
+        path = Path(self.paths[image_index])
+        return self.image_processor(load_rgb(path), return_tensors="pt")["pixel_values"][0]
+
+
+class ImageCaptions(Dataset):
+    """The same pairs by image: item i is image i (pixels, or its index when features are cached) with all its
+    captions, for `PackedCaptionCollator`."""
+
+    def __init__(self, pairs: CaptionPairs) -> None:
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs.first_caption) - 1
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        first, end = int(self.pairs.first_caption[index]), int(self.pairs.first_caption[index + 1])
+        captions = [self.pairs.captions[i] for i in range(first, end)]
+        if not self.pairs.with_pixels:
+            return {"image_index": index, "captions": captions}
+        return {"pixel_values": self.pairs.pixels(index), "captions": captions}
+
+    def caption_lengths(self) -> np.ndarray:
+        """Each image's captions' total length in UTF-8 bytes, for grouping images by length."""
+        return np.add.reduceat(self.pairs.caption_lengths(), self.pairs.first_caption[:-1])
+
+    def images_per_batch(self, captions_per_batch: int) -> int:
+        """How many images make a batch of about `captions_per_batch` captions (at least one)."""
+        return max(1, round(captions_per_batch * len(self) / len(self.pairs)))
 
 
 class _Texts:
@@ -145,18 +178,30 @@ class CaptionCollator:
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.processor.image_token.content)
         self.prefix = [self.image_token_id] * self.num_query_tokens + tokenizer(self.prompt).input_ids
 
-    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+    def caption_ids(self, texts: list[str]) -> list[list[int]]:
+        """Each caption's token ids, cut to max_caption_tokens, then EOS."""
         tokenizer = self.processor.tokenizer
         # A prompt joins the caption with a space, so BPE tokenizers see the caption's first word as a new word.
-        texts = [("" if self.encoder_decoder or not self.prompt else " ") + item["caption"] for item in batch]
+        texts = [("" if self.encoder_decoder or not self.prompt else " ") + text for text in texts]
         captions = [ids[: self.max_caption_tokens] + [tokenizer.eos_token_id]
                     for ids in tokenizer(texts, add_special_tokens=False).input_ids]  # fmt: skip
-        bad = [item["caption"] for item, ids in zip(batch, captions, strict=True) if self.image_token_id in ids]
+        bad = [text for text, ids in zip(texts, captions, strict=True) if self.image_token_id in ids]
         if bad or self.prefix.count(self.image_token_id) != self.num_query_tokens:
             raise CaptuneError(
-                f"caption {bad[0] if bad else self.prompt!r} holds the image token "
+                f"caption {bad[0].strip() if bad else self.prompt!r} holds the image token "
                 f"{self.processor.image_token.content}; it must not appear in captions or the prompt"
             )
+        return captions
+
+    @staticmethod
+    def images(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if "pixel_values" in batch[0]:
+            return {"pixel_values": torch.stack([item["pixel_values"] for item in batch])}
+        return {"image_index": torch.tensor([item["image_index"] for item in batch])}
+
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        tokenizer = self.processor.tokenizer
+        captions = self.caption_ids([item["caption"] for item in batch])
         if self.encoder_decoder:
             input_ids = torch.tensor([self.prefix] * len(batch))
             attention_mask = torch.ones_like(input_ids)
@@ -165,16 +210,74 @@ class CaptionCollator:
             input_ids = _padded([self.prefix + ids for ids in captions], tokenizer.pad_token_id)
             attention_mask = _padded([[1] * (len(self.prefix) + len(ids)) for ids in captions], 0)
             labels = _padded([[IGNORE] * len(self.prefix) + ids for ids in captions], IGNORE)
-        if "pixel_values" in batch[0]:
-            images = {"pixel_values": torch.stack([item["pixel_values"] for item in batch])}
-        else:
-            images = {"image_index": torch.tensor([item["image_index"] for item in batch])}
         return {
-            **images,
+            **self.images(batch),
             "caption_start": 0 if self.encoder_decoder else len(self.prefix),  # labels' first caption column
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
+        }
+
+
+class PackedCaptionCollator(CaptionCollator):
+    """Builds a batch of whole images (`ImageCaptions` items), one row per image, so that an image's captions share
+    the work of its image tokens and prompt.
+
+    Decoder-only language models: a row is `[<image>] * num_query_tokens + BOS + prompt`, then each caption + EOS in
+    turn, right-padded. `attention_mask` (rows, 1, length, length) lets the prefix attend causally to itself and
+    each caption token to the prefix and to its own caption's earlier tokens (padding only to itself); `position_ids`
+    restart after the prefix for each caption, so every caption token has the position, and sees the tokens, that it
+    has in a row of its own. `labels` are the caption tokens, flat, and `predict_from` the flat (row x length) index
+    of the hidden state that predicts each: the prefix's last position for a caption's first token, else the token
+    before. Encoder-decoder models (T5): `input_ids` hold one `[<image>] * num_query_tokens + prompt + EOS` per image,
+    `labels` one caption + EOS per row and `caption_image` the image row each caption belongs to.
+    """
+
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        per_image = [self.caption_ids(item["captions"]) for item in batch]
+        samples = sum(map(len, per_image))
+        if self.encoder_decoder:
+            input_ids = torch.tensor([self.prefix] * len(batch))
+            return {
+                **self.images(batch),
+                "samples": samples,
+                "input_ids": input_ids,
+                "attention_mask": torch.ones_like(input_ids),
+                "labels": _padded([ids for captions in per_image for ids in captions], IGNORE),
+                "caption_image": torch.tensor([i for i, captions in enumerate(per_image) for _ in captions]),
+            }
+        start = len(self.prefix)
+        length = max(start + sum(map(len, captions)) for captions in per_image)
+        input_ids = torch.full((len(batch), length), self.processor.tokenizer.pad_token_id, dtype=torch.long)
+        position_ids = torch.zeros((len(batch), length), dtype=torch.long)
+        segment = torch.full((len(batch), length), -1, dtype=torch.long)  # 0 prefix, j caption j, -1 padding
+        predict_from, labels = [], []
+        for row, captions in enumerate(per_image):
+            input_ids[row, :start] = torch.tensor(self.prefix)
+            position_ids[row, :start] = torch.arange(start)
+            segment[row, :start] = 0
+            at = start
+            for j, ids in enumerate(captions, start=1):
+                n = len(ids)
+                input_ids[row, at : at + n] = torch.tensor(ids)
+                position_ids[row, at : at + n] = torch.arange(start, start + n)
+                segment[row, at : at + n] = j
+                base = row * length
+                predict_from += [base + start - 1, *range(base + at, base + at + n - 1)]
+                labels += ids
+                at += n
+        query, key = segment[:, :, None], segment[:, None, :]
+        causal = torch.ones((length, length), dtype=torch.bool).tril()
+        allowed = causal & ((key == 0) | (key == query))
+        allowed = torch.where(query >= 0, allowed, torch.eye(length, dtype=torch.bool))
+        return {
+            **self.images(batch),
+            "samples": samples,
+            "input_ids": input_ids,
+            "attention_mask": allowed.unsqueeze(1),
+            "position_ids": position_ids,
+            "predict_from": torch.tensor(predict_from),
+            "labels": torch.tensor(labels),
         }
 
 
@@ -245,14 +348,14 @@ class LengthGroupedShuffle(EpochShuffle):
 
 
 def training_loader(
-    pairs: CaptionPairs, sampler: Sampler[int], collate: CaptionCollator, config: Config, pin_memory: bool
+    items: Dataset, sampler: Sampler[int], collate: CaptionCollator, config: Config, batch_size: int, pin_memory: bool
 ) -> DataLoader:
     """The training DataLoader: `data.num_workers` persistent worker processes decoding images, each at most
     `data.prefetch_factor` batches ahead, their garbage collector kept off the inherited heap."""
     workers = config.data.num_workers
     return DataLoader(
-        pairs,
-        batch_size=config.train.batch_size,
+        items,
+        batch_size=batch_size,
         sampler=sampler,
         collate_fn=collate,
         num_workers=workers,
@@ -414,19 +517,27 @@ def setup(config: Config) -> Run:
     if main:
         log.info("model %s: %s", config.model.name, trainable_summary(loaded.model))
 
-    # 4. Loader: every caption is a sample; the sampler's order depends only on (seed, epoch).
+    # 4. Loader: every caption is a sample, batched by caption or (packed) by image; the sampler's order depends
+    # only on (seed, epoch).
     cached = _use_feature_cache(config, loaded.model)
     pairs = CaptionPairs(captions.split("train"), loaded.processor, with_pixels=not cached)
+    items: CaptionPairs | ImageCaptions = pairs
+    collator, batch_size = CaptionCollator, config.train.batch_size
+    if _use_packing(config, loaded.model):
+        items, collator = ImageCaptions(pairs), PackedCaptionCollator
+        batch_size = items.images_per_batch(config.train.batch_size)
+        if main:
+            log.info("batches: %d whole images (~%d captions), each image's captions sharing its image tokens "
+                     "and prompt (train.pack_captions)", batch_size,
+                     round(batch_size * len(pairs) / len(items)))  # fmt: skip
     sampler: EpochShuffle = (
-        LengthGroupedShuffle(
-            pairs.caption_lengths(), config.train.batch_size, config.train.seed, accelerator.num_processes
-        )
+        LengthGroupedShuffle(items.caption_lengths(), batch_size, config.train.seed, accelerator.num_processes)
         if config.train.group_by_length
-        else EpochShuffle(len(pairs), config.train.seed)
+        else EpochShuffle(len(items), config.train.seed)
     )
-    collate = CaptionCollator(loaded.processor, config.data.prompt, config.data.max_caption_tokens,
-                              not blip_of(loaded.model).config.use_decoder_only_language_model)  # fmt: skip
-    loader = training_loader(pairs, sampler, collate, config, pin_memory=accelerator.device.type == "cuda")
+    collate = collator(loaded.processor, config.data.prompt, config.data.max_caption_tokens,
+                       not blip_of(loaded.model).config.use_decoder_only_language_model)  # fmt: skip
+    loader = training_loader(items, sampler, collate, config, batch_size, accelerator.device.type == "cuda")
     params = [p for p in loaded.model.parameters() if p.requires_grad]
     fused = config.train.fused_optimizer and accelerator.device.type == "cuda"
     optimizer = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay, fused=fused)
@@ -477,6 +588,18 @@ def _use_feature_cache(config: Config, model: nn.Module) -> bool:
     else:
         log.info("training path: cached image features (nothing upstream of the language model trains)")
     return not why
+
+
+def _use_packing(config: Config, model: nn.Module) -> bool:
+    """Whether batches hold whole images with their captions packed (train.pack_captions); says why not."""
+    if not config.train.pack_captions:
+        return False
+    lm = blip_of(model).language_model
+    implementation = lm.config._attn_implementation
+    if lm.config.is_encoder_decoder or implementation in PACKING_ATTENTION:
+        return True
+    log.warning("train.pack_captions: %s attention takes no block mask; one row per caption instead", implementation)
+    return False
 
 
 def _train_image_features(config: Config, loaded: LoadedModel, pairs: CaptionPairs, accelerator: Accelerator) -> Any:
@@ -641,10 +764,11 @@ def fit(run: Run) -> TrainState:
             if run.features is not None:
                 rows = batch.pop("image_index").to(run.features.device)
                 batch["image_features"] = run.features[rows].to(accelerator.device, non_blocking=True)
+            samples = batch.pop("samples") if "samples" in batch else len(batch["input_ids"])  # packed: captions
             if accelerator.num_processes > 1:
                 # DDP averages the ranks' gradients: dividing each rank's summed loss by the mean caption-token count
                 # over ranks makes that average the loss of the global batch, as one process would compute it.
-                local = (batch["labels"][:, batch["caption_start"] :] != IGNORE).sum()
+                local = label_tokens(batch)
                 batch["token_count"] = accelerator.reduce(local, reduction="sum") / accelerator.num_processes
             with accelerator.accumulate(model):
                 loss = model(**batch)
@@ -653,7 +777,7 @@ def fit(run: Run) -> TrainState:
                     accelerator.clip_grad_norm_(model.parameters(), config.train.max_grad_norm)
                 run.optimizer.step()
                 run.optimizer.zero_grad()
-            speed.add(len(batch["input_ids"]) * accelerator.num_processes)
+            speed.add(samples * accelerator.num_processes)
             if not accelerator.sync_gradients:
                 continue
             # 2. One optimizer step done: schedule, log, maybe checkpoint.
@@ -874,7 +998,7 @@ def load_checkpoint(run: Run, path: Path) -> None:
     saved = to_dict(config_from_dict(json.loads((path / META_FILE).read_text())["config"], str(path / META_FILE)))
     current = to_dict(run.config)
     keys = [("model", "name"), ("train", "mode"), ("train", "batch_size"), ("train", "grad_accum"),
-            ("train", "seed")]  # fmt: skip
+            ("train", "seed"), ("train", "pack_captions")]  # fmt: skip
     changed = [f"{s}.{k}" for s, k in keys if saved[s][k] != current[s][k]]
     changed += ["lora"] if saved["lora"] != current["lora"] else []
     if changed:
