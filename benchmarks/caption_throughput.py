@@ -12,6 +12,7 @@ ones do. Stages:
    each `--batch-sizes`, greedy; and beam 5 at batch 64.
 3. Single-image latency: `generate_captions` on one decoded image, median and p90 of 20 (after 3 warm-up calls).
 4. Agreement: the usual loop's and captune's captions of the same images at the same batch size (32), in bf16.
+`--static-only BATCH` and `--breakdown BATCH` run one stage of their own instead (see their help).
 Writes `--output` (JSON: captions/s per path and batch, latencies, agreement, versions, device, this command).
 """
 
@@ -105,6 +106,59 @@ def latency(model: Any, processor: Any, path: Path) -> dict[str, float]:
     return {"median_ms": 1000 * statistics.median(times), "p90_ms": 1000 * times[int(0.9 * len(times))]}
 
 
+def _timed(work: Any, repeats: int = 3) -> float:
+    """Seconds of one call of work(), the median of `repeats` after one warm-up call."""
+    work()
+    times = []
+    for _ in range(repeats):
+        _sync()
+        start = time.perf_counter()
+        work()
+        _sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def breakdown(model: Any, processor: Any, paths: list[Path], batch: int, workers: int) -> dict[str, Any]:
+    """Where a batch's time goes: the image loader alone (workers decoding, no GPU work), the vision side alone
+    (ViT-g + Q-Former + projection), generate from pixels already on the GPU (dynamic cache; static cache after a
+    compiling warm-up), and the same with LoRA layers in the model (PEFT r 8 on q_proj/v_proj, unmerged: what
+    `--merge-adapter` removes). Greedy, 30 new tokens."""
+    from peft import LoraConfig, get_peft_model
+    from torch.utils.data import DataLoader
+
+    from captune.generate import _as_batch, _Preprocessed, generate_from_pixels
+
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    out: dict[str, Any] = {"batch": batch}
+    loader = DataLoader(_Preprocessed(paths, processor), batch_size=batch, num_workers=workers, collate_fn=_as_batch,
+                        prefetch_factor=2 if workers else None)  # fmt: skip
+    start = time.perf_counter()
+    count = sum(len(b) for b in loader)
+    out["loader_images_per_s"] = count / (time.perf_counter() - start)
+    pixels = torch.stack([processor.image_processor(load_rgb(p), return_tensors="pt")["pixel_values"][0]
+                          for p in paths[:batch]]).to(device, dtype)  # fmt: skip
+    with torch.no_grad():
+        vision = _timed(lambda: model.get_image_features(pixel_values=pixels, return_dict=True))
+    out["vision_seconds"] = vision
+    options = GenerateConfig(num_beams=1, min_new_tokens=TOKENS, max_new_tokens=TOKENS, batch_size=batch)
+    dynamic = _timed(lambda: generate_from_pixels(model, processor, pixels, options))
+    out["generate_dynamic_seconds"] = dynamic
+    print(f"breakdown {batch}: loader {out['loader_images_per_s']:.0f} images/s, vision {vision:.3f} s, "
+          f"generate (dynamic cache) {dynamic:.3f} s", flush=True)  # fmt: skip
+    static = GenerateConfig(num_beams=1, min_new_tokens=TOKENS, max_new_tokens=TOKENS, batch_size=batch,
+                            static_cache=True)  # fmt: skip
+    out["generate_static_seconds"] = _timed(lambda: generate_from_pixels(model, processor, pixels, static))
+    print(f"breakdown {batch}: generate (static cache) {out['generate_static_seconds']:.3f} s", flush=True)
+    lora = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
+    out["generate_dynamic_lora_unmerged_seconds"] = _timed(lambda: generate_from_pixels(lora, processor, pixels,
+                                                                                         options))  # fmt: skip
+    print(f"breakdown {batch}: generate with unmerged LoRA {out['generate_dynamic_lora_unmerged_seconds']:.3f} s",
+          flush=True)  # fmt: skip
+    lora.unload()  # the plain model back, for whatever runs next
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path)
@@ -117,6 +171,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--static-only", type=int, metavar="BATCH",
                         help="only time captune greedy with a static (compiled) cache at this batch, after a warm-up "
                         "batch that compiles it")  # fmt: skip
+    parser.add_argument("--breakdown", type=int, metavar="BATCH",
+                        help="only time the parts of captioning at this batch: loader, vision side, generate with a "
+                        "dynamic and a static cache, generate with unmerged LoRA")  # fmt: skip
     args = parser.parse_args(argv)
     model_dir = args.model_dir
     if args.tiny:
@@ -141,6 +198,10 @@ def main(argv: list[str] | None = None) -> None:
     result["dtype"] = str(next(model.parameters()).dtype)
     result["command"] = shlex.join(["python", "benchmarks/caption_throughput.py", *(argv or sys.argv[1:])])
     result["date"] = datetime.date.today().isoformat()
+    if args.breakdown:
+        result["breakdown"] = breakdown(model, processor, paths, args.breakdown, args.workers)
+        save()
+        return
     if args.static_only:
         batch = args.static_only
         start = time.perf_counter()

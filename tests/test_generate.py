@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -157,6 +158,43 @@ def test_worker_processes_keep_order_and_errors(tiny: LoadedModel, tmp_path: Pat
     serial = [(r.image, r.caption, r.error) for r in caption_paths(tiny.model, tiny.processor, paths, options)]
     workers = [(r.image, r.caption, r.error) for r in caption_paths(tiny.model, tiny.processor, paths, options, "", 2)]
     assert workers == serial and serial[2][1] is None and serial[2][2] is not None
+
+
+def test_workers_make_shares_of_a_batch_and_the_model_gets_whole_batches(
+    tiny: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 3 workers each make 2 images of a 5-image batch, so the first batch is ready when each made its first share.
+    import captune.generate as generate
+
+    sizes: list[int] = []
+    real = generate.generate_from_pixels
+
+    def recording(model: Any, processor: Any, pixels: torch.Tensor, *rest: Any) -> list[str]:
+        sizes.append(len(pixels))
+        return real(model, processor, pixels, *rest)
+
+    shares: list[int] = []
+    real_loader = generate.DataLoader
+
+    def loader(*args: Any, **kwargs: Any) -> Any:
+        shares.append(kwargs["batch_size"])
+        return real_loader(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "generate_from_pixels", recording)
+    monkeypatch.setattr(generate, "DataLoader", loader)
+    paths = _files(tmp_path, 4) * 3  # 12 images (the same file may come twice)
+    options = GenerateConfig(num_beams=1, min_new_tokens=1, max_new_tokens=6, batch_size=5)
+    results = list(caption_paths(tiny.model, tiny.processor, paths, options, "", 3))
+    assert shares == [2] and sizes == [5, 5, 2]
+    assert [r.image for r in results] == [str(p) for p in paths] and all(r.caption for r in results)
+
+
+def test_regrouped_keeps_order_and_sizes() -> None:
+    from captune.generate import _regrouped
+
+    chunks = [[(i, None, None) for i in range(start, min(start + 3, 11))] for start in range(0, 11, 3)]
+    groups = list(_regrouped(chunks, 4))
+    assert [[item[0] for item in group] for group in groups] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]
 
 
 def _truncated(path: Path) -> Path:

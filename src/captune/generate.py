@@ -134,20 +134,23 @@ def caption_paths(
     with its error and the others are captioned.
 
     With `num_workers` > 0, worker processes decode and preprocess the next batches while the model captions this
-    one (each works up to 2 batches ahead), so the GPU does not wait for JPEG decoding.
+    one, so the GPU does not wait for JPEG decoding. Each worker makes a share of a batch (batch_size / num_workers
+    images; up to 2 shares ahead, i.e. about 2 batches in flight), not a whole batch: all workers make the first
+    batch together, so it is ready after 1 / num_workers of the time one worker would take.
     """
     files = list(paths)
     device = next(model.parameters()).device
+    share = -(-options.batch_size // num_workers) if num_workers else options.batch_size
     loader = DataLoader(
         _Preprocessed(files, processor),
-        batch_size=options.batch_size,
+        batch_size=share,
         num_workers=num_workers,
         collate_fn=_as_batch,
         prefetch_factor=2 if num_workers else None,
         pin_memory=device.type == "cuda",
         worker_init_fn=freeze_inherited_objects,
     )
-    for batch in loader:
+    for batch in _regrouped(loader, options.batch_size):
         good = [(index, pixels) for index, pixels, _ in batch if pixels is not None]
         captions = (
             generate_from_pixels(model, processor, torch.stack([p for _, p in good]), options, prompt) if good else []
@@ -155,6 +158,18 @@ def caption_paths(
         done = {index: caption for (index, _), caption in zip(good, captions, strict=True)}
         for index, _, error in batch:
             yield CaptionResult(str(files[index]), done.get(index), error)
+
+
+def _regrouped(chunks: Iterable[list[_Item]], size: int) -> Iterator[list[_Item]]:
+    """The items of consecutive chunks, in order, in lists of `size` (the last one shorter)."""
+    pending: list[_Item] = []
+    for chunk in chunks:
+        pending.extend(chunk)
+        while len(pending) >= size:
+            yield pending[:size]
+            pending = pending[size:]
+    if pending:
+        yield pending
 
 
 def expand_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[CaptionResult]]:
