@@ -91,8 +91,11 @@ def captune_path(
     return len(paths) / (time.perf_counter() - start), captions
 
 
-def latency(model: Any, processor: Any, path: Path) -> dict[str, float]:
-    options = GenerateConfig(num_beams=1, min_new_tokens=TOKENS, max_new_tokens=TOKENS, batch_size=1)
+def latency(model: Any, processor: Any, path: Path, static: bool = False) -> dict[str, float]:
+    """Single-image greedy latency: median and p90 of 20 calls after 3 warm-up calls (with `static`, the first
+    compiles the decode step for batch 1)."""
+    options = GenerateConfig(num_beams=1, min_new_tokens=TOKENS, max_new_tokens=TOKENS, batch_size=1,
+                             static_cache=static)  # fmt: skip
     image = load_rgb(path)
     times = []
     for i in range(23):
@@ -126,6 +129,7 @@ def breakdown(model: Any, processor: Any, paths: list[Path], batch: int, workers
     `--merge-adapter` removes). Greedy, 30 new tokens."""
     from peft import LoraConfig, get_peft_model
     from torch.utils.data import DataLoader
+    from transformers import BlipImageProcessorPil
 
     from captune.generate import _as_batch, _Preprocessed, generate_from_pixels
 
@@ -136,6 +140,20 @@ def breakdown(model: Any, processor: Any, paths: list[Path], batch: int, workers
     start = time.perf_counter()
     count = sum(len(b) for b in loader)
     out["loader_images_per_s"] = count / (time.perf_counter() - start)
+    images = [load_rgb(p) for p in paths[:64]]
+    pil = BlipImageProcessorPil(**processor.image_processor.to_dict())
+    for name, image_processor in (("loaded", processor.image_processor), ("pil", pil)):
+        start = time.perf_counter()
+        for image in images:
+            image_processor(image, return_tensors="pt")
+        out[f"preprocess_ms_{name}"] = 1000 * (time.perf_counter() - start) / len(images)
+    out["loaded_image_processor"] = type(processor.image_processor).__name__
+    loaded_pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    difference = loaded_pixels - pil(images, return_tensors="pt")["pixel_values"]
+    out["preprocess_max_abs_difference"] = float(difference.abs().max())
+    print(f"breakdown: preprocessing {out['preprocess_ms_loaded']:.1f} ms an image ({out['loaded_image_processor']}), "
+          f"{out['preprocess_ms_pil']:.1f} ms (BlipImageProcessorPil), max difference "
+          f"{out['preprocess_max_abs_difference']:.3g}", flush=True)  # fmt: skip
     pixels = torch.stack([processor.image_processor(load_rgb(p), return_tensors="pt")["pixel_values"][0]
                           for p in paths[:batch]]).to(device, dtype)  # fmt: skip
     with torch.no_grad():
@@ -213,6 +231,17 @@ def main(argv: list[str] | None = None) -> None:
         result["captune_static_cache"] = {f"greedy_batch_{batch}": rate, "identical_to_dynamic_cache": same}
         print(f"static cache batch {batch}: {rate:.1f} captions/s after {result['static_cache_warm_up_seconds']:.0f} s"
               f" of warm-up; identical to the dynamic cache: {same:.1%}", flush=True)  # fmt: skip
+        save()
+        result["latency_single_image_static_cache"] = latency(model, processor, paths[0], static=True)
+        print(f"single image, static cache: {result['latency_single_image_static_cache']}", flush=True)
+        save()
+        try:  # beam search over a static cache: transformers may refuse it; the error is a result too
+            captune_path(model, processor, paths[:64], 64, 5, args.workers, static=True)  # compiles
+            beam, _ = captune_path(model, processor, paths[:256], 64, 5, args.workers, static=True)
+            result["captune_static_cache"]["beam5_batch_64"] = beam
+        except Exception as err:  # noqa: BLE001
+            result["captune_static_cache"]["beam5_batch_64_error"] = f"{type(err).__name__}: {err}"[:500]
+        print(f"beam 5, static cache: {result['captune_static_cache']}", flush=True)
         save()
         return
     captune_path(model, processor, paths[:8], 8, 1, 0)  # warm-up: CUDA context, kernels

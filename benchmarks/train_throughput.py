@@ -35,6 +35,7 @@ import argparse
 import datetime
 import gc
 import json
+import os
 import platform
 import shlex
 import shutil
@@ -272,6 +273,8 @@ def run_captune(model_dir: Path, manifest: Path, output: Path, batch_size: int, 
         "peak_gib": results["peak_gpu_memory_gib"],
         "wall_seconds": time.perf_counter() - start,
         "loss_log": [(entry["step"], entry["loss"]) for entry in log],
+        # per logging window: step, samples/s, cudaMalloc calls so far (a slow start shows where it ends)
+        "window_log": [(entry["step"], round(entry["samples_per_s"], 1), entry.get("cuda_mallocs")) for entry in log],
     }
 
 
@@ -296,12 +299,16 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"comma-separated, of: {', '.join(ABLATIONS)}")  # fmt: skip
     parser.add_argument("--skip", default="",
                         help="comma-separated stages to skip: usual,checks,epoch,ablations,curve")  # fmt: skip
+    parser.add_argument("--allocator", default="",
+                        help="PYTORCH_CUDA_ALLOC_CONF for this run, e.g. expandable_segments:True")  # fmt: skip
     parser.add_argument(
         "--all-train",
         action="store_true",
         help="every image in the train split (default: the manifest's own split, 75 %% train)",
     )
     args = parser.parse_args(argv)
+    if args.allocator:  # read when CUDA starts, so before anything touches the GPU
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = args.allocator
     skip = set(filter(None, args.skip.split(",")))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

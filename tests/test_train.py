@@ -423,3 +423,10 @@ def test_saved_weights_go_back_into_a_model_of_the_same_kind(tmp_path: Path) -> 
         load_saved_weights(other, folder)
         mine = dict(other.named_parameters())
         assert weights and all(torch.equal(mine[n], p) for n, p in weights.items()), config.train.mode
+
+
+def test_the_training_log_counts_cuda_allocations_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert recipe.allocator_counters() == {} or torch.cuda.is_available()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda: {"num_device_alloc": 12, "num_alloc_retries": 0})
+    assert recipe.allocator_counters() == {"cuda_mallocs": 12, "cuda_alloc_retries": 0}

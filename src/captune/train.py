@@ -795,8 +795,9 @@ def fit(run: Run) -> TrainState:
                 bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}", refresh=False)
                 accelerator.log({f"train/{k}": v for k, v in scalars.items()}, step=state.global_step)
                 if main:  # the same scalars as JSON lines, for the report and for scripts
+                    line = {"step": state.global_step, "epoch": state.epoch, **scalars, **allocator_counters()}
                     with open(run.output_dir / "train_log.jsonl", "a") as out:
-                        out.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **scalars}) + "\n")
+                        out.write(json.dumps(line) + "\n")
                 speed.new_window()
             if config.train.save_every and state.global_step % config.train.save_every == 0:
                 save_checkpoint(run, f"step-{state.global_step:06d}")
@@ -833,6 +834,17 @@ def fit(run: Run) -> TrainState:
         _write_report(run.output_dir)
     accelerator.end_training()
     return state
+
+
+def allocator_counters() -> dict[str, int]:
+    """The CUDA caching allocator's running counts of device allocations (cudaMalloc calls, which wait for the GPU)
+    and of retries after freeing its cache; empty without CUDA. In the training log they show whether a slow
+    stretch of steps is the allocator growing for new batch shapes."""
+    if not torch.cuda.is_available():
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {"cuda_mallocs": int(stats.get("num_device_alloc", -1)),
+            "cuda_alloc_retries": int(stats.get("num_alloc_retries", -1))}  # fmt: skip
 
 
 def _write_report(run_dir: Path) -> None:
