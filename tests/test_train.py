@@ -213,12 +213,12 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint_whole(
     assert not any(p.name.startswith(".tmp") for p in folder.iterdir())
 
 
-def test_resume_refuses_a_different_batch_size(synthetic_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("change", ["train.batch_size=2", "train.pack_captions=false"])
+def test_resume_refuses_a_different_batching(synthetic_dir: Path, tmp_path: Path, change: str) -> None:
     recipe.train(_config(synthetic_dir, tmp_path / "run", "train.max_steps=2", "train.save_every=2"))
     checkpoint = tmp_path / "run" / "checkpoints" / "step-000002"
-    config = _config(synthetic_dir, tmp_path / "run2", "train.max_steps=4", "train.batch_size=2",
-                     f"train.resume_from={checkpoint}")  # fmt: skip
-    with pytest.raises(CaptuneError, match="train.batch_size"):
+    config = _config(synthetic_dir, tmp_path / "run2", "train.max_steps=4", change, f"train.resume_from={checkpoint}")
+    with pytest.raises(CaptuneError, match=change.split("=")[0]):
         recipe.train(config)
 
 

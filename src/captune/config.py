@@ -102,7 +102,8 @@ class TrainConfig:
     full, the language model and the vision encoder stay frozen (`lora.*` is not used); the saved directory holds
     those weights (`trained.safetensors`) and names the base model."""
     batch_size: int = 8
-    """Samples (image-caption pairs) per device per forward pass."""
+    """Samples (image-caption pairs) per device per forward pass; with `pack_captions`, whole images making about
+    that many (batch_size / captions per image images, rounded)."""
     grad_accum: int = 1
     """Forward passes per optimizer step."""
     lr: float = 1e-4
