@@ -151,6 +151,55 @@ def test_a_static_cache_gives_the_same_captions(tiny: LoadedModel, num_beams: in
     assert generate_captions(tiny.model, tiny.processor, _images(), static) == expected
 
 
+@pytest.mark.parametrize(("prompt", "min_new"), [("", 1), ("a picture of", 0), ("a picture of", 3)])
+def test_captunes_static_greedy_loop_gives_generates_captions(tiny: LoadedModel, prompt: str, min_new: int) -> None:
+    dynamic = GenerateConfig(num_beams=1, min_new_tokens=min_new, max_new_tokens=10)
+    static = GenerateConfig(num_beams=1, min_new_tokens=min_new, max_new_tokens=10, static_cache=True)
+    expected = generate_captions(tiny.model, tiny.processor, _images(), dynamic, prompt)
+    assert generate_captions(tiny.model, tiny.processor, _images(), static, prompt) == expected
+    assert any(expected)
+
+
+def test_captunes_static_greedy_loop_runs_the_adapter(tiny: LoadedModel) -> None:
+    from captune.config import load_config
+    from captune.model import apply_lora
+
+    model = apply_lora(tiny.model, load_config(None, []).lora)
+    torch.manual_seed(1)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 0.5)  # an adapter that changes the captions
+    options = GenerateConfig(num_beams=1, min_new_tokens=2, max_new_tokens=8)
+    static = GenerateConfig(num_beams=1, min_new_tokens=2, max_new_tokens=8, static_cache=True)
+    with_adapter = generate_captions(model, tiny.processor, _images(), options)
+    assert generate_captions(model, tiny.processor, _images(), static) == with_adapter
+    with model.disable_adapter():
+        assert generate_captions(model, tiny.processor, _images(), options) != with_adapter
+
+
+def test_captunes_static_greedy_loop_ends_rows_at_eos_and_stops_early(
+    tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import captune.generate as generate
+
+    lm = tiny.model.language_model
+    eos = lm.generation_config.eos_token_id
+    bonus = torch.zeros(lm.config.vocab_size)
+    bonus[eos] = 1e4  # EOS wins wherever it is allowed: after min_new_tokens
+    lm.lm_head.register_forward_hook(lambda module, inputs, output: output + bonus)
+    monkeypatch.setattr(generate, "STATIC_CHECK_EVERY", 2)
+    options = GenerateConfig(num_beams=1, min_new_tokens=3, max_new_tokens=12, static_cache=True)
+    pixels = tiny.processor.image_processor(_images(), return_tensors="pt")["pixel_values"]
+    ids = torch.tensor([[tiny.model.config.image_token_id] * 8 + [lm.config.bos_token_id]] * len(pixels))
+    tokens = generate.static_greedy(tiny.model, ids, pixels, options)
+    assert tokens.shape[1] == 4  # 3 tokens, EOS, then the check after step 4 finds every row ended
+    assert (tokens[:, 3] == eos).all() and not (tokens[:, :3] == eos).any()
+    plain = GenerateConfig(num_beams=1, min_new_tokens=3, max_new_tokens=12)
+    assert generate_captions(tiny.model, tiny.processor, _images(), options) == generate_captions(
+        tiny.model, tiny.processor, _images(), plain
+    )
+
+
 def test_worker_processes_keep_order_and_errors(tiny: LoadedModel, tmp_path: Path) -> None:
     paths = _files(tmp_path, 5)
     paths.insert(2, _text_named_jpg(tmp_path / "bad.jpg"))
@@ -187,6 +236,30 @@ def test_workers_make_shares_of_a_batch_and_the_model_gets_whole_batches(
     results = list(caption_paths(tiny.model, tiny.processor, paths, options, "", 3))
     assert shares == [2] and sizes == [5, 5, 2]
     assert [r.image for r in results] == [str(p) for p in paths] and all(r.caption for r in results)
+
+
+def test_static_cache_batches_are_filled_to_one_size(
+    tiny: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import captune.generate as generate
+
+    sizes: list[int] = []
+    real = generate.generate_from_pixels
+
+    def recording(model: Any, processor: Any, pixels: torch.Tensor, *rest: Any) -> list[str]:
+        sizes.append(len(pixels))
+        return real(model, processor, pixels, *rest)
+
+    monkeypatch.setattr(generate, "generate_from_pixels", recording)
+    paths = _files(tmp_path, 4)
+    paths.insert(1, _text_named_jpg(tmp_path / "bad.jpg"))
+    plain = GenerateConfig(num_beams=1, min_new_tokens=1, max_new_tokens=6, batch_size=2)
+    static = GenerateConfig(num_beams=1, min_new_tokens=1, max_new_tokens=6, batch_size=2, static_cache=True)
+    expected = [(r.image, r.caption, r.error) for r in caption_paths(tiny.model, tiny.processor, paths, plain)]
+    assert sizes == [1, 2, 1]  # the bad file leaves the first batch one image short; 5 files make a short last batch
+    sizes.clear()
+    filled = [(r.image, r.caption, r.error) for r in caption_paths(tiny.model, tiny.processor, paths, static)]
+    assert sizes == [2, 2, 2] and filled == expected
 
 
 def test_regrouped_keeps_order_and_sizes() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,21 +71,93 @@ def generate_from_pixels(
     }
     was_training = model.training
     model.eval()
-    output = model.generate(
-        **inputs,
-        pixel_values=pixel_values.to(device, dtype, non_blocking=True),
-        num_beams=options.num_beams,
-        min_new_tokens=options.min_new_tokens,
-        max_new_tokens=options.max_new_tokens,
-        repetition_penalty=options.repetition_penalty,
-        do_sample=False,
-        **({"cache_implementation": "static"} if options.static_cache else {}),
-    )
+    pixel_values = pixel_values.to(device, dtype, non_blocking=True)
+    if options.static_cache and _static_greedy_applies(model, options):
+        output = static_greedy(model, inputs["input_ids"], pixel_values, options)
+    else:
+        output = model.generate(
+            **inputs,
+            pixel_values=pixel_values,
+            num_beams=options.num_beams,
+            min_new_tokens=options.min_new_tokens,
+            max_new_tokens=options.max_new_tokens,
+            repetition_penalty=options.repetition_penalty,
+            do_sample=False,
+            **({"cache_implementation": "static"} if options.static_cache else {}),
+        )
+        if not _is_encoder_decoder(model):
+            output = output[:, inputs["input_ids"].shape[1] :]
     model.train(was_training)
-    if not _is_encoder_decoder(model):
-        output = output[:, inputs["input_ids"].shape[1] :]
     texts = tokenizer.batch_decode(output, skip_special_tokens=True)
     return [_clean(t, prompt) for t in texts]
+
+
+def _static_greedy_applies(model: Blip2Like, options: GenerateConfig) -> bool:
+    """captune's own static-cache loop covers greedy decoding of decoder-only models without a repetition penalty;
+    beam search, penalties and Flan-T5 go through `generate` (with its static cache)."""
+    return options.num_beams == 1 and options.repetition_penalty == 1.0 and not _is_encoder_decoder(model)
+
+
+STATIC_CHECK_EVERY = 8
+"""Decode steps between the checks whether every row has ended (each check waits for the GPU)."""
+
+
+@torch.no_grad()
+def static_greedy(
+    model: Blip2Like, input_ids: torch.Tensor, pixel_values: torch.Tensor, options: GenerateConfig
+) -> torch.Tensor:
+    """Greedy captions as `generate` makes them (min/max new tokens; a row that emitted EOS gets padding after it),
+    over a static KV cache, with the decode step compiled on a GPU (transformers' `get_compiled_call`: CUDA graphs)
+    and without waiting for the GPU at every token: `generate` reads its stopping criteria from the GPU after each
+    step, so the host cannot queue the next one. Here the host looks only every STATIC_CHECK_EVERY steps.
+
+    Every row holds the same image tokens and prompt (no padding), as `generate_from_pixels` builds them; returns the
+    new tokens only, (rows, up to max_new_tokens).
+    """
+    from transformers import CompileConfig, StaticCache
+
+    from captune.step import blip_of
+
+    blip = blip_of(model)
+    lm = blip.language_model
+    features = blip.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+    embeds = blip.get_input_embeddings()(input_ids)
+    is_image = (input_ids == blip.config.image_token_id).unsqueeze(-1)
+    embeds = embeds.masked_scatter(is_image, features.to(embeds.dtype))
+    rows, prefix = input_ids.shape
+    total = prefix + options.max_new_tokens
+    device = input_ids.device
+    config = lm.generation_config
+    eos = torch.tensor(config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id],
+                       device=device)  # fmt: skip
+    pad = config.pad_token_id if config.pad_token_id is not None else int(eos[0])
+    cache = StaticCache(config=lm.config, max_cache_len=total)
+    # No padding: every position up to the cache's end may be seen, and the causal mask from cache_position hides the
+    # slots not written yet. One mask for every step keeps the compiled step's inputs the same shape.
+    mask = torch.ones((rows, total), dtype=torch.long, device=device)
+    positions = torch.arange(total, device=device)
+    # transformers 5.24 renamed the cache argument (`past_key_values` still works there, with a warning, until 5.40)
+    cached = {"cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values": cache}
+    start = positions[:prefix]
+    logits = lm(inputs_embeds=embeds, attention_mask=mask, use_cache=True, cache_position=start,
+                position_ids=start.expand(rows, -1), **cached).logits[:, -1]  # fmt: skip
+    quantized = getattr(blip, "hf_quantizer", None) is not None
+    step = lm.get_compiled_call(CompileConfig()) if device.type == "cuda" and not quantized else lm.__call__
+    tokens = torch.full((rows, options.max_new_tokens), pad, dtype=torch.long, device=device)
+    unfinished = torch.ones(rows, dtype=torch.bool, device=device)
+    for i in range(options.max_new_tokens):
+        logits = logits.float()
+        if i < options.min_new_tokens:
+            logits[:, eos] = -float("inf")
+        chosen = torch.where(unfinished, logits.argmax(-1), pad)
+        tokens[:, i] = chosen
+        unfinished &= ~torch.isin(chosen, eos)
+        if i + 1 == options.max_new_tokens or ((i + 1) % STATIC_CHECK_EVERY == 0 and not bool(unfinished.any())):
+            return tokens[:, : i + 1]
+        at = positions[prefix + i : prefix + i + 1]
+        logits = step(input_ids=chosen[:, None], attention_mask=mask, use_cache=True, cache_position=at,
+                      position_ids=at.expand(rows, 1), **cached).logits[:, -1]  # fmt: skip
+    return tokens
 
 
 def _clean(text: str, prompt: str) -> str:
@@ -150,11 +223,16 @@ def caption_paths(
         pin_memory=device.type == "cuda",
         worker_init_fn=freeze_inherited_objects,
     )
+    # A compiled static-cache step is compiled once per batch size: a short batch (the last one, or one with
+    # unreadable files) is filled up with copies of its last image, whose captions are dropped.
+    fill = options.static_cache and _static_greedy_applies(model, options)
     for batch in _regrouped(loader, options.batch_size):
         good = [(index, pixels) for index, pixels, _ in batch if pixels is not None]
-        captions = (
-            generate_from_pixels(model, processor, torch.stack([p for _, p in good]), options, prompt) if good else []
-        )
+        captions: list[str] = []
+        if good:
+            pixels = [p for _, p in good]
+            pixels += pixels[-1:] * (options.batch_size - len(pixels) if fill else 0)
+            captions = generate_from_pixels(model, processor, torch.stack(pixels), options, prompt)[: len(good)]
         done = {index: caption for (index, _), caption in zip(good, captions, strict=True)}
         for index, _, error in batch:
             yield CaptionResult(str(files[index]), done.get(index), error)
