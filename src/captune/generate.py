@@ -146,7 +146,7 @@ def static_greedy(
     tokens = torch.full((rows, options.max_new_tokens), pad, dtype=torch.long, device=device)
     unfinished = torch.ones(rows, dtype=torch.bool, device=device)
     for i in range(options.max_new_tokens):
-        logits = logits.float()
+        logits = logits.to(torch.float32, copy=True)  # as generate does; also never writes into a CUDA graph's output
         if i < options.min_new_tokens:
             logits[:, eos] = -float("inf")
         chosen = torch.where(unfinished, logits.argmax(-1), pad)
