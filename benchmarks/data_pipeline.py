@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,10 +37,11 @@ from torch.utils.data import DataLoader
 from transformers import BlipImageProcessorPil
 
 from captune.data import CaptionSet, Record, check_images
-from captune.data.images import load_rgb
+from captune.data.images import decode_size, load_rgb
 from captune.train import CaptionPairs
 
 RESULTS = Path(__file__).parent / "results" / "data-cpu.json"
+PHOTOS = Path(__file__).parent / "results" / "photos-cpu.json"
 WARM_UP = 50
 
 
@@ -101,6 +103,38 @@ def time_loader(paths: list[Path], processor: BlipImageProcessorPil, workers: in
     return rate(seen, time.perf_counter() - start)
 
 
+def make_photos(folder: Path, count: int, seed: int = 0) -> list[Path]:
+    """Writes `count` 4000 x 3000 JPEGs (12 megapixels, a phone camera's size) of smooth seeded noise."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for index in range(count):
+        coarse = rng.integers(0, 256, size=(60, 80, 3), dtype=np.uint8)
+        path = folder / f"photo-{index:04d}.jpg"
+        Image.fromarray(coarse).resize((4000, 3000), Image.Resampling.BICUBIC).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def time_photos(paths: list[Path], processor: BlipImageProcessorPil) -> dict[str, Any]:
+    """load_rgb + the processor per photo, one core, decoding in full and at the reduced scale `decode_size` allows;
+    and the largest difference of their processed pixels."""
+    out: dict[str, Any] = {}
+    for name, size in (("full_decode", None), ("reduced_scale_decode", decode_size(processor))):
+        load_rgb(paths[0], size)
+        start = time.perf_counter()
+        for path in paths:
+            processor(load_rgb(path, size), return_tensors="np")
+        out[name] = rate(len(paths), time.perf_counter() - start)
+    difference = max(
+        float(np.abs(processor(load_rgb(p), return_tensors="np")["pixel_values"]
+                     - processor(load_rgb(p, decode_size(processor)), return_tensors="np")["pixel_values"]).max())
+        for p in paths
+    )  # fmt: skip
+    out["max_abs_pixel_difference"] = difference
+    out["one_grey_level"] = round(1 / 255 / min(processor.image_std), 4)
+    return out
+
+
 def time_check(paths: list[Path]) -> dict[str, float]:
     records = [Record(p.name, p, ("a caption",), "train") for p in paths]
     start = time.perf_counter()
@@ -112,10 +146,24 @@ def time_check(paths: list[Path]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000)
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--output", type=Path, default=None, help=f"default {RESULTS} ({PHOTOS} with --photos)")
+    parser.add_argument("--photos", type=int, default=0,
+                        help="instead: time N 12-megapixel JPEGs decoded in full and at a reduced scale")  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # the processor's tensors are small; one thread per process, as in workers
     load = os.getloadavg()[0]
+    if args.photos:
+        with tempfile.TemporaryDirectory() as folder:
+            print(f"writing {args.photos} 12-megapixel JPEGs ...", file=sys.stderr)
+            photos = time_photos(make_photos(Path(folder), args.photos), blip2_processor())
+        for name in ("full_decode", "reduced_scale_decode"):
+            print(f"{name:22s} {photos[name]['images_per_s']:7.1f} images/s (load_rgb + processor, one core)")
+        print(f"largest pixel difference {photos['max_abs_pixel_difference']:.4f} (one grey level: "
+              f"{photos['one_grey_level']})")  # fmt: skip
+        _write(args.output or PHOTOS, argv, {"what": "12-megapixel JPEGs through load_rgb + BLIP-2's processor, one "
+               "core: full decode against libjpeg's reduced-scale decode (load_rgb's min_size)",
+               "images": {"count": args.photos, "size": "4000x3000 JPEG q90"}, "results": photos}, load)  # fmt: skip
+        return
     with tempfile.TemporaryDirectory() as folder:
         print(f"writing {args.images} JPEGs ...", file=sys.stderr)
         paths = make_images(Path(folder), args.images)
@@ -129,11 +177,18 @@ def main(argv: list[str] | None = None) -> None:
         }
     for name, value in results.items():
         print(f"{name:34s} {value['images_per_s']:8.1f} images/s ({value['images']} in {value['seconds']} s)")
-    output = {
+    _write(args.output or RESULTS, argv, {
         "what": "images/s of captune's image pipeline on the CPU (decode, resize to 224, normalise)",
-        "command": shlex.join([".venv/bin/python", "benchmarks/data_pipeline.py", *(argv or sys.argv[1:])]),
         "images": {"count": args.images, "size": "500x375 JPEG q90", "mean_kb": round(size_kb, 1)},
         "results": results,
+    }, load)  # fmt: skip
+
+
+def _write(path: Path, argv: list[str] | None, body: dict[str, Any], load: float) -> None:
+    """The results with the command, the machine and the date."""
+    output = {
+        **body,
+        "command": shlex.join([".venv/bin/python", "benchmarks/data_pipeline.py", *(argv or sys.argv[1:])]),
         "machine": {
             "nproc": os.cpu_count(),
             "python": platform.python_version(),
@@ -143,9 +198,9 @@ def main(argv: list[str] | None = None) -> None:
         },
         "date": datetime.date.today().isoformat(),
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(output, indent=2) + "\n")
-    print(f"written to {args.output}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(output, indent=2) + "\n")
+    print(f"written to {path}")
 
 
 if __name__ == "__main__":

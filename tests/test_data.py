@@ -19,7 +19,7 @@ from PIL import Image, ImageFile
 from captune import metrics
 from captune.cli import main
 from captune.data import FORMATS, ReadOptions, check_images, read, summary
-from captune.data.images import ImageError, load_rgb
+from captune.data.images import ImageError, decode_size, load_rgb
 from captune.errors import CaptuneError
 from captune.metrics import METRIC_NAMES
 
@@ -429,6 +429,41 @@ def test_summary_problems_are_image_and_text(tmp_path: Path) -> None:
 
 
 # --- load_rgb -------------------------------------------------------------------------------------------------------
+
+
+def _photo(path: Path, size: tuple[int, int], fmt: str = "JPEG") -> Path:
+    """A smooth seeded image of `size`, like a photo for the decoder."""
+    coarse = np.random.default_rng(0).integers(0, 256, size=(30, 40, 3), dtype=np.uint8)
+    options = {"quality": 90} if fmt == "JPEG" else {}
+    Image.fromarray(coarse).resize(size, Image.Resampling.BICUBIC).save(path, fmt, **options)
+    return path
+
+
+def test_a_large_jpeg_decodes_at_a_reduced_scale_that_the_processor_cannot_tell_apart(tmp_path: Path) -> None:
+    from transformers import BlipImageProcessorPil
+
+    processor = BlipImageProcessorPil(size={"height": 224, "width": 224})
+    assert decode_size(processor) == (448, 448)
+    photo = _photo(tmp_path / "big.jpg", (2000, 1500))
+    small = load_rgb(photo, decode_size(processor))
+    assert small.size == (1000, 750) and small.mode == "RGB"  # 1/2 scale: at 1/4, 375 rows would be under 448
+    full = load_rgb(photo)
+    assert full.size == (2000, 1500)
+    difference = (
+        processor(small, return_tensors="np")["pixel_values"] - processor(full, return_tensors="np")["pixel_values"]
+    )
+    assert np.abs(difference).max() < 0.05  # about 3 grey levels at most (one level is ~0.015 after normalising)
+    png = _photo(tmp_path / "big.png", (2000, 1500), "PNG")
+    assert load_rgb(png, (448, 448)).size == (2000, 1500)  # only JPEG has DCT scaling
+    assert load_rgb(_photo(tmp_path / "small.jpg", (600, 450)), (448, 448)).size == (600, 450)
+
+
+def test_a_truncated_large_jpeg_is_still_refused_at_a_reduced_scale(tmp_path: Path) -> None:
+    photo = _photo(tmp_path / "big.jpg", (2000, 1500))
+    data = photo.read_bytes()
+    photo.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError, match="truncated or corrupt"):
+        load_rgb(photo, (448, 448))
 
 
 def test_load_rgb_converts_a_palette_png(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from transformers import Blip2Processor
 
 from captune.config import GenerateConfig
 from captune.data import freeze_inherited_objects
-from captune.data.images import load_rgb
+from captune.data.images import decode_size, load_rgb
 from captune.errors import CaptuneError
 from captune.model import Blip2Like
 
@@ -178,13 +178,14 @@ class _Preprocessed(Dataset):
 
     def __init__(self, paths: Sequence[Path], processor: Blip2Processor) -> None:
         self.paths, self.image_processor = list(paths), processor.image_processor
+        self.decode_size = decode_size(self.image_processor)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> _Item:
         try:
-            image = load_rgb(self.paths[index])
+            image = load_rgb(self.paths[index], self.decode_size)
         except CaptuneError as err:
             return index, None, str(err)
         return index, self.image_processor(image, return_tensors="pt")["pixel_values"][0], None

@@ -54,7 +54,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import Message
 
 from captune.config import Config, GenerateConfig
-from captune.data.images import ImageError, load_rgb
+from captune.data.images import ImageError, decode_size, load_rgb
 from captune.errors import CaptuneError
 from captune.generate import generate_captions
 from captune.model import META_FILE, LoadedModel, load_model_dir, saved_config
@@ -443,8 +443,9 @@ class _NamedBytes(io.BytesIO):
         return self.label
 
 
-def decode_upload(upload: Upload, max_pixels: int) -> Image.Image:
-    """Decodes one uploaded image with `load_rgb`'s checks, after refusing from its header what is too large.
+def decode_upload(upload: Upload, max_pixels: int, min_size: tuple[int, int] | None = None) -> Image.Image:
+    """Decodes one uploaded image with `load_rgb`'s checks (and its `min_size`), after refusing from its header what
+    is too large.
 
     Raises:
         ApiError: 415 not an image, 413 more than `max_pixels` pixels (before decoding), 422 damaged or unusable.
@@ -468,7 +469,7 @@ def decode_upload(upload: Upload, max_pixels: int) -> Image.Image:
         )
     try:
         # load_rgb takes a path; a named file object goes through the same checks (see the report of issue 8).
-        return load_rgb(cast(Path, _NamedBytes(upload.data, upload.name)))
+        return load_rgb(cast(Path, _NamedBytes(upload.data, upload.name)), min_size)
     except ImageError as err:
         raise ApiError(422, "bad_image", str(err)) from None
 
@@ -670,6 +671,8 @@ class _Server:
     batcher: MicroBatcher
     admission: Admission
     page: str
+    decode_size: tuple[int, int] | None = None
+    """`load_rgb`'s min_size for uploads (large JPEGs decode at a reduced scale the image processor still resizes)."""
     decode_limiter: anyio.CapacityLimiter | None = None
     """Made by `lifespan`, on the server's event loop."""
 
@@ -698,7 +701,8 @@ class _Server:
             options = _resolve_options(self.config.generate, given, self.options_model)
             take(len(uploads) - 1)
             images = await anyio.to_thread.run_sync(
-                lambda: [decode_upload(u, limits.max_image_pixels) for u in uploads], limiter=self.decode_limiter
+                lambda: [decode_upload(u, limits.max_image_pixels, self.decode_size) for u in uploads],
+                limiter=self.decode_limiter,
             )
             decoded = time.monotonic()
             try:
@@ -764,6 +768,7 @@ def create_app(model_dir: str | Path, settings: ServeSettings | None = None) -> 
         batcher=MicroBatcher(generate, settings.max_batch, settings.max_wait_ms / 1000),
         admission=Admission(settings.max_queue, settings.retry_after_s),
         page=(resources.files("captune") / "static" / "serve.html").read_text(encoding="utf-8"),
+        decode_size=decode_size(loaded.processor.image_processor),
     )
     # Swagger UI and ReDoc load their scripts from a CDN: off, so that nothing the server sends reaches outside.
     app = FastAPI(title="captune caption server", summary="Captions images with a fine-tuned BLIP-2", version="1",

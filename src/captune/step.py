@@ -31,7 +31,7 @@ from transformers import Blip2ForConditionalGeneration, Blip2Processor
 from transformers.modeling_outputs import BaseModelOutput
 
 from captune.data import freeze_inherited_objects
-from captune.data.images import load_rgb
+from captune.data.images import decode_size, load_rgb
 from captune.errors import CaptuneError
 
 IGNORE = -100  # label value the loss skips
@@ -199,12 +199,14 @@ class _Pixels(Dataset):
 
     def __init__(self, paths: Sequence[Path], processor: Blip2Processor) -> None:
         self.paths, self.image_processor = list(paths), processor.image_processor
+        self.decode_size = decode_size(self.image_processor)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return self.image_processor(load_rgb(self.paths[index]), return_tensors="pt")["pixel_values"][0]
+        image = load_rgb(self.paths[index], self.decode_size)
+        return self.image_processor(image, return_tensors="pt")["pixel_values"][0]
 
 
 @torch.no_grad()
