@@ -430,3 +430,15 @@ def test_the_training_log_counts_cuda_allocations_on_a_gpu(monkeypatch: pytest.M
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "memory_stats", lambda: {"num_device_alloc": 12, "num_alloc_retries": 0})
     assert recipe.allocator_counters() == {"cuda_mallocs": 12, "cuda_alloc_retries": 0}
+
+
+def test_the_feature_pass_uses_the_cores_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(recipe.os, "cpu_count", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert recipe.feature_workers(load_config(None, ["data.num_workers=4"])) == 16
+    assert recipe.feature_workers(load_config(None, [])) == 0  # num_workers 0: decode in the training process
+    assert recipe.feature_workers(load_config(None, ["data.num_workers=4", "data.feature_workers=2"])) == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 4 processes on this machine share its cores
+    assert recipe.feature_workers(load_config(None, ["data.num_workers=2"])) == 4
+    with pytest.raises(CaptuneError, match="data.feature_workers must be >= 0"):
+        load_config(None, ["data.feature_workers=-1"])

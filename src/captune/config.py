@@ -87,6 +87,10 @@ class DataConfig:
     """Longer captions are cut to this many tokens before the end-of-sequence token."""
     num_workers: int = 0
     """DataLoader worker processes that decode images (0 decodes in the training process)."""
+    feature_workers: int | None = None
+    """Worker processes decoding images for the one-time image-feature pass (train.cache_image_features), when
+    nothing else runs. None: the machine's cores shared among the local training processes (at least
+    `num_workers`), or 0 when `num_workers` is 0."""
     prefetch_factor: int = 2
     """Batches each worker decodes ahead of the training step (with num_workers > 0); bounds the memory used."""
 
@@ -362,6 +366,7 @@ def validate(config: Config) -> None:
         (config.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
         (config.train.val_max_images is None or config.train.val_max_images >= 1, "train.val_max_images must be >= 1"),
         (config.data.num_workers >= 0, "data.num_workers must be >= 0"),
+        (config.data.feature_workers is None or config.data.feature_workers >= 0, "data.feature_workers must be >= 0"),
         (config.data.prefetch_factor >= 1, "data.prefetch_factor must be >= 1"),
         (config.train.val_metrics in ("fast", "full"), "train.val_metrics must be fast or full"),
         (config.train.val_num_beams is None or config.train.val_num_beams >= 1, "train.val_num_beams must be >= 1"),

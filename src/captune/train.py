@@ -626,7 +626,7 @@ def _train_image_features(config: Config, loaded: LoadedModel, pairs: CaptionPai
         return stored.pin_memory() if device.type == "cuda" else stored
     share = math.ceil(len(paths) / world)
     mine = image_features(loaded.model, loaded.processor, paths[rank * share : (rank + 1) * share],
-                          batch_size=config.train.feature_batch_size, num_workers=config.data.num_workers,
+                          batch_size=config.train.feature_batch_size, num_workers=feature_workers(config),
                           device=device, keep_on=keep_on if world == 1 else device,
                           progress=accelerator.is_main_process)  # fmt: skip
     if world == 1:
@@ -645,6 +645,17 @@ def _train_image_features(config: Config, loaded: LoadedModel, pairs: CaptionPai
             out[first : first + count] = gathered[r, :count].to(keep_on)
     _keep_features(out, file, accelerator.is_main_process)
     return out
+
+
+def feature_workers(config: Config) -> int:
+    """Workers of the feature pass: `data.feature_workers`, else the cores per local process (at least
+    `data.num_workers`), or 0 when `data.num_workers` is 0 (decoding in the training process was asked for)."""
+    if config.data.feature_workers is not None:
+        return config.data.feature_workers
+    if config.data.num_workers == 0:
+        return 0
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(config.data.num_workers, (os.cpu_count() or 1) // local)
 
 
 def _feature_file(config: Config, loaded: LoadedModel, paths: list[Path]) -> Path | None:
