@@ -97,6 +97,16 @@ def test_caption_generation_options_override_the_saved_ones(
     assert [len(line.split("\t")[1].split()) for line in capsys.readouterr().out.splitlines()] == [7, 7, 7]
 
 
+def test_caption_with_a_static_cache_gives_the_same_captions(
+    model_dir: Path, images: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # captune's own static-cache loop, through the adapter, with a short last batch filled up (3 images, batch 2)
+    assert _caption(model_dir, *map(str, images), "--format", "jsonl", "--batch-size", "2") == 0
+    plain = capsys.readouterr().out
+    assert _caption(model_dir, *map(str, images), "--format", "jsonl", "--batch-size", "2", "--static-cache") == 0
+    assert capsys.readouterr().out == plain
+
+
 def test_caption_output_file_is_written_in_a_new_folder(model_dir: Path, images: list[Path], tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     output = tmp_path / "new" / "captions.jsonl"

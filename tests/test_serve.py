@@ -86,6 +86,31 @@ def client(model_dir: Path) -> Iterator[TestClient]:
         yield test_client
 
 
+def test_a_static_cache_server_fills_batches_to_powers_of_two(
+    tmp_path: Path, client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from captune.model import save_tiny_model_dir
+
+    static_dir = save_tiny_model_dir(tmp_path, ["num_beams=1", "min_new_tokens=1", "max_new_tokens=5",
+                                                "static_cache=true"])  # fmt: skip
+    import captune.serve as serve
+
+    sizes: list[int] = []
+    real = serve.generate_captions
+
+    def recording(model: Any, processor: Any, images: list[Image.Image], *rest: Any) -> list[str]:
+        sizes.append(len(images))
+        return real(model, processor, images, *rest)
+
+    monkeypatch.setattr(serve, "generate_captions", recording)
+    three = _files(RED, BLUE, RED)
+    with TestClient(create_app(static_dir, SETTINGS)) as static_client:
+        response = static_client.post("/v1/captions", files=three)
+    assert response.status_code == 200 and sizes == [4]  # 3 images, filled to 4 (max_batch allows it)
+    expected = client.post("/v1/captions", files=three).json()  # the default server: a dynamic cache
+    assert [c["caption"] for c in response.json()["captions"]] == [c["caption"] for c in expected["captions"]]
+
+
 def _assert_healthy(client: TestClient | httpx2.Client) -> None:
     """Healthy: /health says ok with no image left admitted, and an image still gets a caption."""
     health = client.get("/health")

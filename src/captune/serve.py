@@ -756,7 +756,10 @@ def create_app(model_dir: str | Path, settings: ServeSettings | None = None) -> 
     loaded = load_model_dir(model_dir, device=settings.device, merge=settings.merge_adapter)
 
     def generate(images: list[Image.Image], options: GenerateConfig) -> list[str]:
-        return generate_captions(loaded.model, loaded.processor, images, options, config.data.prompt)
+        count = len(images)
+        if options.static_cache:  # a compiled step per batch size: fill up to a power of two (few compilations)
+            images = images + images[-1:] * (min(1 << (count - 1).bit_length(), settings.max_batch) - count)
+        return generate_captions(loaded.model, loaded.processor, images, options, config.data.prompt)[:count]
 
     server = _Server(
         model_dir=model_dir,
