@@ -209,18 +209,27 @@ def test_worker_processes_keep_order_and_errors(tiny: LoadedModel, tmp_path: Pat
     assert workers == serial and serial[2][1] is None and serial[2][2] is not None
 
 
-def test_workers_make_shares_of_a_batch_and_the_model_gets_whole_batches(
-    tiny: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # 3 workers each make 2 images of a 5-image batch, so the first batch is ready when each made its first share.
+@pytest.fixture
+def sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The batch size of every `generate_from_pixels` call that `caption_paths` makes, in order."""
     import captune.generate as generate
 
-    sizes: list[int] = []
+    seen: list[int] = []
     real = generate.generate_from_pixels
 
     def recording(model: Any, processor: Any, pixels: torch.Tensor, *rest: Any) -> list[str]:
-        sizes.append(len(pixels))
+        seen.append(len(pixels))
         return real(model, processor, pixels, *rest)
+
+    monkeypatch.setattr(generate, "generate_from_pixels", recording)
+    return seen
+
+
+def test_workers_make_shares_of_a_batch_and_the_model_gets_whole_batches(
+    tiny: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sizes: list[int]
+) -> None:
+    # 3 workers each make 2 images of a 5-image batch, so the first batch is ready when each made its first share.
+    import captune.generate as generate
 
     shares: list[int] = []
     real_loader = generate.DataLoader
@@ -229,7 +238,6 @@ def test_workers_make_shares_of_a_batch_and_the_model_gets_whole_batches(
         shares.append(kwargs["batch_size"])
         return real_loader(*args, **kwargs)
 
-    monkeypatch.setattr(generate, "generate_from_pixels", recording)
     monkeypatch.setattr(generate, "DataLoader", loader)
     paths = _files(tmp_path, 4) * 3  # 12 images (the same file may come twice)
     options = GenerateConfig(num_beams=1, min_new_tokens=1, max_new_tokens=6, batch_size=5)
@@ -238,19 +246,7 @@ def test_workers_make_shares_of_a_batch_and_the_model_gets_whole_batches(
     assert [r.image for r in results] == [str(p) for p in paths] and all(r.caption for r in results)
 
 
-def test_static_cache_batches_are_filled_to_one_size(
-    tiny: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import captune.generate as generate
-
-    sizes: list[int] = []
-    real = generate.generate_from_pixels
-
-    def recording(model: Any, processor: Any, pixels: torch.Tensor, *rest: Any) -> list[str]:
-        sizes.append(len(pixels))
-        return real(model, processor, pixels, *rest)
-
-    monkeypatch.setattr(generate, "generate_from_pixels", recording)
+def test_static_cache_batches_are_filled_to_one_size(tiny: LoadedModel, tmp_path: Path, sizes: list[int]) -> None:
     paths = _files(tmp_path, 4)
     paths.insert(1, _text_named_jpg(tmp_path / "bad.jpg"))
     plain = GenerateConfig(num_beams=1, min_new_tokens=1, max_new_tokens=6, batch_size=2)
