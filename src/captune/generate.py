@@ -14,7 +14,7 @@ from transformers import Blip2Processor
 
 from captune.config import GenerateConfig
 from captune.data import freeze_inherited_objects
-from captune.data.images import decode_size, load_rgb
+from captune.data.images import processed_pixels
 from captune.errors import CaptuneError
 from captune.model import Blip2Like
 
@@ -116,14 +116,11 @@ def static_greedy(
     """
     from transformers import CompileConfig, StaticCache
 
-    from captune.step import blip_of
+    from captune.step import blip_of, embedded_inputs
 
     blip = blip_of(model)
     lm = blip.language_model
-    features = blip.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
-    embeds = blip.get_input_embeddings()(input_ids)
-    is_image = (input_ids == blip.config.image_token_id).unsqueeze(-1)
-    embeds = embeds.masked_scatter(is_image, features.to(embeds.dtype))
+    embeds = embedded_inputs(blip, input_ids, pixel_values)
     rows, prefix = input_ids.shape
     total = prefix + options.max_new_tokens
     device = input_ids.device
@@ -178,17 +175,15 @@ class _Preprocessed(Dataset):
 
     def __init__(self, paths: Sequence[Path], processor: Blip2Processor) -> None:
         self.paths, self.image_processor = list(paths), processor.image_processor
-        self.decode_size = decode_size(self.image_processor)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> _Item:
         try:
-            image = load_rgb(self.paths[index], self.decode_size)
+            return index, processed_pixels(self.paths[index], self.image_processor), None
         except CaptuneError as err:
             return index, None, str(err)
-        return index, self.image_processor(image, return_tensors="pt")["pixel_values"][0], None
 
 
 def _as_batch(items: list[_Item]) -> list[_Item]:

@@ -31,7 +31,7 @@ from transformers import Blip2ForConditionalGeneration, Blip2Processor
 from transformers.modeling_outputs import BaseModelOutput
 
 from captune.data import freeze_inherited_objects
-from captune.data.images import decode_size, load_rgb
+from captune.data.images import processed_pixels
 from captune.errors import CaptuneError
 
 IGNORE = -100  # label value the loss skips
@@ -114,28 +114,23 @@ class CaptionLoss(nn.Module):
         `token_count`, when given, divides the summed loss instead of this batch's own caption-token count
         (captune.train passes the mean over processes, so that DDP's gradient average is the global batch's)."""
         blip = blip_of(self.model)
-        if image_features is None:
-            assert pixel_values is not None
-            image_features = blip.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
-        embeds = blip.get_input_embeddings()(input_ids)
-        is_image = (input_ids == blip.config.image_token_id).unsqueeze(-1)
-        embeds = embeds.masked_scatter(is_image, image_features.to(embeds.dtype))
+        embeds = embedded_inputs(blip, input_ids, pixel_values, image_features)
         lm = blip.language_model
-        if caption_image is not None:  # packed T5: each image's prompt is encoded once, each caption decoded
-            encoded = lm.get_encoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
-            output = lm(encoder_outputs=BaseModelOutput(last_hidden_state=encoded[caption_image]),
-                        attention_mask=attention_mask[caption_image], labels=labels)  # fmt: skip
-            return output.loss if token_count is None else output.loss * (labels != IGNORE).sum() / token_count
+        if not blip.config.use_decoder_only_language_model:  # T5: the encoder reads images + prompt, labels decode
+            if caption_image is None:
+                loss = lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels).loss
+            else:  # packed: each image's prompt is encoded once, each caption decoded against it
+                encoded = lm.get_encoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+                loss = lm(encoder_outputs=BaseModelOutput(last_hidden_state=encoded[caption_image]),
+                          attention_mask=attention_mask[caption_image], labels=labels).loss  # fmt: skip
+            # T5's loss is the mean over this batch's label tokens; as a sum over token_count it is DDP-exact too.
+            return loss if token_count is None else loss * (labels != IGNORE).sum() / token_count
         if predict_from is not None:  # packed decoder-only: a row per image, its captions after one shared prefix
             mask = block_mask_for(lm, attention_mask, embeds.dtype)
             hidden = lm.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids)
             hidden = hidden.last_hidden_state.flatten(0, 1)[predict_from]
             return chunked_cross_entropy(hidden, labels, lm.get_output_embeddings(), token_count)
         assert caption_start is not None
-        if not blip.config.use_decoder_only_language_model:  # T5: the encoder reads images + prompt, labels decode
-            loss = lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, return_dict=True).loss
-            # T5's loss is the mean over this batch's label tokens; as a sum over token_count it is DDP-exact too.
-            return loss if token_count is None else loss * (labels != IGNORE).sum() / token_count
         if not self.caption_logits_only:
             logits = lm(inputs_embeds=embeds, attention_mask=attention_mask).logits
             return lm.loss_function(logits=logits, labels=labels, vocab_size=lm.config.vocab_size)
@@ -145,6 +140,22 @@ class CaptionLoss(nn.Module):
         hidden = hidden[:, caption_start - 1 : -1].flatten(0, 1)
         targets = labels[:, caption_start:].flatten()
         return chunked_cross_entropy(hidden, targets, lm.get_output_embeddings(), token_count)
+
+
+def embedded_inputs(
+    blip: Blip2ForConditionalGeneration,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor | None = None,
+    image_features: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The language model's input embeddings of `input_ids` with each image's projected Q-Former output in its image
+    token positions, as BLIP-2's own forward and generate build them; from pixels unless the features are given."""
+    if image_features is None:
+        assert pixel_values is not None
+        image_features = blip.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+    embeds = blip.get_input_embeddings()(input_ids)
+    is_image = (input_ids == blip.config.image_token_id).unsqueeze(-1)
+    return embeds.masked_scatter(is_image, image_features.to(embeds.dtype))
 
 
 PACKING_ATTENTION = ("sdpa", "eager")
@@ -199,14 +210,12 @@ class _Pixels(Dataset):
 
     def __init__(self, paths: Sequence[Path], processor: Blip2Processor) -> None:
         self.paths, self.image_processor = list(paths), processor.image_processor
-        self.decode_size = decode_size(self.image_processor)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        image = load_rgb(self.paths[index], self.decode_size)
-        return self.image_processor(image, return_tensors="pt")["pixel_values"][0]
+        return processed_pixels(self.paths[index], self.image_processor)
 
 
 @torch.no_grad()

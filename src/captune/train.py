@@ -41,7 +41,7 @@ from transformers import Blip2Processor, get_cosine_schedule_with_warmup
 from captune import data as datasets
 from captune.config import Config, config_from_dict, save_config, to_dict
 from captune.data import CaptionSet, Record
-from captune.data.images import decode_size, load_rgb
+from captune.data.images import processed_pixels
 from captune.errors import CaptuneError
 from captune.evaluation import predict_records, references_of, write_references
 from captune.files import atomic_open, cache_dir, replace_dir, write_atomically
@@ -94,7 +94,6 @@ class CaptionPairs(Dataset):
         self.image_of = np.repeat(np.arange(len(records), dtype=np.int64), counts)
         self.first_caption = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])  # image i: [i] to [i + 1]
         self.image_processor = processor.image_processor
-        self.decode_size = decode_size(self.image_processor)
         self.with_pixels = with_pixels
 
     def __len__(self) -> int:
@@ -111,8 +110,7 @@ class CaptionPairs(Dataset):
         return np.diff(self.captions.ends, prepend=0)
 
     def pixels(self, image_index: int) -> torch.Tensor:
-        path = Path(self.paths[image_index])
-        return self.image_processor(load_rgb(path, self.decode_size), return_tensors="pt")["pixel_values"][0]
+        return processed_pixels(Path(self.paths[image_index]), self.image_processor)
 
 
 class ImageCaptions(Dataset):
@@ -252,11 +250,11 @@ class PackedCaptionCollator(CaptionCollator):
         input_ids = torch.full((len(batch), length), self.processor.tokenizer.pad_token_id, dtype=torch.long)
         position_ids = torch.zeros((len(batch), length), dtype=torch.long)
         segment = torch.full((len(batch), length), -1, dtype=torch.long)  # 0 prefix, j caption j, -1 padding
+        input_ids[:, :start] = torch.tensor(self.prefix)
+        position_ids[:, :start] = torch.arange(start)
+        segment[:, :start] = 0
         predict_from, labels = [], []
         for row, captions in enumerate(per_image):
-            input_ids[row, :start] = torch.tensor(self.prefix)
-            position_ids[row, :start] = torch.arange(start)
-            segment[row, :start] = 0
             at = start
             for j, ids in enumerate(captions, start=1):
                 n = len(ids)

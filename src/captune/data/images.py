@@ -7,6 +7,7 @@ check is an image training can read.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -59,6 +60,12 @@ def decode_size(image_processor: object) -> tuple[int, int] | None:
     height = size.get("height") if isinstance(size, dict) else getattr(size, "height", None)
     width = size.get("width") if isinstance(size, dict) else getattr(size, "width", None)
     return (2 * width, 2 * height) if isinstance(height, int) and isinstance(width, int) else None
+
+
+def processed_pixels(path: Path, image_processor: Any) -> Any:
+    """An image file as the model takes it: `load_rgb` at `decode_size`, then the image processor; (3, H, W) tensor."""
+    image = load_rgb(path, decode_size(image_processor))
+    return image_processor(image, return_tensors="pt")["pixel_values"][0]
 
 
 def _open_loaded(path: Path, min_size: tuple[int, int] | None = None) -> Image.Image:
