@@ -273,8 +273,10 @@ def run_captune(model_dir: Path, manifest: Path, output: Path, batch_size: int, 
         "peak_gib": results["peak_gpu_memory_gib"],
         "wall_seconds": time.perf_counter() - start,
         "loss_log": [(entry["step"], entry["loss"]) for entry in log],
-        # per logging window: step, samples/s, cudaMalloc calls so far (a slow start shows where it ends)
-        "window_log": [(entry["step"], round(entry["samples_per_s"], 1), entry.get("cuda_mallocs")) for entry in log],
+        # per logging window: step, samples/s, the fraction of its time spent waiting for the loader, cudaMalloc
+        # calls so far (a slow start shows where it ends and whether data or the allocator holds it back)
+        "window_log": [(entry["step"], round(entry["samples_per_s"], 1), round(entry.get("data_wait_fraction", -1), 3),
+                        entry.get("cuda_mallocs")) for entry in log],  # fmt: skip
     }
 
 

@@ -409,6 +409,8 @@ class Throughput:
     seconds: float = 0.0
     window_samples: int = 0
     window_seconds: float = 0.0
+    window_wait: float = 0.0
+    """Of window_seconds, the time the loop waited for the loader (a data-starved GPU shows here)."""
     since: float = field(default_factory=time.perf_counter)
     epochs: list[float] = field(default_factory=list)
     """Samples per second of each finished epoch (the first pays for start-up: compare later ones)."""
@@ -421,11 +423,18 @@ class Throughput:
         self.samples, self.seconds = self.samples + samples, self.seconds + elapsed
         self.window_samples, self.window_seconds = self.window_samples + samples, self.window_seconds + elapsed
 
+    def fetched(self) -> None:
+        """Marks a batch's arrival: the time since the previous batch was queued was spent waiting for the loader."""
+        self.window_wait += time.perf_counter() - self.since
+
     def window_rate(self) -> float:
         return self.window_samples / max(self.window_seconds, 1e-9)
 
+    def window_wait_fraction(self) -> float:
+        return min(1.0, self.window_wait / max(self.window_seconds, 1e-9))
+
     def new_window(self) -> None:
-        self.window_samples, self.window_seconds = 0, 0.0
+        self.window_samples, self.window_seconds, self.window_wait = 0, 0.0, 0.0
 
     def skip(self) -> None:
         """Leaves the time since the last batch (a validation, a checkpoint) out of the count."""
@@ -771,6 +780,7 @@ def fit(run: Run) -> TrainState:
         if done_in_epoch:  # a new DataLoader (new worker processes): only for the epoch a resume starts inside
             loader = accelerator.skip_first_batches(run.loader, done_in_epoch * config.train.grad_accum)
         for batch in loader:
+            speed.fetched()
             if run.features is not None:
                 rows = batch.pop("image_index").to(run.features.device)
                 batch["image_features"] = run.features[rows].to(accelerator.device, non_blocking=True)
@@ -801,7 +811,8 @@ def fit(run: Run) -> TrainState:
             if state.global_step % config.train.log_every == 0:
                 # Every rank takes part: the mean over ranks is the global batch's loss (see token_count above).
                 global_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
-                scalars = {"loss": global_loss, "lr": lr, "samples_per_s": rate}
+                scalars = {"loss": global_loss, "lr": lr, "samples_per_s": rate,
+                           "data_wait_fraction": speed.window_wait_fraction()}  # fmt: skip
                 bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}", refresh=False)
                 accelerator.log({f"train/{k}": v for k, v in scalars.items()}, step=state.global_step)
                 if main:  # the same scalars as JSON lines, for the report and for scripts
