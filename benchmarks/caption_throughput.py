@@ -177,6 +177,58 @@ def breakdown(model: Any, processor: Any, paths: list[Path], batch: int, workers
     return out
 
 
+def profile_static(model: Any, processor: Any, paths: list[Path], batch: int) -> dict[str, Any]:
+    """Where `static_greedy`'s time goes at this batch: wall time of a call (median of 3 after a compiling warm-up)
+    against the GPU's busy time in one profiled call (kernel time summed), and the top operators by CPU and by GPU
+    time. Run with TORCH_LOGS=graph_breaks,recompiles,perf_hints to see whether the decode step is one CUDA graph."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from captune.generate import generate_from_pixels
+
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    pixels = torch.stack([processor.image_processor(load_rgb(p), return_tensors="pt")["pixel_values"][0]
+                          for p in paths[:batch]]).to(device, dtype)  # fmt: skip
+    static = GenerateConfig(num_beams=1, min_new_tokens=TOKENS, max_new_tokens=TOKENS, batch_size=batch,
+                            static_cache=True)  # fmt: skip
+    out: dict[str, Any] = {"batch": batch}
+    start = time.perf_counter()
+    generate_from_pixels(model, processor, pixels, static)
+    _sync()
+    out["first_call_seconds"] = time.perf_counter() - start
+    out["call_seconds"] = _timed(lambda: generate_from_pixels(model, processor, pixels, static))
+    with torch.no_grad():
+        out["vision_seconds"] = _timed(lambda: model.get_image_features(pixel_values=pixels, return_dict=True))
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        generate_from_pixels(model, processor, pixels, static)
+        _sync()
+    events = prof.key_averages()
+    kernel_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    out["profiled_gpu_busy_seconds"] = kernel_us / 1e6
+    out["top_by_gpu"] = events.table(sort_by="self_device_time_total", row_limit=15)
+    out["top_by_cpu"] = events.table(sort_by="cpu_time_total", row_limit=20)
+    print(f"static_greedy batch {batch}: {out['call_seconds']:.3f} s a call (first {out['first_call_seconds']:.1f} s), "
+          f"vision {out['vision_seconds']:.3f} s, GPU busy {out['profiled_gpu_busy_seconds']:.3f} s in a profiled "
+          f"call\n{out['top_by_gpu']}\n{out['top_by_cpu']}", flush=True)  # fmt: skip
+    return out
+
+
+def agreement_fp32(model: Any, processor: Any, paths: list[Path], batch: int) -> dict[str, Any]:
+    """Greedy captions of `static_greedy` against `generate` (dynamic cache) with the model in float32, where the
+    issue asks for token-for-token equality; bf16 rounding differs between their attention kernels."""
+    from captune.generate import generate_from_pixels
+
+    model.float()
+    device = next(model.parameters()).device
+    pixels = torch.stack([processor.image_processor(load_rgb(p), return_tensors="pt")["pixel_values"][0]
+                          for p in paths[:batch]]).to(device)  # fmt: skip
+    options = GenerateConfig(num_beams=1, min_new_tokens=TOKENS, max_new_tokens=TOKENS, batch_size=batch)
+    dynamic = generate_from_pixels(model, processor, pixels, options)
+    static = generate_from_pixels(model, processor, pixels, GenerateConfig(**{**vars(options), "static_cache": True}))
+    same = sum(a == b for a, b in zip(dynamic, static, strict=True)) / len(dynamic)
+    print(f"float32, {len(dynamic)} images: static loop identical to generate for {same:.1%} of captions", flush=True)
+    return {"images": len(dynamic), "identical_captions": same}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path)
@@ -192,6 +244,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--breakdown", type=int, metavar="BATCH",
                         help="only time the parts of captioning at this batch: loader, vision side, generate with a "
                         "dynamic and a static cache, generate with unmerged LoRA")  # fmt: skip
+    parser.add_argument("--profile-static", metavar="BATCHES",
+                        help="only profile captune's static-cache greedy loop at these batch sizes (comma-separated), "
+                        "then compare it with generate in float32")  # fmt: skip
     args = parser.parse_args(argv)
     model_dir = args.model_dir
     if args.tiny:
@@ -216,6 +271,14 @@ def main(argv: list[str] | None = None) -> None:
     result["dtype"] = str(next(model.parameters()).dtype)
     result["command"] = shlex.join(["python", "benchmarks/caption_throughput.py", *(argv or sys.argv[1:])])
     result["date"] = datetime.date.today().isoformat()
+    if args.profile_static:
+        result["profile_static"] = []
+        for batch in map(int, args.profile_static.split(",")):
+            result["profile_static"].append(profile_static(model, processor, paths, batch))
+            save()
+        result["agreement_float32"] = agreement_fp32(model, processor, paths, 64)
+        save()
+        return
     if args.breakdown:
         result["breakdown"] = breakdown(model, processor, paths, args.breakdown, args.workers)
         save()

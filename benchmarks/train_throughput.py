@@ -72,6 +72,7 @@ ABLATIONS = {
     "compile": ["train.compile=true"],
     "gradient_checkpointing": ["train.gradient_checkpointing=true"],  # on, not off: its cost (issue 7)
     "mode_qformer": ["train.mode=qformer"],  # the LAVIS recipe: the image side runs at every step (issue 7)
+    "cudnn_attention": ["model.cudnn_attention=true"],  # PyTorch's own choice of attention kernels
     "batch_64": ["train.batch_size=64"],
     "batch_128": ["train.batch_size=128"],
     "batch_256": ["train.batch_size=256"],
@@ -275,8 +276,15 @@ def run_captune(model_dir: Path, manifest: Path, output: Path, batch_size: int, 
         "loss_log": [(entry["step"], entry["loss"]) for entry in log],
         # per logging window: step, samples/s, the fraction of its time spent waiting for the loader, cudaMalloc
         # calls so far (a slow start shows where it ends and whether data or the allocator holds it back)
-        "window_log": [(entry["step"], round(entry["samples_per_s"], 1), round(entry.get("data_wait_fraction", -1), 3),
-                        entry.get("cuda_mallocs")) for entry in log],  # fmt: skip
+        "window_log": [
+            (
+                entry["step"],
+                round(entry["samples_per_s"], 1),
+                round(entry.get("data_wait_fraction", -1), 3),
+                entry.get("cuda_mallocs"),
+            )
+            for entry in log
+        ],  # fmt: skip
     }
 
 
@@ -301,6 +309,8 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"comma-separated, of: {', '.join(ABLATIONS)}")  # fmt: skip
     parser.add_argument("--skip", default="",
                         help="comma-separated stages to skip: usual,checks,epoch,ablations,curve")  # fmt: skip
+    parser.add_argument("--epoch-overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides for the epoch run only (e.g. model.cudnn_attention=true)")  # fmt: skip
     parser.add_argument("--allocator", default="",
                         help="PYTORCH_CUDA_ALLOC_CONF for this run, e.g. expandable_segments:True")  # fmt: skip
     parser.add_argument(
@@ -377,7 +387,8 @@ def _captune_runs(
 ) -> None:
     """4-5. captune's real path: one epoch, the learning curve, then the ablations."""
     if "epoch" not in skip:
-        result["captune_epoch"] = run_captune(model_dir, manifest, args.work / "run-epoch", args.batch_size, [])
+        result["captune_epoch"] = run_captune(model_dir, manifest, args.work / "run-epoch", args.batch_size,
+                                              args.epoch_overrides)  # fmt: skip
         print(f"captune epoch: {result['captune_epoch']}", flush=True)
         save()
     if "curve" not in skip:

@@ -457,3 +457,27 @@ def test_the_training_log_says_how_long_the_loop_waited_for_the_loader(monkeypat
     speed.skip()  # a checkpoint: 100 s
     speed.fetched()  # 101 s
     assert speed.window_wait_fraction() == 1.0  # (nothing added yet: capped at 1)
+
+
+@pytest.mark.parametrize("cudnn", [False, True])
+def test_training_and_its_validation_choose_attention_kernels_as_configured(
+    synthetic_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cudnn: bool
+) -> None:
+    """cuDNN attention plans every new shape (slow first steps on a GPU): training leaves it out unless asked, in the
+    feature pass, the steps and validation's generation, and gives the process its setting back afterwards."""
+    seen: set[bool] = set()
+    attention = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(*args: Any, **kwargs: Any) -> torch.Tensor:
+        seen.add(torch.backends.cuda.cudnn_sdp_enabled())
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+        return attention(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    config = _config(synthetic_dir, tmp_path / "run", "train.max_steps=2", "train.validate=true",
+                     f"model.cudnn_attention={cudnn}", f"generate.cudnn_attention={cudnn}",
+                     "generate.num_beams=1", "generate.min_new_tokens=2", "generate.max_new_tokens=4")  # fmt: skip
+    recipe.train(config)
+    assert seen == {cudnn}
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before

@@ -33,6 +33,10 @@ class ModelConfig:
     """`4bit` (QLoRA: NF4, double quantisation, bf16 compute) or `8bit` loads the language model quantised with
     bitsandbytes (vision encoder, Q-Former, projection and LM head stay in `dtype`); needs a CUDA GPU and the
     bitsandbytes package. `none`: no quantisation."""
+    cudnn_attention: bool = False
+    """Let PyTorch's attention use cuDNN's kernels in training (the feature pass, forward and backward). Off: flash,
+    memory-efficient or math kernels; cuDNN builds a plan for every new input shape, which made an H100 epoch of
+    packed rows 1.6x slower in a fresh process (see benchmarks/README.md)."""
 
 
 @dataclass
@@ -197,6 +201,9 @@ class GenerateConfig:
     see whether all rows ended; short batches of `captune caption` filled up to the batch size so one compilation
     serves all); beam search, a repetition penalty and Flan-T5 use transformers' static cache. Compiling takes ~30 s
     per batch size; in bf16 captions can differ from the dynamic cache's."""
+    cudnn_attention: bool = False
+    """Let PyTorch's attention use cuDNN's kernels while captioning. Off: flash, memory-efficient or math kernels
+    (cuDNN's took 200 us per layer and step in the static-cache decode step at batch 256 on an H100)."""
 
 
 @dataclass

@@ -17,6 +17,7 @@ from captune.data import freeze_inherited_objects
 from captune.data.images import processed_pixels
 from captune.errors import CaptuneError
 from captune.model import Blip2Like
+from captune.step import attention_kernels
 
 
 @dataclass
@@ -72,21 +73,22 @@ def generate_from_pixels(
     was_training = model.training
     model.eval()
     pixel_values = pixel_values.to(device, dtype, non_blocking=True)
-    if options.static_cache and _static_greedy_applies(model, options):
-        output = static_greedy(model, inputs["input_ids"], pixel_values, options)
-    else:
-        output = model.generate(
-            **inputs,
-            pixel_values=pixel_values,
-            num_beams=options.num_beams,
-            min_new_tokens=options.min_new_tokens,
-            max_new_tokens=options.max_new_tokens,
-            repetition_penalty=options.repetition_penalty,
-            do_sample=False,
-            **({"cache_implementation": "static"} if options.static_cache else {}),
-        )
-        if not _is_encoder_decoder(model):
-            output = output[:, inputs["input_ids"].shape[1] :]
+    with attention_kernels(options.cudnn_attention):
+        if options.static_cache and _static_greedy_applies(model, options):
+            output = static_greedy(model, inputs["input_ids"], pixel_values, options)
+        else:
+            output = model.generate(
+                **inputs,
+                pixel_values=pixel_values,
+                num_beams=options.num_beams,
+                min_new_tokens=options.min_new_tokens,
+                max_new_tokens=options.max_new_tokens,
+                repetition_penalty=options.repetition_penalty,
+                do_sample=False,
+                **({"cache_implementation": "static"} if options.static_cache else {}),
+            )
+            if not _is_encoder_decoder(model):
+                output = output[:, inputs["input_ids"].shape[1] :]
     model.train(was_training)
     texts = tokenizer.batch_decode(output, skip_special_tokens=True)
     return [_clean(t, prompt) for t in texts]
@@ -144,8 +146,8 @@ def static_greedy(
     unfinished = torch.ones(rows, dtype=torch.bool, device=device)
     for i in range(options.max_new_tokens):
         logits = logits.to(torch.float32, copy=True)  # as generate does; also never writes into a CUDA graph's output
-        if i < options.min_new_tokens:
-            logits[:, eos] = -float("inf")
+        if i < options.min_new_tokens:  # (a Python value: assigning it by index copies it to the GPU and waits)
+            logits.index_fill_(1, eos, -float("inf"))
         chosen = torch.where(unfinished, logits.argmax(-1), pad)
         tokens[:, i] = chosen
         unfinished &= ~torch.isin(chosen, eos)

@@ -17,13 +17,15 @@ that of a row per caption.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -58,6 +60,24 @@ def feature_bytes(model: nn.Module) -> int:
     blip = blip_of(model)
     embeddings = _embedding(blip)
     return blip.config.num_query_tokens * embeddings.embedding_dim * embeddings.weight.element_size()
+
+
+@contextmanager
+def attention_kernels(cudnn: bool = False) -> Iterator[None]:
+    """Within it, PyTorch's scaled-dot-product attention may use flash, memory-efficient or plain (math) kernels, and
+    cuDNN attention only when `cudnn` is true (`model.cudnn_attention`, `generate.cudnn_attention`).
+
+    On H100s PyTorch picks cuDNN attention first. It builds (and on a fresh machine JIT-compiles) an execution plan
+    for every new input shape, and training's packed rows have a new length at nearly every step: measured on an H100
+    (benchmarks/README.md), the main thread spent ~6 of the first 15 s of an epoch inside that attention call, and
+    the epoch took 40.9 s in a fresh process against 26.3 s in a second one (plans' kernels cached on disk). In the
+    compiled decode step its kernel took 200 us per layer at batch 256, 62 % of the step. Wrap forward and backward
+    (a checkpointed layer's recomputation must pick the same kernel as its forward)."""
+    if cudnn:
+        yield
+        return
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        yield
 
 
 def upstream_of_language_model_trains(model: nn.Module) -> list[str]:

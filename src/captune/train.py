@@ -65,6 +65,7 @@ from captune.step import (
     IGNORE,
     PACKING_ATTENTION,
     CaptionLoss,
+    attention_kernels,
     blip_of,
     feature_bytes,
     image_features,
@@ -558,7 +559,8 @@ def setup(config: Config) -> Run:
         if config.model.quantization == "none":
             loaded.model.to(accelerator.device)
         start = time.perf_counter()
-        features = _train_image_features(config, loaded, pairs, accelerator)
+        with attention_kernels(config.model.cudnn_attention):
+            features = _train_image_features(config, loaded, pairs, accelerator)
         feature_seconds = time.perf_counter() - start
         if main:
             log.info("image features of %d train images ready in %.1f s, kept on %s", len(features),
@@ -748,7 +750,13 @@ def _compile_decoder_layers(model: nn.Module) -> None:
 
 def fit(run: Run) -> TrainState:
     """The loop: epochs of accumulated steps, a checkpoint every `save_every` steps and at each epoch end, validation
-    at each epoch end, best/ by CIDEr, final/ at the end."""
+    at each epoch end, best/ by CIDEr, final/ at the end. Forward and backward run under one choice of attention
+    kernels (`model.cudnn_attention`; validation's generation makes its own)."""
+    with attention_kernels(run.config.model.cudnn_attention):
+        return _fit(run)
+
+
+def _fit(run: Run) -> TrainState:
     config, accelerator, state = run.config, run.accelerator, run.state
     main = accelerator.is_main_process
     if main:
