@@ -177,20 +177,25 @@ def breakdown(model: Any, processor: Any, paths: list[Path], batch: int, workers
     return out
 
 
-def profile_static(model: Any, processor: Any, paths: list[Path], batch: int) -> dict[str, Any]:
-    """Where `static_greedy`'s time goes at this batch: wall time of a call (median of 3 after a compiling warm-up)
-    against the GPU's busy time in one profiled call (kernel time summed), and the top operators by CPU and by GPU
-    time. Run with TORCH_LOGS=graph_breaks,recompiles,perf_hints to see whether the decode step is one CUDA graph."""
+def _pixels(processor: Any, paths: list[Path], count: int, device: Any, dtype: Any = None) -> torch.Tensor:
+    return torch.stack([processor.image_processor(load_rgb(p), return_tensors="pt")["pixel_values"][0]
+                        for p in paths[:count]]).to(device, dtype)  # fmt: skip
+
+
+def profile_static(model: Any, processor: Any, paths: list[Path], batch: int, beams: int = 1) -> dict[str, Any]:
+    """Where captune's static-cache loop's time goes at this batch: wall time of a call (median of 3 after a
+    compiling warm-up) against the GPU's busy time in one profiled call (kernel time summed), and the top operators by
+    CPU and by GPU time. Run with TORCH_LOGS=graph_breaks,recompiles,perf_hints to see whether the decode step is one
+    CUDA graph."""
     from torch.profiler import ProfilerActivity, profile
 
     from captune.generate import generate_from_pixels
 
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    pixels = torch.stack([processor.image_processor(load_rgb(p), return_tensors="pt")["pixel_values"][0]
-                          for p in paths[:batch]]).to(device, dtype)  # fmt: skip
-    static = GenerateConfig(num_beams=1, min_new_tokens=TOKENS, max_new_tokens=TOKENS, batch_size=batch,
+    pixels = _pixels(processor, paths, batch, device, dtype)
+    static = GenerateConfig(num_beams=beams, min_new_tokens=TOKENS, max_new_tokens=TOKENS, batch_size=batch,
                             static_cache=True)  # fmt: skip
-    out: dict[str, Any] = {"batch": batch}
+    out: dict[str, Any] = {"batch": batch, "beams": beams}
     start = time.perf_counter()
     generate_from_pixels(model, processor, pixels, static)
     _sync()
@@ -206,27 +211,70 @@ def profile_static(model: Any, processor: Any, paths: list[Path], batch: int) ->
     out["profiled_gpu_busy_seconds"] = kernel_us / 1e6
     out["top_by_gpu"] = events.table(sort_by="self_device_time_total", row_limit=15)
     out["top_by_cpu"] = events.table(sort_by="cpu_time_total", row_limit=20)
-    print(f"static_greedy batch {batch}: {out['call_seconds']:.3f} s a call (first {out['first_call_seconds']:.1f} s), "
-          f"vision {out['vision_seconds']:.3f} s, GPU busy {out['profiled_gpu_busy_seconds']:.3f} s in a profiled "
-          f"call\n{out['top_by_gpu']}\n{out['top_by_cpu']}", flush=True)  # fmt: skip
+    print(f"static loop batch {batch} beams {beams}: {out['call_seconds']:.3f} s a call (first "
+          f"{out['first_call_seconds']:.1f} s), vision {out['vision_seconds']:.3f} s, GPU busy "
+          f"{out['profiled_gpu_busy_seconds']:.3f} s in a profiled call\n{out['top_by_gpu']}\n{out['top_by_cpu']}",
+          flush=True)  # fmt: skip
     return out
 
 
-def agreement_fp32(model: Any, processor: Any, paths: list[Path], batch: int) -> dict[str, Any]:
-    """Greedy captions of `static_greedy` against `generate` (dynamic cache) with the model in float32, where the
-    issue asks for token-for-token equality; bf16 rounding differs between their attention kernels."""
+def agreement(model: Any, processor: Any, paths: list[Path], count: int, beams: int) -> float:
+    """The share of `count` images whose caption from captune's static-cache loop is `generate`'s (dynamic cache),
+    in the model's dtype, one batch."""
     from captune.generate import generate_from_pixels
 
-    model.float()
-    device = next(model.parameters()).device
-    pixels = torch.stack([processor.image_processor(load_rgb(p), return_tensors="pt")["pixel_values"][0]
-                          for p in paths[:batch]]).to(device)  # fmt: skip
-    options = GenerateConfig(num_beams=1, min_new_tokens=TOKENS, max_new_tokens=TOKENS, batch_size=batch)
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    pixels = _pixels(processor, paths, count, device, dtype)
+    options = GenerateConfig(num_beams=beams, min_new_tokens=TOKENS, max_new_tokens=TOKENS, batch_size=count)
     dynamic = generate_from_pixels(model, processor, pixels, options)
     static = generate_from_pixels(model, processor, pixels, GenerateConfig(**{**vars(options), "static_cache": True}))
-    same = sum(a == b for a, b in zip(dynamic, static, strict=True)) / len(dynamic)
-    print(f"float32, {len(dynamic)} images: static loop identical to generate for {same:.1%} of captions", flush=True)
-    return {"images": len(dynamic), "identical_captions": same}
+    return sum(a == b for a, b in zip(dynamic, static, strict=True)) / len(dynamic)
+
+
+def agreement_fp32(model: Any, processor: Any, paths: list[Path], count: int) -> dict[str, Any]:
+    """Greedy and beam-5 captions of captune's static-cache loops against `generate` with the model in float32, where
+    the issue asks for token-for-token equality (in bf16 their attention kernels round differently); the model is
+    left in float32."""
+    model.float()
+    count = min(count, len(paths))
+    out: dict[str, Any] = {"images": count}
+    for beams in (1, 5):
+        out[f"identical_captions_beams_{beams}"] = agreement(model, processor, paths, count, beams)
+        print(f"float32, {count} images, beams {beams}: static loop identical to generate for "
+              f"{out[f'identical_captions_beams_{beams}']:.1%} of captions", flush=True)  # fmt: skip
+    return out
+
+
+def static_only(
+    args: argparse.Namespace, model: Any, processor: Any, paths: list[Path], result: dict, save: Any
+) -> None:
+    """captune's static-cache loops through `caption_paths`: greedy at `--static-only` (after a warm-up batch that
+    compiles the step), single-image latency, beam 5 at `--beam-batch`; each with its bf16 agreement with generate."""
+    batch = args.static_only
+    start = time.perf_counter()
+    captune_path(model, processor, paths[:batch], batch, 1, args.workers, static=True)
+    result["static_cache_warm_up_seconds"] = time.perf_counter() - start
+    rate, _ = captune_path(model, processor, paths, batch, 1, args.workers, static=True)
+    same = agreement(model, processor, paths, batch, 1)
+    result["captune_static_cache"] = {f"greedy_batch_{batch}": rate, "greedy_identical_to_generate_bf16": same}
+    print(f"static cache batch {batch}: {rate:.1f} captions/s after {result['static_cache_warm_up_seconds']:.0f} s of "
+          f"warm-up; identical to generate: {same:.1%}", flush=True)  # fmt: skip
+    save()
+    result["latency_single_image_static_cache"] = latency(model, processor, paths[0], static=True)
+    print(f"single image, static cache: {result['latency_single_image_static_cache']}", flush=True)
+    save()
+    beam_batch = args.beam_batch
+    start = time.perf_counter()
+    captune_path(model, processor, paths[:beam_batch], beam_batch, 5, args.workers, static=True)  # compiles
+    result["beam_warm_up_seconds"] = time.perf_counter() - start
+    images = paths[: max(beam_batch * 4, 512)]
+    beam, _ = captune_path(model, processor, images, beam_batch, 5, args.workers, static=True)
+    same = agreement(model, processor, paths, 64, 5)
+    result["captune_static_cache"][f"beam5_batch_{beam_batch}"] = beam
+    result["captune_static_cache"]["beam5_identical_to_generate_bf16"] = same
+    print(f"beam 5, static cache, batch {beam_batch}: {beam:.1f} captions/s over {len(images)} images; identical to "
+          f"generate: {same:.1%}", flush=True)  # fmt: skip
+    save()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -244,9 +292,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--breakdown", type=int, metavar="BATCH",
                         help="only time the parts of captioning at this batch: loader, vision side, generate with a "
                         "dynamic and a static cache, generate with unmerged LoRA")  # fmt: skip
+    parser.add_argument("--beam-batch", type=int, default=64, help="images per batch for beam 5 in --static-only")
     parser.add_argument("--profile-static", metavar="BATCHES",
-                        help="only profile captune's static-cache greedy loop at these batch sizes (comma-separated), "
-                        "then compare it with generate in float32")  # fmt: skip
+                        help="only profile captune's static-cache loops at these batch sizes (comma-separated; "
+                        "BATCHxBEAMS for beam search), then compare them with generate in float32")  # fmt: skip
     args = parser.parse_args(argv)
     model_dir = args.model_dir
     if args.tiny:
@@ -271,10 +320,11 @@ def main(argv: list[str] | None = None) -> None:
     result["dtype"] = str(next(model.parameters()).dtype)
     result["command"] = shlex.join(["python", "benchmarks/caption_throughput.py", *(argv or sys.argv[1:])])
     result["date"] = datetime.date.today().isoformat()
-    if args.profile_static:
+    if args.profile_static:  # entries BATCH or BATCHxBEAMS
         result["profile_static"] = []
-        for batch in map(int, args.profile_static.split(",")):
-            result["profile_static"].append(profile_static(model, processor, paths, batch))
+        for entry in args.profile_static.split(","):
+            batch, _, beams = entry.partition("x")
+            result["profile_static"].append(profile_static(model, processor, paths, int(batch), int(beams or 1)))
             save()
         result["agreement_float32"] = agreement_fp32(model, processor, paths, 64)
         save()
@@ -284,28 +334,7 @@ def main(argv: list[str] | None = None) -> None:
         save()
         return
     if args.static_only:
-        batch = args.static_only
-        start = time.perf_counter()
-        captune_path(model, processor, paths[:batch], batch, 1, args.workers, static=True)
-        result["static_cache_warm_up_seconds"] = time.perf_counter() - start
-        rate, captions = captune_path(model, processor, paths, batch, 1, args.workers, static=True)
-        _, dynamic = captune_path(model, processor, paths[:batch], batch, 1, args.workers)
-        same = sum(a == b for a, b in zip(captions[:batch], dynamic, strict=True)) / batch
-        result["captune_static_cache"] = {f"greedy_batch_{batch}": rate, "identical_to_dynamic_cache": same}
-        print(f"static cache batch {batch}: {rate:.1f} captions/s after {result['static_cache_warm_up_seconds']:.0f} s"
-              f" of warm-up; identical to the dynamic cache: {same:.1%}", flush=True)  # fmt: skip
-        save()
-        result["latency_single_image_static_cache"] = latency(model, processor, paths[0], static=True)
-        print(f"single image, static cache: {result['latency_single_image_static_cache']}", flush=True)
-        save()
-        try:  # beam search over a static cache: transformers may refuse it; the error is a result too
-            captune_path(model, processor, paths[:64], 64, 5, args.workers, static=True)  # compiles
-            beam, _ = captune_path(model, processor, paths[:256], 64, 5, args.workers, static=True)
-            result["captune_static_cache"]["beam5_batch_64"] = beam
-        except Exception as err:  # noqa: BLE001
-            result["captune_static_cache"]["beam5_batch_64_error"] = f"{type(err).__name__}: {err}"[:500]
-        print(f"beam 5, static cache: {result['captune_static_cache']}", flush=True)
-        save()
+        static_only(args, model, processor, paths, result, save)
         return
     captune_path(model, processor, paths[:8], 8, 1, 0)  # warm-up: CUDA context, kernels
     usual1, _ = usual_loop(model, processor, paths[:16], 1)

@@ -151,16 +151,20 @@ def test_a_static_cache_gives_the_same_captions(tiny: LoadedModel, num_beams: in
     assert generate_captions(tiny.model, tiny.processor, _images(), static) == expected
 
 
+@pytest.mark.parametrize("beams", [1, 4])
 @pytest.mark.parametrize(("prompt", "min_new"), [("", 1), ("a picture of", 0), ("a picture of", 3)])
-def test_captunes_static_greedy_loop_gives_generates_captions(tiny: LoadedModel, prompt: str, min_new: int) -> None:
-    dynamic = GenerateConfig(num_beams=1, min_new_tokens=min_new, max_new_tokens=10)
-    static = GenerateConfig(num_beams=1, min_new_tokens=min_new, max_new_tokens=10, static_cache=True)
+def test_captunes_static_loops_give_generates_captions(
+    tiny: LoadedModel, prompt: str, min_new: int, beams: int
+) -> None:
+    dynamic = GenerateConfig(num_beams=beams, min_new_tokens=min_new, max_new_tokens=10)
+    static = GenerateConfig(num_beams=beams, min_new_tokens=min_new, max_new_tokens=10, static_cache=True)
     expected = generate_captions(tiny.model, tiny.processor, _images(), dynamic, prompt)
     assert generate_captions(tiny.model, tiny.processor, _images(), static, prompt) == expected
     assert any(expected)
 
 
-def test_captunes_static_greedy_loop_runs_the_adapter(tiny: LoadedModel) -> None:
+@pytest.mark.parametrize("beams", [1, 3])
+def test_captunes_static_loops_run_the_adapter(tiny: LoadedModel, beams: int) -> None:
     from captune.config import load_config
     from captune.model import apply_lora
 
@@ -169,8 +173,8 @@ def test_captunes_static_greedy_loop_runs_the_adapter(tiny: LoadedModel) -> None
     for name, parameter in model.named_parameters():
         if "lora_B" in name:
             parameter.data.normal_(0, 0.5)  # an adapter that changes the captions
-    options = GenerateConfig(num_beams=1, min_new_tokens=2, max_new_tokens=8)
-    static = GenerateConfig(num_beams=1, min_new_tokens=2, max_new_tokens=8, static_cache=True)
+    options = GenerateConfig(num_beams=beams, min_new_tokens=2, max_new_tokens=8)
+    static = GenerateConfig(num_beams=beams, min_new_tokens=2, max_new_tokens=8, static_cache=True)
     with_adapter = generate_captions(model, tiny.processor, _images(), options)
     assert generate_captions(model, tiny.processor, _images(), static) == with_adapter
     with model.disable_adapter():
@@ -198,6 +202,74 @@ def test_captunes_static_greedy_loop_ends_rows_at_eos_and_stops_early(
     assert generate_captions(tiny.model, tiny.processor, _images(), options) == generate_captions(
         tiny.model, tiny.processor, _images(), plain
     )
+
+
+def _favour_eos(tiny: LoadedModel, bonus: float) -> Any:
+    """Adds `bonus` to the EOS logit, so that beams end at different steps (0: the model as it is)."""
+    lm = tiny.model.language_model
+    extra = torch.zeros(lm.config.vocab_size)
+    extra[lm.generation_config.eos_token_id] = bonus
+    return lm.lm_head.register_forward_hook(lambda module, inputs, output: output + extra)
+
+
+ENDINGS = [(0.0, False, 1.0), (0.5, False, 1.0), (0.5, False, 2.0), (0.5, True, 1.0), (0.5, "never", 1.0),
+           (0.5, "never", 2.0), (1.0, "never", 1.0), (1.0, False, -1.0)]  # fmt: skip
+"""EOS logit bonus, early_stopping, length_penalty: beams ending at many lengths (checked against generate on CPU)."""
+
+
+@pytest.mark.parametrize(("bonus", "early_stopping", "length_penalty"), ENDINGS)
+def test_captunes_beam_search_scores_ended_beams_as_generate_does(
+    tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch, bonus: float, early_stopping: Any, length_penalty: float
+) -> None:
+    """Beams that end at different lengths: the finished set, the length penalty and each early_stopping mode."""
+    config = tiny.model.language_model.generation_config
+    monkeypatch.setattr(config, "early_stopping", early_stopping)
+    monkeypatch.setattr(config, "length_penalty", length_penalty)
+    hook = _favour_eos(tiny, bonus)
+    try:
+        images = _images() + [Image.new("RGB", (40, 30), colour) for colour in COLOURS[3:]]
+        dynamic = GenerateConfig(num_beams=3, min_new_tokens=2, max_new_tokens=12)
+        static = GenerateConfig(num_beams=3, min_new_tokens=2, max_new_tokens=12, static_cache=True)
+        expected = generate_captions(tiny.model, tiny.processor, images, dynamic)
+        assert generate_captions(tiny.model, tiny.processor, images, static) == expected
+    finally:
+        hook.remove()
+    if bonus:  # the case is one of beams ending early
+        assert any(len(caption.split()) < 12 for caption in expected)
+
+
+def test_captunes_beam_search_stops_at_a_check_with_generates_tokens(
+    tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With early stopping every image's beams are done after 2 tokens + EOS: the loop stops at the next check
+    (not at max_new_tokens) and returns generate's tokens, EOS and then padding."""
+    import captune.generate as generate
+
+    monkeypatch.setattr(tiny.model.language_model.generation_config, "early_stopping", True)
+    monkeypatch.setattr(generate, "STATIC_CHECK_EVERY", 2)
+    steps: list[int] = []
+    real_step = generate._StaticDecoder.step
+    monkeypatch.setattr(
+        generate._StaticDecoder, "step", lambda self, tokens, i: steps.append(i) or real_step(self, tokens, i)
+    )
+    hook = _favour_eos(tiny, 1e4)
+    try:
+        pixels = tiny.processor.image_processor(_images(), return_tensors="pt")["pixel_values"]
+        lm = tiny.model.language_model
+        ids = torch.tensor([[tiny.model.config.image_token_id] * 8 + [lm.config.bos_token_id]] * len(pixels))
+        options = GenerateConfig(num_beams=3, min_new_tokens=2, max_new_tokens=12, static_cache=True)
+        tokens = generate.static_beam(tiny.model, ids, pixels, options)
+        output = tiny.model.generate(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids),
+                                     num_beams=3, min_new_tokens=2, max_new_tokens=12, do_sample=False)  # fmt: skip
+    finally:
+        hook.remove()
+    new = output[:, ids.shape[1] :]
+    assert (
+        torch.equal(tokens[:, : new.shape[1]], new)
+        and (tokens[:, new.shape[1] :] == lm.generation_config.pad_token_id).all()
+    )
+    assert (tokens[:, 2] == lm.generation_config.eos_token_id).all()
+    assert steps == [0, 1, 2]  # tokens 0-2 fed; after token 3 (a check) every image is done
 
 
 def test_worker_processes_keep_order_and_errors(tiny: LoadedModel, tmp_path: Path) -> None:

@@ -196,11 +196,12 @@ class GenerateConfig:
     batch_size: int = 16
     """Images per generate call."""
     static_cache: bool = False
-    """Generate with a static KV cache. Greedy decoding of OPT-style models runs captune's own loop
-    (`generate.static_greedy`: the decode step compiled on CUDA into CUDA graphs, the GPU read only every 8 tokens to
-    see whether all rows ended; short batches of `captune caption` filled up to the batch size so one compilation
-    serves all); beam search, a repetition penalty and Flan-T5 use transformers' static cache. Compiling takes ~30 s
-    per batch size; in bf16 captions can differ from the dynamic cache's."""
+    """Generate with a static KV cache. OPT-style models run captune's own loops (`generate.static_greedy` and
+    `generate.static_beam`: the decode step compiled on CUDA into CUDA graphs, beam search's bookkeeping on the GPU,
+    the GPU read only every 8 tokens to see whether generation ended; short batches of `captune caption` filled up to
+    the batch size so one compilation serves all); a repetition penalty and Flan-T5 use transformers' static cache.
+    Compiling takes ~30-40 s per batch size; in float32 the captions are `generate`'s, in bf16 they can differ where
+    two tokens score within rounding (different attention kernels)."""
     cudnn_attention: bool = False
     """Let PyTorch's attention use cuDNN's kernels while captioning. Off: flash, memory-efficient or math kernels
     (cuDNN's took 200 us per layer and step in the static-cache decode step at batch 256 on an H100)."""

@@ -74,8 +74,9 @@ def generate_from_pixels(
     model.eval()
     pixel_values = pixel_values.to(device, dtype, non_blocking=True)
     with attention_kernels(options.cudnn_attention):
-        if options.static_cache and _static_greedy_applies(model, options):
-            output = static_greedy(model, inputs["input_ids"], pixel_values, options)
+        if options.static_cache and _own_loop_applies(model, options):
+            own_loop = static_greedy if options.num_beams == 1 else static_beam
+            output = own_loop(model, inputs["input_ids"], pixel_values, options)
         else:
             output = model.generate(
                 **inputs,
@@ -94,14 +95,81 @@ def generate_from_pixels(
     return [_clean(t, prompt) for t in texts]
 
 
-def _static_greedy_applies(model: Blip2Like, options: GenerateConfig) -> bool:
-    """captune's own static-cache loop covers greedy decoding of decoder-only models without a repetition penalty;
-    beam search, penalties and Flan-T5 go through `generate` (with its static cache)."""
-    return options.num_beams == 1 and options.repetition_penalty == 1.0 and not _is_encoder_decoder(model)
+def _own_loop_applies(model: Blip2Like, options: GenerateConfig) -> bool:
+    """captune's own static-cache loops (`static_greedy`, `static_beam`) cover decoder-only models without a
+    repetition penalty; a penalty and Flan-T5 go through `generate` (with its static cache)."""
+    return options.repetition_penalty == 1.0 and not _is_encoder_decoder(model)
 
 
 STATIC_CHECK_EVERY = 8
-"""Decode steps between the checks whether every row has ended (each check waits for the GPU)."""
+"""Decode steps between the checks whether generation has ended (each check waits for the GPU)."""
+
+
+class _StaticDecoder:
+    """The language model of a BLIP-2 over a static KV cache, as captune's own loops use it: the prompt rows
+    (image features in the prompt's embeddings, each row repeated `copies` times, as `generate` expands a batch for
+    beam search) are prefilled once, then `step` feeds one token per row through the language model's compiled call
+    (transformers' `get_compiled_call`: CUDA graphs on a GPU) with one constant mask, so every step has the same input
+    shapes; causality comes from `cache_position`, which also hides the cache slots not written yet.
+
+    Every row holds the same image tokens and prompt (no padding), as `generate_from_pixels` builds them.
+    """
+
+    def __init__(
+        self, model: Blip2Like, input_ids: torch.Tensor, pixel_values: torch.Tensor, new_tokens: int, copies: int = 1
+    ) -> None:
+        from transformers import CompileConfig, StaticCache
+
+        from captune.step import blip_of, embedded_inputs
+
+        blip = blip_of(model)
+        self.lm = lm = blip.language_model
+        embeds = embedded_inputs(blip, input_ids, pixel_values).repeat_interleave(copies, dim=0)
+        self.rows, self.prefix = embeds.shape[:2]
+        total = self.prefix + new_tokens
+        device = embeds.device
+        self.cache = StaticCache(config=lm.config, max_cache_len=total)
+        self.mask = torch.ones((self.rows, total), dtype=torch.long, device=device)
+        self.positions = torch.arange(total, device=device)
+        # transformers 5.24 renamed the cache argument (`past_key_values` still works there, with a warning, until 5.40)
+        name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+        self.cached = {name: self.cache}
+        start = self.positions[: self.prefix]
+        self.first_logits = lm(inputs_embeds=embeds, attention_mask=self.mask, use_cache=True, cache_position=start,
+                               position_ids=start.expand(self.rows, -1), **self.cached).logits[:, -1]  # fmt: skip
+        quantized = getattr(blip, "hf_quantizer", None) is not None
+        self.call = lm.get_compiled_call(CompileConfig()) if device.type == "cuda" and not quantized else lm.__call__
+        config = lm.generation_config
+        ids = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+        self.eos = torch.tensor(ids, device=device)
+        self.pad = config.pad_token_id if config.pad_token_id is not None else ids[0]
+
+    def step(self, tokens: torch.Tensor, index: int) -> torch.Tensor:
+        """The next-token logits after feeding `tokens` (one per row) as new token number `index`."""
+        at = self.positions[self.prefix + index : self.prefix + index + 1]
+        return self.call(input_ids=tokens[:, None], attention_mask=self.mask, use_cache=True, cache_position=at,
+                         position_ids=at.expand(self.rows, 1), **self.cached).logits[:, -1]  # fmt: skip
+
+    def reorder(self, sources: torch.Tensor, new_tokens: int) -> None:
+        """Row r's cached new tokens become those of row sources[r] (beam search), in place: the compiled step reads
+        the cache at fixed addresses. Only the new tokens move: the rows of one image share its prefix."""
+        written = slice(self.prefix, self.prefix + new_tokens)
+        for layer in self.cache.layers:
+            for held in (layer.keys, layer.values):
+                held[:, :, written] = held[sources, :, written]
+
+    def logits_after_ban(
+        self, logits: torch.Tensor, index: int, min_new_tokens: int, log: bool = False
+    ) -> torch.Tensor:
+        """Float32 scores of new token number `index` as `generate` makes them: a copy (never written into a CUDA
+        graph's output), log-softmaxed for beam search, EOS banned before `min_new_tokens` (in place with a Python
+        value: assigning one by index would copy it to the GPU and wait)."""
+        scores = logits.to(torch.float32, copy=True)
+        if log:
+            scores = torch.nn.functional.log_softmax(scores, dim=-1)
+        if index < min_new_tokens:
+            scores.index_fill_(1, self.eos, -float("inf"))
+        return scores
 
 
 @torch.no_grad()
@@ -109,54 +177,94 @@ def static_greedy(
     model: Blip2Like, input_ids: torch.Tensor, pixel_values: torch.Tensor, options: GenerateConfig
 ) -> torch.Tensor:
     """Greedy captions as `generate` makes them (min/max new tokens; a row that emitted EOS gets padding after it),
-    over a static KV cache, with the decode step compiled on a GPU (transformers' `get_compiled_call`: CUDA graphs)
-    and without waiting for the GPU at every token: `generate` reads its stopping criteria from the GPU after each
-    step, so the host cannot queue the next one. Here the host looks only every STATIC_CHECK_EVERY steps.
-
-    Every row holds the same image tokens and prompt (no padding), as `generate_from_pixels` builds them; returns the
-    new tokens only, (rows, up to max_new_tokens).
-    """
-    from transformers import CompileConfig, StaticCache
-
-    from captune.step import blip_of, embedded_inputs
-
-    blip = blip_of(model)
-    lm = blip.language_model
-    embeds = embedded_inputs(blip, input_ids, pixel_values)
-    rows, prefix = input_ids.shape
-    total = prefix + options.max_new_tokens
-    device = input_ids.device
-    config = lm.generation_config
-    eos = torch.tensor(config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id],
-                       device=device)  # fmt: skip
-    pad = config.pad_token_id if config.pad_token_id is not None else int(eos[0])
-    cache = StaticCache(config=lm.config, max_cache_len=total)
-    # No padding: every position up to the cache's end may be seen, and the causal mask from cache_position hides the
-    # slots not written yet. One mask for every step keeps the compiled step's inputs the same shape.
-    mask = torch.ones((rows, total), dtype=torch.long, device=device)
-    positions = torch.arange(total, device=device)
-    # transformers 5.24 renamed the cache argument (`past_key_values` still works there, with a warning, until 5.40)
-    cached = {"cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values": cache}
-    start = positions[:prefix]
-    logits = lm(inputs_embeds=embeds, attention_mask=mask, use_cache=True, cache_position=start,
-                position_ids=start.expand(rows, -1), **cached).logits[:, -1]  # fmt: skip
-    quantized = getattr(blip, "hf_quantizer", None) is not None
-    step = lm.get_compiled_call(CompileConfig()) if device.type == "cuda" and not quantized else lm.__call__
-    tokens = torch.full((rows, options.max_new_tokens), pad, dtype=torch.long, device=device)
-    unfinished = torch.ones(rows, dtype=torch.bool, device=device)
+    over `_StaticDecoder`, without waiting for the GPU at every token: `generate` reads its stopping criteria from the
+    GPU after each step, so the host cannot queue the next one. Here the host looks only every STATIC_CHECK_EVERY
+    steps. Returns the new tokens only, (rows, up to max_new_tokens)."""
+    decoder = _StaticDecoder(model, input_ids, pixel_values, options.max_new_tokens)
+    rows, eos, pad = decoder.rows, decoder.eos, decoder.pad
+    tokens = torch.full((rows, options.max_new_tokens), pad, dtype=torch.long, device=input_ids.device)
+    unfinished = torch.ones(rows, dtype=torch.bool, device=input_ids.device)
+    logits = decoder.first_logits
     for i in range(options.max_new_tokens):
-        logits = logits.to(torch.float32, copy=True)  # as generate does; also never writes into a CUDA graph's output
-        if i < options.min_new_tokens:  # (a Python value: assigning it by index copies it to the GPU and waits)
-            logits.index_fill_(1, eos, -float("inf"))
-        chosen = torch.where(unfinished, logits.argmax(-1), pad)
+        scores = decoder.logits_after_ban(logits, i, options.min_new_tokens)
+        chosen = torch.where(unfinished, scores.argmax(-1), pad)
         tokens[:, i] = chosen
         unfinished &= ~torch.isin(chosen, eos)
         if i + 1 == options.max_new_tokens or ((i + 1) % STATIC_CHECK_EVERY == 0 and not bool(unfinished.any())):
             return tokens[:, : i + 1]
-        at = positions[prefix + i : prefix + i + 1]
-        logits = step(input_ids=chosen[:, None], attention_mask=mask, use_cache=True, cache_position=at,
-                      position_ids=at.expand(rows, 1), **cached).logits[:, -1]  # fmt: skip
+        logits = decoder.step(chosen, i)
     return tokens
+
+
+@torch.no_grad()
+def static_beam(
+    model: Blip2Like, input_ids: torch.Tensor, pixel_values: torch.Tensor, options: GenerateConfig
+) -> torch.Tensor:
+    """Beam search as transformers' `generate` does it (its vectorised beam search of 4.50+: the top 2 x beams
+    continuations of each image, EOS-ended ones scored with `length_penalty` into the finished set, `early_stopping`
+    as the language model's generation config says), over `_StaticDecoder` with each image's beams as rows: the
+    prompt is prefilled once per beam, the cache reordered in place after each step (only the new tokens' keys and
+    values move), and the host checks whether to stop only every STATIC_CHECK_EVERY steps (steps past the point where
+    `generate` stops change nothing: no candidate can enter a finished set then). Returns the best finished beam's new
+    tokens per image, (images, max_new_tokens), padded after EOS."""
+    beams, new = options.num_beams, options.max_new_tokens
+    decoder = _StaticDecoder(model, input_ids, pixel_values, new, copies=beams)
+    images, device = input_ids.shape[0], input_ids.device
+    config = decoder.lm.generation_config
+    # What generate takes: the language model's generation config, unset fields at transformers' defaults.
+    length_penalty = 1.0 if config.length_penalty is None else config.length_penalty
+    early_stopping = False if config.early_stopping is None else config.early_stopping
+    keep = max(2, 1 + len(decoder.eos)) * beams  # enough continuations that `beams` of them do not end
+    among_top = torch.arange(keep, device=device) < beams
+    never = -1.0e9
+    running = torch.full((images, beams, new), decoder.pad, dtype=torch.long, device=device)
+    running_scores = torch.zeros((images, beams), device=device)
+    running_scores[:, 1:] = never  # the beams start equal: only the first one's continuations count at first
+    finished = running.clone()
+    finished_scores = torch.full((images, beams), never, device=device)
+    is_finished = torch.zeros((images, beams), dtype=torch.bool, device=device)
+    improvable = torch.ones((images, 1), dtype=torch.bool, device=device)
+    first_row = torch.arange(images, device=device)[:, None] * beams
+    logits = decoder.first_logits
+    for i in range(new):
+        scores = decoder.logits_after_ban(logits, i, options.min_new_tokens, log=True)
+        vocabulary = scores.shape[-1]
+        scores = (scores.view(images, beams, vocabulary) + running_scores[:, :, None]).view(images, -1)
+        top_scores, top = scores.topk(keep)
+        parent, token = top // vocabulary, top % vocabulary
+        candidates = running.gather(1, parent[:, :, None].expand(-1, -1, new))
+        candidates[:, :, i] = token
+        ends = torch.isin(token, decoder.eos) | (i + 1 >= new)
+        # The best `beams` candidates that did not end run on.
+        alive_scores = top_scores + ends.to(torch.float32) * never
+        chosen = alive_scores.topk(beams)[1]
+        running = candidates.gather(1, chosen[:, :, None].expand(-1, -1, new))
+        running_scores = alive_scores.gather(1, chosen)
+        sources = (parent + first_row).gather(1, chosen).flatten()
+        # Ended candidates among the top `beams` enter the finished set if they beat its worst.
+        just_ended = ends & among_top
+        ended_scores = top_scores / ((i + 1) ** length_penalty)
+        ended_scores += (is_finished.all(-1, keepdim=True) & (early_stopping is True)).to(torch.float32) * never
+        ended_scores += (~improvable).to(torch.float32) * never
+        ended_scores += (~just_ended) * never
+        merged_scores = torch.cat((finished_scores, ended_scores), dim=1)
+        best = merged_scores.topk(beams)[1]
+        finished = torch.cat((finished, candidates), dim=1).gather(1, best[:, :, None].expand(-1, -1, new))
+        finished_scores = merged_scores.gather(1, best)
+        is_finished = torch.cat((is_finished, just_ended), dim=1).gather(1, best)
+        # Can a running beam still beat the worst finished one? (generate's heuristic, by early_stopping)
+        length = new if early_stopping == "never" and length_penalty > 0.0 else i + 1
+        worst = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True)[0], never)
+        improvable &= (running_scores[:, :1] / (length**length_penalty) > worst).any(dim=-1, keepdim=True)
+        if i + 1 == new:
+            break
+        if (i + 1) % STATIC_CHECK_EVERY == 0:
+            going = improvable.any() & ~(is_finished.all() & (early_stopping is True)) & ~ends.all()
+            if not bool(going):
+                break
+        decoder.reorder(sources, i)
+        logits = decoder.step(running[:, :, i].flatten(), i)
+    return finished[:, 0]
 
 
 def _clean(text: str, prompt: str) -> str:
@@ -223,7 +331,7 @@ def caption_paths(
     )
     # A compiled static-cache step is compiled once per batch size: a short batch (the last one, or one with
     # unreadable files) is filled up with copies of its last image, whose captions are dropped.
-    fill = options.static_cache and _static_greedy_applies(model, options)
+    fill = options.static_cache and _own_loop_applies(model, options)
     for batch in _regrouped(loader, options.batch_size):
         good = [(index, pixels) for index, pixels, _ in batch if pixels is not None]
         captions: list[str] = []
