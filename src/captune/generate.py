@@ -155,7 +155,8 @@ class _StaticDecoder:
         the cache at fixed addresses. Only the new tokens move: the rows of one image share its prefix."""
         written = slice(self.prefix, self.prefix + new_tokens)
         for layer in self.cache.layers:
-            for held in (layer.keys, layer.values):
+            for held in (getattr(layer, "keys"), getattr(layer, "values")):  # noqa: B009  (StaticLayer tensors)
+                assert isinstance(held, torch.Tensor)
                 held[:, :, written] = held[sources, :, written]
 
     def logits_after_ban(
