@@ -423,3 +423,18 @@ def test_a_name_that_gives_no_image_is_a_failure_that_names_it(tree: Path, name:
     paths, failures = expand_inputs([item, str(tree / "photos" / "b.png")])
     assert paths == [tree / "photos" / "b.png"]
     assert [(f.image, f.caption, f.error) for f in failures] == [(item, None, f"{item}: {reason}")]
+
+
+def test_the_compiled_cache_reorder_moves_what_the_eager_one_moves() -> None:
+    """On a GPU beam search reorders the cache with the compiled `_reorder_rows` (the region grows every step, so
+    its end becomes a dynamic size); compiled here on the CPU, it must match the eager function step by step."""
+    import captune.generate as generate
+
+    torch.manual_seed(0)
+    compiled = [torch.randn(6, 2, 10, 4) for _ in range(3)]
+    eager = [t.clone() for t in compiled]
+    for stop in (4, 5, 6):
+        sources = torch.randint(0, 6, (6,))
+        generate._reorder_rows(eager, sources, 3, stop)
+        generate._compiled_reorder()(compiled, sources, 3, stop)
+        assert all(torch.equal(a, b) for a, b in zip(compiled, eager, strict=True)), stop
