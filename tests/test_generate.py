@@ -438,3 +438,33 @@ def test_the_compiled_cache_reorder_moves_what_the_eager_one_moves() -> None:
         generate._reorder_rows(eager, sources, 3, stop)
         generate._compiled_reorder()(compiled, sources, 3, stop)
         assert all(torch.equal(a, b) for a, b in zip(compiled, eager, strict=True)), stop
+
+
+def test_static_loops_run_their_one_query_attention_and_give_the_model_back(
+    tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decode steps' attention is captune's (PyTorch's kernels are slow for one query over a masked static
+    cache); the captions stay generate's, and the language model leaves on SDPA, also after an error."""
+    import captune.generate as generate
+
+    config = tiny.model.language_model.config
+    assert config._attn_implementation == "sdpa"
+    queries: list[int] = []
+    real = generate._one_query_attention
+
+    def counting(module: Any, query: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        queries.append(query.shape[2])
+        return real(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(generate, "_one_query_attention", counting)
+    options = GenerateConfig(num_beams=2, min_new_tokens=2, max_new_tokens=5)
+    expected = generate_captions(tiny.model, tiny.processor, _images(), options)
+    static = GenerateConfig(num_beams=2, min_new_tokens=2, max_new_tokens=5, static_cache=True)
+    assert generate_captions(tiny.model, tiny.processor, _images(), static) == expected
+    layers = config.num_hidden_layers
+    assert queries.count(1) == 4 * layers and queries.count(9) == layers  # 4 one-token steps, the 9-token prefill
+    assert config._attn_implementation == "sdpa"
+    monkeypatch.setattr(generate, "static_beam", lambda *args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        generate_captions(tiny.model, tiny.processor, _images(), static)
+    assert config._attn_implementation == "sdpa"
