@@ -248,18 +248,29 @@ def agreement_fp32(model: Any, processor: Any, paths: list[Path], count: int) ->
 def static_only(
     args: argparse.Namespace, model: Any, processor: Any, paths: list[Path], result: dict, save: Any
 ) -> None:
-    """captune's static-cache loops through `caption_paths`: greedy at `--static-only` (after a warm-up batch that
-    compiles the step), single-image latency, beam 5 at `--beam-batch`; each with its bf16 agreement with generate."""
-    batch = args.static_only
-    start = time.perf_counter()
-    captune_path(model, processor, paths[:batch], batch, 1, args.workers, static=True)
-    result["static_cache_warm_up_seconds"] = time.perf_counter() - start
-    rate, _ = captune_path(model, processor, paths, batch, 1, args.workers, static=True)
-    same = agreement(model, processor, paths, batch, 1)
-    result["captune_static_cache"] = {f"greedy_batch_{batch}": rate, "greedy_identical_to_generate_bf16": same}
-    print(f"static cache batch {batch}: {rate:.1f} captions/s after {result['static_cache_warm_up_seconds']:.0f} s of "
-          f"warm-up; identical to generate: {same:.1%}", flush=True)  # fmt: skip
-    save()
+    """captune's static-cache loops through `caption_paths`: greedy at each `--static-only` batch size (after a
+    warm-up batch that compiles the step for it), single-image latency, beam 5 at `--beam-batch`; each with its bf16
+    agreement with generate. With `--with-usual`, the usual loop first (batch 1 and 32, greedy), in this process."""
+    if args.with_usual:
+        captune_path(model, processor, paths[:8], 8, 1, 0)  # warm-up: CUDA context, kernels
+        usual1, _ = usual_loop(model, processor, paths[:16], 1)
+        usual32, _ = usual_loop(model, processor, paths[:128], 32)
+        result["usual"] = {"batch_1": usual1, "batch_32": usual32}
+        print(f"usual loop: batch 1 {usual1:.2f}, batch 32 {usual32:.1f} captions/s", flush=True)
+        save()
+    result["captune_static_cache"] = {}
+    for batch in map(int, args.static_only.split(",")):
+        start = time.perf_counter()
+        captune_path(model, processor, paths[:batch], batch, 1, args.workers, static=True)
+        result[f"static_cache_warm_up_seconds_batch_{batch}"] = time.perf_counter() - start
+        rate, _ = captune_path(model, processor, paths, batch, 1, args.workers, static=True)
+        same = agreement(model, processor, paths, batch, 1)
+        result["captune_static_cache"][f"greedy_batch_{batch}"] = rate
+        result["captune_static_cache"][f"greedy_batch_{batch}_identical_to_generate_bf16"] = same
+        print(f"static cache batch {batch}: {rate:.1f} captions/s over {len(paths)} images after "
+              f"{result[f'static_cache_warm_up_seconds_batch_{batch}']:.0f} s of warm-up; identical to generate: "
+              f"{same:.1%}", flush=True)  # fmt: skip
+        save()
     result["latency_single_image_static_cache"] = latency(model, processor, paths[0], static=True)
     print(f"single image, static cache: {result['latency_single_image_static_cache']}", flush=True)
     save()
@@ -286,7 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=1024)
     parser.add_argument("--batch-sizes", default="64,128,256")
     parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--static-only", type=int, metavar="BATCH",
+    parser.add_argument("--with-usual", action="store_true", help="with --static-only: the usual loop first")
+    parser.add_argument("--static-only", metavar="BATCHES",
                         help="only time captune greedy with a static (compiled) cache at this batch, after a warm-up "
                         "batch that compiles it")  # fmt: skip
     parser.add_argument("--breakdown", type=int, metavar="BATCH",
