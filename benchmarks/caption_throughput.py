@@ -245,6 +245,21 @@ def agreement_fp32(model: Any, processor: Any, paths: list[Path], count: int) ->
     return out
 
 
+def vision_tf32(model: Any, processor: Any, paths: list[Path], batch: int) -> dict[str, float]:
+    """The vision side (ViT-g + Q-Former + projection) of one batch with the float32 Q-Former's products in full
+    float32 and in TF32 (what `generate.tf32_beside` turns on for a bf16 model), median of 3."""
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    pixels = _pixels(processor, paths, batch, device, dtype)
+    before, out = torch.backends.cuda.matmul.allow_tf32, {"batch": batch}
+    with torch.no_grad():
+        for name, tf32 in (("float32_products", False), ("tf32_products", True)):
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            out[name] = _timed(lambda: model.get_image_features(pixel_values=pixels, return_dict=True))
+    torch.backends.cuda.matmul.allow_tf32 = before
+    print(f"vision side, batch {batch}: {out}", flush=True)
+    return out
+
+
 def static_only(
     args: argparse.Namespace, model: Any, processor: Any, paths: list[Path], result: dict, save: Any
 ) -> None:
@@ -259,6 +274,8 @@ def static_only(
         print(f"usual loop: batch 1 {usual1:.2f}, batch 32 {usual32:.1f} captions/s", flush=True)
         save()
     result["captune_static_cache"] = {}
+    result["vision_side_seconds"] = vision_tf32(model, processor, paths, int(args.static_only.split(",")[0]))
+    save()
     for batch in map(int, args.static_only.split(",")):
         start = time.perf_counter()
         captune_path(model, processor, paths[:batch], batch, 1, args.workers, static=True)
