@@ -247,7 +247,8 @@ def agreement_fp32(model: Any, processor: Any, paths: list[Path], count: int) ->
 
 def vision_tf32(model: Any, processor: Any, paths: list[Path], batch: int) -> dict[str, float]:
     """The vision side (ViT-g + Q-Former + projection) of one batch with the float32 Q-Former's products in full
-    float32 and in TF32 (what `generate.tf32_beside` turns on for a bf16 model), median of 3."""
+    float32 and in TF32, median of 3 (TF32 was tried for the Q-Former, which transformers keeps in float32: it gave
+    nothing, see benchmarks/README.md)."""
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     pixels = _pixels(processor, paths, batch, device, dtype)
     before, out = torch.backends.cuda.matmul.allow_tf32, {"batch": batch}

@@ -468,27 +468,3 @@ def test_static_loops_run_their_one_query_attention_and_give_the_model_back(
     with pytest.raises(ZeroDivisionError):
         generate_captions(tiny.model, tiny.processor, _images(), static)
     assert config._attn_implementation == "sdpa"
-
-
-def test_a_bf16_model_gets_tf32_products_while_captioning_a_float32_one_not(
-    tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """BLIP-2's Q-Former stays float32 beside bf16 weights; on a GPU its products use TF32 while captioning, and the
-    process's setting comes back afterwards. A float32 model keeps full float32 products (generate's captions)."""
-    import captune.generate as generate
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    seen: list[bool] = []
-    hook = tiny.model.qformer.register_forward_hook(lambda *_: seen.append(torch.backends.cuda.matmul.allow_tf32))
-    try:
-        for dtype, expected in ((torch.bfloat16, True), (torch.float16, True), (torch.float32, False)):
-            with generate.tf32_beside(dtype):
-                assert torch.backends.cuda.matmul.allow_tf32 is expected
-            assert torch.backends.cuda.matmul.allow_tf32 is False
-        generate_captions(tiny.model, tiny.processor, _images(), GREEDY)  # the tiny model is float32
-    finally:
-        hook.remove()
-        torch.backends.cuda.matmul.allow_tf32 = before
-    assert seen == [False]

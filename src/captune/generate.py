@@ -75,7 +75,7 @@ def generate_from_pixels(
     was_training = model.training
     model.eval()
     pixel_values = pixel_values.to(device, dtype, non_blocking=True)
-    with attention_kernels(options.cudnn_attention), tf32_beside(dtype):
+    with attention_kernels(options.cudnn_attention):
         if options.static_cache and _own_loop_applies(model, options):
             own_loop = static_greedy if options.num_beams == 1 else static_beam
             with static_attention(model):
@@ -96,23 +96,6 @@ def generate_from_pixels(
     model.train(was_training)
     texts = tokenizer.batch_decode(output, skip_special_tokens=True)
     return [_clean(t, prompt) for t in texts]
-
-
-@contextmanager
-def tf32_beside(dtype: torch.dtype) -> Iterator[None]:
-    """Within it, float32 matrix products on a CUDA GPU use TF32 tensor cores when the model's weights are bf16 or
-    fp16. transformers keeps BLIP-2's Q-Former in float32 (`_keep_in_fp32_modules`); beside a bf16 ViT-g and language
-    model, full float32 products there cost time (at batch 256, ~1.7 TFLOP of cross-attention projections without
-    tensor cores) and no precision the bf16 parts keep. A float32 model is left as it is."""
-    if dtype == torch.float32 or not torch.cuda.is_available():
-        yield
-        return
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def _own_loop_applies(model: Blip2Like, options: GenerateConfig) -> bool:
