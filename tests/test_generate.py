@@ -452,8 +452,11 @@ def test_static_loops_run_their_one_query_attention_and_give_the_model_back(
     queries: list[int] = []
     real = generate._one_query_attention
 
+    rows: list[int] = []
+
     def counting(module: Any, query: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         queries.append(query.shape[2])
+        rows.append(query.shape[0])
         return real(module, query, *args, **kwargs)
 
     monkeypatch.setattr(generate, "_one_query_attention", counting)
@@ -463,8 +466,38 @@ def test_static_loops_run_their_one_query_attention_and_give_the_model_back(
     assert generate_captions(tiny.model, tiny.processor, _images(), static) == expected
     layers = config.num_hidden_layers
     assert queries.count(1) == 4 * layers and queries.count(9) == layers  # 4 one-token steps, the 9-token prefill
+    prefill_rows = {r for q, r in zip(queries, rows, strict=True) if q == 9}
+    assert prefill_rows == {3} and set(rows) == {3, 6}  # the prompt prefilled once per image, then 2 beams each
     assert config._attn_implementation == "sdpa"
     monkeypatch.setattr(generate, "static_beam", lambda *args: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         generate_captions(tiny.model, tiny.processor, _images(), static)
     assert config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_a_run_keeps_its_static_caches_from_batch_to_batch(
+    tiny: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, beams: int
+) -> None:
+    """Every batch of a `caption_paths` run decodes into the same cache tensors (CUDA graphs replay at the addresses
+    they recorded), emptied in between: the captions are those of fresh caches, batch by batch."""
+    import captune.generate as generate
+
+    used: list[list[int]] = []
+    real = generate._static_cache
+
+    def recording(held: Any, role: str, shape: tuple, config: Any) -> Any:
+        cache = real(held, role, shape, config)
+        used.append([id(cache), role])
+        return cache
+
+    monkeypatch.setattr(generate, "_static_cache", recording)
+    paths = _files(tmp_path, 5)
+    static = GenerateConfig(num_beams=beams, min_new_tokens=1, max_new_tokens=6, batch_size=2, static_cache=True)
+    kept = [r.caption for r in caption_paths(tiny.model, tiny.processor, paths, static)]
+    roles = ["prefill"] if beams == 1 else ["prefill", "beams"]
+    assert len(used) == 3 * len(roles)  # 3 batches (the last filled up to 2 images)
+    for role in roles:
+        assert len({cache for cache, r in used if r == role}) == 1, role
+    fresh = [generate_captions(tiny.model, tiny.processor, [load_rgb(p)], static)[0] for p in paths]
+    assert kept == fresh

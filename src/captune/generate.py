@@ -55,8 +55,10 @@ def generate_from_pixels(
     pixel_values: torch.Tensor,
     options: GenerateConfig,
     prompt: str = "",
+    caches: StaticCaches | None = None,
 ) -> list[str]:
-    """Captions one batch of preprocessed images (the image processor's `pixel_values`).
+    """Captions one batch of preprocessed images (the image processor's `pixel_values`). `caches`: static KV caches
+    to reuse from an earlier batch of the same run (see StaticCaches).
 
     The text input is what `Blip2Processor(images=..., text=prompt)` builds: the image tokens, then the tokenized
     prompt. Decoder-only models get left padding, so every row's prompt ends right where generation starts. The
@@ -79,7 +81,7 @@ def generate_from_pixels(
         if options.static_cache and _own_loop_applies(model, options):
             own_loop = static_greedy if options.num_beams == 1 else static_beam
             with static_attention(model):
-                output = own_loop(model, inputs["input_ids"], pixel_values, options)
+                output = own_loop(model, inputs["input_ids"], pixel_values, options, caches)
         else:
             output = model.generate(
                 **inputs,
@@ -182,27 +184,42 @@ class _StaticDecoder:
     """
 
     def __init__(
-        self, model: Blip2Like, input_ids: torch.Tensor, pixel_values: torch.Tensor, new_tokens: int, copies: int = 1
+        self,
+        model: Blip2Like,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        new_tokens: int,
+        copies: int = 1,
+        caches: StaticCaches | None = None,
     ) -> None:
-        from transformers import CompileConfig, StaticCache
+        from transformers import CompileConfig
 
         from captune.step import blip_of, embedded_inputs
 
         blip = blip_of(model)
         self.lm = lm = blip.language_model
-        embeds = embedded_inputs(blip, input_ids, pixel_values).repeat_interleave(copies, dim=0)
-        self.rows, self.prefix = embeds.shape[:2]
+        embeds = embedded_inputs(blip, input_ids, pixel_values)
+        images, self.prefix = embeds.shape[:2]
+        self.rows = images * copies
         total = self.prefix + new_tokens
         device = embeds.device
-        self.cache = StaticCache(config=lm.config, max_cache_len=total)
         self.mask = torch.ones((self.rows, total), dtype=torch.long, device=device)
         self.positions = torch.arange(total, device=device)
         # transformers 5.24 renamed the cache argument (`past_key_values` still works there, with a warning, until 5.40)
         name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
-        self.cached = {name: self.cache}
+        # The prefill runs once per image; with copies (beams) its cache rows are then repeated into the big cache.
+        held = {} if caches is None else caches
+        prefilled = _static_cache(held, "prefill", (images, total, embeds.dtype, device), lm.config)
         start = self.positions[: self.prefix]
-        self.first_logits = lm(inputs_embeds=embeds, attention_mask=self.mask, use_cache=True, cache_position=start,
-                               position_ids=start.expand(self.rows, -1), **self.cached).logits[:, -1]  # fmt: skip
+        logits = lm(inputs_embeds=embeds, attention_mask=self.mask[:images], use_cache=True, cache_position=start,
+                    position_ids=start.expand(images, -1), **{name: prefilled}).logits[:, -1]  # fmt: skip
+        self.first_logits = logits.repeat_interleave(copies, dim=0)
+        if copies == 1:
+            self.cache = prefilled
+        else:
+            self.cache = _static_cache(held, "beams", (self.rows, total, embeds.dtype, device), lm.config)
+            _repeat_rows(prefilled, self.cache, copies, self.prefix)
+        self.cached = {name: self.cache}
         quantized = getattr(blip, "hf_quantizer", None) is not None
         compiled = device.type == "cuda" and not quantized
         self.call = lm.get_compiled_call(CompileConfig()) if compiled else lm.__call__
@@ -241,6 +258,40 @@ class _StaticDecoder:
         return scores
 
 
+StaticCaches = dict[str, tuple[tuple, Any]]
+"""Static KV caches kept from one batch to the next by `caption_paths` (a role, "prefill" or "beams", to its shape
+and cache). Reusing a cache keeps its tensors at the same addresses, so the compiled step's CUDA graphs replay as
+recorded instead of being recorded again for new ones; the caches live as long as the run that holds them."""
+
+
+def _static_cache(held: StaticCaches, role: str, shape: tuple, config: Any) -> Any:
+    """The cache of `held` for this role and shape (rows, length, dtype, device), emptied, or a new one (which
+    replaces one of another shape)."""
+    from transformers import StaticCache
+
+    if role in held and held[role][0] == shape:
+        cache = held[role][1]
+        cache.reset()  # zeros, and the next write at position 0
+        return cache
+    cache = StaticCache(config=config, max_cache_len=shape[1])
+    held[role] = (shape, cache)
+    return cache
+
+
+def _repeat_rows(source: Any, target: Any, copies: int, written: int) -> None:
+    """Fills `target` with each row of `source` `copies` times (its first `written` positions) and positions it to
+    write next at `written`: the prompt is prefilled once per image, not once per beam, as `generate` does it."""
+    layers: list[Any] = list(target.layers)  # StaticLayers
+    for from_layer, layer in zip(source.layers, layers, strict=True):
+        keys = from_layer.keys[:, :, :written].repeat_interleave(copies, dim=0)
+        values = from_layer.values[:, :, :written].repeat_interleave(copies, dim=0)
+        if not layer.is_initialized:  # (rows, heads, length, dim) zeros at static addresses
+            layer.lazy_initialization(keys, values)
+        layer.keys[:, :, :written] = keys
+        layer.values[:, :, :written] = values
+        layer.cumulative_length.fill_(written)  # where the layer writes the next token
+
+
 def _reorder_rows(tensors: list[torch.Tensor], sources: torch.Tensor, start: int, stop: int) -> None:
     """Positions start:stop of each (rows, heads, length, dim) tensor: row r's become row sources[r]'s, in place."""
     for held in tensors:
@@ -261,13 +312,17 @@ def _compiled_reorder() -> Any:
 
 @torch.no_grad()
 def static_greedy(
-    model: Blip2Like, input_ids: torch.Tensor, pixel_values: torch.Tensor, options: GenerateConfig
+    model: Blip2Like,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor,
+    options: GenerateConfig,
+    caches: StaticCaches | None = None,
 ) -> torch.Tensor:
     """Greedy captions as `generate` makes them (min/max new tokens; a row that emitted EOS gets padding after it),
     over `_StaticDecoder`, without waiting for the GPU at every token: `generate` reads its stopping criteria from the
     GPU after each step, so the host cannot queue the next one. Here the host looks only every STATIC_CHECK_EVERY
     steps. Returns the new tokens only, (rows, up to max_new_tokens)."""
-    decoder = _StaticDecoder(model, input_ids, pixel_values, options.max_new_tokens)
+    decoder = _StaticDecoder(model, input_ids, pixel_values, options.max_new_tokens, caches=caches)
     rows, eos, pad = decoder.rows, decoder.eos, decoder.pad
     tokens = torch.full((rows, options.max_new_tokens), pad, dtype=torch.long, device=input_ids.device)
     unfinished = torch.ones(rows, dtype=torch.bool, device=input_ids.device)
@@ -285,7 +340,11 @@ def static_greedy(
 
 @torch.no_grad()
 def static_beam(
-    model: Blip2Like, input_ids: torch.Tensor, pixel_values: torch.Tensor, options: GenerateConfig
+    model: Blip2Like,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor,
+    options: GenerateConfig,
+    caches: StaticCaches | None = None,
 ) -> torch.Tensor:
     """Beam search as transformers' `generate` does it (its vectorised beam search of 4.50+: the top 2 x beams
     continuations of each image, EOS-ended ones scored with `length_penalty` into the finished set, `early_stopping`
@@ -295,7 +354,7 @@ def static_beam(
     `generate` stops change nothing: no candidate can enter a finished set then). Returns the best finished beam's new
     tokens per image, (images, max_new_tokens), padded after EOS."""
     beams, new = options.num_beams, options.max_new_tokens
-    decoder = _StaticDecoder(model, input_ids, pixel_values, new, copies=beams)
+    decoder = _StaticDecoder(model, input_ids, pixel_values, new, copies=beams, caches=caches)
     images, device = input_ids.shape[0], input_ids.device
     config = decoder.lm.generation_config
     # What generate takes: the language model's generation config, unset fields at transformers' defaults.
@@ -419,6 +478,7 @@ def caption_paths(
     # A compiled static-cache step is compiled once per batch size: a short batch (the last one, or one with
     # unreadable files) is filled up with copies of its last image, whose captions are dropped.
     fill = options.static_cache and _own_loop_applies(model, options)
+    caches: StaticCaches = {}  # one set of static caches for every batch of this run
     for batch in _regrouped(loader, options.batch_size):
         good = [(index, pixels) for index, pixels, _ in batch if pixels is not None]
         captions: list[str] = []
@@ -427,7 +487,8 @@ def caption_paths(
             # there: stacking on the host first copies the batch (154 MB at 256 images) into unpinned memory.
             pixels = [p.to(device, non_blocking=True) for _, p in good]
             pixels += pixels[-1:] * (options.batch_size - len(pixels) if fill else 0)
-            captions = generate_from_pixels(model, processor, torch.stack(pixels), options, prompt)[: len(good)]
+            captions = generate_from_pixels(model, processor, torch.stack(pixels), options, prompt, caches)
+            captions = captions[: len(good)]
         done = {index: caption for (index, _), caption in zip(good, captions, strict=True)}
         for index, _, error in batch:
             yield CaptionResult(str(files[index]), done.get(index), error)
