@@ -501,3 +501,33 @@ def test_a_run_keeps_its_static_caches_from_batch_to_batch(
         assert len({cache for cache, r in used if r == role}) == 1, role
     fresh = [generate_captions(tiny.model, tiny.processor, [load_rgb(p)], static)[0] for p in paths]
     assert kept == fresh
+
+
+def test_a_static_run_makes_each_batchs_image_features_once_ahead_of_its_decoding(
+    tiny: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The static path computes a batch's image side before the previous batch decodes (on a GPU, on a second
+    stream) and hands the features to the loop: the image side runs once per batch, and the model ends in the mode
+    it started in."""
+    import captune.generate as generate
+
+    events: list[str] = []
+    real_features = tiny.model.get_image_features
+    monkeypatch.setattr(tiny.model, "get_image_features",
+                        lambda **kwargs: events.append("features") or real_features(**kwargs))  # fmt: skip
+    real_generate = generate.generate_from_pixels
+
+    def decoding(model: Any, processor: Any, pixels: torch.Tensor, *rest: Any) -> list[str]:
+        assert rest[-1] is not None  # the features made ahead
+        events.append("decode")
+        return real_generate(model, processor, pixels, *rest)
+
+    monkeypatch.setattr(generate, "generate_from_pixels", decoding)
+    was_training = tiny.model.training
+    tiny.model.train()
+    static = GenerateConfig(num_beams=1, min_new_tokens=1, max_new_tokens=6, batch_size=2, static_cache=True)
+    results = list(caption_paths(tiny.model, tiny.processor, _files(tmp_path, 5), static))
+    assert events == ["features", "features", "decode", "features", "decode", "decode"]
+    ended_training = tiny.model.training
+    tiny.model.train(was_training)
+    assert ended_training and all(r.caption for r in results)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,9 +56,11 @@ def generate_from_pixels(
     options: GenerateConfig,
     prompt: str = "",
     caches: StaticCaches | None = None,
+    image_features: torch.Tensor | None = None,
 ) -> list[str]:
     """Captions one batch of preprocessed images (the image processor's `pixel_values`). `caches`: static KV caches
-    to reuse from an earlier batch of the same run (see StaticCaches).
+    to reuse from an earlier batch of the same run (see StaticCaches); `image_features`: the batch's projected
+    Q-Former output when already computed (captune's static loops then skip the image side).
 
     The text input is what `Blip2Processor(images=..., text=prompt)` builds: the image tokens, then the tokenized
     prompt. Decoder-only models get left padding, so every row's prompt ends right where generation starts. The
@@ -81,7 +83,7 @@ def generate_from_pixels(
         if options.static_cache and _own_loop_applies(model, options):
             own_loop = static_greedy if options.num_beams == 1 else static_beam
             with static_attention(model):
-                output = own_loop(model, inputs["input_ids"], pixel_values, options, caches)
+                output = own_loop(model, inputs["input_ids"], pixel_values, options, caches, image_features)
         else:
             output = model.generate(
                 **inputs,
@@ -191,6 +193,7 @@ class _StaticDecoder:
         new_tokens: int,
         copies: int = 1,
         caches: StaticCaches | None = None,
+        image_features: torch.Tensor | None = None,
     ) -> None:
         from transformers import CompileConfig
 
@@ -198,7 +201,7 @@ class _StaticDecoder:
 
         blip = blip_of(model)
         self.lm = lm = blip.language_model
-        embeds = embedded_inputs(blip, input_ids, pixel_values)
+        embeds = embedded_inputs(blip, input_ids, pixel_values, image_features)
         images, self.prefix = embeds.shape[:2]
         self.rows = images * copies
         total = self.prefix + new_tokens
@@ -317,12 +320,14 @@ def static_greedy(
     pixel_values: torch.Tensor,
     options: GenerateConfig,
     caches: StaticCaches | None = None,
+    image_features: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Greedy captions as `generate` makes them (min/max new tokens; a row that emitted EOS gets padding after it),
     over `_StaticDecoder`, without waiting for the GPU at every token: `generate` reads its stopping criteria from the
     GPU after each step, so the host cannot queue the next one. Here the host looks only every STATIC_CHECK_EVERY
     steps. Returns the new tokens only, (rows, up to max_new_tokens)."""
-    decoder = _StaticDecoder(model, input_ids, pixel_values, options.max_new_tokens, caches=caches)
+    decoder = _StaticDecoder(model, input_ids, pixel_values, options.max_new_tokens, caches=caches,
+                             image_features=image_features)  # fmt: skip
     rows, eos, pad = decoder.rows, decoder.eos, decoder.pad
     tokens = torch.full((rows, options.max_new_tokens), pad, dtype=torch.long, device=input_ids.device)
     unfinished = torch.ones(rows, dtype=torch.bool, device=input_ids.device)
@@ -345,6 +350,7 @@ def static_beam(
     pixel_values: torch.Tensor,
     options: GenerateConfig,
     caches: StaticCaches | None = None,
+    image_features: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Beam search as transformers' `generate` does it (its vectorised beam search of 4.50+: the top 2 x beams
     continuations of each image, EOS-ended ones scored with `length_penalty` into the finished set, `early_stopping`
@@ -354,7 +360,8 @@ def static_beam(
     `generate` stops change nothing: no candidate can enter a finished set then). Returns the best finished beam's new
     tokens per image, (images, max_new_tokens), padded after EOS."""
     beams, new = options.num_beams, options.max_new_tokens
-    decoder = _StaticDecoder(model, input_ids, pixel_values, new, copies=beams, caches=caches)
+    decoder = _StaticDecoder(model, input_ids, pixel_values, new, copies=beams, caches=caches,
+                             image_features=image_features)  # fmt: skip
     images, device = input_ids.shape[0], input_ids.device
     config = decoder.lm.generation_config
     # What generate takes: the language model's generation config, unset fields at transformers' defaults.
@@ -477,21 +484,104 @@ def caption_paths(
     )
     # A compiled static-cache step is compiled once per batch size: a short batch (the last one, or one with
     # unreadable files) is filled up with copies of its last image, whose captions are dropped.
-    fill = options.static_cache and _own_loop_applies(model, options)
-    caches: StaticCaches = {}  # one set of static caches for every batch of this run
-    for batch in _regrouped(loader, options.batch_size):
-        good = [(index, pixels) for index, pixels, _ in batch if pixels is not None]
-        captions: list[str] = []
-        if good:
-            # Each image's pixels go to the GPU from the loader's pinned memory without waiting, and are stacked
-            # there: stacking on the host first copies the batch (154 MB at 256 images) into unpinned memory.
-            pixels = [p.to(device, non_blocking=True) for _, p in good]
-            pixels += pixels[-1:] * (options.batch_size - len(pixels) if fill else 0)
-            captions = generate_from_pixels(model, processor, torch.stack(pixels), options, prompt, caches)
-            captions = captions[: len(good)]
-        done = {index: caption for (index, _), caption in zip(good, captions, strict=True)}
-        for index, _, error in batch:
-            yield CaptionResult(str(files[index]), done.get(index), error)
+    batches = _regrouped(loader, options.batch_size)
+    if options.static_cache and _own_loop_applies(model, options):
+        yield from _static_captions(model, processor, files, batches, options, prompt)
+        return
+    for batch in batches:
+        good, pixels = _good_pixels(batch, device, 0)
+        captions = generate_from_pixels(model, processor, pixels, options, prompt)[: len(good)] if good else []
+        yield from _results(files, batch, good, captions)
+
+
+def _good_pixels(batch: list[_Item], device: torch.device, fill_to: int) -> tuple[list[tuple[int, torch.Tensor]], Any]:
+    """The readable images of a batch, and their pixels stacked on `device` (filled up to `fill_to` rows with copies
+    of the last image), or None when there are none. Each image goes to the GPU from the loader's pinned memory
+    without waiting, and is stacked there: stacking on the host would first copy the batch (154 MB at 256 images)
+    into unpinned memory."""
+    good = [(index, pixels) for index, pixels, _ in batch if pixels is not None]
+    if not good:
+        return good, None
+    pixels = [p.to(device, non_blocking=True) for _, p in good]
+    pixels += pixels[-1:] * max(0, fill_to - len(pixels))
+    return good, torch.stack(pixels)
+
+
+def _results(
+    files: list[Path], batch: list[_Item], good: list[tuple[int, torch.Tensor]], captions: list[str]
+) -> Iterator[CaptionResult]:
+    done = {index: caption for (index, _), caption in zip(good, captions, strict=True)}
+    for index, _, error in batch:
+        yield CaptionResult(str(files[index]), done.get(index), error)
+
+
+def _static_captions(
+    model: Blip2Like,
+    processor: Blip2Processor,
+    files: list[Path],
+    batches: Iterable[list[_Item]],
+    options: GenerateConfig,
+    prompt: str,
+) -> Iterator[CaptionResult]:
+    """`caption_paths` through captune's static loops: batches filled up to one size (one compilation: a short batch,
+    the last one or one with unreadable files, gets copies of its last image, whose captions are dropped), one set of
+    static caches for the whole run, and each batch's image side (ViT-g, Q-Former, projection) computed on a second
+    CUDA stream while the previous batch decodes: the image side is large GEMMs, a decode step small ones that leave
+    most of the GPU idle."""
+    from captune.step import blip_of
+
+    blip = blip_of(model)
+    device = next(model.parameters()).device
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    main = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    side = torch.cuda.Stream(device) if device.type == "cuda" else None
+    caches: StaticCaches = {}
+    was_training = model.training
+    model.eval()  # the image side runs here, outside generate_from_pixels
+    pending: tuple | None = None
+    try:
+        for batch in batches:
+            with torch.cuda.stream(side) if side is not None else nullcontext():
+                good, pixels = _good_pixels(batch, device, options.batch_size)
+                features = None
+                if good:
+                    with torch.no_grad(), attention_kernels(options.cudnn_attention):
+                        features = blip.get_image_features(pixel_values=pixels.to(dtype), return_dict=True)
+                        features = features.pooler_output
+                ready = side.record_event() if side is not None else None
+            if pending is not None:
+                yield from _static_batch(model, processor, files, options, prompt, caches, main, *pending)
+            pending = (batch, good, pixels, features, ready)
+        if pending is not None:
+            yield from _static_batch(model, processor, files, options, prompt, caches, main, *pending)
+    finally:
+        model.train(was_training)
+
+
+def _static_batch(
+    model: Blip2Like,
+    processor: Blip2Processor,
+    files: list[Path],
+    options: GenerateConfig,
+    prompt: str,
+    caches: StaticCaches,
+    main: Any,
+    batch: list[_Item],
+    good: list[tuple[int, torch.Tensor]],
+    pixels: torch.Tensor | None,
+    features: torch.Tensor | None,
+    ready: Any,
+) -> Iterator[CaptionResult]:
+    """Decodes one batch whose image features were made on the side stream (the main stream waits for them)."""
+    captions: list[str] = []
+    if good:
+        assert pixels is not None and features is not None
+        if main is not None:
+            main.wait_event(ready)
+            for made_there in (pixels, features):  # used here: not to be reused by the side stream meanwhile
+                made_there.record_stream(main)
+        captions = generate_from_pixels(model, processor, pixels, options, prompt, caches, features)[: len(good)]
+    yield from _results(files, batch, good, captions)
 
 
 def _regrouped(chunks: Iterable[list[_Item]], size: int) -> Iterator[list[_Item]]:
