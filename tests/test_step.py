@@ -274,3 +274,33 @@ def test_flash_attention_falls_back_to_a_row_per_caption(tiny: LoadedModel, capl
         assert not _use_packing(load_config(None, []), tiny.model)
     assert "one row per caption instead" in caplog.text
     assert not _use_packing(load_config(None, ["train.pack_captions=false"]), build_tiny(0).model)
+
+
+def test_joined_gives_the_rows_in_order_in_batches_of_one_size() -> None:
+    chunks = [torch.arange(0, 3), torch.arange(3, 5), torch.arange(5, 11), torch.arange(11, 12)]
+    batches = list(step._joined(iter(chunks), 4))
+    assert [b.tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert [b.tolist() for b in step._joined(iter([torch.arange(5)]), 2)] == [[0, 1], [2, 3], [4]]
+
+
+def test_the_feature_pass_workers_make_shares_and_the_model_gets_whole_batches(
+    lora: LoadedModel, synthetic_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With workers, each makes a share of a batch (the first batch is ready sooner); the model still sees batches of
+    batch_size images in order, so the features are those of the pass without workers."""
+    records = read("synthetic", synthetic_dir).split("train")[:7]
+    paths = [r.image_path for r in records]
+    cpu = torch.device("cpu")
+    serial = image_features(lora.model, lora.processor, paths, batch_size=3, num_workers=0, device=cpu, keep_on=cpu,
+                            progress=False)  # fmt: skip
+    shares: list[int] = []
+    seen: list[int] = []
+    real_loader = step.DataLoader
+    monkeypatch.setattr(step, "DataLoader", lambda *a, **k: shares.append(k["batch_size"]) or real_loader(*a, **k))
+    blip = step.blip_of(lora.model)
+    real = blip.get_image_features
+    monkeypatch.setattr(blip, "get_image_features", lambda **k: seen.append(len(k["pixel_values"])) or real(**k))
+    workers = image_features(lora.model, lora.processor, paths, batch_size=3, num_workers=2, device=cpu, keep_on=cpu,
+                             progress=False)  # fmt: skip
+    assert shares == [2] and seen == [3, 3, 1]
+    torch.testing.assert_close(workers, serial, rtol=0, atol=0)

@@ -17,7 +17,7 @@ that of a row per caption.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -238,6 +238,21 @@ class _Pixels(Dataset):
         return processed_pixels(self.paths[index], self.image_processor)
 
 
+def _joined(chunks: Iterable[torch.Tensor], size: int) -> Iterator[torch.Tensor]:
+    """The rows of consecutive tensors, in order, in tensors of `size` rows (the last one shorter)."""
+    pending: list[torch.Tensor] = []
+    count = 0
+    for chunk in chunks:
+        pending.append(chunk)
+        count += len(chunk)
+        while count >= size:
+            joined = torch.cat(pending) if len(pending) > 1 else pending[0]
+            yield joined[:size]
+            pending, count = ([joined[size:]], count - size) if count > size else ([], 0)
+    if pending:
+        yield torch.cat(pending)
+
+
 @torch.no_grad()
 def image_features(
     model: nn.Module,
@@ -270,14 +285,20 @@ def image_features(
     dtype, width = embeddings.weight.dtype, embeddings.embedding_dim
     # A generator of its own: the loader's seed draw must not move the global RNG, or training after a computed pass
     # would differ from training after features read from train.feature_cache_dir.
-    loader = DataLoader(_Pixels(paths, processor), batch_size=batch_size, num_workers=num_workers,
+    # Each worker makes a share of a batch (batch_size / num_workers images), not a whole one, so the first batch is
+    # ready when every worker has made its first share, not after one worker decoded batch_size images.
+    share = -(-batch_size // num_workers) if num_workers else batch_size
+    loader = DataLoader(_Pixels(paths, processor), batch_size=share, num_workers=num_workers,
                         pin_memory=device.type == "cuda", worker_init_fn=freeze_inherited_objects,
                         generator=torch.Generator())  # fmt: skip
     out = torch.empty((len(paths), blip.config.num_query_tokens, width), dtype=dtype, device=keep_on,
                       pin_memory=keep_on.type == "cpu" and device.type == "cuda")  # fmt: skip
     row = 0
-    for pixels in tqdm(loader, desc="image features", unit="batch", disable=not progress):
-        pixels = pixels.to(device, dtype=blip.vision_model.dtype, non_blocking=True)
+    shares = (pixels.to(device, non_blocking=True) for pixels in loader)  # from pinned memory, joined on the GPU
+    batches = tqdm(_joined(shares, batch_size), desc="image features", unit="batch", disable=not progress,
+                   total=-(-len(paths) // batch_size))  # fmt: skip
+    for pixels in batches:
+        pixels = pixels.to(dtype=blip.vision_model.dtype)
         features = blip.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
         out[row : row + len(features)] = features.to(dtype)
         row += len(features)
