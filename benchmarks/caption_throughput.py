@@ -261,6 +261,17 @@ def vision_tf32(model: Any, processor: Any, paths: list[Path], batch: int) -> di
     return out
 
 
+def usual_stage(model: Any, processor: Any, paths: list[Path], result: dict, save: Any) -> list[str]:
+    """Stage 1, after a warm-up: the usual loop at batch 1 (16 images) and 32 (128 images); its batch-32 captions."""
+    captune_path(model, processor, paths[:8], 8, 1, 0)  # warm-up: CUDA context, kernels
+    usual1, _ = usual_loop(model, processor, paths[:16], 1)
+    usual32, captions = usual_loop(model, processor, paths[:128], 32)
+    result["usual"] = {"batch_1": usual1, "batch_32": usual32}
+    print(f"usual loop: batch 1 {usual1:.2f}, batch 32 {usual32:.1f} captions/s", flush=True)
+    save()
+    return captions
+
+
 def static_only(
     args: argparse.Namespace, model: Any, processor: Any, paths: list[Path], result: dict, save: Any
 ) -> None:
@@ -268,12 +279,7 @@ def static_only(
     warm-up batch that compiles the step for it), single-image latency, beam 5 at `--beam-batch`; each with its bf16
     agreement with generate. With `--with-usual`, the usual loop first (batch 1 and 32, greedy), in this process."""
     if args.with_usual:
-        captune_path(model, processor, paths[:8], 8, 1, 0)  # warm-up: CUDA context, kernels
-        usual1, _ = usual_loop(model, processor, paths[:16], 1)
-        usual32, _ = usual_loop(model, processor, paths[:128], 32)
-        result["usual"] = {"batch_1": usual1, "batch_32": usual32}
-        print(f"usual loop: batch 1 {usual1:.2f}, batch 32 {usual32:.1f} captions/s", flush=True)
-        save()
+        usual_stage(model, processor, paths, result, save)
     result["captune_static_cache"] = {}
     result["vision_side_seconds"] = vision_tf32(model, processor, paths, int(args.static_only.split(",")[0]))
     save()
@@ -366,12 +372,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.static_only:
         static_only(args, model, processor, paths, result, save)
         return
-    captune_path(model, processor, paths[:8], 8, 1, 0)  # warm-up: CUDA context, kernels
-    usual1, _ = usual_loop(model, processor, paths[:16], 1)
-    usual32, usual_captions = usual_loop(model, processor, paths[:128], 32)
-    result["usual"] = {"batch_1": usual1, "batch_32": usual32}
-    print(f"usual loop: batch 1 {usual1:.2f}, batch 32 {usual32:.1f} captions/s", flush=True)
-    save()
+    usual_captions = usual_stage(model, processor, paths, result, save)
     same32, captune_captions = captune_path(model, processor, paths[:128], 32, 1, args.workers)
     agree = sum(a == b for a, b in zip(usual_captions, captune_captions, strict=True)) / len(usual_captions)
     result["agreement_batch_32"] = {"identical_captions": agree, "captions": len(usual_captions)}

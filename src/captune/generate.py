@@ -545,9 +545,9 @@ def _static_captions(
                 good, pixels = _good_pixels(batch, device, options.batch_size)
                 features = None
                 if good:
+                    pixels = pixels.to(dtype)  # here, on this stream: generate_from_pixels then has nothing to convert
                     with torch.no_grad(), attention_kernels(options.cudnn_attention):
-                        features = blip.get_image_features(pixel_values=pixels.to(dtype), return_dict=True)
-                        features = features.pooler_output
+                        features = blip.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
                 ready = side.record_event() if side is not None else None
             if pending is not None:
                 yield from _static_batch(model, processor, files, options, prompt, caches, main, *pending)
