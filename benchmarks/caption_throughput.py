@@ -189,7 +189,7 @@ def profile_static(model: Any, processor: Any, paths: list[Path], batch: int, be
     CUDA graph."""
     from torch.profiler import ProfilerActivity, profile
 
-    from captune.generate import generate_from_pixels
+    from captune.generate import _compiled_image_side, generate_from_pixels
 
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     pixels = _pixels(processor, paths, batch, device, dtype)
@@ -203,6 +203,8 @@ def profile_static(model: Any, processor: Any, paths: list[Path], batch: int, be
     out["call_seconds"] = _timed(lambda: generate_from_pixels(model, processor, pixels, static))
     with torch.no_grad():
         out["vision_seconds"] = _timed(lambda: model.get_image_features(pixel_values=pixels, return_dict=True))
+        if torch.cuda.is_available():  # what the static loops run when they make the features themselves
+            out["vision_compiled_seconds"] = _timed(lambda: _compiled_image_side(model)(pixels).clone())
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         generate_from_pixels(model, processor, pixels, static)
         _sync()
@@ -211,9 +213,13 @@ def profile_static(model: Any, processor: Any, paths: list[Path], batch: int, be
     out["profiled_gpu_busy_seconds"] = kernel_us / 1e6
     out["top_by_gpu"] = events.table(sort_by="self_device_time_total", row_limit=15)
     out["top_by_cpu"] = events.table(sort_by="cpu_time_total", row_limit=20)
+    if batch >= 32:  # this batch's captions against generate's, in the model's dtype
+        out["identical_to_generate"] = agreement(model, processor, paths, batch, beams)
     print(f"static loop batch {batch} beams {beams}: {out['call_seconds']:.3f} s a call (first "
-          f"{out['first_call_seconds']:.1f} s), vision {out['vision_seconds']:.3f} s, GPU busy "
-          f"{out['profiled_gpu_busy_seconds']:.3f} s in a profiled call\n{out['top_by_gpu']}\n{out['top_by_cpu']}",
+          f"{out['first_call_seconds']:.1f} s), vision {out['vision_seconds']:.3f} s (compiled "
+          f"{out.get('vision_compiled_seconds')}), GPU busy "
+          f"{out['profiled_gpu_busy_seconds']:.3f} s in a profiled call, identical to generate "
+          f"{out.get('identical_to_generate')}\n{out['top_by_gpu']}\n{out['top_by_cpu']}",
           flush=True)  # fmt: skip
     return out
 
@@ -261,13 +267,60 @@ def vision_tf32(model: Any, processor: Any, paths: list[Path], batch: int) -> di
     return out
 
 
+def reduction_attention(
+    module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
+    scaling: float | None = None, is_causal: bool | None = None, **kwargs: Any,
+) -> tuple:  # fmt: skip
+    """A candidate for `captune.generate._one_query_attention` (`--attention reduction`): the one-query step as
+    float32 reductions over the bf16 cache (the compiler reads the cache once, in its dtype, and accumulates in
+    float32, as flash attention does) instead of two bf16 batched products whose scores are rounded to bf16."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    if query.shape[2] != 1 or module.training:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)  # fmt: skip
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = (query.float() * key.float()).sum(-1) * scale  # (rows, heads, slots)
+    if attention_mask is not None:  # (rows, 1, 1, slots)
+        mask = attention_mask[:, :, 0]
+        scores = scores.masked_fill(~mask, -float("inf")) if mask.dtype == torch.bool else scores + mask
+    weights = scores.softmax(dim=-1)
+    out = (weights[..., None] * value.float()).sum(2)  # (rows, heads, dim)
+    return out.to(value.dtype)[:, None].contiguous(), None
+
+
+def apply_experiments(args: argparse.Namespace) -> dict[str, Any]:
+    """`--inductor KEY=VALUE,...` (torch._inductor.config, before anything compiles) and `--attention reduction`
+    (the one-query step of captune's static loops replaced by `reduction_attention`): what this process changed."""
+    import captune.generate
+
+    changed: dict[str, Any] = {}
+    for entry in filter(None, (args.inductor or "").split(",")):
+        name, _, text = entry.partition("=")
+        value: Any = {"true": True, "false": False}.get(text.lower(), text)
+        if isinstance(value, str) and value.lstrip("-").isdigit():
+            value = int(value)
+        setattr(torch._inductor.config, name, value)
+        changed[f"inductor.{name}"] = value
+    if args.attention == "reduction":
+        captune.generate._one_query_attention = reduction_attention  # type: ignore[assignment]
+        changed["one_query_attention"] = "reduction_attention (benchmark)"
+    return changed
+
+
 def usual_stage(model: Any, processor: Any, paths: list[Path], result: dict, save: Any) -> list[str]:
-    """Stage 1, after a warm-up: the usual loop at batch 1 (16 images) and 32 (128 images); its batch-32 captions."""
+    """Stage 1, after a warm-up: the usual loop at batch 1 (16 images) and 32 (128 images); its batch-32 captions.
+    Also how often the usual loop agrees with itself across batch sizes (its batch-1 and batch-32 captions of the same
+    16 images): in bf16 the GEMM kernels differ with the batch, which rounds differently."""
     captune_path(model, processor, paths[:8], 8, 1, 0)  # warm-up: CUDA context, kernels
-    usual1, _ = usual_loop(model, processor, paths[:16], 1)
+    usual1, captions1 = usual_loop(model, processor, paths[:16], 1)
     usual32, captions = usual_loop(model, processor, paths[:128], 32)
-    result["usual"] = {"batch_1": usual1, "batch_32": usual32}
-    print(f"usual loop: batch 1 {usual1:.2f}, batch 32 {usual32:.1f} captions/s", flush=True)
+    same = sum(a == b for a, b in zip(captions1, captions[:16], strict=True)) / len(captions1)
+    result["usual"] = {"batch_1": usual1, "batch_32": usual32, "batch_1_identical_to_batch_32": same}
+    print(f"usual loop: batch 1 {usual1:.2f}, batch 32 {usual32:.1f} captions/s; its batch-1 captions identical to "
+          f"its batch-32 ones for {same:.1%} of 16 images", flush=True)  # fmt: skip
     save()
     return captions
 
@@ -332,7 +385,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile-static", metavar="BATCHES",
                         help="only profile captune's static-cache loops at these batch sizes (comma-separated; "
                         "BATCHxBEAMS for beam search), then compare them with generate in float32")  # fmt: skip
+    parser.add_argument("--skip-fp32", action="store_true", help="--profile-static without the float32 comparison")
+    parser.add_argument("--inductor", metavar="KEY=VALUE,...",
+                        help="torch._inductor.config settings for this process (e.g. freezing=true)")  # fmt: skip
+    parser.add_argument("--attention", choices=("bmm", "reduction"), default="bmm",
+                        help="the one-query attention of the static loops: captune's (bmm) or the benchmark's "
+                        "float32 reduction candidate")  # fmt: skip
     args = parser.parse_args(argv)
+    import torch._inductor.config  # noqa: F401  (for apply_experiments)
+
+    experiments = apply_experiments(args)
     model_dir = args.model_dir
     if args.tiny:
         model_dir = args.work / "tiny-model"
@@ -356,14 +418,16 @@ def main(argv: list[str] | None = None) -> None:
     result["dtype"] = str(next(model.parameters()).dtype)
     result["command"] = shlex.join(["python", "benchmarks/caption_throughput.py", *(argv or sys.argv[1:])])
     result["date"] = datetime.date.today().isoformat()
+    result["experiments"] = experiments
     if args.profile_static:  # entries BATCH or BATCHxBEAMS
         result["profile_static"] = []
         for entry in args.profile_static.split(","):
             batch, _, beams = entry.partition("x")
             result["profile_static"].append(profile_static(model, processor, paths, int(batch), int(beams or 1)))
             save()
-        result["agreement_float32"] = agreement_fp32(model, processor, paths, 64)
-        save()
+        if not args.skip_fp32:
+            result["agreement_float32"] = agreement_fp32(model, processor, paths, 64)
+            save()
         return
     if args.breakdown:
         result["breakdown"] = breakdown(model, processor, paths, args.breakdown, args.workers)

@@ -201,6 +201,10 @@ class _StaticDecoder:
 
         blip = blip_of(model)
         self.lm = lm = blip.language_model
+        quantized = getattr(blip, "hf_quantizer", None) is not None
+        compiled = input_ids.device.type == "cuda" and not quantized
+        if image_features is None and compiled:
+            image_features = _compiled_image_side(blip)(pixel_values).clone()  # clone: the graph's output is reused
         embeds = embedded_inputs(blip, input_ids, pixel_values, image_features)
         images, self.prefix = embeds.shape[:2]
         self.rows = images * copies
@@ -223,8 +227,6 @@ class _StaticDecoder:
             self.cache = _static_cache(held, "beams", (self.rows, total, embeds.dtype, device), lm.config)
             _repeat_rows(prefilled, self.cache, copies, self.prefix)
         self.cached = {name: self.cache}
-        quantized = getattr(blip, "hf_quantizer", None) is not None
-        compiled = device.type == "cuda" and not quantized
         self.call = lm.get_compiled_call(CompileConfig()) if compiled else lm.__call__
         self.move = _compiled_reorder() if compiled else _reorder_rows
         self.layers: list[torch.Tensor] = []
@@ -259,6 +261,21 @@ class _StaticDecoder:
         if index < min_new_tokens:
             scores.index_fill_(1, self.eos, -float("inf"))
         return scores
+
+
+def _compiled_image_side(blip: Any) -> Any:
+    """The image side (ViT-g, Q-Former, projection: pixels to projected query features) compiled with CUDA graphs,
+    once per model (recorded once per batch size). Eager, it is ~1,000 small kernel launches: 48.7 ms for one image
+    on an H100, a third of a single caption's latency, while its GPU work is a few ms."""
+    compiled = getattr(blip, "_captune_image_side", None)
+    if compiled is None:
+
+        def image_side(pixels: torch.Tensor) -> torch.Tensor:
+            return blip.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
+
+        compiled = torch.compile(image_side, mode="reduce-overhead", fullgraph=True)
+        blip._captune_image_side = compiled
+    return compiled
 
 
 StaticCaches = dict[str, tuple[tuple, Any]]
