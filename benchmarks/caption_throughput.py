@@ -86,9 +86,20 @@ def captune_path(
                              static_cache=static)  # fmt: skip
     _sync()
     start = time.perf_counter()
-    captions = [r.caption for r in caption_paths(model, processor, paths, options, "", workers)]
+    captions, arrived = [], []
+    for result in caption_paths(model, processor, paths, options, "", workers):
+        captions.append(result.caption)
+        arrived.append(time.perf_counter())
     _sync()
-    return len(paths) / (time.perf_counter() - start), captions
+    end = time.perf_counter()
+    # After the first batch (the loader's workers starting, the first batch decoded): the rate of a long run.
+    STEADY[(batch_size, num_beams)] = (len(paths) - batch_size) / (end - arrived[batch_size - 1]) if len(
+        paths) > batch_size else None  # fmt: skip
+    return len(paths) / (end - start), captions
+
+
+STEADY: dict[tuple[int, int], float | None] = {}
+"""captune_path's last rate after its first batch, by (batch size, beams)."""
 
 
 def latency(model: Any, processor: Any, path: Path, static: bool = False) -> dict[str, float]:
@@ -343,10 +354,11 @@ def static_only(
         rate, _ = captune_path(model, processor, paths, batch, 1, args.workers, static=True)
         same = agreement(model, processor, paths, batch, 1)
         result["captune_static_cache"][f"greedy_batch_{batch}"] = rate
+        result["captune_static_cache"][f"greedy_batch_{batch}_after_first_batch"] = STEADY[(batch, 1)]
         result["captune_static_cache"][f"greedy_batch_{batch}_identical_to_generate_bf16"] = same
         print(f"static cache batch {batch}: {rate:.1f} captions/s over {len(paths)} images after "
               f"{result[f'static_cache_warm_up_seconds_batch_{batch}']:.0f} s of warm-up; identical to generate: "
-              f"{same:.1%}", flush=True)  # fmt: skip
+              f"{same:.1%}; after the first batch {STEADY[(batch, 1)]:.1f} captions/s", flush=True)  # fmt: skip
         save()
     result["latency_single_image_static_cache"] = latency(model, processor, paths[0], static=True)
     print(f"single image, static cache: {result['latency_single_image_static_cache']}", flush=True)
@@ -355,10 +367,11 @@ def static_only(
     start = time.perf_counter()
     captune_path(model, processor, paths[:beam_batch], beam_batch, 5, args.workers, static=True)  # compiles
     result["beam_warm_up_seconds"] = time.perf_counter() - start
-    images = paths[: max(beam_batch * 4, 512)]
+    images = paths[: max(beam_batch * 4, args.beam_images)]
     beam, _ = captune_path(model, processor, images, beam_batch, 5, args.workers, static=True)
     same = agreement(model, processor, paths, 64, 5)
     result["captune_static_cache"][f"beam5_batch_{beam_batch}"] = beam
+    result["captune_static_cache"][f"beam5_batch_{beam_batch}_after_first_batch"] = STEADY[(beam_batch, 5)]
     result["captune_static_cache"]["beam5_identical_to_generate_bf16"] = same
     print(f"beam 5, static cache, batch {beam_batch}: {beam:.1f} captions/s over {len(images)} images; identical to "
           f"generate: {same:.1%}", flush=True)  # fmt: skip
@@ -382,6 +395,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="only time the parts of captioning at this batch: loader, vision side, generate with a "
                         "dynamic and a static cache, generate with unmerged LoRA")  # fmt: skip
     parser.add_argument("--beam-batch", type=int, default=64, help="images per batch for beam 5 in --static-only")
+    parser.add_argument("--beam-images", type=int, default=512, help="images captioned with beam 5 in --static-only")
     parser.add_argument("--profile-static", metavar="BATCHES",
                         help="only profile captune's static-cache loops at these batch sizes (comma-separated; "
                         "BATCHxBEAMS for beam search), then compare them with generate in float32")  # fmt: skip
