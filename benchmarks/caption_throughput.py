@@ -303,16 +303,17 @@ def reduction_attention(
 
 
 def apply_experiments(args: argparse.Namespace) -> dict[str, Any]:
-    """`--inductor KEY=VALUE,...` (torch._inductor.config, before anything compiles) and `--attention reduction`
+    """`--inductor KEY=VALUE` (torch._inductor.config, before anything compiles) and `--attention reduction`
     (the one-query step of captune's static loops replaced by `reduction_attention`): what this process changed."""
     import captune.generate
 
     changed: dict[str, Any] = {}
-    for entry in filter(None, (args.inductor or "").split(",")):
+    for entry in args.inductor:
         name, _, text = entry.partition("=")
-        value: Any = {"true": True, "false": False}.get(text.lower(), text)
-        if isinstance(value, str) and value.lstrip("-").isdigit():
-            value = int(value)
+        try:
+            value: Any = json.loads(text)  # true, 3, {"decompose_mm_pass": {}}
+        except json.JSONDecodeError:
+            value = text
         setattr(torch._inductor.config, name, value)
         changed[f"inductor.{name}"] = value
     if args.attention == "reduction":
@@ -400,8 +401,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="only profile captune's static-cache loops at these batch sizes (comma-separated; "
                         "BATCHxBEAMS for beam search), then compare them with generate in float32")  # fmt: skip
     parser.add_argument("--skip-fp32", action="store_true", help="--profile-static without the float32 comparison")
-    parser.add_argument("--inductor", metavar="KEY=VALUE,...",
-                        help="torch._inductor.config settings for this process (e.g. freezing=true)")  # fmt: skip
+    parser.add_argument("--inductor", metavar="KEY=VALUE", action="append", default=[],
+                        help="a torch._inductor.config setting for this process, VALUE in JSON (e.g. freezing=true); "
+                        "repeatable")  # fmt: skip
     parser.add_argument("--attention", choices=("bmm", "reduction"), default="bmm",
                         help="the one-query attention of the static loops: captune's (bmm) or the benchmark's "
                         "float32 reduction candidate")  # fmt: skip

@@ -307,3 +307,20 @@ def test_train_refuses_bad_images_until_told_to_skip_them(tmp_path: Path, capsys
     assert "\nerror: " in err and "3.jpg" in err and "--skip-bad-images" in err and "Traceback" not in err
     assert main([*args, "--skip-bad-images"]) == 0
     assert "done: 1 steps" in capsys.readouterr().out
+
+
+def test_caption_says_when_the_static_cache_would_be_faster(
+    model_dir: Path, images: list[Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from captune import generate
+
+    asked = []
+
+    def advice(count: int, options: object, device: str, own_loop: bool) -> str:
+        asked.append((count, device, own_loop))
+        return "note: use --static-cache"
+
+    monkeypatch.setattr(generate, "static_cache_advice", advice)
+    assert _caption(model_dir, *map(str, images), "--format", "jsonl") == 0
+    assert asked == [(3, "cpu", True)]  # the images of the run, the model's device, OPT runs captune's loops
+    assert "note: use --static-cache" in capsys.readouterr().err

@@ -531,3 +531,40 @@ def test_a_static_run_makes_each_batchs_image_features_once_ahead_of_its_decodin
     ended_training = tiny.model.training
     tiny.model.train(was_training)
     assert ended_training and all(r.caption for r in results)
+
+
+# --- when the static loops look, and when to advise them ---------------------------------------------------------
+
+
+def test_static_loops_look_for_the_end_only_where_a_row_may_have_ended(monkeypatch: pytest.MonkeyPatch) -> None:
+    from captune import generate
+
+    monkeypatch.setattr(generate, "STATIC_CHECK_EVERY", 2)
+    looks = [i for i in range(10) if generate._check_at(i, GenerateConfig(min_new_tokens=6, max_new_tokens=10))]
+    assert looks == [7, 9]  # EOS is banned for new tokens 0-5: no row can end before number 6
+    anywhere = GenerateConfig(min_new_tokens=0, max_new_tokens=10)
+    assert [i for i in range(10) if generate._check_at(i, anywhere)] == [1, 3, 5, 7, 9]
+
+
+@pytest.mark.parametrize(
+    ("images", "beams", "static", "device", "own_loop", "advised"),
+    [
+        (10_000, 1, False, "cuda", True, True),
+        (9_999, 1, False, "cuda", True, False),  # too short to pay for the warm-up
+        (3_000, 5, False, "cuda", True, True),  # beam search pays sooner
+        (2_999, 5, False, "cuda", True, False),
+        (50_000, 1, True, "cuda", True, False),  # already on
+        (50_000, 1, False, "cpu", True, False),  # nothing is compiled on a CPU
+        (50_000, 1, False, "cuda", False, False),  # Flan-T5 or a repetition penalty: transformers' static cache
+    ],
+)
+def test_the_static_cache_is_advised_for_long_gpu_runs_only(
+    images: int, beams: int, static: bool, device: str, own_loop: bool, advised: bool
+) -> None:
+    from captune.generate import static_cache_advice
+
+    options = GenerateConfig(num_beams=beams, static_cache=static)
+    advice = static_cache_advice(images, options, device, own_loop)
+    assert (advice is not None) == advised
+    if advice:
+        assert f"{images} images" in advice and "--static-cache" in advice

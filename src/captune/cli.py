@@ -15,9 +15,9 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from captune.config import Config
+from captune.config import Config, GenerateConfig
 from captune.errors import CaptuneError
 
 if TYPE_CHECKING:
@@ -120,6 +120,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
         skipped = sum(1 for p in paths if str(p) in done)
         paths = [p for p in paths if str(p) not in done]
     loaded = load_model_dir(args.model_dir, device=args.device, merge=args.merge_adapter)
+    _advise_static_cache(loaded.model, config.generate, len(paths))
     ok = failed = 0
     # The bare caption only when the one input names the image itself; otherwise each line says which image it is.
     bare = len(args.paths) == 1 and paths == [Path(args.paths[0]).expanduser()] and not args.resume
@@ -150,6 +151,16 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if failed:
         print(f"captioned {ok} image(s); {failed} input(s) failed (listed above)", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _advise_static_cache(model: Any, options: GenerateConfig, images: int) -> None:
+    """Says on stderr when this many images would caption faster with `--static-cache`."""
+    from captune.generate import _own_loop_applies, static_cache_advice
+
+    device = next(model.parameters()).device.type
+    advice = static_cache_advice(images, options, device, _own_loop_applies(model, options))
+    if advice:
+        print(advice, file=sys.stderr)
 
 
 def _captioned_images(path: Path) -> set[str]:
@@ -230,6 +241,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not records:
         raise CaptuneError(f"{args.data_dir}: the {args.split} split has no usable images")
     loaded = load_model_dir(args.model_dir, device=args.device, merge=args.merge_adapter)
+    _advise_static_cache(loaded.model, config.generate, len(records))
     evaluation = evaluate_records(loaded.model, loaded.processor, records, config.generate, config.data.prompt,
                                   args.workers)  # fmt: skip
     output_dir = Path(args.output_dir or Path(args.model_dir) / f"eval-{args.split}")
