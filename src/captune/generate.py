@@ -69,13 +69,7 @@ def generate_from_pixels(
     device = next(model.parameters()).device
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     tokenizer = processor.tokenizer
-    tokenizer.padding_side = "right" if _is_encoder_decoder(model) else "left"
-    text = tokenizer([prompt] * len(pixel_values), padding=True)
-    image_tokens = tokenizer(processor.image_token.content * processor.num_query_tokens, add_special_tokens=False)
-    inputs = {
-        key: torch.tensor([image_tokens[key] + row for row in text[key]], device=device)
-        for key in ("input_ids", "attention_mask")
-    }
+    inputs = text_inputs(model, processor, len(pixel_values), prompt)
     was_training = model.training
     model.eval()
     pixel_values = pixel_values.to(device, dtype, non_blocking=True)
@@ -100,6 +94,20 @@ def generate_from_pixels(
     model.train(was_training)
     texts = tokenizer.batch_decode(output, skip_special_tokens=True)
     return [_clean(t, prompt) for t in texts]
+
+
+def text_inputs(model: Blip2Like, processor: Blip2Processor, rows: int, prompt: str = "") -> dict[str, torch.Tensor]:
+    """`input_ids` and `attention_mask` of `rows` images on the model's device, as `Blip2Processor(images=...,
+    text=prompt)` builds them: the image tokens, then the tokenized prompt (left-padded for decoder-only models)."""
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "right" if _is_encoder_decoder(model) else "left"
+    text = tokenizer([prompt] * rows, padding=True)
+    image_tokens = tokenizer(processor.image_token.content * processor.num_query_tokens, add_special_tokens=False)
+    device = next(model.parameters()).device
+    return {
+        key: torch.tensor([image_tokens[key] + row for row in text[key]], device=device)
+        for key in ("input_ids", "attention_mask")
+    }
 
 
 def _own_loop_applies(model: Blip2Like, options: GenerateConfig) -> bool:
