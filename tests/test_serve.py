@@ -597,3 +597,40 @@ def test_any_json_request_gets_a_caption_or_a_json_error(client: TestClient, pay
     response = client.post("/v1/captions", content=json.dumps(payload), headers={"content-type": "application/json"})
     assert response.status_code in SERVER_STATUSES, response.text
     assert ("captions" if response.status_code == 200 else "error") in response.json()
+
+
+@pytest.mark.parametrize(("max_batch", "sizes"), [(1, [1]), (4, [1, 2, 4]), (6, [1, 2, 4, 6]), (16, [1, 2, 4, 8, 16])])
+def test_static_batch_sizes_are_those_batches_are_filled_to(max_batch: int, sizes: list[int]) -> None:
+    from captune.serve import _filled_size, static_batch_sizes
+
+    assert static_batch_sizes(max_batch) == sizes
+    assert {_filled_size(count, max_batch) for count in range(1, max_batch + 1)} == set(sizes)
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_warm_up_captions_every_static_batch_size_before_the_first_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, static: bool
+) -> None:
+    from dataclasses import replace
+
+    from captune.model import save_tiny_model_dir
+
+    run = save_tiny_model_dir(tmp_path, ["num_beams=1", "min_new_tokens=1", "max_new_tokens=5",
+                                         f"static_cache={str(static).lower()}"])  # fmt: skip
+    import captune.serve as serve
+
+    calls: list[tuple[int, str]] = []
+    real = serve.generate_captions
+
+    def recording(model: Any, processor: Any, images: list[Image.Image], *rest: Any) -> list[str]:
+        calls.append((len(images), threading.current_thread().name))
+        return real(model, processor, images, *rest)
+
+    monkeypatch.setattr(serve, "generate_captions", recording)
+    with TestClient(create_app(run, replace(SETTINGS, warm_up=True, max_batch=4))) as warm:
+        at_start = list(calls)
+        assert warm.post("/v1/captions", files=_files(RED, BLUE, RED)).status_code == 200
+    # On the generation worker's thread (CUDA graphs belong to the thread that records them); nothing without a
+    # static cache (nothing is compiled then).
+    assert at_start == ([(1, "captune-generate"), (2, "captune-generate"), (4, "captune-generate")] if static else [])
+    assert calls[len(at_start) :] == [(4 if static else 3, "captune-generate")]

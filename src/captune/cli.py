@@ -327,7 +327,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # The flags of `captune serve` that set the `ServeSettings` field of the same name (None keeps its default).
 _SERVE_SETTINGS = ("device", "merge_adapter", "max_upload_bytes", "max_images", "max_image_pixels", "max_new_tokens",
-                   "max_num_beams", "max_batch", "max_wait_ms", "max_queue", "retry_after_s")  # fmt: skip
+                   "max_num_beams", "max_batch", "max_wait_ms", "max_queue", "retry_after_s", "warm_up")  # fmt: skip
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -455,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--max-queue", type=int, help="images admitted at once (default 64); 503 with Retry-After "
                        "beyond")  # fmt: skip
     group.add_argument("--retry-after-s", type=int, help="Retry-After of a 503, in seconds (default 1)")
+    p.add_argument("--warm-up", action="store_true", default=None,
+                   help="with a static-cache model: compile every batch size before taking requests")  # fmt: skip
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="train, evaluate and caption on the built-in synthetic data")

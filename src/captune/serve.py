@@ -101,6 +101,11 @@ class ServeSettings:
     images take at most `max_queue * max_image_pixels * 3` bytes."""
     retry_after_s: int = 1
     """The Retry-After header of a 503, in seconds."""
+    warm_up: bool = False
+    """With a model whose generate settings use a static cache: before accepting requests, caption a blank image at
+    every batch size the server compiles (`static_batch_sizes`) with those settings, so that no request waits for a
+    compilation (about a minute per size on an H100 for the first: the decode step, and the image side up to batch
+    32). Requests with other options still compile their own on first use."""
 
 
 def check_settings(settings: ServeSettings) -> None:
@@ -680,11 +685,24 @@ class _Server:
     async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
         self.decode_limiter = anyio.CapacityLimiter(DECODE_THREADS)
         self.batcher.start()
+        if self.settings.warm_up and self.config.generate.static_cache:
+            await self._warm_up()
         log.info("captioning with %s on %s; limits %s", self.model_dir, self.info.device, asdict(self.settings))
         try:
             yield
         finally:
             await run_in_threadpool(self.batcher.close)
+
+    async def _warm_up(self) -> None:
+        """Captions a blank image at every static-cache batch size, on the generation worker (compiled CUDA graphs
+        belong to the thread that records them), before the server takes requests."""
+        sizes = static_batch_sizes(self.settings.max_batch)
+        log.info("warming up: compiling generation for batch sizes %s (--warm-up)", sizes)
+        blank = Image.new("RGB", (64, 64))  # resized like any upload
+        for size in sizes:
+            started = time.monotonic()
+            await asyncio.wrap_future(self.batcher.submit([blank] * size, self.config.generate))
+            log.info("warm-up: batch %d ready in %.1f s", size, time.monotonic() - started)
 
     async def captions(self, request: Request) -> CaptionResponse:
         """Captions 1 to `max_images` images: multipart uploads (field `images`) or JSON `{"images": [base64]}`,
@@ -737,6 +755,17 @@ class _Server:
         return HTMLResponse(self.page, headers={"Content-Security-Policy": _PAGE_CSP})
 
 
+def _filled_size(count: int, max_batch: int) -> int:
+    """The batch size `count` images are filled up to with a static cache: the next power of two, at most
+    `max_batch`."""
+    return min(1 << (count - 1).bit_length(), max_batch)
+
+
+def static_batch_sizes(max_batch: int) -> list[int]:
+    """Every batch size a static-cache server compiles for: the powers of two below `max_batch`, and `max_batch`."""
+    return sorted({_filled_size(count, max_batch) for count in range(1, max_batch + 1)})
+
+
 def create_app(model_dir: str | Path, settings: ServeSettings | None = None) -> FastAPI:
     """Loads the model once and returns the caption server's app; its lifespan starts and stops the batcher.
 
@@ -758,7 +787,7 @@ def create_app(model_dir: str | Path, settings: ServeSettings | None = None) -> 
     def generate(images: list[Image.Image], options: GenerateConfig) -> list[str]:
         count = len(images)
         if options.static_cache:  # a compiled step per batch size: fill up to a power of two (few compilations)
-            images = images + images[-1:] * (min(1 << (count - 1).bit_length(), settings.max_batch) - count)
+            images = images + images[-1:] * (_filled_size(count, settings.max_batch) - count)
         return generate_captions(loaded.model, loaded.processor, images, options, config.data.prompt)[:count]
 
     server = _Server(
