@@ -252,8 +252,11 @@ class _StaticDecoder:
         held = {} if caches is None else caches
         prefilled = _static_cache(held, "prefill", (images, total, embeds.dtype, device), lm.config)
         start = self.positions[: self.prefix]
+        # The LM head on the last position only (`generate` runs it on every prompt position: 1.7 GB of logits and
+        # ~4 TFLOP at batch 512 with the 33-token prompt)
         logits = lm(inputs_embeds=embeds, attention_mask=self.mask[:images], use_cache=True, cache_position=start,
-                    position_ids=start.expand(images, -1), **{name: prefilled}).logits[:, -1]  # fmt: skip
+                    position_ids=start.expand(images, -1), logits_to_keep=1,
+                    **{name: prefilled}).logits[:, -1]  # fmt: skip
         self.first_logits = logits.repeat_interleave(copies, dim=0)
         if copies == 1:
             self.cache = prefilled
