@@ -344,6 +344,30 @@ def reduction_attention(
     return out.to(value.dtype)[:, None].contiguous(), None
 
 
+def flex_attention_candidate(
+    module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
+    scaling: float | None = None, is_causal: bool | None = None, **kwargs: Any,
+) -> tuple:  # fmt: skip
+    """A candidate for `captune.generate._one_query_attention` (`--attention flex`): PyTorch's FlexAttention, which
+    the compiler lowers to its decoding kernel (split over the cache) for one query; the static cache's mask as a
+    score modification."""
+    from torch.nn.attention.flex_attention import flex_attention
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    if query.shape[2] != 1 or module.training or attention_mask is None or attention_mask.dtype != torch.bool:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)  # fmt: skip
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    allowed = attention_mask[:, 0, 0]  # (rows, slots)
+
+    def masked(score: Any, b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+        return torch.where(allowed[b, kv_idx], score, -float("inf"))
+
+    out = flex_attention(query, key, value, score_mod=masked, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
 def apply_experiments(args: argparse.Namespace) -> dict[str, Any]:
     """`--inductor KEY=VALUE` (torch._inductor.config, before anything compiles) and `--attention reduction`
     (the one-query step of captune's static loops replaced by `reduction_attention`): what this process changed."""
@@ -358,9 +382,10 @@ def apply_experiments(args: argparse.Namespace) -> dict[str, Any]:
             value = text
         setattr(torch._inductor.config, name, value)
         changed[f"inductor.{name}"] = value
-    if args.attention == "reduction":
-        captune.generate._one_query_attention = reduction_attention  # type: ignore[assignment]
-        changed["one_query_attention"] = "reduction_attention (benchmark)"
+    candidates = {"reduction": reduction_attention, "flex": flex_attention_candidate}
+    if args.attention in candidates:
+        captune.generate._one_query_attention = candidates[args.attention]  # type: ignore[assignment]
+        changed["one_query_attention"] = f"{candidates[args.attention].__name__} (benchmark)"
     return changed
 
 
@@ -447,9 +472,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--inductor", metavar="KEY=VALUE", action="append", default=[],
                         help="a torch._inductor.config setting for this process, VALUE in JSON (e.g. freezing=true); "
                         "repeatable")  # fmt: skip
-    parser.add_argument("--attention", choices=("bmm", "reduction"), default="bmm",
-                        help="the one-query attention of the static loops: captune's (bmm) or the benchmark's "
-                        "float32 reduction candidate")  # fmt: skip
+    parser.add_argument("--attention", choices=("bmm", "reduction", "flex"), default="bmm",
+                        help="the one-query attention of the static loops: captune's (bmm) or one of the benchmark's "
+                        "candidates (float32 reductions, FlexAttention)")  # fmt: skip
     args = parser.parse_args(argv)
     import torch._inductor.config  # noqa: F401  (for apply_experiments)
 
