@@ -302,14 +302,15 @@ class _StaticDecoder:
 
 COMPILED_IMAGE_SIDE_UP_TO = 32
 """The largest batch whose image side the static loops run compiled (`_compiled_image_side`). Measured on an H100:
-one image's image side took 48.7 ms eager (launch-bound) and the single-image caption 153 -> 137 ms compiled; at
-batch 512 the compiled one was slower (0.585 s against 0.553 s eager); batches between were not measured."""
+one image's image side took 32.7 ms eager (launch-bound) and 5.6 ms compiled, the single-image caption 153 ->
+137 ms; at batch 512 the compiled one was slower (0.585 s against 0.553 s eager); batches between were not
+measured."""
 
 
 def _compiled_image_side(blip: Any) -> Any:
     """The image side (ViT-g, Q-Former, projection: pixels to projected query features) compiled with CUDA graphs,
-    once per model (recorded once per batch size). Eager, it is ~1,000 small kernel launches: 48.7 ms for one image
-    on an H100, a third of a single caption's latency, while its GPU work is a few ms."""
+    once per model (recorded once per batch size). Eager, it is ~1,000 small kernel launches: 32.7 ms for one image
+    on an H100, a quarter of a single caption's latency, where the graph takes 5.6 ms."""
     compiled = getattr(blip, "_captune_image_side", None)
     if compiled is None:
 
