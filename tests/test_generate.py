@@ -568,3 +568,32 @@ def test_the_static_cache_is_advised_for_long_gpu_runs_only(
     assert (advice is not None) == advised
     if advice:
         assert f"{images} images" in advice and "--static-cache" in advice
+
+
+def test_the_compiled_image_side_is_one_graph_that_gives_the_eager_features(
+    tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On a GPU the static loops run it with CUDA graphs for small batches; here dynamo traces it whole (fullgraph:
+    # a graph break would fail) and runs the traced graph as is.
+    from captune import generate
+
+    asked: list[dict[str, Any]] = []
+    real_compile = torch.compile
+
+    def traced(function: Any, **options: Any) -> Any:
+        asked.append(options)
+        return real_compile(function, backend="eager", fullgraph=options["fullgraph"])
+
+    monkeypatch.setattr(torch, "compile", traced)
+    blip = tiny.model
+    size = tiny.processor.image_processor.size
+    pixels = torch.randn(2, 3, size["height"], size["width"], generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            compiled = generate._compiled_image_side(blip)
+            assert generate._compiled_image_side(blip) is compiled  # once per model
+            eager = blip.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
+            assert torch.equal(compiled(pixels), eager)
+    finally:
+        vars(blip).pop("_captune_image_side", None)  # the shared tiny model as it was
+    assert asked == [{"mode": "reduce-overhead", "fullgraph": True}]
