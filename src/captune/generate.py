@@ -116,7 +116,7 @@ def _own_loop_applies(model: Blip2Like, options: GenerateConfig) -> bool:
     return options.repetition_penalty == 1.0 and not _is_encoder_decoder(model)
 
 
-STATIC_CACHE_PAYS_FROM = {1: 10_000, "beams": 3_000}
+STATIC_CACHE_PAYS_FROM_GREEDY, STATIC_CACHE_PAYS_FROM_BEAMS = 10_000, 3_000
 """Images from which a run captions faster with `generate.static_cache` despite its compiling warm-up, greedy and
 with beam search. From the H100/H200 numbers in benchmarks/README.md: greedy 428 captions/s static (batch 512,
 33-57 s warm-up) against ~183 without (batch 256); beam 5 133 (batch 128, ~72 s warm-up) against ~34 (batch 64)."""
@@ -125,7 +125,7 @@ with beam search. From the H100/H200 numbers in benchmarks/README.md: greedy 428
 def static_cache_advice(images: int, options: GenerateConfig, device_type: str, own_loop: bool) -> str | None:
     """A note for a run of `images` that would be faster with the static cache (None when it is on, the run is too
     short to pay for the warm-up, the device is not a GPU, or the model does not run captune's own loops)."""
-    pays_from = STATIC_CACHE_PAYS_FROM[1 if options.num_beams == 1 else "beams"]
+    pays_from = STATIC_CACHE_PAYS_FROM_GREEDY if options.num_beams == 1 else STATIC_CACHE_PAYS_FROM_BEAMS
     if options.static_cache or images < pays_from or device_type != "cuda" or not own_loop:
         return None
     return (
