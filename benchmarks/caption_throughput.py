@@ -530,6 +530,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--breakdown", type=int, metavar="BATCH",
                         help="only time the parts of captioning at this batch: loader, vision side, generate with a "
                         "dynamic and a static cache, generate with unmerged LoRA")  # fmt: skip
+    parser.add_argument(
+        "--latency-only",
+        action="store_true",
+        help="only the single-image latency with the static loops (nothing else compiled first)",
+    )
     parser.add_argument("--beam-batch", type=int, default=64, help="images per batch for beam 5 in --static-only")
     parser.add_argument("--beam-images", type=int, default=512, help="images captioned with beam 5 in --static-only")
     parser.add_argument("--profile-static", metavar="BATCHES",
@@ -584,6 +589,11 @@ def main(argv: list[str] | None = None) -> None:
         if not args.skip_fp32:
             result["agreement_float32"] = agreement_fp32(model, processor, paths, 64)
             save()
+        return
+    if args.latency_only:  # in a process that compiled nothing else: the decode step's graph stays static-shaped
+        result["latency_single_image_static_cache"] = latency(model, processor, paths[0], static=True)
+        print(f"single image, static cache, alone: {result['latency_single_image_static_cache']}", flush=True)
+        save()
         return
     if args.breakdown:
         result["breakdown"] = breakdown(model, processor, paths, args.breakdown, args.workers)
