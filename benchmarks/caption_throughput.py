@@ -38,7 +38,7 @@ from PIL import Image
 
 from captune.config import GenerateConfig
 from captune.data.images import load_rgb
-from captune.generate import caption_paths, generate_captions
+from captune.generate import caption_paths, generate_captions, one_query
 from captune.model import build_tiny, load_model_dir, save_base
 
 TOKENS = 30
@@ -323,52 +323,37 @@ def vision_tf32(model: Any, processor: Any, paths: list[Path], batch: int) -> di
     return out
 
 
-def reduction_attention(
-    module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
-    scaling: float | None = None, is_causal: bool | None = None, **kwargs: Any,
-) -> tuple:  # fmt: skip
-    """A candidate for `captune.generate._one_query_attention` (`--attention reduction`): the one-query step as
-    float32 reductions over the bf16 cache (the compiler reads the cache once, in its dtype, and accumulates in
-    float32, as flash attention does) instead of two bf16 batched products whose scores are rounded to bf16."""
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-
-    if query.shape[2] != 1 or module.training:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)  # fmt: skip
-    groups = getattr(module, "num_key_value_groups", 1)
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+def _reductions(query: Any, key: Any, value: Any, mask: Any, scale: float) -> Any:
+    """The core of `reduction_attention`: float32 reductions over the bf16 cache (the compiler reads the cache once,
+    in its dtype, and accumulates in float32, as flash attention does) instead of two bf16 batched products whose
+    scores are rounded to bf16."""
     scores = (query.float() * key.float()).sum(-1) * scale  # (rows, heads, slots)
-    if attention_mask is not None:  # (rows, 1, 1, slots)
-        mask = attention_mask[:, :, 0]
+    if mask is not None:  # (rows, 1, 1, slots)
+        mask = mask[:, :, 0]
         scores = scores.masked_fill(~mask, -float("inf")) if mask.dtype == torch.bool else scores + mask
-    weights = scores.softmax(dim=-1)
-    out = (weights[..., None] * value.float()).sum(2)  # (rows, heads, dim)
-    return out.to(value.dtype)[:, None].contiguous(), None
+    out = (scores.softmax(dim=-1)[..., None] * value.float()).sum(2)  # (rows, heads, dim)
+    return out.to(value.dtype)[:, None].contiguous()
 
 
-def flex_attention_candidate(
-    module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
-    scaling: float | None = None, is_causal: bool | None = None, **kwargs: Any,
-) -> tuple:  # fmt: skip
-    """A candidate for `captune.generate._one_query_attention` (`--attention flex`): PyTorch's FlexAttention, which
-    the compiler lowers to its decoding kernel (split over the cache) for one query; the static cache's mask as a
-    score modification."""
+def _flex(query: Any, key: Any, value: Any, mask: Any, scale: float) -> Any:
+    """The core of `flex_attention_candidate`: PyTorch's FlexAttention, which the compiler lowers to its decoding
+    kernel (split over the cache) for one query; the static cache's mask as a score modification."""
     from torch.nn.attention.flex_attention import flex_attention
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-
-    if query.shape[2] != 1 or module.training or attention_mask is None or attention_mask.dtype != torch.bool:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)  # fmt: skip
-    groups = getattr(module, "num_key_value_groups", 1)
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    allowed = attention_mask[:, 0, 0]  # (rows, slots)
 
     def masked(score: Any, b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
-        return torch.where(allowed[b, kv_idx], score, -float("inf"))
+        if mask is None:
+            return score
+        if mask.dtype == torch.bool:
+            return torch.where(mask[b, 0, 0, kv_idx], score, -float("inf"))
+        return score + mask[b, 0, 0, kv_idx]
 
-    out = flex_attention(query, key, value, score_mod=masked, scale=scaling)
-    return out.transpose(1, 2).contiguous(), None
+    return flex_attention(query, key, value, score_mod=masked, scale=scale).transpose(1, 2).contiguous()
+
+
+reduction_attention = one_query(_reductions)
+"""A candidate for `captune.generate._one_query_attention` (`--attention reduction`; measured, rejected)."""
+flex_attention_candidate = one_query(_flex)
+"""A candidate for `captune.generate._one_query_attention` (`--attention flex`)."""
 
 
 def _fused_qkv_forward(self: Any, hidden_states: Any, attention_mask: Any = None, **kwargs: Any) -> tuple:
@@ -452,7 +437,7 @@ def apply_experiments(args: argparse.Namespace) -> dict[str, Any]:
     candidates = {"reduction": reduction_attention, "flex": flex_attention_candidate}
     if args.attention in candidates:
         captune.generate._one_query_attention = candidates[args.attention]  # type: ignore[assignment]
-        changed["one_query_attention"] = f"{candidates[args.attention].__name__} (benchmark)"
+        changed["one_query_attention"] = f"{args.attention} (benchmark)"
     return changed
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,39 +151,56 @@ STATIC_ATTENTION = "captune_static_cache"
 transformers' AttentionInterface): the prefill is SDPA's; a one-token step is `_one_query_attention`."""
 
 
-def _one_query_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    is_causal: bool | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """Attention of one new token per row over a masked static cache, as two batched matrix products in the cache's
-    dtype and a float32 softmax, which the compiler fuses around; other shapes go to transformers' SDPA function.
+OneQueryAttend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float], torch.Tensor]
+"""The core of a one-query attention: (query (rows, heads, 1, dim), key and value (rows, heads, slots, dim), the
+mask as SDPA gets it or None, the scale) -> the output, (rows, 1, heads, dim)."""
+
+
+def one_query(attend: OneQueryAttend) -> Callable[..., tuple[torch.Tensor, None]]:
+    """A transformers attention function that runs `attend` for a one-token step (key and value heads repeated for
+    grouped-query models) and transformers' SDPA function for any other shape or in training."""
+
+    def attention(
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        is_causal: bool | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+        if query.shape[2] != 1 or module.training:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, is_causal=is_causal, **kwargs)  # fmt: skip
+        groups = getattr(module, "num_key_value_groups", 1)
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        return attend(query, repeat_kv(key, groups), repeat_kv(value, groups), attention_mask, scale), None
+
+    return attention
+
+
+def _batched_products(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """One query per row over a masked static cache as two batched matrix products in the cache's dtype and a
+    float32 softmax, which the compiler fuses around.
 
     PyTorch's own kernels do this case badly: flash attention takes no mask, and the memory-efficient, cuDNN and math
     kernels took 254, 200 and ~380 us per layer and step at batch 256 on an H100 (the math one first copies the whole
     cache to float32), 60-70 % of the decode step."""
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-
-    if query.shape[2] != 1 or module.training:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)  # fmt: skip
-    groups = getattr(module, "num_key_value_groups", 1)
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query, key.transpose(2, 3)).float() * scale
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, -float("inf"))
-        else:
-            scores = scores + attention_mask
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -float("inf")) if mask.dtype == torch.bool else scores + mask
     weights = scores.softmax(dim=-1).to(value.dtype)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), None
+    return torch.matmul(weights, value).transpose(1, 2).contiguous()
+
+
+_one_query_attention = one_query(_batched_products)
+"""The attention of captune's static loops (`_batched_products` for a one-token step)."""
 
 
 @contextmanager
@@ -416,10 +433,11 @@ def static_beam(
     """Beam search as transformers' `generate` does it (its vectorised beam search of 4.50+: the top 2 x beams
     continuations of each image, EOS-ended ones scored with `length_penalty` into the finished set, `early_stopping`
     as the language model's generation config says), over `_StaticDecoder` with each image's beams as rows: the
-    prompt is prefilled once per beam, the cache reordered in place after each step (only the new tokens' keys and
-    values move), and the host checks whether to stop only every STATIC_CHECK_EVERY steps (steps past the point where
-    `generate` stops change nothing: no candidate can enter a finished set then). Returns the best finished beam's new
-    tokens per image, (images, max_new_tokens), padded after EOS."""
+    prompt is prefilled once per image (its cache rows repeated for the beams), the cache reordered in place after
+    each step (only the new tokens' keys and values move), and the host checks whether to stop only every
+    STATIC_CHECK_EVERY steps (steps past the point where `generate` stops change nothing: no candidate can enter a
+    finished set then). Returns the best finished beam's new tokens per image, (images, max_new_tokens), padded after
+    EOS."""
     beams, new = options.num_beams, options.max_new_tokens
     decoder = _StaticDecoder(model, input_ids, pixel_values, new, copies=beams, caches=caches,
                              image_features=image_features)  # fmt: skip
