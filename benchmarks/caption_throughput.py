@@ -123,6 +123,74 @@ def latency(model: Any, processor: Any, path: Path, static: bool = False) -> dic
     return {"median_ms": 1000 * statistics.median(times), "p90_ms": 1000 * times[int(0.9 * len(times))]}
 
 
+TIMELINE_MARKS = ("preprocessed", "decoder", "image_side_launched", "prefill_launched", "step_1", "step_15", "end")
+
+
+def timeline(model: Any, processor: Any, path: Path, calls: int = 10) -> dict[str, Any]:
+    """Where one static single-image caption's time goes, without a profiler (after `latency` warmed it up): at each
+    mark of TIMELINE_MARKS, when the host got there and when the GPU got there (a CUDA event recorded at that point),
+    in ms since the call began, medians of `calls`. Where the GPU's time equals the host's, the GPU had been waiting
+    for the host; the steps' GPU times give a decode step's duration."""
+    import captune.generate as generate
+    import captune.step as step
+
+    options = GenerateConfig(num_beams=1, min_new_tokens=TOKENS, max_new_tokens=TOKENS, batch_size=1,
+                             static_cache=True)  # fmt: skip
+    image = load_rgb(path)
+    marks: list[tuple[str, float, Any]] = []
+
+    def mark(name: str) -> None:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        marks.append((name, time.perf_counter(), event))
+
+    def marking(name: str, function: Any, where: Any = None) -> Any:
+        def marked(*args: Any, **kwargs: Any) -> Any:
+            if where is None or where(*args, **kwargs):
+                mark(name)
+            return function(*args, **kwargs)
+
+        return marked
+
+    originals = (generate.generate_from_pixels, generate._StaticDecoder.__init__, step.embedded_inputs,
+                 generate._StaticDecoder.step)  # fmt: skip
+    real_init = generate._StaticDecoder.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        mark("decoder")
+        real_init(self, *args, **kwargs)
+        mark("prefill_launched")
+
+    rows: dict[str, list[tuple[float, float]]] = {name: [] for name in TIMELINE_MARKS}
+    generate.generate_from_pixels = marking("preprocessed", generate.generate_from_pixels)  # type: ignore[assignment]
+    generate._StaticDecoder.__init__ = init  # type: ignore[method-assign]
+    step.embedded_inputs = marking("image_side_launched", step.embedded_inputs)  # type: ignore[assignment]
+    generate._StaticDecoder.step = marking("step", generate._StaticDecoder.step)  # type: ignore[method-assign]
+    try:
+        for _ in range(calls):
+            marks.clear()
+            _sync()
+            mark("start")
+            generate_captions(model, processor, [image], options)
+            mark("end")
+            _sync()
+            named = [(name if name != "step" else f"step_{sum(m[0] == 'step' for m in marks[:i]) + 1}", t, e)
+                     for i, (name, t, e) in enumerate(marks)]  # fmt: skip
+            _, host0, event0 = named[0]
+            for name, host, event in named[1:]:
+                if name in rows:
+                    rows[name].append((1000 * (host - host0), event0.elapsed_time(event)))
+    finally:
+        (generate.generate_from_pixels, generate._StaticDecoder.__init__, step.embedded_inputs,
+         generate._StaticDecoder.step) = originals  # type: ignore[method-assign]  # fmt: skip
+    out = {name: {"host_ms": statistics.median(h for h, _ in got), "gpu_ms": statistics.median(g for _, g in got)}
+           for name, got in rows.items() if got}  # fmt: skip
+    if "step_1" in out and "step_15" in out:
+        out["gpu_ms_per_step"] = (out["step_15"]["gpu_ms"] - out["step_1"]["gpu_ms"]) / 14
+    print(f"timeline: {json.dumps(out)}", flush=True)
+    return out
+
+
 def _timed(work: Any, repeats: int = 3) -> float:
     """Seconds of one call of work(), the median of `repeats` after one warm-up call."""
     work()
@@ -434,6 +502,9 @@ def apply_experiments(args: argparse.Namespace) -> dict[str, Any]:
 
         captune.generate.static_attention = with_fused_qkv  # type: ignore[assignment]
         changed["fused_qkv"] = True
+    if args.compiled_prefill_up_to is not None:
+        captune.generate.COMPILED_PREFILL_UP_TO = args.compiled_prefill_up_to
+        changed["compiled_prefill_up_to"] = args.compiled_prefill_up_to
     candidates = {"reduction": reduction_attention, "flex": flex_attention_candidate}
     if args.attention in candidates:
         captune.generate._one_query_attention = candidates[args.attention]  # type: ignore[assignment]
@@ -537,6 +608,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--attention", choices=("bmm", "reduction", "flex"), default="bmm",
                         help="the one-query attention of the static loops: captune's (bmm) or one of the benchmark's "
                         "candidates (float32 reductions, FlexAttention)")  # fmt: skip
+    parser.add_argument(
+        "--compiled-prefill-up-to",
+        type=int,
+        metavar="IMAGES",
+        help="captune.generate.COMPILED_PREFILL_UP_TO for this process (0: the prefill always eager)",
+    )
     args = parser.parse_args(argv)
     import torch._inductor.config  # noqa: F401  (for apply_experiments)
 
@@ -579,6 +656,9 @@ def main(argv: list[str] | None = None) -> None:
         result["latency_single_image_static_cache"] = latency(model, processor, paths[0], static=True)
         print(f"single image, static cache, alone: {result['latency_single_image_static_cache']}", flush=True)
         save()
+        if torch.cuda.is_available():
+            result["timeline_single_image_static_cache"] = timeline(model, processor, paths[0])
+            save()
         return
     if args.breakdown:
         result["breakdown"] = breakdown(model, processor, paths, args.breakdown, args.workers)

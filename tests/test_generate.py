@@ -597,3 +597,53 @@ def test_the_compiled_image_side_is_one_graph_that_gives_the_eager_features(
     finally:
         vars(blip).pop("_captune_image_side", None)  # the shared tiny model as it was
     assert asked == [{"mode": "reduce-overhead", "fullgraph": True}]
+
+
+@pytest.mark.parametrize("images", [1, 2])
+def test_the_compiled_prefill_is_one_graph_that_fills_the_cache_as_the_eager_one(
+    tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch, images: int
+) -> None:
+    # On a GPU the static loops prefill small batches with CUDA graphs into a cache allocated ahead; here dynamo
+    # traces the prefill whole (fullgraph: a graph break would fail) over such a cache and runs the traced graph.
+    import inspect
+
+    from transformers import StaticCache
+
+    from captune import generate
+    from captune.step import blip_of, embedded_inputs
+
+    asked: list[dict[str, Any]] = []
+    real_compile = torch.compile
+
+    def traced(function: Any, **options: Any) -> Any:
+        asked.append(options)
+        return real_compile(function, backend="eager", fullgraph=options["fullgraph"])
+
+    monkeypatch.setattr(torch, "compile", traced)
+    monkeypatch.setattr(generate, "_COMPILED_PREFILL", [])
+    blip = blip_of(tiny.model)
+    lm = blip.language_model
+    name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+    inputs = generate.text_inputs(tiny.model, tiny.processor, images, prompt="a picture of")
+    size = tiny.processor.image_processor.size
+    pixels = torch.randn(images, 3, size["height"], size["width"], generator=torch.Generator().manual_seed(0))
+    total = inputs["input_ids"].shape[1] + 4
+    mask, positions = torch.ones((images, total), dtype=torch.long), torch.arange(inputs["input_ids"].shape[1])
+    filled = []
+    with torch.no_grad():
+        embeds = embedded_inputs(blip, inputs["input_ids"], pixels)
+        for prefill in (generate._prefill_logits, generate._compiled_prefill()):
+            cache = StaticCache(config=lm.config, max_cache_len=total)
+            generate._initialize(cache, lm.config, images, embeds.dtype, embeds.device)
+            allocated = [layer.keys.data_ptr() for layer in cache.layers]
+            logits = prefill(lm, embeds, mask, positions, name, cache)
+            assert [layer.keys.data_ptr() for layer in cache.layers] == allocated  # written in place
+            filled.append((logits, [(layer.keys, layer.values) for layer in cache.layers]))
+    (eager_logits, eager_cache), (compiled_logits, compiled_cache) = filled
+    assert eager_logits.shape == (images, lm.config.vocab_size)
+    assert torch.equal(compiled_logits, eager_logits)
+    written = positions.numel()
+    for (keys, values), (eager_keys, eager_values) in zip(compiled_cache, eager_cache, strict=True):
+        assert torch.equal(keys, eager_keys) and torch.equal(values, eager_values)
+        assert keys[:, :, :written].abs().sum() > 0 and keys[:, :, written:].abs().sum() == 0
+    assert asked == [{"mode": "reduce-overhead", "fullgraph": True}]

@@ -268,12 +268,12 @@ class _StaticDecoder:
         # The prefill runs once per image; with copies (beams) its cache rows are then repeated into the big cache.
         held = {} if caches is None else caches
         prefilled = _static_cache(held, "prefill", (images, total, embeds.dtype, device), lm.config)
-        start = self.positions[: self.prefix]
-        # The LM head on the last position only (`generate` runs it on every prompt position: 1.7 GB of logits and
-        # ~4 TFLOP at batch 512 with the 33-token prompt)
-        logits = lm(inputs_embeds=embeds, attention_mask=self.mask[:images], use_cache=True, cache_position=start,
-                    position_ids=start.expand(images, -1), logits_to_keep=1,
-                    **{name: prefilled}).logits[:, -1]  # fmt: skip
+        prefill = _prefill_logits
+        if compiled and images <= COMPILED_PREFILL_UP_TO:
+            prefill = _compiled_prefill()
+            _initialize(prefilled, lm.config, images, embeds.dtype, device)  # the graph writes into its tensors
+        logits = prefill(lm, embeds, self.mask[:images], self.positions[: self.prefix], name, prefilled)
+        # a copy (repeat_interleave always makes one): a CUDA graph's output is overwritten by its next replay
         self.first_logits = logits.repeat_interleave(copies, dim=0)
         if copies == 1:
             self.cache = prefilled
@@ -337,6 +337,40 @@ def _compiled_image_side(blip: Any) -> Any:
         compiled = torch.compile(image_side, mode="reduce-overhead", fullgraph=True)
         blip._captune_image_side = compiled
     return compiled
+
+
+def _prefill_logits(lm: Any, embeds: torch.Tensor, mask: torch.Tensor, start: torch.Tensor, name: str,
+                    cache: Any) -> torch.Tensor:  # fmt: skip
+    """The language model's prefill of the prompt rows `embeds` into the static `cache` (passed as argument `name`):
+    the next-token logits, (rows, vocabulary). The LM head runs on the last position only (`generate` runs it on
+    every prompt position: 1.7 GB of logits and ~4 TFLOP at batch 512 with the 33-token prompt)."""
+    return lm(inputs_embeds=embeds, attention_mask=mask, use_cache=True, cache_position=start,
+              position_ids=start.expand(len(embeds), -1), logits_to_keep=1, **{name: cache}).logits[:, -1]  # fmt: skip
+
+
+COMPILED_PREFILL_UP_TO = 32
+"""The largest batch (images) whose prefill the static loops run compiled with CUDA graphs (`_compiled_prefill`).
+Eager, the prefill is ~500 kernel launches, which at batch 1 keep the GPU waiting (~10 ms of host time by the
+H100 profile against a few ms of GPU work); at large batches its GEMMs are long and launches do not matter."""
+
+_COMPILED_PREFILL: list = []
+
+
+def _compiled_prefill() -> Any:
+    """`_prefill_logits` compiled with CUDA graphs (once per process; a function of its own, so that the decode
+    step's compiled `forward` never sees the prefill's shapes and stays specialised to one-token steps)."""
+    if not _COMPILED_PREFILL:
+        _COMPILED_PREFILL.append(torch.compile(_prefill_logits, mode="reduce-overhead", fullgraph=True))
+    return _COMPILED_PREFILL[0]
+
+
+def _initialize(cache: Any, config: Any, rows: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Allocates a static cache's tensors ahead of a compiled prefill (which may not allocate them itself while it is
+    traced, and whose CUDA graph must see them at fixed addresses); nothing for an initialized cache."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    cache.early_initialization(rows, kv_heads, head_dim, dtype, device)
 
 
 StaticCaches = dict[str, tuple[tuple, Any]]
