@@ -26,9 +26,7 @@ import shlex
 import statistics
 import sys
 import time
-import types
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -424,60 +422,6 @@ flex_attention_candidate = one_query(_flex)
 """A candidate for `captune.generate._one_query_attention` (`--attention flex`)."""
 
 
-def _fused_qkv_forward(self: Any, hidden_states: Any, attention_mask: Any = None, **kwargs: Any) -> tuple:
-    """OPT's attention forward (transformers 5.17-5.24) with q, k and v projected by one GEMM over the layer's
-    concatenated weights (`fused_qkv`); the rest as transformers does it, for a StaticCache."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from transformers.models.opt.modeling_opt import eager_attention_forward
-
-    cache = kwargs.pop("cache", None)
-    cache = kwargs.pop("past_key_values", cache)
-    kwargs.pop("output_attentions", None)
-    rows, length, width = hidden_states.shape
-    qkv = torch.nn.functional.linear(hidden_states, self.captune_qkv_weight, self.captune_qkv_bias)
-    query, key, value = (
-        part.reshape(rows, length, self.num_heads, self.head_dim).transpose(1, 2) for part in qkv.split(width, dim=-1)
-    )
-    query = query * self.scaling
-    if cache is not None:
-        key, value = cache.update(key, value, self.layer_idx)
-    attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-    out, weights = attention(self, query, key, value, attention_mask, dropout=0.0 if not self.training else
-                             self.dropout, scaling=1.0, **kwargs)  # fmt: skip
-    return self.out_proj(out.reshape(rows, length, -1).contiguous()), weights
-
-
-@contextmanager
-def fused_qkv(model: Any) -> Iterator[None]:
-    """A candidate for captune's static loops (`--fused-qkv`): within it, each OPT attention layer of plain linear
-    projections computes q, k and v with one GEMM (at batch 1 three 13 MB GEMVs run at ~1.67 TB/s on an H100, where
-    a 52 MB one runs at ~2.5). The concatenated weights are buffers kept at fixed addresses (the compiled step's CUDA
-    graphs read them there) and copied from the projections at each entry, so weights changed since are used."""
-    from transformers.models.opt.modeling_opt import OPTAttention
-
-    from captune.step import blip_of
-
-    layers = [m for m in blip_of(model).language_model.modules() if isinstance(m, OPTAttention)
-              and all(type(getattr(m, n)) is torch.nn.Linear for n in ("q_proj", "k_proj", "v_proj"))]  # fmt: skip
-    with torch.no_grad():
-        for layer in layers:
-            parts = [layer.q_proj, layer.k_proj, layer.v_proj]
-            for name, values in (("weight", [p.weight for p in parts]), ("bias", [p.bias for p in parts])):
-                held = getattr(layer, f"captune_qkv_{name}", None)
-                if values[0] is None:
-                    layer.register_buffer(f"captune_qkv_{name}", None, persistent=False)
-                elif held is not None and held.shape[0] == 3 * values[0].shape[0] and held.dtype == values[0].dtype:
-                    torch.cat(values, out=held)
-                else:
-                    layer.register_buffer(f"captune_qkv_{name}", torch.cat(values), persistent=False)
-            layer.forward = types.MethodType(_fused_qkv_forward, layer)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.forward
-
-
 def apply_experiments(args: argparse.Namespace) -> dict[str, Any]:
     """`--inductor KEY=VALUE` (torch._inductor.config, before anything compiles) and `--attention reduction`
     (the one-query step of captune's static loops replaced by `reduction_attention`): what this process changed."""
@@ -492,16 +436,9 @@ def apply_experiments(args: argparse.Namespace) -> dict[str, Any]:
             value = text
         setattr(torch._inductor.config, name, value)
         changed[f"inductor.{name}"] = value
-    if args.fused_qkv:
-        plain = captune.generate.static_attention
-
-        @contextmanager
-        def with_fused_qkv(model: Any) -> Iterator[None]:
-            with plain(model), fused_qkv(model):
-                yield
-
-        captune.generate.static_attention = with_fused_qkv  # type: ignore[assignment]
-        changed["fused_qkv"] = True
+    if args.no_fused_qkv:  # the static loops without captune.generate.fused_qkv (q, k and v as three GEMMs)
+        captune.generate.fused_qkv = lambda model: nullcontext()  # type: ignore[assignment]
+        changed["fused_qkv"] = False
     if args.compiled_prefill_up_to is not None:
         captune.generate.COMPILED_PREFILL_UP_TO = args.compiled_prefill_up_to
         changed["compiled_prefill_up_to"] = args.compiled_prefill_up_to
@@ -600,11 +537,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--inductor", metavar="KEY=VALUE", action="append", default=[],
                         help="a torch._inductor.config setting for this process, VALUE in JSON (e.g. freezing=true); "
                         "repeatable")  # fmt: skip
-    parser.add_argument(
-        "--fused-qkv",
-        action="store_true",
-        help="the static loops with q, k and v projected by one GEMM (the benchmark's fused_qkv)",
-    )
+    parser.add_argument("--no-fused-qkv", action="store_true",
+                        help="the static loops with q, k and v as three GEMMs (no fused_qkv)")  # fmt: skip
     parser.add_argument("--attention", choices=("bmm", "reduction", "flex"), default="bmm",
                         help="the one-query attention of the static loops: captune's (bmm) or one of the benchmark's "
                         "candidates (float32 reductions, FlexAttention)")  # fmt: skip

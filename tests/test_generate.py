@@ -647,3 +647,47 @@ def test_the_compiled_prefill_is_one_graph_that_fills_the_cache_as_the_eager_one
         assert torch.equal(keys, eager_keys) and torch.equal(values, eager_values)
         assert keys[:, :, :written].abs().sum() > 0 and keys[:, :, written:].abs().sum() == 0
     assert asked == [{"mode": "reduce-overhead", "fullgraph": True}]
+
+
+def test_static_loops_project_q_k_and_v_with_one_gemm_over_weights_of_the_moment(
+    tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Within the static loops every OPT attention layer projects q, k and v with one GEMM over its concatenated
+    weights (copied at each entry into buffers at fixed addresses); captions stay generate's, also after the weights
+    change in place between calls, and the layers get their own forward back."""
+    from transformers.models.opt.modeling_opt import OPTAttention
+
+    import captune.generate as generate
+
+    layers = [m for m in tiny.model.language_model.modules() if isinstance(m, OPTAttention)]
+    assert layers
+    fused_calls: list[torch.Tensor] = []
+    real_forward = generate._fused_qkv_forward
+
+    def watched(self: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        fused_calls.append(self.captune_qkv_weight)
+        assert torch.equal(self.captune_qkv_weight, torch.cat([self.q_proj.weight, self.k_proj.weight,
+                                                                 self.v_proj.weight]))  # fmt: skip
+        return real_forward(self, hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(generate, "_fused_qkv_forward", watched)
+    options = GenerateConfig(num_beams=1, min_new_tokens=2, max_new_tokens=6)
+    static = GenerateConfig(num_beams=1, min_new_tokens=2, max_new_tokens=6, static_cache=True)
+    before = generate_captions(tiny.model, tiny.processor, _images(), options)
+    assert generate_captions(tiny.model, tiny.processor, _images(), static) == before
+    assert len(fused_calls) == 6 * len(layers)  # the prefill and 5 steps, every layer
+    addresses = {t.data_ptr() for t in fused_calls}
+    assert all("forward" not in vars(layer) for layer in layers)  # the class's forward again
+    generator = torch.Generator().manual_seed(3)
+    saved = [layer.v_proj.weight.detach().clone() for layer in layers]
+    try:
+        for layer in layers:  # in place, past autograd's version counter, as a merge does it
+            layer.v_proj.weight.data += torch.randn(layer.v_proj.weight.shape, generator=generator)
+        changed = generate_captions(tiny.model, tiny.processor, _images(), options)
+        assert changed != before
+        fused_calls.clear()
+        assert generate_captions(tiny.model, tiny.processor, _images(), static) == changed
+        assert {t.data_ptr() for t in fused_calls} == addresses  # the same buffers, refreshed
+    finally:
+        for layer, weight in zip(layers, saved, strict=True):
+            layer.v_proj.weight.data.copy_(weight)
