@@ -36,7 +36,7 @@ from PIL import Image
 
 from captune.config import GenerateConfig
 from captune.data.images import load_rgb
-from captune.generate import caption_paths, generate_captions, one_query
+from captune.generate import _batched_products, _reductions, caption_paths, generate_captions, one_query
 from captune.model import build_tiny, load_model_dir, save_base
 
 TOKENS = 30
@@ -389,18 +389,6 @@ def vision_tf32(model: Any, processor: Any, paths: list[Path], batch: int) -> di
     return out
 
 
-def _reductions(query: Any, key: Any, value: Any, mask: Any, scale: float) -> Any:
-    """The core of `reduction_attention`: float32 reductions over the bf16 cache (the compiler reads the cache once,
-    in its dtype, and accumulates in float32, as flash attention does) instead of two bf16 batched products whose
-    scores are rounded to bf16."""
-    scores = (query.float() * key.float()).sum(-1) * scale  # (rows, heads, slots)
-    if mask is not None:  # (rows, 1, 1, slots)
-        mask = mask[:, :, 0]
-        scores = scores.masked_fill(~mask, -float("inf")) if mask.dtype == torch.bool else scores + mask
-    out = (scores.softmax(dim=-1)[..., None] * value.float()).sum(2)  # (rows, heads, dim)
-    return out.to(value.dtype)[:, None].contiguous()
-
-
 def _flex(query: Any, key: Any, value: Any, mask: Any, scale: float) -> Any:
     """The core of `flex_attention_candidate`: PyTorch's FlexAttention, which the compiler lowers to its decoding
     kernel (split over the cache) for one query; the static cache's mask as a score modification."""
@@ -417,7 +405,8 @@ def _flex(query: Any, key: Any, value: Any, mask: Any, scale: float) -> Any:
 
 
 reduction_attention = one_query(_reductions)
-"""A candidate for `captune.generate._one_query_attention` (`--attention reduction`; measured, rejected)."""
+"""`--attention reduction`: captune's float32 reductions (`captune.generate._reductions`) at every batch size (captune
+runs them up to REDUCTIONS_UP_TO rows: slower at batch 512, measured)."""
 flex_attention_candidate = one_query(_flex)
 """A candidate for `captune.generate._one_query_attention` (`--attention flex`)."""
 
@@ -442,7 +431,11 @@ def apply_experiments(args: argparse.Namespace) -> dict[str, Any]:
     if args.compiled_prefill_up_to is not None:
         captune.generate.COMPILED_PREFILL_UP_TO = args.compiled_prefill_up_to
         changed["compiled_prefill_up_to"] = args.compiled_prefill_up_to
-    candidates = {"reduction": reduction_attention, "flex": flex_attention_candidate}
+    candidates = {
+        "bmm": one_query(_batched_products),
+        "reduction": reduction_attention,
+        "flex": flex_attention_candidate,
+    }
     if args.attention in candidates:
         captune.generate._one_query_attention = candidates[args.attention]  # type: ignore[assignment]
         changed["one_query_attention"] = f"{args.attention} (benchmark)"
@@ -539,9 +532,9 @@ def main(argv: list[str] | None = None) -> None:
                         "repeatable")  # fmt: skip
     parser.add_argument("--no-fused-qkv", action="store_true",
                         help="the static loops with q, k and v as three GEMMs (no fused_qkv)")  # fmt: skip
-    parser.add_argument("--attention", choices=("bmm", "reduction", "flex"), default="bmm",
-                        help="the one-query attention of the static loops: captune's (bmm) or one of the benchmark's "
-                        "candidates (float32 reductions, FlexAttention)")  # fmt: skip
+    parser.add_argument("--attention", choices=("rows", "bmm", "reduction", "flex"), default="rows",
+                        help="the one-query attention of the static loops: captune's (by rows), its batched products "
+                        "or its float32 reductions at every batch size, or FlexAttention")  # fmt: skip
     parser.add_argument(
         "--compiled-prefill-up-to",
         type=int,

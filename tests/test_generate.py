@@ -691,3 +691,25 @@ def test_static_loops_project_q_k_and_v_with_one_gemm_over_weights_of_the_moment
     finally:
         for layer, weight in zip(layers, saved, strict=True):
             layer.v_proj.weight.data.copy_(weight)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_the_one_query_attention_is_sdpas_by_reductions_for_few_rows_and_products_for_many(
+    rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import captune.generate as generate
+
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(size, generator=generator) for size in ((rows, 4, 1, 8), *[(rows, 4, 6, 8)] * 2))
+    mask = torch.tensor([True, True, True, False, True, False]).expand(rows, 1, 1, 6)
+    expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=0.3)
+    expected = expected.transpose(1, 2)
+    used: list[str] = []
+    for name in ("_reductions", "_batched_products"):
+        real = getattr(generate, name)
+        monkeypatch.setattr(generate, name, lambda *a, real=real, name=name: used.append(name) or real(*a))
+    monkeypatch.setattr(generate, "REDUCTIONS_UP_TO", 2)
+    out = generate._by_rows(query, key, value, mask, 0.3)
+    assert used == (["_reductions"] if rows <= 2 else ["_batched_products"])
+    assert out.shape == (rows, 1, 4, 8) and out.is_contiguous()
+    torch.testing.assert_close(out, expected)

@@ -203,8 +203,34 @@ def _batched_products(
     return torch.matmul(weights, value).transpose(1, 2).contiguous()
 
 
-_one_query_attention = one_query(_batched_products)
-"""The attention of captune's static loops (`_batched_products` for a one-token step)."""
+def _reductions(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """One query per row over a masked static cache as float32 reductions over the cache in its dtype, which the
+    compiler makes into a few fused kernels (two GEMVs, a softmax and copies launched apart otherwise): at batch 1
+    a decode step took 2.60 ms against 2.70 with `_batched_products` on an H200; at batch 512 it was slower."""
+    scores = (query.float() * key.float()).sum(-1) * scale  # (rows, heads, slots)
+    if mask is not None:  # (rows, 1, 1, slots)
+        mask = mask[:, :, 0]
+        scores = scores.masked_fill(~mask, -float("inf")) if mask.dtype == torch.bool else scores + mask
+    out = (scores.softmax(dim=-1)[..., None] * value.float()).sum(2)  # (rows, heads, dim)
+    return out.to(value.dtype)[:, None].contiguous()
+
+
+REDUCTIONS_UP_TO = 32
+"""The most rows whose one-query attention is `_reductions` (more: `_batched_products`)."""
+
+
+def _by_rows(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """`_reductions` for up to REDUCTIONS_UP_TO rows (launches matter there), `_batched_products` above."""
+    attend = _reductions if query.shape[0] <= REDUCTIONS_UP_TO else _batched_products
+    return attend(query, key, value, mask, scale)
+
+
+_one_query_attention = one_query(_by_rows)
+"""The attention of captune's static loops (`_by_rows` for a one-token step)."""
 
 
 @contextmanager
