@@ -570,13 +570,9 @@ def test_the_static_cache_is_advised_for_long_gpu_runs_only(
         assert f"{images} images" in advice and "--static-cache" in advice
 
 
-def test_the_compiled_image_side_is_one_graph_that_gives_the_eager_features(
-    tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # On a GPU the static loops run it with CUDA graphs for small batches; here dynamo traces it whole (fullgraph:
-    # a graph break would fail) and runs the traced graph as is.
-    from captune import generate
-
+def _traced_compiles(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """torch.compile made to trace with dynamo and run the traced graph as is (no CUDA graphs on a CPU), with
+    `fullgraph` as asked (a graph break then fails); returns the list of the options each call asked for."""
     asked: list[dict[str, Any]] = []
     real_compile = torch.compile
 
@@ -585,6 +581,17 @@ def test_the_compiled_image_side_is_one_graph_that_gives_the_eager_features(
         return real_compile(function, backend="eager", fullgraph=options["fullgraph"])
 
     monkeypatch.setattr(torch, "compile", traced)
+    return asked
+
+
+def test_the_compiled_image_side_is_one_graph_that_gives_the_eager_features(
+    tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On a GPU the static loops run it with CUDA graphs for small batches; here dynamo traces it whole (fullgraph:
+    # a graph break would fail) and runs the traced graph as is.
+    from captune import generate
+
+    asked = _traced_compiles(monkeypatch)
     blip = tiny.model
     size = tiny.processor.image_processor.size
     pixels = torch.randn(2, 3, size["height"], size["width"], generator=torch.Generator().manual_seed(0))
@@ -612,14 +619,7 @@ def test_the_compiled_prefill_is_one_graph_that_fills_the_cache_as_the_eager_one
     from captune import generate
     from captune.step import blip_of, embedded_inputs
 
-    asked: list[dict[str, Any]] = []
-    real_compile = torch.compile
-
-    def traced(function: Any, **options: Any) -> Any:
-        asked.append(options)
-        return real_compile(function, backend="eager", fullgraph=options["fullgraph"])
-
-    monkeypatch.setattr(torch, "compile", traced)
+    asked = _traced_compiles(monkeypatch)
     monkeypatch.setattr(generate, "_COMPILED_PREFILL", [])
     blip = blip_of(tiny.model)
     lm = blip.language_model
