@@ -713,3 +713,37 @@ def test_the_one_query_attention_is_sdpas_by_reductions_for_few_rows_and_product
     assert used == (["_reductions"] if rows <= 2 else ["_batched_products"])
     assert out.shape == (rows, 1, 4, 8) and out.is_contiguous()
     torch.testing.assert_close(out, expected)
+
+
+def test_a_small_static_batch_starts_its_compiled_image_side_before_the_text_inputs(
+    tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On a GPU the compiled image side is launched first, so that the GPU works while the host builds the text inputs
+    # and the decoder; here it is a stand-in (CPU: nothing compiles) that records when it ran.
+    import captune.generate as generate
+    import captune.step
+
+    calls: list[str] = []
+    real_text_inputs = generate.text_inputs
+    on_gpu = iter([True])  # generate_from_pixels asks first; the decoder's later questions get False (CPU)
+
+    def image_side(blip: Any) -> Any:
+        def run(pixels: torch.Tensor) -> torch.Tensor:
+            calls.append("image side")
+            return blip.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
+
+        return run
+
+    monkeypatch.setattr(generate, "_compiles", lambda blip, device: next(on_gpu, False))
+    monkeypatch.setattr(generate, "_compiled_image_side", image_side)
+    monkeypatch.setattr(
+        generate, "text_inputs", lambda *a, **k: calls.append("text inputs") or real_text_inputs(*a, **k)
+    )
+    real_embedded = captune.step.embedded_inputs
+    monkeypatch.setattr(captune.step, "embedded_inputs", lambda *a: calls.append("embedded") or real_embedded(*a))
+    options = GenerateConfig(num_beams=1, min_new_tokens=2, max_new_tokens=6)
+    expected = generate_captions(tiny.model, tiny.processor, _images(), options)
+    calls.clear()
+    static = GenerateConfig(num_beams=1, min_new_tokens=2, max_new_tokens=6, static_cache=True)
+    assert generate_captions(tiny.model, tiny.processor, _images(), static) == expected
+    assert calls == ["image side", "text inputs", "embedded"]

@@ -68,16 +68,23 @@ def generate_from_pixels(
     prompt. Decoder-only models get left padding, so every row's prompt ends right where generation starts. The
     prompt is fed to the model and stripped from the output, which holds only the new tokens.
     """
+    from captune.step import blip_of
+
     device = next(model.parameters()).device
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     tokenizer = processor.tokenizer
-    inputs = text_inputs(model, processor, len(pixel_values), prompt)
     was_training = model.training
     if was_training:  # (a walk over ~1,300 modules of the real model: a millisecond of a single caption)
         model.eval()
     pixel_values = pixel_values.to(device, dtype, non_blocking=True)
+    own = options.static_cache and _own_loop_applies(model, options)
     with attention_kernels(options.cudnn_attention):
-        if options.static_cache and _own_loop_applies(model, options):
+        if own and image_features is None and len(pixel_values) <= COMPILED_IMAGE_SIDE_UP_TO:
+            blip = blip_of(model)
+            if _compiles(blip, device):  # first, so that the GPU works while the host sets up the rest
+                image_features = _compiled_image_side(blip)(pixel_values).clone()  # the graph's output is reused
+        inputs = text_inputs(model, processor, len(pixel_values), prompt)
+        if own:
             own_loop = static_greedy if options.num_beams == 1 else static_beam
             with static_attention(model):
                 output = own_loop(model, inputs["input_ids"], pixel_values, options, caches, image_features)
@@ -108,8 +115,9 @@ def text_inputs(model: Blip2Like, processor: Blip2Processor, rows: int, prompt: 
     text = tokenizer([prompt] * rows, padding=True)
     image_tokens = tokenizer(processor.image_token.content * processor.num_query_tokens, add_special_tokens=False)
     device = next(model.parameters()).device
+    # non_blocking: copied from pageable memory through a staging buffer at once, without waiting for the GPU's queue
     return {
-        key: torch.tensor([image_tokens[key] + row for row in text[key]], device=device)
+        key: torch.tensor([image_tokens[key] + row for row in text[key]]).to(device, non_blocking=True)
         for key in ("input_ids", "attention_mask")
     }
 
@@ -348,13 +356,9 @@ class _StaticDecoder:
         self.lm = lm = blip.language_model
         config = lm.generation_config
         ids = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
-        # first, while the GPU's queue is empty (copying to the GPU waits for it)
-        self.eos = torch.tensor(ids, device=input_ids.device)
+        self.eos = torch.tensor(ids).to(input_ids.device, non_blocking=True)  # (see text_inputs)
         self.pad = config.pad_token_id if config.pad_token_id is not None else ids[0]
-        quantized = getattr(blip, "hf_quantizer", None) is not None
-        compiled = input_ids.device.type == "cuda" and not quantized
-        if image_features is None and compiled and len(pixel_values) <= COMPILED_IMAGE_SIDE_UP_TO:
-            image_features = _compiled_image_side(blip)(pixel_values).clone()  # clone: the graph's output is reused
+        compiled = _compiles(blip, input_ids.device)
         embeds = embedded_inputs(blip, input_ids, pixel_values, image_features)
         images, self.prefix = embeds.shape[:2]
         self.rows = images * copies
@@ -417,6 +421,11 @@ COMPILED_IMAGE_SIDE_UP_TO = 32
 one image's image side took 32.7 ms eager (launch-bound) and 5.6 ms compiled, the single-image caption 153 ->
 137 ms; at batch 512 the compiled one was slower (0.585 s against 0.553 s eager); batches between were not
 measured."""
+
+
+def _compiles(blip: Any, device: torch.device) -> bool:
+    """Whether the static loops compile their parts (CUDA graphs): on a GPU, for a model that is not quantized."""
+    return device.type == "cuda" and getattr(blip, "hf_quantizer", None) is None
 
 
 def _compiled_image_side(blip: Any) -> Any:
