@@ -693,9 +693,9 @@ def test_static_loops_project_q_k_and_v_with_one_gemm_over_weights_of_the_moment
             layer.v_proj.weight.data.copy_(weight)
 
 
-@pytest.mark.parametrize("rows", [1, 3])
-def test_the_one_query_attention_is_sdpas_by_reductions_for_few_rows_and_products_for_many(
-    rows: int, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("rows", "compiling"), [(1, True), (3, True), (1, False)])
+def test_the_one_query_attention_is_sdpas_by_reductions_for_few_rows_compiled_and_products_otherwise(
+    rows: int, compiling: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import captune.generate as generate
 
@@ -709,8 +709,9 @@ def test_the_one_query_attention_is_sdpas_by_reductions_for_few_rows_and_product
         real = getattr(generate, name)
         monkeypatch.setattr(generate, name, lambda *a, real=real, name=name: used.append(name) or real(*a))
     monkeypatch.setattr(generate, "REDUCTIONS_UP_TO", 2)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)  # as while dynamo traces the step
     out = generate._by_rows(query, key, value, mask, 0.3)
-    assert used == (["_reductions"] if rows <= 2 else ["_batched_products"])
+    assert used == (["_reductions"] if rows <= 2 and compiling else ["_batched_products"])
     assert out.shape == (rows, 1, 4, 8) and out.is_contiguous()
     torch.testing.assert_close(out, expected)
 

@@ -232,8 +232,10 @@ REDUCTIONS_UP_TO = 32
 def _by_rows(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
-    """`_reductions` for up to REDUCTIONS_UP_TO rows (launches matter there), `_batched_products` above."""
-    attend = _reductions if query.shape[0] <= REDUCTIONS_UP_TO else _batched_products
+    """`_reductions` for up to REDUCTIONS_UP_TO rows when compiled (launches matter there, and only the compiler
+    fuses them), `_batched_products` above and in eager runs (a quantized model's)."""
+    fused = torch.compiler.is_compiling() and query.shape[0] <= REDUCTIONS_UP_TO
+    attend = _reductions if fused else _batched_products
     return attend(query, key, value, mask, scale)
 
 
