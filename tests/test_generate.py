@@ -748,3 +748,34 @@ def test_a_small_static_batch_starts_its_compiled_image_side_before_the_text_inp
     static = GenerateConfig(num_beams=1, min_new_tokens=2, max_new_tokens=6, static_cache=True)
     assert generate_captions(tiny.model, tiny.processor, _images(), static) == expected
     assert calls == ["image side", "text inputs", "embedded"]
+
+
+def test_a_servers_mix_of_sizes_beams_and_lengths_stays_within_the_compilers_recompile_limit(
+    tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A server's requests come with 1-32 images, 1-5 beams and their own max_new_tokens: every compiled part of the
+    # static loops (the decode step, the compiled prefill and image side, beam search's cache reorder) must settle on
+    # graphs with dynamic sizes before dynamo's recompile limit, past which it would run that part uncompiled. Here
+    # dynamo traces as on a GPU (CUDA graphs aside) and is made to fail at the limit instead.
+    import captune.generate as generate
+
+    lm = tiny.model.language_model
+    asked = _traced_compiles(monkeypatch)
+    monkeypatch.setattr(generate, "_compiles", lambda blip, device: True)
+    monkeypatch.setattr(generate, "_COMPILED_PREFILL", [])
+    monkeypatch.setattr(generate, "_COMPILED_REORDER", [])
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    images = [Image.new("RGB", (40, 30), (i * 40 % 255, 20 + i, 200)) for i in range(8)]
+    torch._dynamo.reset()
+    try:
+        for new in (6, 10, 20, 12):
+            for beams in (1, 2, 3):
+                for size in (1, 2, 3, 8):
+                    options = GenerateConfig(num_beams=beams, min_new_tokens=2, max_new_tokens=new, static_cache=True)
+                    assert len(generate_captions(tiny.model, tiny.processor, images[:size], options)) == size
+    finally:
+        torch._dynamo.reset()
+        vars(tiny.model).pop("_captune_image_side", None)  # the shared tiny model as it was
+        for name in ("_compiled_call", "_last_compile_config"):
+            vars(lm).pop(name, None)
+    assert len(asked) == 4  # the decode step, the prefill, the image side, the reorder: each compiled once
