@@ -570,6 +570,18 @@ def test_the_static_cache_is_advised_for_long_gpu_runs_only(
         assert f"{images} images" in advice and "--static-cache" in advice
 
 
+@pytest.fixture
+def fresh_compiles() -> Any:
+    """captune's compile-once functions emptied before and after the test (which compiles them its own way)."""
+    from captune import generate
+
+    for once in (generate._compiled_prefill, generate._compiled_reorder):
+        once.cache_clear()
+    yield
+    for once in (generate._compiled_prefill, generate._compiled_reorder):
+        once.cache_clear()
+
+
 def _traced_compiles(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """torch.compile made to trace with dynamo and run the traced graph as is (no CUDA graphs on a CPU), with
     `fullgraph` as asked (a graph break then fails); returns the list of the options each call asked for."""
@@ -607,6 +619,7 @@ def test_the_compiled_image_side_is_one_graph_that_gives_the_eager_features(
 
 
 @pytest.mark.parametrize("images", [1, 2])
+@pytest.mark.usefixtures("fresh_compiles")
 def test_the_compiled_prefill_is_one_graph_that_fills_the_cache_as_the_eager_one(
     tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch, images: int
 ) -> None:
@@ -620,7 +633,6 @@ def test_the_compiled_prefill_is_one_graph_that_fills_the_cache_as_the_eager_one
     from captune.step import blip_of, embedded_inputs
 
     asked = _traced_compiles(monkeypatch)
-    monkeypatch.setattr(generate, "_COMPILED_PREFILL", [])
     blip = blip_of(tiny.model)
     lm = blip.language_model
     name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
@@ -750,6 +762,7 @@ def test_a_small_static_batch_starts_its_compiled_image_side_before_the_text_inp
     assert calls == ["image side", "text inputs", "embedded"]
 
 
+@pytest.mark.usefixtures("fresh_compiles")
 def test_a_servers_mix_of_sizes_beams_and_lengths_stays_within_the_compilers_recompile_limit(
     tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -762,8 +775,6 @@ def test_a_servers_mix_of_sizes_beams_and_lengths_stays_within_the_compilers_rec
     lm = tiny.model.language_model
     asked = _traced_compiles(monkeypatch)
     monkeypatch.setattr(generate, "_compiles", lambda blip, device: True)
-    monkeypatch.setattr(generate, "_COMPILED_PREFILL", [])
-    monkeypatch.setattr(generate, "_COMPILED_REORDER", [])
     monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     images = [Image.new("RGB", (40, 30), (i * 40 % 255, 20 + i, 200)) for i in range(8)]
     torch._dynamo.reset()

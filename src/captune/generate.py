@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -307,27 +308,33 @@ def fused_qkv(model: Blip2Like) -> Iterator[None]:
     layers = [
         m for m in modules if isinstance(m, OPTAttention) and all(type(getattr(m, n)) is nn.Linear for n in plain)
     ]
-    with torch.no_grad():
-        for layer in layers:
-            parts = [getattr(layer, name) for name in plain]
-            for name, values in (("weight", [p.weight for p in parts]), ("bias", [p.bias for p in parts])):
-                held = getattr(layer, f"captune_qkv_{name}", None)
-                if any(v is None for v in values):
-                    layer.register_buffer(f"captune_qkv_{name}", None, persistent=False)
-                elif held is not None and (held.shape[0], held.dtype, held.device) == (
-                    sum(len(v) for v in values),
-                    values[0].dtype,
-                    values[0].device,
-                ):
-                    torch.cat(values, out=held)
-                else:
-                    layer.register_buffer(f"captune_qkv_{name}", torch.cat(values), persistent=False)
-            layer.forward = types.MethodType(_fused_qkv_forward, layer)
+    for layer in layers:
+        parts = [getattr(layer, name) for name in plain]
+        _hold_concatenated(layer, "captune_qkv_weight", [p.weight for p in parts])
+        _hold_concatenated(layer, "captune_qkv_bias", [p.bias for p in parts])
+        layer.forward = types.MethodType(_fused_qkv_forward, layer)
     try:
         yield
     finally:
         for layer in layers:
             del layer.forward
+
+
+@torch.no_grad()
+def _hold_concatenated(module: nn.Module, name: str, tensors: list[torch.Tensor | None]) -> None:
+    """Buffer `name` of `module` (not saved) becomes the tensors concatenated, copied into the buffer already held
+    when it fits (its address stays), else a new one; None when any tensor is None (a projection without bias)."""
+    held = getattr(module, name, None)
+    if any(t is None for t in tensors):
+        module.register_buffer(name, None, persistent=False)
+        return
+    values = [t for t in tensors if t is not None]
+    if held is not None and (len(held), held.dtype, held.device) == (
+        sum(len(t) for t in values), values[0].dtype, values[0].device
+    ):  # fmt: skip
+        torch.cat(values, out=held)
+    else:
+        module.register_buffer(name, torch.cat(values), persistent=False)
 
 
 class _StaticDecoder:
@@ -459,15 +466,12 @@ COMPILED_PREFILL_UP_TO = 32
 Eager, the prefill is ~500 kernel launches, which at batch 1 keep the GPU waiting (~10 ms of host time by the
 H100 profile against a few ms of GPU work); at large batches its GEMMs are long and launches do not matter."""
 
-_COMPILED_PREFILL: list = []
 
-
+@functools.cache
 def _compiled_prefill() -> Any:
     """`_prefill_logits` compiled with CUDA graphs (once per process; a function of its own, so that the decode
     step's compiled `forward` never sees the prefill's shapes and stays specialised to one-token steps)."""
-    if not _COMPILED_PREFILL:
-        _COMPILED_PREFILL.append(torch.compile(_prefill_logits, mode="reduce-overhead", fullgraph=True))
-    return _COMPILED_PREFILL[0]
+    return torch.compile(_prefill_logits, mode="reduce-overhead", fullgraph=True)
 
 
 def _initialize(cache: Any, config: Any, rows: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -519,16 +523,12 @@ def _reorder_rows(tensors: list[torch.Tensor], sources: torch.Tensor, start: int
         held[:, :, start:stop] = held[sources, :, start:stop]
 
 
-_COMPILED_REORDER: list = []
-
-
+@functools.cache
 def _compiled_reorder() -> Any:
     """`_reorder_rows` compiled (once per process; `stop` becomes a dynamic size after its first change): the
     eager indexing kernel gathers a slice of the cache element by element, 5.6 ms a step for beam 5 at batch 64 on an
     H100; the compiler's kernels copy each row and head's contiguous run of positions."""
-    if not _COMPILED_REORDER:
-        _COMPILED_REORDER.append(torch.compile(_reorder_rows, fullgraph=True))
-    return _COMPILED_REORDER[0]
+    return torch.compile(_reorder_rows, fullgraph=True)
 
 
 @torch.no_grad()
