@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gzip
 import json
 import platform
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -191,6 +193,28 @@ def timeline(model: Any, processor: Any, path: Path, calls: int = 10) -> dict[st
         out["gpu_ms_per_step"] = (out["step_15"]["gpu_ms"] - out["step_1"]["gpu_ms"]) / 14
     print(f"timeline: {json.dumps(out)}", flush=True)
     return out
+
+
+def trace(model: Any, processor: Any, path: Path, output: Path) -> None:
+    """One static single-image caption (after `latency` warmed it up) under PyTorch's profiler, host and GPU, written
+    as a gzipped Chrome trace to `output` (for where the host keeps the GPU waiting; read it with
+    benchmarks/trace_gaps.py or chrome://tracing)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    options = GenerateConfig(num_beams=1, min_new_tokens=TOKENS, max_new_tokens=TOKENS, batch_size=1,
+                             static_cache=True)  # fmt: skip
+    image = load_rgb(path)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        _sync()
+        generate_captions(model, processor, [image], options)
+        _sync()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    plain = output.with_suffix("")  # the profiler writes plain JSON; gzipped here
+    prof.export_chrome_trace(str(plain))
+    with plain.open("rb") as source, gzip.open(output, "wb") as target:
+        shutil.copyfileobj(source, target)
+    plain.unlink()
+    print(f"trace written to {output}", flush=True)
 
 
 def _timed(work: Any, repeats: int = 3) -> float:
@@ -525,6 +549,8 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="only the single-image latency with the static loops (nothing else compiled first)",
     )
+    parser.add_argument("--trace", type=Path, metavar="FILE.json.gz",
+                        help="with --latency-only: also a profiler trace of one single-image caption")  # fmt: skip
     parser.add_argument("--beam-batch", type=int, default=64, help="images per batch for beam 5 in --static-only")
     parser.add_argument("--beam-images", type=int, default=512, help="images captioned with beam 5 in --static-only")
     parser.add_argument("--profile-static", metavar="BATCHES",
@@ -590,6 +616,8 @@ def main(argv: list[str] | None = None) -> None:
         if torch.cuda.is_available():
             result["timeline_single_image_static_cache"] = timeline(model, processor, paths[0])
             save()
+            if args.trace:
+                trace(model, processor, paths[0], args.trace)
         return
     if args.breakdown:
         result["breakdown"] = breakdown(model, processor, paths, args.breakdown, args.workers)
