@@ -456,6 +456,9 @@ def apply_experiments(args: argparse.Namespace) -> dict[str, Any]:
     if args.no_fused_qkv:  # the static loops without captune.generate.fused_qkv (q, k and v as three GEMMs)
         captune.generate.fused_qkv = lambda model: nullcontext()  # type: ignore[assignment]
         changed["fused_qkv"] = False
+    if args.gemv_up_to is not None:
+        captune.generate.GEMV_UP_TO = args.gemv_up_to
+        changed["gemv_up_to"] = args.gemv_up_to
     if args.compiled_prefill_up_to is not None:
         captune.generate.COMPILED_PREFILL_UP_TO = args.compiled_prefill_up_to
         changed["compiled_prefill_up_to"] = args.compiled_prefill_up_to
@@ -571,6 +574,8 @@ def main(argv: list[str] | None = None) -> None:
         metavar="IMAGES",
         help="captune.generate.COMPILED_PREFILL_UP_TO for this process (0: the prefill always eager)",
     )
+    parser.add_argument("--gemv-up-to", type=int, metavar="ROWS",
+                        help="captune.generate.GEMV_UP_TO for this process (0: cuBLAS only)")  # fmt: skip
     args = parser.parse_args(argv)
     import torch._inductor.config  # noqa: F401  (for apply_experiments)
 
