@@ -317,11 +317,15 @@ def fused_qkv(model: Blip2Like) -> Iterator[None]:
     layers = [
         m for m in modules if isinstance(m, OPTAttention) and all(type(getattr(m, n)) is nn.Linear for n in plain)
     ]
+    copies: list[tuple[torch.Tensor, torch.Tensor]] = []
     for layer in layers:
         parts = [getattr(layer, name) for name in plain]
-        _hold_concatenated(layer, "captune_qkv_weight", [p.weight for p in parts])
-        _hold_concatenated(layer, "captune_qkv_bias", [p.bias for p in parts])
+        copies += _hold_concatenated(layer, "captune_qkv_weight", [p.weight for p in parts])
+        copies += _hold_concatenated(layer, "captune_qkv_bias", [p.bias for p in parts])
         layer.forward = types.MethodType(_fused_qkv_forward, layer)
+    if copies:  # one multi-tensor launch instead of a copy kernel per buffer (host time before the prefill)
+        with torch.no_grad():
+            torch._foreach_copy_([into for into, _ in copies], [source for _, source in copies])
     try:
         yield
     finally:
@@ -375,20 +379,23 @@ def gemv_linears(model: Blip2Like) -> Iterator[None]:
 
 
 @torch.no_grad()
-def _hold_concatenated(module: nn.Module, name: str, tensors: list[torch.Tensor | None]) -> None:
-    """Buffer `name` of `module` (not saved) becomes the tensors concatenated, copied into the buffer already held
-    when it fits (its address stays), else a new one; None when any tensor is None (a projection without bias)."""
+def _hold_concatenated(
+    module: nn.Module, name: str, tensors: list[torch.Tensor | None]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Buffer `name` of `module` (not saved) becomes the tensors concatenated: a new one, or the one already held
+    when it fits (its address stays), whose (part, tensor) pairs are returned for the caller to copy; None when any
+    tensor is None (a projection without bias)."""
     held = getattr(module, name, None)
     if any(t is None for t in tensors):
         module.register_buffer(name, None, persistent=False)
-        return
+        return []
     values = [t for t in tensors if t is not None]
     if held is not None and (len(held), held.dtype, held.device) == (
         sum(len(t) for t in values), values[0].dtype, values[0].device
     ):  # fmt: skip
-        torch.cat(values, out=held)
-    else:
-        module.register_buffer(name, torch.cat(values), persistent=False)
+        return list(zip(held.split([len(t) for t in values]), values, strict=True))
+    module.register_buffer(name, torch.cat(values).detach(), persistent=False)
+    return []
 
 
 class _StaticDecoder:
@@ -448,6 +455,7 @@ class _StaticDecoder:
             _repeat_rows(prefilled, self.cache, copies, self.prefix)
         self.cached = {name: self.cache}
         self.call = lm.get_compiled_call(CompileConfig()) if compiled else lm.__call__
+        self.tuned = compiled and self.rows <= GEMV_UP_TO  # (see step)
         self.move = _compiled_reorder() if compiled else _reorder_rows
         self.layers: list[torch.Tensor] = []
         for layer in self.cache.layers:  # StaticLayers, their tensors made by the prefill
@@ -456,8 +464,16 @@ class _StaticDecoder:
     def step(self, tokens: torch.Tensor, index: int) -> torch.Tensor:
         """The next-token logits after feeding `tokens` (one per row) as new token number `index`."""
         at = self.positions[self.prefix + index : self.prefix + index + 1]
-        return self.call(input_ids=tokens[:, None], attention_mask=self.mask, use_cache=True, cache_position=at,
-                         position_ids=at.expand(self.rows, 1), **self.cached).logits[:, -1]  # fmt: skip
+        # A step of `_gemv` rows is compiled with the compiler's coordinate descent tuning: its reductions' own
+        # configurations read the weights slower than cuBLAS (benchmarks/README.md, session 8).
+        tuning: Any = nullcontext()
+        if self.tuned:
+            import torch._inductor.config as inductor
+
+            tuning = inductor.patch(coordinate_descent_tuning=True)
+        with tuning:
+            return self.call(input_ids=tokens[:, None], attention_mask=self.mask, use_cache=True, cache_position=at,
+                             position_ids=at.expand(self.rows, 1), **self.cached).logits[:, -1]  # fmt: skip
 
     def reorder(self, sources: torch.Tensor, new_tokens: int) -> None:
         """Row r's cached new tokens become those of row sources[r] (beam search), in place: the compiled step reads
