@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import gzip
 import json
 import platform
@@ -105,22 +106,38 @@ STEADY: dict[tuple[int, int], float | None] = {}
 """captune_path's last rate after its first batch, by (batch size, beams)."""
 
 
-def latency(model: Any, processor: Any, path: Path, static: bool = False) -> dict[str, float]:
-    """Single-image greedy latency: median and p90 of 20 calls after 3 warm-up calls (with `static`, the first
-    compiles the decode step for batch 1)."""
+def latency(model: Any, processor: Any, path: Path, static: bool = False, calls: int = 20) -> dict[str, float]:
+    """Single-image greedy latency: median and p90 of `calls` calls after 3 warm-up calls (with `static`, the first
+    compiles the decode step for batch 1), and the Python garbage collector's pauses within the timed calls (a
+    collection walks every object the compiler left in the process)."""
     options = GenerateConfig(num_beams=1, min_new_tokens=TOKENS, max_new_tokens=TOKENS, batch_size=1,
                              static_cache=static)  # fmt: skip
     image = load_rgb(path)
     times = []
-    for i in range(23):
+    pauses: list[tuple[int, float]] = []  # (generation, seconds) of each collection while timed
+    began: list[float] = []
+
+    def timed_collections(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            began.append(time.perf_counter())
+        elif began:
+            pauses.append((info["generation"], time.perf_counter() - began.pop()))
+
+    for i in range(calls + 3):
         _sync()
+        if i == 3:
+            gc.callbacks.append(timed_collections)
         start = time.perf_counter()
         generate_captions(model, processor, [image], options)
         _sync()
         if i >= 3:
             times.append(time.perf_counter() - start)
+    gc.callbacks.remove(timed_collections)
     times.sort()
-    return {"median_ms": 1000 * statistics.median(times), "p90_ms": 1000 * times[int(0.9 * len(times))]}
+    return {"median_ms": 1000 * statistics.median(times), "p90_ms": 1000 * times[int(0.9 * len(times))],
+            "gc_ms_per_call": 1000 * sum(t for _, t in pauses) / calls,
+            "gc_oldest_generation_collections": sum(g == 2 for g, _ in pauses),
+            "gc_tracked_objects": len(gc.get_objects())}  # fmt: skip
 
 
 TIMELINE_MARKS = ("preprocessed", "image_side", "decoder", "embedding", "prefill_launched", "step_1", "step_15", "end")
@@ -620,6 +637,11 @@ def main(argv: list[str] | None = None) -> None:
         save()
         if torch.cuda.is_available():
             result["timeline_single_image_static_cache"] = timeline(model, processor, paths[0])
+            save()
+            gc.freeze()  # what a server may do after its warm-up: the collector leaves the objects made so far alone
+            result["latency_single_image_static_cache_after_gc_freeze"] = latency(model, processor, paths[0], True)
+            print(f"after gc.freeze(): {result['latency_single_image_static_cache_after_gc_freeze']}", flush=True)
+            result["timeline_after_gc_freeze"] = timeline(model, processor, paths[0])
             save()
             if args.trace:
                 trace(model, processor, paths[0], args.trace)
