@@ -790,3 +790,138 @@ def test_a_servers_mix_of_sizes_beams_and_lengths_stays_within_the_compilers_rec
         for name in ("_compiled_call", "_last_compile_config"):
             vars(lm).pop(name, None)
     assert len(asked) == 4  # the decode step, the prefill, the image side, the reorder: each compiled once
+
+
+# --- session 8: one-row products, caches kept between small calls ------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_gemv_is_the_linear_layers_product(bias: bool) -> None:
+    from captune.generate import _gemv
+
+    generator = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(1, 1, 24, generator=generator), torch.randn(40, 24, generator=generator)
+    b = torch.randn(40, generator=generator) if bias else None
+    out = _gemv(x, weight, b)
+    assert out.shape == (1, 1, 40) and out.dtype == x.dtype
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, b))
+    half = _gemv(x.bfloat16(), weight.bfloat16(), None if b is None else b.bfloat16())
+    assert half.dtype == torch.bfloat16  # summed in float32, returned in the input's dtype
+
+
+@pytest.mark.parametrize(("rows", "compiling", "expected"), [(1, True, "_gemv"), (2, True, "linear"),
+                                                             (1, False, "linear")])  # fmt: skip
+def test_linear_layers_take_the_gemv_only_for_few_rows_while_compiling(
+    rows: int, compiling: bool, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import captune.generate as generate
+
+    used: list[str] = []
+    real_gemv, real_linear = generate._gemv, torch.nn.functional.linear
+    monkeypatch.setattr(generate, "_gemv", lambda *a: used.append("_gemv") or real_gemv(*a))
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: used.append("linear") or real_linear(*a))
+    monkeypatch.setattr(generate, "GEMV_UP_TO", 1)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    x, weight = torch.randn(rows, 1, 8), torch.randn(5, 8)
+    torch.testing.assert_close(generate._linear(x, weight), real_linear(x, weight))
+    assert used == [expected]
+
+
+@pytest.mark.usefixtures("fresh_compiles")
+@pytest.mark.parametrize("up_to", [0, 1])
+def test_compiled_one_row_steps_give_generates_captions_by_gemvs_only_when_asked(
+    tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch, up_to: int
+) -> None:
+    # As on a GPU (dynamo traces the compiled parts; CUDA graphs aside): with GEMV_UP_TO 1 the decode step of a
+    # single image has no linear layer left in its graph (the products are reductions), the captions stay generate's,
+    # and the layers get nn.Linear's forward back; with 0 (the default) no layer is touched.
+    import captune.generate as generate
+
+    lm = tiny.model.language_model
+    linears = [m for m in lm.modules() if type(m) is torch.nn.Linear]
+    graphs: list[torch.fx.GraphModule] = []
+
+    def recording(graph: torch.fx.GraphModule, example_inputs: Any) -> Any:
+        graphs.append(graph)
+        return graph.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda f, **o: real_compile(f, backend=recording, fullgraph=o["fullgraph"]))
+    monkeypatch.setattr(generate, "_compiles", lambda blip, device: True)
+    monkeypatch.setattr(generate, "GEMV_UP_TO", up_to)
+    options = GenerateConfig(num_beams=1, min_new_tokens=2, max_new_tokens=6)
+    static = GenerateConfig(num_beams=1, min_new_tokens=2, max_new_tokens=6, static_cache=True)
+    patched: list[bool] = []
+    real_step = generate._StaticDecoder.step
+
+    def step(self: Any, *args: Any) -> Any:
+        patched.append(any("forward" in vars(m) for m in linears))
+        return real_step(self, *args)
+
+    monkeypatch.setattr(generate._StaticDecoder, "step", step)
+    torch._dynamo.reset()
+    try:
+        for image in _images():
+            assert generate_captions(tiny.model, tiny.processor, [image], static) == generate_captions(
+                tiny.model, tiny.processor, [image], options
+            )
+    finally:
+        torch._dynamo.reset()
+        vars(tiny.model).pop("_captune_image_side", None)  # the shared tiny model as it was
+        for name in ("_compiled_call", "_last_compile_config"):
+            vars(lm).pop(name, None)
+    assert patched and all(patched) == bool(up_to) and any(patched) == bool(up_to)
+    assert len(graphs) == 3  # the image side, the prefill, the decode step: each traced once for the three images
+    calls = [n.target for n in graphs[2].graph.nodes if n.op == "call_function"]
+    layers = lm.config.num_hidden_layers
+    assert calls.count(torch._C._nn.linear) == (0 if up_to else 4 * layers + 1)  # q/k/v fused, out, fc1, fc2; head
+    assert all("forward" not in vars(m) for m in linears)
+
+
+def test_single_captions_reuse_their_static_caches_emptied(tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Calls without caches (a single caption, a server's request) keep small static caches on the model: the next
+    call decodes into the same tensors (no allocation; CUDA graphs replay at their addresses), emptied first, so
+    every caption is that of fresh caches; a call of more rows than HELD_CACHE_ROWS keeps none."""
+    import captune.generate as generate
+    from captune.step import blip_of
+
+    blip = blip_of(tiny.model)
+    vars(blip).pop("_captune_caches", None)
+    emptied: list[int] = []
+    real_reset = generate._reset
+    monkeypatch.setattr(generate, "_reset", lambda cache: emptied.append(id(cache)) or real_reset(cache))
+    options = GenerateConfig(num_beams=1, min_new_tokens=2, max_new_tokens=6)
+    static = GenerateConfig(num_beams=1, min_new_tokens=2, max_new_tokens=6, static_cache=True)
+    addresses = []
+    for image in _images():
+        assert generate_captions(tiny.model, tiny.processor, [image], static) == generate_captions(
+            tiny.model, tiny.processor, [image], options
+        )
+        cache = vars(blip)["_captune_caches"]["prefill"][1]
+        addresses.append([layer.keys.data_ptr() for layer in cache.layers])
+    assert addresses[0] == addresses[1] == addresses[2]
+    assert emptied == [id(vars(blip)["_captune_caches"]["prefill"][1])] * 2  # before the 2nd and the 3rd caption
+    monkeypatch.setattr(generate, "HELD_CACHE_ROWS", 2)
+    held = dict(vars(blip)["_captune_caches"])
+    generate_captions(tiny.model, tiny.processor, _images(), static)  # 3 rows
+    assert vars(blip)["_captune_caches"] == held
+
+
+def test_emptying_a_static_cache_in_one_launch_is_its_reset(tiny: LoadedModel) -> None:
+    from transformers import StaticCache
+
+    from captune.generate import _initialize, _reset
+
+    config = tiny.model.language_model.config
+    caches = [StaticCache(config=config, max_cache_len=7) for _ in range(2)]
+    for cache in caches:
+        _initialize(cache, config, 2, torch.float32, torch.device("cpu"))
+        for layer in cache.layers:
+            layer.keys.normal_()
+            layer.values.normal_()
+            layer.cumulative_length.fill_(5)
+    caches[0].reset()
+    _reset(caches[1])
+    for reset, ours in zip(caches[0].layers, caches[1].layers, strict=True):
+        assert ours.keys.abs().sum() == 0 and ours.values.abs().sum() == 0 and int(ours.cumulative_length) == 0
+        assert torch.equal(reset.keys, ours.keys) and int(reset.cumulative_length) == 0

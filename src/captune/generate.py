@@ -313,10 +313,10 @@ def fused_qkv(model: Blip2Like) -> Iterator[None]:
     from captune.step import blip_of
 
     plain = ("q_proj", "k_proj", "v_proj")
-    modules = blip_of(model).language_model.modules()
-    layers = [
-        m for m in modules if isinstance(m, OPTAttention) and all(type(getattr(m, n)) is nn.Linear for n in plain)
-    ]
+    lm = blip_of(model).language_model
+    if "_captune_attention_layers" not in vars(lm):  # found once (a walk over its modules: host time at every call)
+        vars(lm)["_captune_attention_layers"] = [m for m in lm.modules() if isinstance(m, OPTAttention)]
+    layers = [m for m in vars(lm)["_captune_attention_layers"] if all(type(getattr(m, n)) is nn.Linear for n in plain)]
     copies: list[tuple[torch.Tensor, torch.Tensor]] = []
     for layer in layers:
         parts = [getattr(layer, name) for name in plain]
@@ -333,9 +333,13 @@ def fused_qkv(model: Blip2Like) -> Iterator[None]:
             del layer.forward
 
 
-GEMV_UP_TO = 1
-"""The most rows (tokens in a call) whose linear layers the compiled static loops compute as `_gemv` reductions;
-more rows go to cuBLAS (`F.linear`)."""
+GEMV_UP_TO = 0
+"""The most rows (tokens in a call) whose linear layers the compiled static loops compute as `_gemv` reductions
+(`gemv_linears`); more rows go to cuBLAS (`F.linear`). 0, measured on H100s (benchmarks/README.md, session 8): the
+reductions with the compiler's own configurations made a single caption's decode step slower (3.13 against 3.05 ms);
+tuned by coordinate descent they made it faster (2.82 against 3.10 ms) but the single caption no faster, as the
+patched forwards cost host time (their guards) that a single caption waits for, and its first call compiled ~70 s
+longer."""
 
 
 def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -368,6 +372,9 @@ def gemv_linears(model: Blip2Like) -> Iterator[None]:
     decode step's matrix-vector products become the compiler's reductions; the prefill keeps its GEMMs."""
     from captune.step import blip_of
 
+    if GEMV_UP_TO < 1:  # nothing patched: no host time, no guards in the compiled calls
+        yield
+        return
     linears = [m for m in blip_of(model).language_model.modules() if type(m) is nn.Linear]
     for linear in linears:
         linear.forward = types.MethodType(_linear_forward, linear)  # type: ignore[method-assign]
