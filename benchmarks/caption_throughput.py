@@ -108,8 +108,9 @@ STEADY: dict[tuple[int, int], float | None] = {}
 
 def latency(model: Any, processor: Any, path: Path, static: bool = False, calls: int = 20) -> dict[str, float]:
     """Single-image greedy latency: median and p90 of `calls` calls after 3 warm-up calls (with `static`, the first
-    compiles the decode step for batch 1), and the Python garbage collector's pauses within the timed calls (a
-    collection walks every object the compiler left in the process)."""
+    compiles the decode step for batch 1), the Python garbage collector's pauses within the timed calls (a
+    collection walks every object the compiler left in the process), and the image processor's time alone (its
+    share of a call varied from 2 to 24 ms between H100 processes in session 8)."""
     options = GenerateConfig(num_beams=1, min_new_tokens=TOKENS, max_new_tokens=TOKENS, batch_size=1,
                              static_cache=static)  # fmt: skip
     image = load_rgb(path)
@@ -133,8 +134,16 @@ def latency(model: Any, processor: Any, path: Path, static: bool = False, calls:
         if i >= 3:
             times.append(time.perf_counter() - start)
     gc.callbacks.remove(timed_collections)
+    preprocessing = []  # the image processor's share of a call, alone (host only)
+    for _ in range(calls):
+        start = time.perf_counter()
+        processor.image_processor([image], return_tensors="pt")
+        preprocessing.append(time.perf_counter() - start)
+    preprocessing.sort()
     times.sort()
     return {"median_ms": 1000 * statistics.median(times), "p90_ms": 1000 * times[int(0.9 * len(times))],
+            "preprocessing_median_ms": 1000 * statistics.median(preprocessing),
+            "preprocessing_p90_ms": 1000 * preprocessing[int(0.9 * len(preprocessing))],
             "gc_ms_per_call": 1000 * sum(t for _, t in pauses) / calls,
             "gc_oldest_generation_collections": sum(g == 2 for g, _ in pauses),
             "gc_tracked_objects": len(gc.get_objects())}  # fmt: skip
