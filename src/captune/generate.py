@@ -316,21 +316,23 @@ def fused_qkv(model: Blip2Like) -> Iterator[None]:
     lm = blip_of(model).language_model
     if "_captune_attention_layers" not in vars(lm):  # found once (a walk over its modules: host time at every call)
         vars(lm)["_captune_attention_layers"] = [m for m in lm.modules() if isinstance(m, OPTAttention)]
-    layers = [m for m in vars(lm)["_captune_attention_layers"] if all(type(getattr(m, n)) is nn.Linear for n in plain)]
+    # (submodules, buffers and the forward read and set through the modules' dicts: nn.Module's attribute hooks
+    # cost host time at every call)
+    layers = [m for m in vars(lm)["_captune_attention_layers"] if all(type(m._modules[n]) is nn.Linear for n in plain)]
     copies: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for layer in layers:
-        parts = [getattr(layer, name) for name in plain]
-        copies += _hold_concatenated(layer, "captune_qkv_weight", [p.weight for p in parts])
-        copies += _hold_concatenated(layer, "captune_qkv_bias", [p.bias for p in parts])
-        layer.forward = types.MethodType(_fused_qkv_forward, layer)
-    if copies:  # one multi-tensor launch instead of a copy kernel per buffer (host time before the prefill)
-        with torch.no_grad():
+    with torch.no_grad():
+        for layer in layers:
+            parts = [layer._modules[name] for name in plain]
+            copies += _hold_concatenated(layer, "captune_qkv_weight", [p.weight for p in parts])  # type: ignore[union-attr]
+            copies += _hold_concatenated(layer, "captune_qkv_bias", [p.bias for p in parts])  # type: ignore[union-attr]
+            vars(layer)["forward"] = types.MethodType(_fused_qkv_forward, layer)
+        if copies:  # one multi-tensor launch instead of a copy kernel per buffer (host time before the prefill)
             torch._foreach_copy_([into for into, _ in copies], [source for _, source in copies])
     try:
         yield
     finally:
         for layer in layers:
-            del layer.forward
+            vars(layer).pop("forward", None)
 
 
 GEMV_UP_TO = 0
@@ -385,22 +387,20 @@ def gemv_linears(model: Blip2Like) -> Iterator[None]:
             del linear.forward
 
 
-@torch.no_grad()
 def _hold_concatenated(
     module: nn.Module, name: str, tensors: list[torch.Tensor | None]
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Buffer `name` of `module` (not saved) becomes the tensors concatenated: a new one, or the one already held
     when it fits (its address stays), whose (part, tensor) pairs are returned for the caller to copy; None when any
-    tensor is None (a projection without bias)."""
-    held = getattr(module, name, None)
+    tensor is None (a projection without bias). Under no_grad (the caller's)."""
+    held = module._buffers.get(name)
     if any(t is None for t in tensors):
         module.register_buffer(name, None, persistent=False)
         return []
     values = [t for t in tensors if t is not None]
-    if held is not None and (len(held), held.dtype, held.device) == (
-        sum(len(t) for t in values), values[0].dtype, values[0].device
-    ):  # fmt: skip
-        return list(zip(held.split([len(t) for t in values]), values, strict=True))
+    sizes = [t.shape[0] for t in values]
+    if held is not None and (held.shape[0], held.dtype, held.device) == (sum(sizes), values[0].dtype, values[0].device):
+        return list(zip(held.split(sizes), values, strict=True))
     module.register_buffer(name, torch.cat(values).detach(), persistent=False)
     return []
 
