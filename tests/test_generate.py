@@ -590,7 +590,8 @@ def _traced_compiles(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
 
     def traced(function: Any, **options: Any) -> Any:
         asked.append(options)
-        return real_compile(function, backend="eager", fullgraph=options["fullgraph"])
+        dynamic = {"dynamic": options["dynamic"]} if "dynamic" in options else {}
+        return real_compile(function, backend="eager", fullgraph=options["fullgraph"], **dynamic)
 
     monkeypatch.setattr(torch, "compile", traced)
     return asked
@@ -770,6 +771,8 @@ def test_a_servers_mix_of_sizes_beams_and_lengths_stays_within_the_compilers_rec
     # static loops (the decode step, the compiled prefill and image side, beam search's cache reorder) must settle on
     # graphs with dynamic sizes before dynamo's recompile limit, past which it would run that part uncompiled. Here
     # dynamo traces as on a GPU (CUDA graphs aside) and is made to fail at the limit instead.
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
     import captune.generate as generate
 
     lm = tiny.model.language_model
@@ -784,12 +787,14 @@ def test_a_servers_mix_of_sizes_beams_and_lengths_stays_within_the_compilers_rec
                 for size in (1, 2, 3, 8):
                     options = GenerateConfig(num_beams=beams, min_new_tokens=2, max_new_tokens=new, static_cache=True)
                     assert len(generate_captions(tiny.model, tiny.processor, images[:size], options)) == size
+        reorder_graphs = len(_debug_get_cache_entry_list(generate._reorder_rows.__code__))
     finally:
         torch._dynamo.reset()
         vars(tiny.model).pop("_captune_image_side", None)  # the shared tiny model as it was
         for name in ("_compiled_call", "_last_compile_config"):
             vars(lm).pop(name, None)
     assert len(asked) == 4  # the decode step, the prefill, the image side, the reorder: each compiled once
+    assert reorder_graphs <= 4  # dynamic from the start: far from the limit (static first, it reached 8)
 
 
 # --- session 8: one-row products, caches kept between small calls ------------------------------------------------
