@@ -149,6 +149,35 @@ def latency(model: Any, processor: Any, path: Path, static: bool = False, calls:
             "gc_tracked_objects": len(gc.get_objects())}  # fmt: skip
 
 
+def latency_ab_gemv(model: Any, processor: Any, path: Path, calls: int = 20) -> dict[str, Any]:
+    """Single-image latency with captune.generate.GEMV_UP_TO 0 and 1 in alternate calls of one process (after 3
+    warm-up calls each, which compile both): the host's speed drifts between processes and within seconds on the
+    H100 machines (session 8), so the two arms are compared call by call."""
+    import captune.generate as generate
+
+    options = GenerateConfig(num_beams=1, min_new_tokens=TOKENS, max_new_tokens=TOKENS, batch_size=1,
+                             static_cache=True)  # fmt: skip
+    image = load_rgb(path)
+    times: dict[int, list[float]] = {0: [], 1: []}
+    for i in range(6 + 2 * calls):
+        generate.GEMV_UP_TO = i % 2
+        _sync()
+        start = time.perf_counter()
+        generate_captions(model, processor, [image], options)
+        _sync()
+        if i >= 6:
+            times[i % 2].append(1000 * (time.perf_counter() - start))
+    generate.GEMV_UP_TO = 0
+    out: dict[str, Any] = {}
+    for up, got in times.items():
+        got.sort()
+        out[f"gemv_up_to_{up}"] = {"median_ms": statistics.median(got), "p90_ms": got[int(0.9 * len(got))]}
+    wins = sum(b < a for a, b in zip(times[0], times[1], strict=True))  # (sorted: quantile by quantile)
+    out["quantiles_where_gemv_is_faster"] = f"{wins} of {calls}"
+    print(f"A/B, alternate calls: {out}", flush=True)
+    return out
+
+
 TIMELINE_MARKS = ("preprocessed", "image_side", "decoder", "embedding", "prefill_launched", "step_1", "step_15", "end")
 """Where `timeline` marks a call. (In session 7's measured runs the image side still ran inside the decoder, and
 their mark `image_side_launched` stood where `embedding` is now.)"""
@@ -600,6 +629,8 @@ def main(argv: list[str] | None = None) -> None:
         metavar="IMAGES",
         help="captune.generate.COMPILED_PREFILL_UP_TO for this process (0: the prefill always eager)",
     )
+    parser.add_argument("--ab-gemv", action="store_true",
+                        help="only the single-image latency, GEMV_UP_TO 0 and 1 in alternate calls")  # fmt: skip
     parser.add_argument("--gemv-up-to", type=int, metavar="ROWS",
                         help="captune.generate.GEMV_UP_TO for this process (0: cuBLAS only)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -639,6 +670,10 @@ def main(argv: list[str] | None = None) -> None:
         if not args.skip_fp32:
             result["agreement_float32"] = agreement_fp32(model, processor, paths, 64)
             save()
+        return
+    if args.ab_gemv:
+        result["latency_ab_gemv"] = latency_ab_gemv(model, processor, paths[0])
+        save()
         return
     if args.latency_only:  # in a process that compiled nothing else: the decode step's graph stays static-shaped
         result["latency_single_image_static_cache"] = latency(model, processor, paths[0], static=True)
