@@ -925,6 +925,9 @@ def test_emptying_a_static_cache_in_one_launch_is_its_reset(tiny: LoadedModel) -
             layer.keys.normal_()
             layer.values.normal_()
             layer.cumulative_length.fill_(5)
+    never_written = StaticCache(config=config, max_cache_len=7)
+    _reset(never_written)  # (nothing to zero: a cache whose call failed before its prefill)
+    assert not any(layer.is_initialized for layer in never_written.layers)
     caches[0].reset()
     _reset(caches[1])
     for reset, ours in zip(caches[0].layers, caches[1].layers, strict=True):

@@ -129,7 +129,8 @@ HELD_CACHE_ROWS = 8
 """The most rows (images x beams) whose static caches a `generate_from_pixels` call without `caches` (a single
 caption, a server's request) keeps on the model for the next one (~20 MB a row for OPT-2.7B and 30 new tokens):
 allocating them anew took ~2.4 ms of a single caption's host time on an H100 while the GPU waited, and the compiled
-steps' CUDA graphs read them at the addresses they were recorded with."""
+steps' CUDA graphs read them at the addresses they were recorded with. (Like those graphs, they are per model: one
+model does not caption from several threads at once; `captune serve` calls it from one.)"""
 
 
 def _own_loop_applies(model: Blip2Like, options: GenerateConfig) -> bool:
@@ -339,15 +340,17 @@ GEMV_UP_TO = 0
 """The most rows (tokens in a call) whose linear layers the compiled static loops compute as `_gemv` reductions
 (`gemv_linears`); more rows go to cuBLAS (`F.linear`). 0, measured on H100s (benchmarks/README.md, session 8): the
 reductions with the compiler's own configurations made a single caption's decode step slower (3.13 against 3.05 ms);
-tuned by coordinate descent they made it faster (2.82 against 3.10 ms) but the single caption no faster, as the
-patched forwards cost host time (their guards) that a single caption waits for, and its first call compiled ~70 s
-longer."""
+tuned by coordinate descent they made it faster (2.82 against 3.10 ms), but no single caption was measured faster
+(the H100 hosts' share of it varied by +-10 ms between processes; the ~160 patched forwards also add ~0.2 ms of
+guard checks to each compiled call), and the first call compiled ~70 s longer. `--ab-gemv` of
+benchmarks/caption_throughput.py compares the two in alternate calls of one process."""
 
 
 def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` as one float32 reduction over each weight row, in x's dtype. Compiled, it is a
     reduction kernel that reads each weight row once and takes the bias and a following activation along; for one row
-    cuBLAS's kernels read OPT-2.7B's weights at 2.2-2.5 TB/s of an H100's 3.35 (benchmarks/gemv_kernels.py)."""
+    cuBLAS's kernels read OPT-2.7B's weights at 2.2-2.5 TB/s of an H100's 3.35 (the decode step's profile,
+    benchmarks/README.md, session 8)."""
     out = (x.unsqueeze(-2).float() * weight.float()).sum(-1)
     if bias is not None:
         out = out + bias.float()
@@ -591,7 +594,8 @@ def _reset(cache: Any) -> None:
             tensors += [layer.keys, layer.values, layer.cumulative_length]  # type: ignore[list-item]
         else:
             layer.reset()
-    torch._foreach_zero_(tensors)
+    if tensors:  # (none in a cache never written, e.g. after a call that failed before its prefill)
+        torch._foreach_zero_(tensors)
 
 
 def _repeat_rows(source: Any, target: Any, copies: int, written: int) -> None:
