@@ -678,6 +678,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.latency_only:  # in a process that compiled nothing else: the decode step's graph stays static-shaped
         result["latency_single_image_static_cache"] = latency(model, processor, paths[0], static=True)
         print(f"single image, static cache, alone: {result['latency_single_image_static_cache']}", flush=True)
+        from captune.data.images import _NORMALISED_AS
+
+        result["image_processor"] = {  # which class the saved model loads here, and how device_pixels normalises
+            "class": type(processor.image_processor).__name__,
+            "normalised_on_device_as": _NORMALISED_AS.get(processor.image_processor, "unchecked"),
+        }
         save()
         if torch.cuda.is_available():
             result["timeline_single_image_static_cache"] = timeline(model, processor, paths[0])

@@ -11,6 +11,7 @@ import json
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -564,3 +565,64 @@ def test_train_then_eval_end_to_end(
     assert list(json.loads((out / "metrics.json").read_text())) == list(METRIC_NAMES)
     predicted = {p["image_id"] for p in json.loads((out / "predictions.json").read_text())}
     assert predicted == {r.image_id for r in read(layout, data, ReadOptions()).split("test")}
+
+
+# --- pixels rescaled and normalised on the model's device --------------------------------------------------------
+
+
+def _pictures() -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    colour = Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    grey = Image.fromarray(rng.integers(0, 256, (30, 20), dtype=np.uint8)).convert("RGB")
+    return [colour, grey]
+
+
+@pytest.mark.parametrize("size", [32, 384])
+def test_device_pixels_are_the_image_processors_bit_for_bit(size: int) -> None:
+    import torch
+    from transformers import BlipImageProcessorPil
+
+    from captune.data import images as image_module
+
+    processor = BlipImageProcessorPil(size={"height": size, "width": size})
+    expected = processor(_pictures(), return_tensors="pt")["pixel_values"]
+    for _ in range(2):  # the first call checks the device's way against the processor, the second uses it
+        got = image_module.device_pixels(processor, _pictures(), torch.device("cpu"))
+        assert got.dtype == torch.float32 and torch.equal(got, expected)
+    assert image_module._NORMALISED_AS[processor] == "rescaled_in_float64"
+
+
+def test_device_pixels_fall_back_to_the_processor_when_no_way_matches(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+    from transformers import BlipImageProcessorPil
+
+    from captune.data import images as image_module
+
+    monkeypatch.setattr(image_module, "NORMALISATIONS", {"off": lambda raw, scale, mean, std: raw.float() * scale})
+    calls: list[dict[str, Any]] = []
+
+    class Counted(BlipImageProcessorPil):
+        def __call__(self, images: Any, **kwargs: Any) -> Any:
+            calls.append(kwargs)
+            return super().__call__(images, **kwargs)
+
+    processor = Counted(size={"height": 32, "width": 32})
+    expected = processor(_pictures(), return_tensors="pt")["pixel_values"]
+    calls.clear()
+    for _ in range(2):
+        assert torch.equal(image_module.device_pixels(processor, _pictures(), torch.device("cpu")), expected)
+    assert image_module._NORMALISED_AS[processor] is None
+    # first call: 8-bit resize, then the whole processor to compare; after: the whole processor only
+    assert [("do_rescale" in kw) for kw in calls] == [True, False, False]
+
+
+def test_device_pixels_leave_processors_that_do_not_normalise_to_themselves() -> None:
+    import torch
+    from transformers import BlipImageProcessorPil
+
+    from captune.data import images as image_module
+
+    processor = BlipImageProcessorPil(size={"height": 32, "width": 32}, do_normalize=False)
+    expected = processor(_pictures(), return_tensors="pt")["pixel_values"]
+    assert torch.equal(image_module.device_pixels(processor, _pictures(), torch.device("cpu")), expected)
+    assert processor not in image_module._NORMALISED_AS

@@ -19,7 +19,7 @@ from transformers import Blip2Processor
 
 from captune.config import GenerateConfig
 from captune.data import freeze_inherited_objects
-from captune.data.images import processed_pixels
+from captune.data.images import device_pixels, processed_pixels
 from captune.errors import CaptuneError
 from captune.model import Blip2Like
 from captune.step import attention_kernels
@@ -46,8 +46,9 @@ def generate_captions(
     options: GenerateConfig,
     prompt: str = "",
 ) -> list[str]:
-    """Captions one batch of RGB images (preprocessed here; `caption_paths` preprocesses in worker processes)."""
-    pixel_values = processor.image_processor(list(images), return_tensors="pt")["pixel_values"]
+    """Captions one batch of RGB images (preprocessed here, rescaled and normalised on the model's device:
+    `device_pixels`; `caption_paths` preprocesses in worker processes)."""
+    pixel_values = device_pixels(processor.image_processor, images, next(model.parameters()).device)
     return generate_from_pixels(model, processor, pixel_values, options, prompt)
 
 

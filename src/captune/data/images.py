@@ -6,9 +6,12 @@ check is an image training can read.
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from captune.errors import CaptuneError
@@ -66,6 +69,62 @@ def processed_pixels(path: Path, image_processor: Any) -> Any:
     """An image file as the model takes it: `load_rgb` at `decode_size`, then the image processor; (3, H, W) tensor."""
     image = load_rgb(path, decode_size(image_processor))
     return image_processor(image, return_tensors="pt")["pixel_values"][0]
+
+
+Normalisation = Callable[[torch.Tensor, float, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _rescaled_in_float64(raw: torch.Tensor, scale: float, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """transformers' PIL image processors: rescaled in float64, then float32 minus the mean, over the std."""
+    return ((raw.double() * scale).float() - mean) / std
+
+
+def _fused_into_mean_and_std(raw: torch.Tensor, scale: float, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """transformers' torchvision image processors: the rescale factor folded into the mean and std, in float32."""
+    return (raw.float() - mean * (1.0 / scale)) / (std * (1.0 / scale))
+
+
+NORMALISATIONS: dict[str, Normalisation] = {
+    "rescaled_in_float64": _rescaled_in_float64,
+    "fused_into_mean_and_std": _fused_into_mean_and_std,
+}
+"""How image processors rescale and normalise 8-bit pixels, as `device_pixels` may do it on a GPU."""
+
+_NORMALISED_AS: weakref.WeakKeyDictionary[Any, str | None] = weakref.WeakKeyDictionary()
+"""Per image processor, the NORMALISATIONS entry that gave its pixel values bit for bit (None: none did)."""
+
+
+def device_pixels(image_processor: Any, images: Sequence[Image.Image], device: torch.device) -> torch.Tensor:
+    """What `image_processor(images, return_tensors="pt")["pixel_values"]` gives, as float32 on `device`, with the
+    rescaling and normalisation done there: the processor only converts and resizes (on the host, to 8-bit pixels),
+    so a single caption spends less host time before its GPU work (measured on this project's CPU for a 640x480 image:
+    3.95 -> 2.8 ms with the PIL processor; the image processor took 7.7-12 ms on an H100 machine's CPU) and copies a
+    quarter of the bytes. The first call for a processor also runs it whole and keeps the device's way only if it
+    gives the same values bit for bit; otherwise, and for processors that pad or do not rescale and normalise, the
+    processor does it all, as before."""
+    rescale = getattr(image_processor, "do_rescale", False) and getattr(image_processor, "do_normalize", False)
+    known = _NORMALISED_AS.get(image_processor, "unchecked")
+    if not rescale or getattr(image_processor, "do_pad", False) or known is None:
+        return image_processor(list(images), return_tensors="pt")["pixel_values"].to(device, non_blocking=True)
+    raw = image_processor(list(images), do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values"]
+    scale = float(image_processor.rescale_factor)
+    # (non_blocking: from pageable memory through a staging buffer, without waiting for the GPU's queue)
+    mean, std = (
+        torch.tensor(values, dtype=torch.float32).view(-1, 1, 1).to(device, non_blocking=True)
+        for values in (image_processor.image_mean, image_processor.image_std)
+    )
+    on_device = raw.to(device, non_blocking=True)
+    if known == "unchecked":  # the first call: which way, if any, gives the processor's own values?
+        whole = image_processor(list(images), return_tensors="pt")["pixel_values"]
+        matching = [
+            name
+            for name, normalise in NORMALISATIONS.items()
+            if raw.dtype == torch.uint8 and torch.equal(normalise(on_device, scale, mean, std).cpu(), whole)
+        ]
+        _NORMALISED_AS[image_processor] = known = matching[0] if matching else None
+        if known is None:
+            return whole.to(device, non_blocking=True)
+    return NORMALISATIONS[known](on_device, scale, mean, std)
 
 
 def _open_loaded(path: Path, min_size: tuple[int, int] | None = None) -> Image.Image:
