@@ -626,3 +626,17 @@ def test_device_pixels_leave_processors_that_do_not_normalise_to_themselves() ->
     expected = processor(_pictures(), return_tensors="pt")["pixel_values"]
     assert torch.equal(image_module.device_pixels(processor, _pictures(), torch.device("cpu")), expected)
     assert processor not in image_module._NORMALISED_AS
+
+
+def test_device_pixels_leave_an_unhashable_processor_to_itself() -> None:
+    import torch
+    from transformers import BlipImageProcessorPil
+
+    from captune.data import images as image_module
+
+    class Unhashable(BlipImageProcessorPil):
+        __hash__ = None  # type: ignore[assignment]
+
+    processor = Unhashable(size={"height": 32, "width": 32})
+    expected = processor(_pictures(), return_tensors="pt")["pixel_values"]
+    assert torch.equal(image_module.device_pixels(processor, _pictures(), torch.device("cpu")), expected)

@@ -103,7 +103,10 @@ def device_pixels(image_processor: Any, images: Sequence[Image.Image], device: t
     gives the same values bit for bit; otherwise, and for processors that pad or do not rescale and normalise, the
     processor does it all, as before."""
     rescale = getattr(image_processor, "do_rescale", False) and getattr(image_processor, "do_normalize", False)
-    known = _NORMALISED_AS.get(image_processor, "unchecked")
+    try:
+        known = _NORMALISED_AS.get(image_processor, "unchecked")
+    except TypeError:  # a processor that cannot be a weak dictionary's key (unhashable): the processor does it all
+        known = None
     if not rescale or getattr(image_processor, "do_pad", False) or known is None:
         return image_processor(list(images), return_tensors="pt")["pixel_values"].to(device, non_blocking=True)
     raw = image_processor(list(images), do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values"]
