@@ -342,7 +342,7 @@ GEMV_UP_TO = 0
 (`gemv_linears`); more rows go to cuBLAS (`F.linear`). 0, measured on H100s (benchmarks/README.md, session 8): the
 reductions with the compiler's own configurations made a single caption's decode step slower (3.13 against 3.05 ms);
 tuned by coordinate descent they made it faster (2.82 against 3.10 ms), but no single caption was measured faster
-(the H100 hosts' share of it varied by +-10 ms between processes; the ~160 patched forwards also add ~0.2 ms of
+(the H100 hosts' share of it varied by +-10 ms between processes; the 193 patched forwards also add ~0.2 ms of
 guard checks to each compiled call), and the first call compiled ~70 s longer. `--ab-gemv` of
 benchmarks/caption_throughput.py compares the two in alternate calls of one process."""
 
