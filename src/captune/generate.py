@@ -80,13 +80,14 @@ def generate_from_pixels(
         model.eval()
     pixel_values = pixel_values.to(device, dtype, non_blocking=True)
     own = options.static_cache and _own_loop_applies(model, options)
+    blip = blip_of(model) if own else None  # (the static loops' model; `generate` takes any)
     if own and caches is None and len(pixel_values) * options.num_beams <= HELD_CACHE_ROWS:
-        caches = vars(blip_of(model)).setdefault("_captune_caches", {})  # the next small call reuses them
+        caches = vars(blip).setdefault("_captune_caches", {})  # the next small call reuses them
     with attention_kernels(options.cudnn_attention):
-        if own and image_features is None and len(pixel_values) <= COMPILED_IMAGE_SIDE_UP_TO:
-            blip = blip_of(model)
-            if _compiles(blip, device):  # first, so that the GPU works while the host sets up the rest
-                image_features = _compiled_image_side(blip)(pixel_values).clone()  # the graph's output is reused
+        small = len(pixel_values) <= COMPILED_IMAGE_SIDE_UP_TO
+        if own and image_features is None and small and _compiles(blip, device):
+            # first, so that the GPU works while the host sets up the rest; a copy: the graph's output is reused
+            image_features = _compiled_image_side(blip)(pixel_values).clone()
         inputs = text_inputs(model, processor, len(pixel_values), prompt)
         if own:
             own_loop = static_greedy if options.num_beams == 1 else static_beam
@@ -318,8 +319,8 @@ def fused_qkv(model: Blip2Like) -> Iterator[None]:
     lm = blip_of(model).language_model
     if "_captune_attention_layers" not in vars(lm):  # found once (a walk over its modules: host time at every call)
         vars(lm)["_captune_attention_layers"] = [m for m in lm.modules() if isinstance(m, OPTAttention)]
-    # (submodules, buffers and the forward read and set through the modules' dicts: nn.Module's attribute hooks
-    # cost host time at every call)
+    # (submodules and buffers read through the modules' dicts: nn.Module's attribute hooks cost host time at every
+    # call)
     layers = [m for m in vars(lm)["_captune_attention_layers"] if all(type(m._modules[n]) is nn.Linear for n in plain)]
     copies: list[tuple[torch.Tensor, torch.Tensor]] = []
     with torch.no_grad():
@@ -327,14 +328,23 @@ def fused_qkv(model: Blip2Like) -> Iterator[None]:
             parts = [layer._modules[name] for name in plain]
             copies += _hold_concatenated(layer, "captune_qkv_weight", [p.weight for p in parts])  # type: ignore[union-attr]
             copies += _hold_concatenated(layer, "captune_qkv_bias", [p.bias for p in parts])  # type: ignore[union-attr]
-            vars(layer)["forward"] = types.MethodType(_fused_qkv_forward, layer)
         if copies:  # one multi-tensor launch instead of a copy kernel per buffer (host time before the prefill)
             torch._foreach_copy_([into for into, _ in copies], [source for _, source in copies])
+    with _forwards(layers, _fused_qkv_forward):
+        yield
+
+
+@contextmanager
+def _forwards(modules: list[nn.Module], forward: Callable[..., Any]) -> Iterator[None]:
+    """Within it, each module's forward is `forward` bound to it (set in the module's dict: nn.Module's attribute
+    hooks cost host time at every call); its class's forward again on leaving."""
+    for module in modules:
+        vars(module)["forward"] = types.MethodType(forward, module)
     try:
         yield
     finally:
-        for layer in layers:
-            vars(layer).pop("forward", None)
+        for module in modules:
+            vars(module).pop("forward", None)
 
 
 GEMV_UP_TO = 0
@@ -381,14 +391,8 @@ def gemv_linears(model: Blip2Like) -> Iterator[None]:
     if GEMV_UP_TO < 1:  # nothing patched: no host time, no guards in the compiled calls
         yield
         return
-    linears = [m for m in blip_of(model).language_model.modules() if type(m) is nn.Linear]
-    for linear in linears:
-        linear.forward = types.MethodType(_linear_forward, linear)  # type: ignore[method-assign]
-    try:
+    with _forwards([m for m in blip_of(model).language_model.modules() if type(m) is nn.Linear], _linear_forward):
         yield
-    finally:
-        for linear in linears:
-            del linear.forward
 
 
 def _hold_concatenated(
@@ -466,7 +470,13 @@ class _StaticDecoder:
             _repeat_rows(prefilled, self.cache, copies, self.prefix)
         self.cached = {name: self.cache}
         self.call = lm.get_compiled_call(CompileConfig()) if compiled else lm.__call__
-        self.tuned = compiled and self.rows <= GEMV_UP_TO  # (see step)
+        # A step of `_gemv` rows is compiled with the compiler's coordinate descent tuning: its reductions' own
+        # configurations read the weights slower than cuBLAS (benchmarks/README.md, session 8).
+        self.tuning: Any = nullcontext()  # (entered at every step; a config patch can be entered again)
+        if compiled and self.rows <= GEMV_UP_TO:
+            import torch._inductor.config as inductor
+
+            self.tuning = inductor.patch(coordinate_descent_tuning=True)
         self.move = _compiled_reorder() if compiled else _reorder_rows
         self.layers: list[torch.Tensor] = []
         for layer in self.cache.layers:  # StaticLayers, their tensors made by the prefill
@@ -475,14 +485,7 @@ class _StaticDecoder:
     def step(self, tokens: torch.Tensor, index: int) -> torch.Tensor:
         """The next-token logits after feeding `tokens` (one per row) as new token number `index`."""
         at = self.positions[self.prefix + index : self.prefix + index + 1]
-        # A step of `_gemv` rows is compiled with the compiler's coordinate descent tuning: its reductions' own
-        # configurations read the weights slower than cuBLAS (benchmarks/README.md, session 8).
-        tuning: Any = nullcontext()
-        if self.tuned:
-            import torch._inductor.config as inductor
-
-            tuning = inductor.patch(coordinate_descent_tuning=True)
-        with tuning:
+        with self.tuning:
             return self.call(input_ids=tokens[:, None], attention_mask=self.mask, use_cache=True, cache_position=at,
                              position_ids=at.expand(self.rows, 1), **self.cached).logits[:, -1]  # fmt: skip
 
