@@ -1,7 +1,8 @@
-"""The decode step's matrix-vector products alone: cuBLAS (`F.linear`, what the compiled step calls) against the
-compiler's float32 reduction (`captune.generate._gemv`, inductor's own reduction configs, and with its coordinate
-descent tuning) on OPT-2.7B's shapes, a few rows. Each variant is replayed in a CUDA graph of 20 calls (launch cost
-as in the decode step's graph); microseconds a call and the weight bytes read per second.
+"""The decode step's matrix-vector products alone: cuBLAS (`F.linear`, what the compiled step calls; also through
+cuBLASLt, and as cuBLAS's matrix-vector `addmv`) against the compiler's float32 reduction (`captune.generate._gemv`,
+inductor's own reduction configs, and with its coordinate descent tuning) on OPT-2.7B's shapes, a few rows. Each
+variant is replayed in a CUDA graph of 20 calls (launch cost as in the decode step's graph); microseconds a call and
+the weight bytes read per second.
 
     PYTHONPATH=src python benchmarks/gemv_kernels.py --output OUT.json [--rows 1,2,4]
 """
@@ -65,9 +66,23 @@ def variants(relu: bool) -> dict[str, Any]:
     def reduction(x: Any, w: Any, b: Any) -> Any:
         return after(_gemv(x, w, b))
 
+    def cublaslt(x: Any, w: Any, b: Any) -> Any:  # the same product through cuBLASLt (PyTorch's other BLAS backend)
+        torch.backends.cuda.preferred_blas_library("cublaslt")
+        try:
+            return after(F.linear(x, w, b))
+        finally:
+            torch.backends.cuda.preferred_blas_library("cublas")
+
+    def matrix_vector(x: Any, w: Any, b: Any) -> Any:  # cuBLAS's GEMV (addmv) instead of a GEMM of one row
+        out = torch.stack([torch.mv(w, row) for row in x]) if b is None else torch.stack(
+            [torch.addmv(b, w, row) for row in x])  # fmt: skip
+        return after(out)
+
     return {
         "cublas": cublas,
         "cublas_compiled": cublas,
+        "cublaslt": cublaslt,
+        "cublas_gemv": matrix_vector,
         "reduction": reduction,
         "reduction_coordinate_descent": reduction,
     }
@@ -101,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
             row: dict[str, Any] = {}
             for variant, function in variants(name == "fc1").items():
                 torch._dynamo.reset()
-                if variant != "cublas":
+                if variant not in ("cublas", "cublaslt", "cublas_gemv"):
                     with inductor.patch(coordinate_descent_tuning=variant.endswith("coordinate_descent")):
                         function = torch.compile(function, fullgraph=True, dynamic=False)
                         function(x, w, b)  # compiles (and tunes) here

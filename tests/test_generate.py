@@ -663,11 +663,13 @@ def test_the_compiled_prefill_is_one_graph_that_fills_the_cache_as_the_eager_one
 
 
 def test_static_loops_project_q_k_and_v_with_one_gemm_over_weights_of_the_moment(
-    tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
+    tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """Within the static loops every OPT attention layer projects q, k and v with one GEMM over its concatenated
-    weights (copied at each entry into buffers at fixed addresses); captions stay generate's, also after the weights
-    change in place between calls, and the layers get their own forward back."""
+    weights, of which the projections' weights become views (nothing copied at a call); captions stay generate's,
+    also after the weights change in place between calls or are given new tensors (copied in again, at the same
+    address), the layers get their own forward back, and the model saves and loads as before."""
+    from transformers import Blip2ForConditionalGeneration
     from transformers.models.opt.modeling_opt import OPTAttention
 
     import captune.generate as generate
@@ -683,6 +685,14 @@ def test_static_loops_project_q_k_and_v_with_one_gemm_over_weights_of_the_moment
                                                                  self.v_proj.weight]))  # fmt: skip
         return real_forward(self, hidden_states, *args, **kwargs)
 
+    def viewed(layer: Any) -> bool:  # each projection's weight and bias are their part of the layer's buffers
+        for buffer, kind in (("captune_qkv_weight", "weight"), ("captune_qkv_bias", "bias")):
+            parts = [getattr(getattr(layer, n), kind) for n in ("q_proj", "k_proj", "v_proj")]
+            held = getattr(layer, buffer).split([p.shape[0] for p in parts])
+            if any(p.data_ptr() != h.data_ptr() or p.shape != h.shape for p, h in zip(parts, held, strict=True)):
+                return False
+        return True
+
     monkeypatch.setattr(generate, "_fused_qkv_forward", watched)
     options = GenerateConfig(num_beams=1, min_new_tokens=2, max_new_tokens=6)
     static = GenerateConfig(num_beams=1, min_new_tokens=2, max_new_tokens=6, static_cache=True)
@@ -690,9 +700,11 @@ def test_static_loops_project_q_k_and_v_with_one_gemm_over_weights_of_the_moment
     assert generate_captions(tiny.model, tiny.processor, _images(), static) == before
     assert len(fused_calls) == 6 * len(layers)  # the prefill and 5 steps, every layer
     addresses = {t.data_ptr() for t in fused_calls}
+    assert all(viewed(layer) for layer in layers)
     assert all("forward" not in vars(layer) for layer in layers)  # the class's forward again
+    assert "captune_qkv_weight" not in tiny.model.state_dict()  # (not saved)
     generator = torch.Generator().manual_seed(3)
-    saved = [layer.v_proj.weight.detach().clone() for layer in layers]
+    saved = [(layer.v_proj.weight.detach().clone(), layer.q_proj.weight.detach().clone()) for layer in layers]
     try:
         for layer in layers:  # in place, past autograd's version counter, as a merge does it
             layer.v_proj.weight.data += torch.randn(layer.v_proj.weight.shape, generator=generator)
@@ -700,10 +712,24 @@ def test_static_loops_project_q_k_and_v_with_one_gemm_over_weights_of_the_moment
         assert changed != before
         fused_calls.clear()
         assert generate_captions(tiny.model, tiny.processor, _images(), static) == changed
-        assert {t.data_ptr() for t in fused_calls} == addresses  # the same buffers, refreshed
+        assert {t.data_ptr() for t in fused_calls} == addresses  # the same buffers
+        for layer in layers:  # new tensors, as a safe merge or `.to()` gives them
+            layer.q_proj.weight.data = layer.q_proj.weight.detach() + torch.randn(layer.q_proj.weight.shape,
+                                                                                 generator=generator)  # fmt: skip
+        assert not any(viewed(layer) for layer in layers)
+        changed_again = generate_captions(tiny.model, tiny.processor, _images(), options)
+        assert changed_again != changed
+        fused_calls.clear()
+        assert generate_captions(tiny.model, tiny.processor, _images(), static) == changed_again
+        assert {t.data_ptr() for t in fused_calls} == addresses  # copied into the same buffers
+        assert all(viewed(layer) for layer in layers)
+        tiny.model.save_pretrained(tmp_path / "saved")  # shared storage: transformers writes the parts apart
+        reloaded = Blip2ForConditionalGeneration.from_pretrained(tmp_path / "saved")
+        assert all(torch.equal(v, reloaded.state_dict()[k]) for k, v in tiny.model.state_dict().items())
     finally:
-        for layer, weight in zip(layers, saved, strict=True):
-            layer.v_proj.weight.data.copy_(weight)
+        for layer, (v_weight, q_weight) in zip(layers, saved, strict=True):
+            layer.v_proj.weight.data.copy_(v_weight)
+            layer.q_proj.weight.data.copy_(q_weight)
 
 
 @pytest.mark.parametrize(("rows", "compiling"), [(1, True), (3, True), (1, False)])

@@ -306,11 +306,12 @@ def _fused_qkv_forward(self: Any, hidden_states: torch.Tensor, attention_mask: A
 @contextmanager
 def fused_qkv(model: Blip2Like) -> Iterator[None]:
     """Within it (captune's static loops), each OPT attention layer whose q, k and v projections are plain linear
-    layers (merged or no adapter, not quantized) computes them with one GEMM over their concatenated weights: at batch
-    1 the three 13 MB GEMVs of OPT-2.7B ran at ~1.67 TB/s on an H100, the 39 MB one runs faster (a decode step 3.50 ->
-    3.28 ms, measured). The concatenated weights are buffers kept at fixed addresses (the compiled step's CUDA graphs
-    read them there; 1.26 GB more GPU memory for OPT-2.7B) and copied from the projections at every entry, so that
-    weights changed since (training, a merge) are the ones used."""
+    layers (merged or no adapter, not quantized, not sharded) computes them with one GEMM over their concatenated
+    weights: at batch 1 the three 13 MB GEMVs of OPT-2.7B ran at ~1.67 TB/s on an H100, the 39 MB one runs faster (a
+    decode step 3.50 -> 3.28 ms, measured). The concatenation is a buffer at a fixed address (the compiled step's CUDA
+    graphs read it there) of which the three projections' weights (and biases) become views (`_fuse_as_views`): no
+    more memory, nothing copied at each call, and weights changed in place since (training, a merge's `.data +=`)
+    are already there."""
     from transformers.models.opt.modeling_opt import OPTAttention
 
     from captune.step import blip_of
@@ -322,14 +323,15 @@ def fused_qkv(model: Blip2Like) -> Iterator[None]:
     # (submodules and buffers read through the modules' dicts: nn.Module's attribute hooks cost host time at every
     # call)
     layers = [m for m in vars(lm)["_captune_attention_layers"] if all(type(m._modules[n]) is nn.Linear for n in plain)]
-    copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+    layers = [m for m in layers if all(type(m._modules[n]._parameters["weight"].data) is torch.Tensor for n in plain)]
     with torch.no_grad():
         for layer in layers:
-            parts = [layer._modules[name] for name in plain]
-            copies += _hold_concatenated(layer, "captune_qkv_weight", [p.weight for p in parts])  # type: ignore[union-attr]
-            copies += _hold_concatenated(layer, "captune_qkv_bias", [p.bias for p in parts])  # type: ignore[union-attr]
-        if copies:  # one multi-tensor launch instead of a copy kernel per buffer (host time before the prefill)
-            torch._foreach_copy_([into for into, _ in copies], [source for _, source in copies])
+            parts = [layer._modules[name]._parameters for name in plain]
+            tensors = [p["weight"] for p in parts] + [p.get("bias") for p in parts]
+            if _pointers(layer, tensors) != vars(layer).get("_captune_qkv_pointers"):  # (else all viewed already)
+                _fuse_as_views(layer, "captune_qkv_weight", tensors[:3])
+                _fuse_as_views(layer, "captune_qkv_bias", tensors[3:])
+                vars(layer)["_captune_qkv_pointers"] = _pointers(layer, tensors)
     with _forwards(layers, _fused_qkv_forward):
         yield
 
@@ -391,26 +393,50 @@ def gemv_linears(model: Blip2Like) -> Iterator[None]:
     if GEMV_UP_TO < 1:  # nothing patched: no host time, no guards in the compiled calls
         yield
         return
-    with _forwards([m for m in blip_of(model).language_model.modules() if type(m) is nn.Linear], _linear_forward):
+    lm = blip_of(model).language_model
+    if "_captune_linears" not in vars(lm):  # found once (a walk over its modules: host time at every call); linear
+        vars(lm)["_captune_linears"] = [
+            m for m in lm.modules() if type(m) is nn.Linear
+        ]  # layers added later keep F.linear
+    with _forwards([m for m in vars(lm)["_captune_linears"] if type(m) is nn.Linear], _linear_forward):
         yield
 
 
-def _hold_concatenated(
-    module: nn.Module, name: str, tensors: list[torch.Tensor | None]
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Buffer `name` of `module` (not saved) becomes the tensors concatenated: a new one, or the one already held
-    when it fits (its address stays), whose (part, tensor) pairs are returned for the caller to copy; None when any
-    tensor is None (a projection without bias). Under no_grad (the caller's)."""
+def _pointers(layer: nn.Module, tensors: list[torch.Tensor | None]) -> list[int]:
+    """The addresses of the tensors and of the layer's fused buffers: unchanged since `fused_qkv` made the tensors
+    views of the buffers, they still are."""
+    held = [layer._buffers.get(name) for name in ("captune_qkv_weight", "captune_qkv_bias")]
+    return [0 if t is None else t.data_ptr() for t in tensors + held]
+
+
+def _fuse_as_views(module: nn.Module, name: str, parameters: list[torch.Tensor | None]) -> None:
+    """Buffer `name` of `module` (not saved) holds `parameters` concatenated (along their first dimension), and each
+    parameter's data is a view of its part of it; a buffer of None when any is None (a projection without bias).
+    Parameters already viewing their part are left alone (a few pointer comparisons: the host time of a call); one
+    given a new tensor since (`.data = ...`, `.to()`, a safe merge) is copied into its part again, into the held
+    buffer where it still fits, so that its address stays. Under no_grad (the caller's)."""
     held = module._buffers.get(name)
-    if any(t is None for t in tensors):
+    if any(p is None for p in parameters):
         module.register_buffer(name, None, persistent=False)
-        return []
-    values = [t for t in tensors if t is not None]
-    sizes = [t.shape[0] for t in values]
-    if held is not None and (held.shape[0], held.dtype, held.device) == (sum(sizes), values[0].dtype, values[0].device):
-        return list(zip(held.split(sizes), values, strict=True))
-    module.register_buffer(name, torch.cat(values).detach(), persistent=False)
-    return []
+        return
+    values = [p for p in parameters if p is not None]
+    sizes = [p.shape[0] for p in values]
+    if held is None or (held.shape[0], held.shape[1:], held.dtype, held.device) != (
+        sum(sizes),
+        values[0].shape[1:],
+        values[0].dtype,
+        values[0].device,
+    ):
+        held = torch.cat([p.detach() for p in values])
+        module.register_buffer(name, held, persistent=False)
+        fresh = True
+    else:
+        fresh = False
+    for part, parameter in zip(held.split(sizes), values, strict=True):
+        if parameter.data_ptr() != part.data_ptr() or parameter.shape != part.shape:
+            if not fresh:
+                part.copy_(parameter)
+            parameter.data = part
 
 
 class _StaticDecoder:
