@@ -865,7 +865,7 @@ def test_compiled_one_row_steps_give_generates_captions_by_gemvs_only_when_asked
 ) -> None:
     # As on a GPU (dynamo traces the compiled parts; CUDA graphs aside): with GEMV_UP_TO 1 the decode step of a
     # single image has no linear layer left in its graph (the products are reductions), the captions stay generate's,
-    # and the layers get nn.Linear's forward back; with 0 (the default) no layer is touched.
+    # and the layers get nn.Linear's forward back (1 is the default); with 0 no layer is touched.
     import captune.generate as generate
 
     lm = tiny.model.language_model

@@ -349,14 +349,14 @@ def _forwards(modules: list[nn.Module], forward: Callable[..., Any]) -> Iterator
             vars(module).pop("forward", None)
 
 
-GEMV_UP_TO = 0
+GEMV_UP_TO = 1
 """The most rows (tokens in a call) whose linear layers the compiled static loops compute as `_gemv` reductions
-(`gemv_linears`); more rows go to cuBLAS (`F.linear`). 0, measured on H100s (benchmarks/README.md, session 8): the
-reductions with the compiler's own configurations made a single caption's decode step slower (3.13 against 3.05 ms);
-tuned by coordinate descent they made it faster (2.82 against 3.10 ms), but no single caption was measured faster
-(the H100 hosts' share of it varied by +-10 ms between processes; the 193 patched forwards also add ~0.2 ms of
-guard checks to each compiled call), and the first call compiled ~70 s longer. `--ab-gemv` of
-benchmarks/caption_throughput.py compares the two in alternate calls of one process."""
+(`gemv_linears`), tuned by the compiler's coordinate descent; more rows go to cuBLAS (`F.linear`). 1: a single
+caption's decode step. Measured on an H100 (benchmarks/README.md, session 9), a single caption in alternate calls of
+one process: 95.4 ms median against 101.7 with cuBLAS, faster at each of the 20 quantiles; its decode step 2.82
+against 3.10 ms (session 8). With the compiler's own reduction configurations they were slower than cuBLAS (3.13
+against 3.05 ms a step). The cost: the first single caption of a process compiles ~70 s longer (the tuning), and the
+patched forwards add ~0.2 ms of guard checks to each compiled call. 0 patches nothing."""
 
 
 def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
