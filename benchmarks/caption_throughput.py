@@ -572,9 +572,10 @@ def static_only(
               f"{result[f'static_cache_warm_up_seconds_batch_{batch}']:.0f} s of warm-up; identical to generate: "
               f"{same:.1%}; after the first batch {STEADY[(batch, 1)]:.1f} captions/s", flush=True)  # fmt: skip
         save()
-    result["latency_single_image_static_cache"] = latency(model, processor, paths[0], static=True)
-    print(f"single image, static cache: {result['latency_single_image_static_cache']}", flush=True)
-    save()
+    if not args.skip_latency:
+        result["latency_single_image_static_cache"] = latency(model, processor, paths[0], static=True)
+        print(f"single image, static cache: {result['latency_single_image_static_cache']}", flush=True)
+        save()
     beam_batch = args.beam_batch
     start = time.perf_counter()
     captune_path(model, processor, paths[:beam_batch], beam_batch, 5, args.workers, static=True)  # compiles
@@ -613,6 +614,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--trace", type=Path, metavar="FILE.json.gz",
                         help="with --latency-only: also a profiler trace of one single-image caption")  # fmt: skip
+    parser.add_argument("--skip-latency", action="store_true",
+                        help="--static-only without the single-image latency (--latency-only measures it alone)")  # fmt: skip
     parser.add_argument("--beam-batch", type=int, default=64, help="images per batch for beam 5 in --static-only")
     parser.add_argument("--beam-images", type=int, default=512, help="images captioned with beam 5 in --static-only")
     parser.add_argument("--profile-static", metavar="BATCHES",
