@@ -615,7 +615,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trace", type=Path, metavar="FILE.json.gz",
                         help="with --latency-only: also a profiler trace of one single-image caption")  # fmt: skip
     parser.add_argument("--skip-latency", action="store_true",
-                        help="--static-only without the single-image latency (--latency-only measures it alone)")  # fmt: skip
+                        help="--static-only without the single-image latency (timed by --latency-only)")  # fmt: skip
     parser.add_argument("--beam-batch", type=int, default=64, help="images per batch for beam 5 in --static-only")
     parser.add_argument("--beam-images", type=int, default=512, help="images captioned with beam 5 in --static-only")
     parser.add_argument("--profile-static", metavar="BATCHES",
