@@ -732,6 +732,14 @@ def test_static_loops_project_q_k_and_v_with_one_gemm_over_weights_of_the_moment
             layer.q_proj.weight.data.copy_(q_weight)
 
 
+def test_only_plain_weights_with_memory_are_fused() -> None:
+    """Sharded (DTensor) or meta weights (offloaded) are never made views of a fused buffer."""
+    from captune.generate import _plain
+
+    assert _plain(torch.nn.Parameter(torch.zeros(2, 2)))
+    assert not _plain(torch.nn.Parameter(torch.empty(2, 2, device="meta")))
+
+
 @pytest.mark.parametrize(("rows", "compiling"), [(1, True), (3, True), (1, False)])
 def test_the_one_query_attention_is_sdpas_by_reductions_for_few_rows_compiled_and_products_otherwise(
     rows: int, compiling: bool, monkeypatch: pytest.MonkeyPatch

@@ -323,7 +323,7 @@ def fused_qkv(model: Blip2Like) -> Iterator[None]:
     # (submodules and buffers read through the modules' dicts: nn.Module's attribute hooks cost host time at every
     # call)
     layers = [m for m in vars(lm)["_captune_attention_layers"] if all(type(m._modules[n]) is nn.Linear for n in plain)]
-    layers = [m for m in layers if all(type(m._modules[n]._parameters["weight"].data) is torch.Tensor for n in plain)]
+    layers = [m for m in layers if all(_plain(m._modules[n]._parameters["weight"]) for n in plain)]
     with torch.no_grad():
         for layer in layers:
             parts = [layer._modules[name]._parameters for name in plain]
@@ -355,8 +355,9 @@ GEMV_UP_TO = 1
 caption's decode step. Measured on an H100 (benchmarks/README.md, session 9), a single caption in alternate calls of
 one process: 95.4 ms median against 101.7 with cuBLAS, faster at each of the 20 quantiles; its decode step 2.82
 against 3.10 ms (session 8). With the compiler's own reduction configurations they were slower than cuBLAS (3.13
-against 3.05 ms a step). The cost: the first single caption of a process compiles ~70 s longer (the tuning), and the
-patched forwards add ~0.2 ms of guard checks to each compiled call. 0 patches nothing."""
+against 3.05 ms a step). The cost: the first single caption of a process compiles ~60 s longer (the tuning: 130
+against 72 s on an H100), the patched forwards add ~0.2 ms of guard checks to each compiled call, and the tuned step
+varied between processes (2.77-3.03 ms; cuBLAS 3.00-3.10). 0 patches nothing."""
 
 
 def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -394,12 +395,16 @@ def gemv_linears(model: Blip2Like) -> Iterator[None]:
         yield
         return
     lm = blip_of(model).language_model
-    if "_captune_linears" not in vars(lm):  # found once (a walk over its modules: host time at every call); linear
-        vars(lm)["_captune_linears"] = [
-            m for m in lm.modules() if type(m) is nn.Linear
-        ]  # layers added later keep F.linear
+    if "_captune_linears" not in vars(lm):  # found once (a walk over its modules: host time at every call)
+        vars(lm)["_captune_linears"] = [m for m in lm.modules() if type(m) is nn.Linear]  # (added later: F.linear)
     with _forwards([m for m in vars(lm)["_captune_linears"] if type(m) is nn.Linear], _linear_forward):
         yield
+
+
+def _plain(weight: torch.Tensor) -> bool:
+    """Whether a weight's data is an ordinary tensor with memory (not sharded, e.g. an FSDP2 DTensor, nor on the
+    meta device, e.g. offloaded)."""
+    return type(weight.data) is torch.Tensor and weight.device.type != "meta"
 
 
 def _pointers(layer: nn.Module, tensors: list[torch.Tensor | None]) -> list[int]:
