@@ -357,7 +357,8 @@ one process: 95.4 ms median against 101.7 with cuBLAS, faster at each of the 20 
 against 3.10 ms (session 8). With the compiler's own reduction configurations they were slower than cuBLAS (3.13
 against 3.05 ms a step). The cost: the first single caption of a process compiles ~60 s longer (the tuning: 130
 against 72 s on an H100), the patched forwards add ~0.2 ms of guard checks to each compiled call, and the tuned step
-varied between processes (2.77-3.03 ms; cuBLAS 3.00-3.10). 0 patches nothing."""
+varied between processes (2.77-3.08 ms, slowest where a process reused the compile caches; cuBLAS 3.00-3.10).
+0 patches nothing."""
 
 
 def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
