@@ -254,6 +254,23 @@ def timeline(model: Any, processor: Any, path: Path, calls: int = 10) -> dict[st
     return out
 
 
+def kernel_configs() -> dict[str, list[dict[str, Any]]]:
+    """The launch configuration each of the process's compiled Triton kernels runs with, by kernel name (the same
+    names in every process that compiled the same graphs): to compare a process that tuned its kernels with one that
+    took them from the compile caches (session 9: the latter ran the one-row step slower)."""
+    from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+
+    found: dict[str, list[dict[str, Any]]] = {}
+    for kernel in gc.get_objects():
+        if issubclass(type(kernel), CachingAutotuner) and kernel.launchers:  # (type: no attribute hooks)
+            config = kernel.launchers[0].config
+            name = str(kernel.inductor_meta.get("kernel_name") or getattr(kernel.fn, "__name__", "?"))
+            launch = {"num_warps": config.num_warps, "num_stages": config.num_stages,
+                      "found_by_coordesc": getattr(config, "found_by_coordesc", None)}  # fmt: skip
+            found.setdefault(name, []).append({**config.kwargs, **launch})
+    return dict(sorted(found.items()))
+
+
 def trace(model: Any, processor: Any, path: Path, output: Path) -> None:
     """One static single-image caption (after `latency` warmed it up) under PyTorch's profiler, host and GPU, written
     as a gzipped Chrome trace to `output` (for where the host keeps the GPU waiting; read it with
@@ -693,6 +710,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         save()
         if torch.cuda.is_available():
+            result["kernel_configs"] = kernel_configs()
             result["timeline_single_image_static_cache"] = timeline(model, processor, paths[0])
             save()
             gc.freeze()  # what a server may do after its warm-up: the collector leaves the objects made so far alone
