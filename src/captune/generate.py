@@ -502,13 +502,16 @@ class _StaticDecoder:
             _repeat_rows(prefilled, self.cache, copies, self.prefix)
         self.cached = {name: self.cache}
         self.call = lm.get_compiled_call(CompileConfig()) if compiled else lm.__call__
-        # A step of `_gemv` rows is compiled with the compiler's coordinate descent tuning: its reductions' own
-        # configurations read the weights slower than cuBLAS (benchmarks/README.md, session 8).
+        # A step of `_gemv` rows is compiled with the compiler's coordinate descent tuning (its reductions' own
+        # configurations read the weights slower than cuBLAS, benchmarks/README.md, session 8), and without the
+        # compile caches on disk: a process that took this step from them ran other, slower launch configurations
+        # than the process that had tuned it (3.03-3.42 against 2.79-2.92 ms a step on H100s, session 9), so each
+        # process tunes it anew (its first single caption ~130 s instead of ~50 s).
         self.tuning: Any = nullcontext()  # (entered at every step; a config patch can be entered again)
         if compiled and self.rows <= GEMV_UP_TO:
             import torch._inductor.config as inductor
 
-            self.tuning = inductor.patch(coordinate_descent_tuning=True)
+            self.tuning = inductor.patch(coordinate_descent_tuning=True, force_disable_caches=True)
         self.move = _compiled_reorder() if compiled else _reorder_rows
         self.layers: list[torch.Tensor] = []
         for layer in self.cache.layers:  # StaticLayers, their tensors made by the prefill
