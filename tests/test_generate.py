@@ -874,19 +874,19 @@ def test_compiled_one_row_steps_give_generates_captions_by_gemvs_only_when_asked
     # As on a GPU (dynamo traces the compiled parts; CUDA graphs aside): with GEMV_UP_TO 1 the decode step of a
     # single image has no linear layer left in its graph (the products are reductions), the captions stay generate's,
     # and the layers get nn.Linear's forward back (1 is the default); with 0 no layer is touched.
-    # The one-row step is compiled with coordinate descent tuning and without the compile caches on disk.
+    # The one-row step of reductions is compiled with coordinate descent tuning.
     import captune.generate as generate
 
     lm = tiny.model.language_model
     linears = [m for m in lm.modules() if type(m) is torch.nn.Linear]
     graphs: list[torch.fx.GraphModule] = []
-    settings: list[tuple[bool, bool]] = []  # the compiler's tuning and caches while each graph was compiled
+    settings: list[bool] = []  # whether the compiler tuned by coordinate descent while each graph was compiled
 
     def recording(graph: torch.fx.GraphModule, example_inputs: Any) -> Any:
         import torch._inductor.config as inductor
 
         graphs.append(graph)
-        settings.append((inductor.coordinate_descent_tuning, inductor.force_disable_caches))
+        settings.append(inductor.coordinate_descent_tuning)
         return graph.forward
 
     real_compile = torch.compile
@@ -916,8 +916,7 @@ def test_compiled_one_row_steps_give_generates_captions_by_gemvs_only_when_asked
             vars(lm).pop(name, None)
     assert patched and all(patched) == bool(up_to) and any(patched) == bool(up_to)
     assert len(graphs) == 3  # the image side, the prefill, the decode step: each traced once for the three images
-    # the one-row step tuned, without the compile caches on disk (their configurations ran slower); the rest as set
-    assert settings == [(False, False), (False, False), (bool(up_to), bool(up_to))]
+    assert settings == [False, False, bool(up_to)]  # only the one-row step of reductions is tuned
     calls = [n.target for n in graphs[2].graph.nodes if n.op == "call_function"]
     layers = lm.config.num_hidden_layers
     assert calls.count(torch._C._nn.linear) == (0 if up_to else 4 * layers + 1)  # q/k/v fused, out, fc1, fc2; head

@@ -357,8 +357,8 @@ one process: 95.4 ms median against 101.7 with cuBLAS, faster at each of the 20 
 against 3.10 ms (session 8). With the compiler's own reduction configurations they were slower than cuBLAS (3.13
 against 3.05 ms a step). The cost: the first single caption of a process compiles ~60 s longer (the tuning: 130
 against 72 s on an H100), the patched forwards add ~0.2 ms of guard checks to each compiled call, and the tuned step
-varied between processes (2.77-3.08 ms, slowest where a process reused the compile caches; cuBLAS 3.00-3.10).
-0 patches nothing."""
+varies between processes (2.72-2.92 ms in the first process on a machine, 2.88-3.42 in later ones; cuBLAS
+3.00-3.10). 0 patches nothing."""
 
 
 def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -502,16 +502,15 @@ class _StaticDecoder:
             _repeat_rows(prefilled, self.cache, copies, self.prefix)
         self.cached = {name: self.cache}
         self.call = lm.get_compiled_call(CompileConfig()) if compiled else lm.__call__
-        # A step of `_gemv` rows is compiled with the compiler's coordinate descent tuning (its reductions' own
-        # configurations read the weights slower than cuBLAS, benchmarks/README.md, session 8), and without the
-        # compile caches on disk: a process that took this step from them ran other, slower launch configurations
-        # than the process that had tuned it (3.03-3.42 against 2.79-2.92 ms a step on H100s, session 9), so each
-        # process tunes it anew (its first single caption ~130 s instead of ~50 s).
+        # A step of `_gemv` rows is compiled with the compiler's coordinate descent tuning: its reductions' own
+        # configurations read the weights slower than cuBLAS (benchmarks/README.md, session 8). (Compiling it without
+        # the compile caches on disk, so that each process tunes it anew, was measured in session 9 and not kept: a
+        # later process on a machine tuned to slower configurations as often as one that took them from the caches.)
         self.tuning: Any = nullcontext()  # (entered at every step; a config patch can be entered again)
         if compiled and self.rows <= GEMV_UP_TO:
             import torch._inductor.config as inductor
 
-            self.tuning = inductor.patch(coordinate_descent_tuning=True, force_disable_caches=True)
+            self.tuning = inductor.patch(coordinate_descent_tuning=True)
         self.move = _compiled_reorder() if compiled else _reorder_rows
         self.layers: list[torch.Tensor] = []
         for layer in self.cache.layers:  # StaticLayers, their tensors made by the prefill
