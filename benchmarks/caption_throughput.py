@@ -106,15 +106,32 @@ STEADY: dict[tuple[int, int], float | None] = {}
 """captune_path's last rate after its first batch, by (batch size, beams)."""
 
 
+def single_options(static: bool = True) -> GenerateConfig:
+    """One image, greedy, exactly TOKENS new tokens: the single-caption measurements' options."""
+    return GenerateConfig(num_beams=1, min_new_tokens=TOKENS, max_new_tokens=TOKENS, batch_size=1, static_cache=static)
+
+
+def _caption_seconds(model: Any, processor: Any, image: Any, options: GenerateConfig) -> float:
+    """Seconds of one single caption, the GPU's work included (synchronised before and after)."""
+    _sync()
+    start = time.perf_counter()
+    generate_captions(model, processor, [image], options)
+    _sync()
+    return time.perf_counter() - start
+
+
+def _median_p90_ms(seconds: list[float]) -> dict[str, float]:
+    ordered = sorted(seconds)
+    return {"median_ms": 1000 * statistics.median(ordered), "p90_ms": 1000 * ordered[int(0.9 * len(ordered))]}
+
+
 def latency(model: Any, processor: Any, path: Path, static: bool = False, calls: int = 20) -> dict[str, float]:
     """Single-image greedy latency: median and p90 of `calls` calls after 3 warm-up calls (with `static`, the first
     compiles the decode step for batch 1; its time is reported), the Python garbage collector's pauses within the
     timed calls (a collection walks every object the compiler left in the process), and the image processor's time
     alone (its share of a call varied from 2 to 24 ms between H100 processes in session 8)."""
-    options = GenerateConfig(num_beams=1, min_new_tokens=TOKENS, max_new_tokens=TOKENS, batch_size=1,
-                             static_cache=static)  # fmt: skip
+    options = single_options(static)
     image = load_rgb(path)
-    times = []
     pauses: list[tuple[int, float]] = []  # (generation, seconds) of each collection while timed
     began: list[float] = []
 
@@ -124,30 +141,21 @@ def latency(model: Any, processor: Any, path: Path, static: bool = False, calls:
         elif began:
             pauses.append((info["generation"], time.perf_counter() - began.pop()))
 
-    first_call_s = 0.0
-    for i in range(calls + 3):
-        _sync()
-        if i == 3:
-            gc.callbacks.append(timed_collections)
-        start = time.perf_counter()
-        generate_captions(model, processor, [image], options)
-        _sync()
-        if i >= 3:
-            times.append(time.perf_counter() - start)
-        elif i == 0:
-            first_call_s = time.perf_counter() - start
+    # the first call (with `static`: the compiles, or the compile caches on disk), then two more warm-up calls
+    first_call_s = _caption_seconds(model, processor, image, options)
+    for _ in range(2):
+        _caption_seconds(model, processor, image, options)
+    gc.callbacks.append(timed_collections)
+    times = [_caption_seconds(model, processor, image, options) for _ in range(calls)]
     gc.callbacks.remove(timed_collections)
     preprocessing = []  # the image processor's share of a call, alone (host only)
     for _ in range(calls):
         start = time.perf_counter()
         processor.image_processor([image], return_tensors="pt")
         preprocessing.append(time.perf_counter() - start)
-    preprocessing.sort()
-    times.sort()
-    return {"median_ms": 1000 * statistics.median(times), "p90_ms": 1000 * times[int(0.9 * len(times))],
-            "first_call_s": first_call_s,  # (with `static`: the compiles, and the compile caches on disk, if any)
-            "preprocessing_median_ms": 1000 * statistics.median(preprocessing),
-            "preprocessing_p90_ms": 1000 * preprocessing[int(0.9 * len(preprocessing))],
+    alone = _median_p90_ms(preprocessing)
+    return {**_median_p90_ms(times), "first_call_s": first_call_s,
+            "preprocessing_median_ms": alone["median_ms"], "preprocessing_p90_ms": alone["p90_ms"],
             "gc_ms_per_call": 1000 * sum(t for _, t in pauses) / calls,
             "gc_oldest_generation_collections": sum(g == 2 for g, _ in pauses),
             "gc_tracked_objects": len(gc.get_objects())}  # fmt: skip
@@ -159,24 +167,21 @@ def latency_ab_gemv(model: Any, processor: Any, path: Path, calls: int = 20) -> 
     H100 machines (session 8), so the two arms are compared call by call."""
     import captune.generate as generate
 
-    options = GenerateConfig(num_beams=1, min_new_tokens=TOKENS, max_new_tokens=TOKENS, batch_size=1,
-                             static_cache=True)  # fmt: skip
+    options = single_options()
     image = load_rgb(path)
     times: dict[int, list[float]] = {0: [], 1: []}
-    for i in range(6 + 2 * calls):
-        generate.GEMV_UP_TO = i % 2
-        _sync()
-        start = time.perf_counter()
-        generate_captions(model, processor, [image], options)
-        _sync()
-        if i >= 6:
-            times[i % 2].append(1000 * (time.perf_counter() - start))
-    generate.GEMV_UP_TO = 0
-    out: dict[str, Any] = {}
-    for up, got in times.items():
-        got.sort()
-        out[f"gemv_up_to_{up}"] = {"median_ms": statistics.median(got), "p90_ms": got[int(0.9 * len(got))]}
-    wins = sum(b < a for a, b in zip(times[0], times[1], strict=True))  # (sorted: quantile by quantile)
+    default = generate.GEMV_UP_TO
+    try:
+        for i in range(6 + 2 * calls):
+            generate.GEMV_UP_TO = i % 2
+            seconds = _caption_seconds(model, processor, image, options)
+            if i >= 6:
+                times[i % 2].append(seconds)
+    finally:
+        generate.GEMV_UP_TO = default
+    out: dict[str, Any] = {f"gemv_up_to_{up}": _median_p90_ms(got) for up, got in times.items()}
+    cublas, gemv = sorted(times[0]), sorted(times[1])
+    wins = sum(b < a for a, b in zip(cublas, gemv, strict=True))  # quantile by quantile
     out["quantiles_where_gemv_is_faster"] = f"{wins} of {calls}"
     print(f"A/B, alternate calls: {out}", flush=True)
     return out
@@ -195,8 +200,7 @@ def timeline(model: Any, processor: Any, path: Path, calls: int = 10) -> dict[st
     import captune.generate as generate
     import captune.step as step
 
-    options = GenerateConfig(num_beams=1, min_new_tokens=TOKENS, max_new_tokens=TOKENS, batch_size=1,
-                             static_cache=True)  # fmt: skip
+    options = single_options()
     image = load_rgb(path)
     marks: list[tuple[str, float, Any]] = []
 
@@ -277,8 +281,7 @@ def trace(model: Any, processor: Any, path: Path, output: Path) -> None:
     benchmarks/trace_gaps.py or chrome://tracing)."""
     from torch.profiler import ProfilerActivity, profile
 
-    options = GenerateConfig(num_beams=1, min_new_tokens=TOKENS, max_new_tokens=TOKENS, batch_size=1,
-                             static_cache=True)  # fmt: skip
+    options = single_options()
     image = load_rgb(path)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         _sync()

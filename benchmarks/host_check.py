@@ -27,26 +27,26 @@ from PIL import Image
 from transformers import BlipImageProcessorPil
 
 
-def processor_ms(processor: Any, image: Image.Image, calls: int = 40) -> dict[str, float]:
-    """Median and p90 milliseconds of the image processor on one image."""
+def _times_ms(work: Any, calls: int = 40, warm_up: int = 0) -> list[float]:
+    """Milliseconds of `calls` calls of work(), after `warm_up` untimed ones, in order of size."""
+    for _ in range(warm_up):
+        work()
     times = []
     for _ in range(calls):
         start = time.perf_counter()
-        processor([image], return_tensors="pt")
+        work()
         times.append(1000 * (time.perf_counter() - start))
-    times.sort()
+    return sorted(times)
+
+
+def processor_ms(processor: Any, image: Image.Image, calls: int = 40) -> dict[str, float]:
+    """Median and p90 milliseconds of the image processor on one image."""
+    times = _times_ms(lambda: processor([image], return_tensors="pt"), calls)
     return {"median_ms": statistics.median(times), "p90_ms": times[int(0.9 * len(times))], "max_ms": times[-1]}
 
 
 def _median_ms(work: Any, calls: int = 40) -> float:
-    for _ in range(3):
-        work()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        work()
-        times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
+    return statistics.median(_times_ms(work, calls, warm_up=3))
 
 
 def host_facts() -> dict[str, Any]:

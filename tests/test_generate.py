@@ -736,8 +736,8 @@ def test_only_plain_weights_with_memory_are_fused() -> None:
     """Sharded (DTensor) or meta weights (offloaded) are never made views of a fused buffer."""
     from captune.generate import _plain
 
-    assert _plain(torch.nn.Parameter(torch.zeros(2, 2)))
-    assert not _plain(torch.nn.Parameter(torch.empty(2, 2, device="meta")))
+    assert _plain(torch.nn.Linear(2, 2))
+    assert not _plain(torch.nn.Linear(2, 2, device="meta"))
 
 
 @pytest.mark.parametrize(("rows", "compiling"), [(1, True), (3, True), (1, False)])

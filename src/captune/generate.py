@@ -322,8 +322,7 @@ def fused_qkv(model: Blip2Like) -> Iterator[None]:
         vars(lm)["_captune_attention_layers"] = [m for m in lm.modules() if isinstance(m, OPTAttention)]
     # (submodules and buffers read through the modules' dicts: nn.Module's attribute hooks cost host time at every
     # call)
-    layers = [m for m in vars(lm)["_captune_attention_layers"] if all(type(m._modules[n]) is nn.Linear for n in plain)]
-    layers = [m for m in layers if all(_plain(m._modules[n]._parameters["weight"]) for n in plain)]
+    layers = [m for m in vars(lm)["_captune_attention_layers"] if all(_plain(m._modules[n]) for n in plain)]
     with torch.no_grad():
         for layer in layers:
             parts = [layer._modules[name]._parameters for name in plain]
@@ -402,10 +401,11 @@ def gemv_linears(model: Blip2Like) -> Iterator[None]:
         yield
 
 
-def _plain(weight: torch.Tensor) -> bool:
-    """Whether a weight's data is an ordinary tensor with memory (not sharded, e.g. an FSDP2 DTensor, nor on the
-    meta device, e.g. offloaded)."""
-    return type(weight.data) is torch.Tensor and weight.device.type != "meta"
+def _plain(projection: nn.Module) -> bool:
+    """Whether a projection is a plain linear layer (no adapter, not quantized) whose weight is an ordinary tensor with
+    memory (not sharded, e.g. an FSDP2 DTensor, nor on the meta device, e.g. offloaded)."""
+    weight = projection._parameters.get("weight") if type(projection) is nn.Linear else None
+    return weight is not None and type(weight.data) is torch.Tensor and weight.device.type != "meta"
 
 
 def _pointers(layer: nn.Module, tensors: list[torch.Tensor | None]) -> list[int]:
@@ -427,20 +427,17 @@ def _fuse_as_views(module: nn.Module, name: str, parameters: list[torch.Tensor |
         return
     values = [p for p in parameters if p is not None]
     sizes = [p.shape[0] for p in values]
-    if held is None or (held.shape[0], held.shape[1:], held.dtype, held.device) != (
-        sum(sizes),
-        values[0].shape[1:],
+    fits = held is not None and (held.shape, held.dtype, held.device) == (
+        (sum(sizes), *values[0].shape[1:]),
         values[0].dtype,
         values[0].device,
-    ):
+    )
+    if held is None or not fits:  # a new buffer, made from the parameters (nothing to copy into it)
         held = torch.cat([p.detach() for p in values])
         module.register_buffer(name, held, persistent=False)
-        fresh = True
-    else:
-        fresh = False
     for part, parameter in zip(held.split(sizes), values, strict=True):
         if parameter.data_ptr() != part.data_ptr() or parameter.shape != part.shape:
-            if not fresh:
+            if fits:
                 part.copy_(parameter)
             parameter.data = part
 

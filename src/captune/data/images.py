@@ -107,9 +107,13 @@ def device_pixels(image_processor: Any, images: Sequence[Image.Image], device: t
         known = _NORMALISED_AS.get(image_processor, "unchecked")
     except TypeError:  # a processor that cannot be a weak dictionary's key (unhashable): the processor does it all
         known = None
+
+    def processed(**options: Any) -> torch.Tensor:
+        return image_processor(list(images), return_tensors="pt", **options)["pixel_values"]
+
     if not rescale or getattr(image_processor, "do_pad", False) or known is None:
-        return image_processor(list(images), return_tensors="pt")["pixel_values"].to(device, non_blocking=True)
-    raw = image_processor(list(images), do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values"]
+        return processed().to(device, non_blocking=True)
+    raw = processed(do_rescale=False, do_normalize=False)
     scale = float(image_processor.rescale_factor)
     # (non_blocking: from pageable memory through a staging buffer, without waiting for the GPU's queue)
     mean, std = (
@@ -118,7 +122,7 @@ def device_pixels(image_processor: Any, images: Sequence[Image.Image], device: t
     )
     on_device = raw.to(device, non_blocking=True)
     if known == "unchecked":  # the first call: which way, if any, gives the processor's own values?
-        whole = image_processor(list(images), return_tensors="pt")["pixel_values"]
+        whole = processed()
         matching = [
             name
             for name, normalise in NORMALISATIONS.items()
