@@ -309,6 +309,51 @@ def test_malformed_requests_get_a_json_error(client: TestClient, content_type: s
     _assert_healthy(client)
 
 
+@pytest.mark.parametrize("nested", [b"[" * 5000 + b"]" * 5000, b'{"a": ' * 5000 + b"1" + b"}" * 5000],
+                         ids=["arrays", "objects"])  # fmt: skip
+def test_deeply_nested_json_gets_422_not_500(client: TestClient, nested: bytes) -> None:
+    body = b'{"images": [], "num_beams": ' + nested + b"}"
+    response = client.post("/v1/captions", content=body, headers={"content-type": "application/json"})
+    assert "nested too deeply" in _error(response, 422, "invalid_json")
+    _assert_healthy(client)
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"num_beams": True}, "num_beams: Input should be a valid integer"),
+        ({"num_beams": "3"}, "num_beams: Input should be a valid integer"),
+        ({"max_new_tokens": 4.0}, "max_new_tokens: Input should be a valid integer"),
+        ({"repetition_penalty": "1.5"}, "repetition_penalty: Input should be a valid number"),
+        ({"repetition_penalty": False}, "repetition_penalty: Input should be a valid number"),
+    ],
+)
+def test_json_options_must_be_json_numbers(client: TestClient, options: dict[str, Any], named: str) -> None:
+    response = client.post("/v1/captions", json={"images": [base64.b64encode(RED).decode()], **options})
+    assert named in _error(response, 422, "invalid_request")
+    accepted = client.post("/v1/captions", json={"images": [base64.b64encode(RED).decode()], "repetition_penalty": 2})
+    assert accepted.status_code == 200 and accepted.json()["options"]["repetition_penalty"] == 2.0
+
+
+def _multipart(*parts: tuple[str, bytes]) -> bytes:
+    """A multipart body of (field, png) file parts with the boundary `b0undary`, closing delimiter included."""
+    body = b"".join(b'--b0undary\r\nContent-Disposition: form-data; name="%s"; filename="%d.png"\r\n'
+                    b"Content-Type: image/png\r\n\r\n%s\r\n" % (name.encode(), i, data)
+                    for i, (name, data) in enumerate(parts))  # fmt: skip
+    return body + b"--b0undary--\r\n"
+
+
+@pytest.mark.parametrize("cut_in", ["first part", "second part", "closing delimiter"])
+def test_a_cut_off_multipart_body_gets_400(client: TestClient, cut_in: str) -> None:
+    whole = _multipart(("images", RED), ("images", BLUE))
+    ends = {"first part": whole.index(RED) + 50, "second part": whole.index(BLUE) + 50, "closing delimiter": -6}
+    headers = {"content-type": "multipart/form-data; boundary=b0undary"}
+    assert client.post("/v1/captions", content=whole, headers=headers).status_code == 200
+    response = client.post("/v1/captions", content=whole[: ends[cut_in]], headers=headers)
+    assert "ends before its closing boundary" in _error(response, 400, "invalid_multipart")
+    _assert_healthy(client)
+
+
 def test_a_full_queue_gets_503_with_retry_after(model_dir: Path) -> None:
     # One request of 4 images fills the queue while the worker waits up to 1 s for a batch of 8.
     busy = ServeSettings(device="cpu", max_images=4, max_queue=4, max_batch=8, max_wait_ms=1000, retry_after_s=2)
@@ -344,6 +389,26 @@ def test_invalid_server_settings_are_refused_by_the_command(
 ) -> None:
     assert main(["serve", "--model-dir", str(model_dir), "--max-batch", "0"]) == 2
     assert "error: invalid server settings: --max-batch must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("port", "named"),
+    [("99999", "--port 99999: not a TCP port"), ("-1", "--port -1: not a TCP port"), ("busy", "already in use")],
+)
+def test_a_bad_or_busy_port_is_refused_before_the_model_loads(model_dir: Path, capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch, port: str,
+                                                              named: str) -> None:  # fmt: skip
+    def no_model(*_: Any, **__: Any) -> None:
+        raise AssertionError("the model was loaded before the address was checked")
+
+    monkeypatch.setattr("captune.serve.create_app", no_model)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        given = str(taken.getsockname()[1]) if port == "busy" else port
+        assert main(["serve", "--model-dir", str(model_dir), "--host", "127.0.0.1", "--port", given]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_a_model_whose_defaults_break_the_limits_is_refused_at_start(model_dir: Path) -> None:

@@ -33,11 +33,12 @@ import logging
 import os
 import queue
 import signal
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import aclosing, asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -49,8 +50,9 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.types import Message
 
 from captune.config import Config, GenerateConfig
@@ -521,11 +523,33 @@ def _too_large(limit: int) -> ApiError:
                     f"({limit / 2**20:.1f} MiB, --max-upload-bytes); send fewer or smaller images")  # fmt: skip
 
 
-async def _read_multipart(request: Request) -> tuple[list[Upload], dict[str, Any]]:
+class _WholeMultiPartParser(MultiPartParser):
+    """Starlette's parser, noting whether the closing delimiter came: without it a body cut off in transit would
+    give the parts before the cut as if they were all (python-multipart's `finalize` does not check)."""
+
+    ended = False
+
+    def on_end(self) -> None:
+        self.ended = True
+
+
+async def _read_form(request: Request) -> FormData:
+    """The multipart form, or 400 for a malformed or cut-off body."""
     try:
-        form = await request.form()
-    except HTTPException as exc:  # what Starlette raises for malformed multipart data
-        raise ApiError(400, "invalid_multipart", f"malformed multipart body: {exc.detail}") from None
+        async with aclosing(request.stream()) as stream:
+            parser = _WholeMultiPartParser(request.headers, stream)
+            form = await parser.parse()
+    except MultiPartException as exc:
+        raise ApiError(400, "invalid_multipart", f"malformed multipart body: {exc.message}") from None
+    if not parser.ended:
+        await form.close()
+        raise ApiError(400, "invalid_multipart", "the multipart body ends before its closing boundary: it was cut "
+                       "off (or its Content-Length is short); send the whole body")  # fmt: skip
+    return form
+
+
+async def _read_multipart(request: Request) -> tuple[list[Upload], dict[str, Any]]:
+    form = await _read_form(request)
     try:
         uploads: list[Upload] = []
         options: dict[str, Any] = {}
@@ -549,8 +573,12 @@ async def _read_json(request: Request, json_request: type[BaseModel]) -> tuple[l
         payload = json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(422, "invalid_json", f"the body is not valid JSON: {exc}") from None
+    except RecursionError:  # the parser recurses per level: ~1,000 levels exhaust Python's stack limit
+        raise ApiError(422, "invalid_json", "the body's JSON is nested too deeply to read; a request is one flat "
+                       'object ({"images": [base64, ...], "num_beams": 3, ...})') from None  # fmt: skip
     try:
-        parsed = json_request.model_validate(payload)
+        # Strict: JSON says what a value is, so `true` or "3" for an integer is a mistake, not a 1 or a 3.
+        parsed = json_request.model_validate(payload, strict=True)
     except ValidationError as err:
         raise ApiError(422, "invalid_request", _validation_message(err)) from None
     values = parsed.model_dump()
@@ -818,20 +846,41 @@ def create_app(model_dir: str | Path, settings: ServeSettings | None = None) -> 
     return app
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, made before the model loads so that a bad or busy address fails at once
+    (uvicorn would bind only after the model is loaded, and answer a port out of range with a traceback). One
+    address, as uvicorn binds its own with `--workers`: IPv6 when the host has a colon.
+
+    Raises:
+        CaptuneError: a port outside 1-65535, a host that does not resolve, or an address that cannot be bound.
+    """
+    if not 1 <= port <= 65535:
+        raise CaptuneError(f"--port {port}: not a TCP port; give one from 1 to 65535")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as err:  # socket.gaierror for a host that does not resolve
+        raise CaptuneError(f"cannot listen on --host {host} --port {port}: {err.strerror or err}; give a free port "
+                           "and an address of this machine") from None  # fmt: skip
+
+
 def run_server(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
                settings: ServeSettings | None = None) -> None:  # fmt: skip
     """Serves `create_app(model_dir, settings)` with uvicorn until SIGTERM or Ctrl-C, then lets the requests in
     flight finish (up to `GRACEFUL_SHUTDOWN_S`) and returns."""
     import uvicorn
 
+    settings = settings or ServeSettings()
+    check_settings(settings)
+    listening = listen(host, port)
     app = create_app(model_dir, settings)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+    server = uvicorn.Server(uvicorn.Config(app, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
     log.info("page http://%s:%d/ ; API POST /v1/captions ; OpenAPI /openapi.json", host, port)
     # uvicorn shuts down gracefully on the signal, then raises it again for the handler it found: a no-op for SIGTERM
     # and a caught KeyboardInterrupt for Ctrl-C make that a normal return.
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
     try:
-        server.run()
+        server.run(sockets=[listening])
     except KeyboardInterrupt:
         pass
     finally:
