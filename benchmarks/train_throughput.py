@@ -106,6 +106,15 @@ def is_t5(model_dir: Path) -> bool:
     return json.loads((model_dir / "config.json").read_text())["text_config"]["model_type"] == "t5"
 
 
+def end_of(model_dir: Path) -> int:
+    """The token the model's generation stops at (its generation config's EOS: 50118 for blip2-opt), which captune
+    ends its training captions with; the usual recipe's batches end with it too, so both learn the same captions."""
+    from transformers import GenerationConfig
+
+    eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    return eos[0] if isinstance(eos, list) else eos
+
+
 def usual_batches(model_dir: Path, manifest: Path, batch_size: int, count: int, device: torch.device) -> list[dict]:
     """`count` batches of the usual recipe's shape (fixed 20 caption tokens), on the device. OPT: one sequence of
     image tokens + BOS + caption; T5: image tokens + EOS into the encoder, the caption as labels."""
@@ -115,7 +124,9 @@ def usual_batches(model_dir: Path, manifest: Path, batch_size: int, count: int, 
     records = read("manifest", manifest).records
     pairs = CaptionPairs(records, processor)
     t5 = is_t5(model_dir)
-    collate = CaptionCollator(processor, "", USUAL_CAPTION_TOKENS - 1, encoder_decoder=t5)
+    collate = CaptionCollator(
+        processor, "", USUAL_CAPTION_TOKENS - 1, encoder_decoder=t5, end_token_id=end_of(model_dir)
+    )
     length = processor.num_query_tokens + 1 + USUAL_CAPTION_TOKENS
     padded = (("labels", -100),) if t5 else (
         ("input_ids", processor.tokenizer.pad_token_id), ("attention_mask", 0), ("labels", -100))  # fmt: skip
@@ -143,7 +154,8 @@ def captune_order_batches(model_dir: Path, manifest: Path, batch_size: int, coun
     captions = [[c for i in order[start : start + per_batch] for c in range(*pairs.first_caption[i : i + 2])]
                 for start in range(0, len(order), per_batch)]  # fmt: skip
     loader = DataLoader(pairs, batch_sampler=captions, num_workers=8,
-                        collate_fn=CaptionCollator(processor, "", 40, encoder_decoder=is_t5(model_dir)))  # fmt: skip
+                        collate_fn=CaptionCollator(processor, "", 40, encoder_decoder=is_t5(model_dir),
+                                                   end_token_id=end_of(model_dir)))  # fmt: skip
     batches = []
     for batch in loader:
         batches.append({k: v.to(device) for k, v in batch.items() if k != "caption_start"})
@@ -210,9 +222,14 @@ def packed_loss_check(model: torch.nn.Module, model_dir: Path, manifest: Path, d
     processor = Blip2Processor.from_pretrained(model_dir)
     pairs = CaptionPairs(read("manifest", manifest).records[:8], processor)
     t5 = is_t5(model_dir)
-    plain = CaptionCollator(processor, "", USUAL_CAPTION_TOKENS - 1, t5)([pairs[i] for i in range(len(pairs))])
+    end = end_of(model_dir)
+    plain = CaptionCollator(processor, "", USUAL_CAPTION_TOKENS - 1, t5, end_token_id=end)(
+        [pairs[i] for i in range(len(pairs))]
+    )
     images = ImageCaptions(pairs)
-    packed = PackedCaptionCollator(processor, "", USUAL_CAPTION_TOKENS - 1, t5)([images[i] for i in range(8)])
+    packed = PackedCaptionCollator(processor, "", USUAL_CAPTION_TOKENS - 1, t5, end_token_id=end)(
+        [images[i] for i in range(8)]
+    )
     pixels = torch.stack([pairs.pixels(i) for i in range(8)]).to(device, torch.bfloat16 if device.type == "cuda"
                                                                   else torch.float32)  # fmt: skip
     model.eval()

@@ -43,7 +43,7 @@ def lora(tiny: LoadedModel) -> LoadedModel:
 def _batch(loaded: LoadedModel, synthetic_dir: Path, with_pixels: bool = True) -> dict[str, torch.Tensor]:
     records = read("synthetic", synthetic_dir).split("train")[:4]
     pairs = CaptionPairs(records, loaded.processor, with_pixels=with_pixels)
-    return CaptionCollator(loaded.processor, "a picture of")([pairs[i] for i in (0, 5, 11, 17)])
+    return CaptionCollator.for_model(loaded.model, loaded.processor, "a picture of")([pairs[i] for i in (0, 5, 11, 17)])
 
 
 def _loss_and_grads(model: torch.nn.Module, compute: object) -> tuple[float, dict[str, torch.Tensor]]:
@@ -179,15 +179,15 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(lora: LoadedMo
 
 
 # ------------------------------------------------------------------------------------------------ packed batches ---
-def _packed_and_plain(
-    loaded: LoadedModel, synthetic_dir: Path, encoder_decoder: bool = False, with_pixels: bool = True
-) -> tuple[dict, dict]:
+def _packed_and_plain(loaded: LoadedModel, synthetic_dir: Path, with_pixels: bool = True) -> tuple[dict, dict]:
     """Three images with all their captions, packed (one row per image) and plain (one row per caption)."""
     records = read("synthetic", synthetic_dir).split("train")[:3]
     pairs = CaptionPairs(records, loaded.processor, with_pixels=with_pixels)
     images = ImageCaptions(pairs)
-    packed = PackedCaptionCollator(loaded.processor, "a picture of", 40, encoder_decoder)([images[i] for i in range(3)])
-    plain = CaptionCollator(loaded.processor, "a picture of", 40, encoder_decoder)(
+    packed = PackedCaptionCollator.for_model(loaded.model, loaded.processor, "a picture of")(
+        [images[i] for i in range(3)]
+    )
+    plain = CaptionCollator.for_model(loaded.model, loaded.processor, "a picture of")(
         [pairs[i] for i in range(len(pairs))]
     )
     return packed, plain
@@ -257,7 +257,7 @@ def test_t5_packed_batches_encode_each_image_once(synthetic_dir: Path) -> None:
         if "lora_B" in name:
             parameter.data.normal_(0, 0.05)
     model.eval()
-    packed, plain = _packed_and_plain(t5, synthetic_dir, encoder_decoder=True)
+    packed, plain = _packed_and_plain(t5, synthetic_dir)
     packed.pop("samples")
     assert len(packed["input_ids"]) == 3 and len(packed["labels"]) == len(plain["labels"])
     ours = CaptionLoss(model).eval()

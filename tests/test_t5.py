@@ -38,7 +38,7 @@ def test_encoder_reads_image_tokens_and_prompt_and_the_decoder_learns_the_captio
     tokenizer = t5.processor.tokenizer
     records = read("synthetic", synthetic_dir).split("train")[:2]
     items = [CaptionPairs(records, t5.processor)[i] for i in (0, 5)]
-    batch = CaptionCollator(t5.processor, "a picture of", encoder_decoder=True)(items)
+    batch = CaptionCollator.for_model(t5.model, t5.processor, "a picture of")(items)
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     prefix = [image_id] * 8 + tokenizer("a picture of").input_ids
     assert batch["input_ids"].tolist() == [prefix, prefix] and bool(batch["attention_mask"].all())
@@ -59,9 +59,7 @@ def test_default_lora_targets_map_to_t5_attention(t5: LoadedModel) -> None:
 
 def test_caption_loss_is_the_models_own(t5: LoadedModel, synthetic_dir: Path) -> None:
     records = read("synthetic", synthetic_dir).split("train")[:2]
-    batch = CaptionCollator(t5.processor, encoder_decoder=True)(
-        [CaptionPairs(records, t5.processor)[i] for i in (0, 5)]
-    )
+    batch = CaptionCollator.for_model(t5.model, t5.processor)([CaptionPairs(records, t5.processor)[i] for i in (0, 5)])
     plain = {k: v for k, v in batch.items() if k != "caption_start"}
     with torch.no_grad():
         assert CaptionLoss(t5.model).eval()(**batch).item() == pytest.approx(t5.model(**plain).loss.item())
@@ -77,7 +75,7 @@ def test_cached_features_give_the_pixel_paths_loss_and_gradients(t5: LoadedModel
     records = read("synthetic", synthetic_dir).split("train")[:2]
     features = image_features(model, t5.processor, [r.image_path for r in records], batch_size=2, num_workers=0,
                               device=torch.device("cpu"), keep_on=torch.device("cpu"))  # fmt: skip
-    collate = CaptionCollator(t5.processor, "a picture of", encoder_decoder=True)
+    collate = CaptionCollator.for_model(t5.model, t5.processor, "a picture of")
     with_pixels = collate([CaptionPairs(records, t5.processor)[i] for i in (0, 5)])
     cached = collate([CaptionPairs(records, t5.processor, with_pixels=False)[i] for i in (0, 5)])
     rows = cached.pop("image_index")

@@ -64,7 +64,7 @@ def _batch(tiny: LoadedModel, synthetic_dir: Path, prompt: str = "") -> tuple[di
     records = read("synthetic", synthetic_dir).split("train")[:3]
     pairs = CaptionPairs(records, tiny.processor)
     items = [pairs[0], pairs[6], pairs[12]]
-    return CaptionCollator(tiny.processor, prompt)(items), [i["caption"] for i in items]
+    return CaptionCollator.for_model(tiny.model, tiny.processor, prompt)(items), [i["caption"] for i in items]
 
 
 def test_labels_mask_image_tokens_bos_and_padding_and_keep_eos(tiny: LoadedModel, synthetic_dir: Path) -> None:
@@ -96,16 +96,16 @@ def test_prompt_tokens_are_masked(tiny: LoadedModel, synthetic_dir: Path) -> Non
 
 
 def test_collator_rejects_a_caption_holding_the_image_token(tiny: LoadedModel, synthetic_dir: Path) -> None:
-    collate = CaptionCollator(tiny.processor)
+    collate = CaptionCollator.for_model(tiny.model, tiny.processor)
     item = {"pixel_values": torch.zeros(3, 32, 32), "caption": "a red <image> circle"}
-    with pytest.raises(CaptuneError, match=r"caption 'a red <image> circle' holds the image token <image>"):
+    with pytest.raises(CaptuneError, match=r"caption 'a red <image> circle' holds the image token '<image>'"):
         collate([item])
-    with pytest.raises(CaptuneError, match=r"caption 'a <image>' holds the image token"):
-        CaptionCollator(tiny.processor, prompt="a <image>")([{**item, "caption": "a red circle"}])
+    with pytest.raises(CaptuneError, match=r"prompt 'a <image>' holds the image token"):
+        CaptionCollator.for_model(tiny.model, tiny.processor, prompt="a <image>")([{**item, "caption": "a red circle"}])
 
 
 def test_long_captions_are_cut_but_keep_eos(tiny: LoadedModel) -> None:
-    collate = CaptionCollator(tiny.processor, max_caption_tokens=5)
+    collate = CaptionCollator.for_model(tiny.model, tiny.processor, max_caption_tokens=5)
     batch = collate([{"pixel_values": torch.zeros(3, 32, 32), "caption": "a red circle " * 10}])
     labels = batch["labels"][0]
     assert (labels != IGNORE).sum() == 6

@@ -23,6 +23,7 @@ from captune.config import Config, to_dict
 from captune.errors import CaptuneError
 from captune.files import replace_dir
 from captune.model import (
+    BUILT_IN,
     MERGED_KEY,
     META_FILE,
     QFORMER_TRAINED,
@@ -33,7 +34,9 @@ from captune.model import (
     resolve_dtype,
     save_base,
     saved_config,
+    stop_token_ids,
 )
+from captune.twins import TWINS
 
 CARD_FILE = "README.md"
 DTYPES = ("auto", "bf16", "fp16", "fp32")
@@ -75,7 +78,10 @@ def merge_model_dir(model_dir: Path, output: Path, *, dtype: str = "auto", overw
     # 2. The run's generation settings (as `captune caption` passes them), for
     # `model.generate(**inputs, generation_config=model.generation_config)`.
     gen = config.generate
+    lm_config = merged.language_model.generation_config  # what the model's own generate stops at
     merged.generation_config.update(
+        eos_token_id=stop_token_ids(merged) or None,
+        pad_token_id=lm_config.pad_token_id,
         num_beams=gen.num_beams,
         min_new_tokens=gen.min_new_tokens,
         do_sample=False,
@@ -193,7 +199,7 @@ def model_card(
     in_full = not is_adapter and merged_from is None  # train.mode=qformer: trained weights beside a named base
     base = config.model.name
     front = ["---", f"library_name: {'peft' if is_adapter else 'transformers'}"]
-    if base not in TINY_MODELS and not Path(base).expanduser().exists():
+    if base not in BUILT_IN and not Path(base).expanduser().exists():
         front.append(f"base_model: {base}")  # a hub id; local paths and the tiny model mean nothing on the Hub
     front += ["pipeline_tag: image-to-text", "tags: [captune, blip-2, image-captioning, lora]", "---", ""]
     if is_adapter:
@@ -235,11 +241,13 @@ def _table(rows: list[tuple[str, Any]]) -> list[str]:
 def _base_section(loaded: LoadedModel, config: Config, is_adapter: bool, in_full: bool) -> list[str]:
     params = sum(p.numel() for p in loaded.model.parameters())
     adapter = sum(p.numel() for n, p in loaded.model.named_parameters() if "lora_" in n or "modules_to_save" in n)
-    if config.model.name in TINY_MODELS:
+    name = config.model.name
+    if name in BUILT_IN:
         where = "merged into the weights in this directory"
         if is_adapter or in_full:
             where = f"stored in `base/` beside the {'adapter' if is_adapter else 'trained weights'}"
-        base = f"`tiny`: captune's built-in BLIP-2 (hidden sizes 32-64) with **random weights**, {where}."
+        what = "BLIP-2" if name in TINY_MODELS else f"twin of `{TWINS[name]}` (its tokenizer, ids and config)"
+        base = f"`{name}`: captune's built-in {what} at hidden sizes 32-64 with **random weights**, {where}."
     else:
         base = f"`{config.model.name}` (loaded with `from_pretrained`)."
     size = f"{params:,} parameters"
@@ -319,7 +327,7 @@ def _usage_section(config: Config, is_adapter: bool, in_full: bool) -> list[str]
     prompt = config.data.prompt
     captune = ["```bash", "captune caption photo.jpg --model-dir MODEL_DIR", "```", ""]
     if is_adapter or in_full:
-        base = "MODEL_DIR/base" if config.model.name in TINY_MODELS else config.model.name
+        base = "MODEL_DIR/base" if config.model.name in BUILT_IN else config.model.name
         load = [f'model = Blip2ForConditionalGeneration.from_pretrained("{base}").eval()']
         if is_adapter:
             imports = ["from peft import PeftModel"]
@@ -367,10 +375,10 @@ def _usage_section(config: Config, is_adapter: bool, in_full: bool) -> list[str]
 
 def _limitations_section(config: Config) -> list[str]:
     items = []
-    if config.model.name in TINY_MODELS:
+    if config.model.name in BUILT_IN:
         items.append(
-            "The base is captune's tiny model with **random weights**: it demonstrates the training path and knows "
-            "only the words of the synthetic shapes captions. It is not a usable captioner."
+            f"The base is captune's built-in `{config.model.name}` with **random weights**: it demonstrates the "
+            "training path, not caption quality. It is not a usable captioner."
         )
     items += [
         f"It captions like its training data (`{config.data.format}`); on other kinds of images expect the base "

@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ from transformers import (
 
 from captune.config import Config, LoraConfig, config_from_dict, to_dict
 from captune.errors import CaptuneError
+from captune.step import blip_of
+from captune.twins import TWINS, write_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +42,13 @@ TINY = "tiny"
 TINY_T5 = "tiny-t5"
 TINY_MODELS = (TINY, TINY_T5)
 """Built-in random BLIP-2s for tests and the demo: `tiny` (OPT language model, as blip2-opt) and `tiny-t5` (T5
-encoder-decoder, as blip2-flan-t5)."""
+encoder-decoder, as blip2-flan-t5), with small word-level tokenizers whose special tokens are self-consistent."""
+BUILT_IN = (*TINY_MODELS, *TWINS)
+"""Every model built here rather than loaded: the tiny models and the twins of the real checkpoints
+(`twin-blip2-opt-2.7b`, ...: the checkpoint's tokenizer, ids and config at tiny hidden sizes, random weights; see
+captune.twins). A run saves such a base inside its model directories, so they stand alone."""
+END_KEY = "caption_end_id"
+"""The captune.json key of the token a run ended its training captions with (see `caption_end_id`)."""
 MERGED_KEY = "merged_from"
 """The captune.json key that marks a `captune merge` output (a plain BLIP-2; the file is provenance only)."""
 META_FILE = "captune.json"
@@ -164,7 +173,9 @@ def build_tiny(seed: int = 0, name: str = TINY) -> LoadedModel:
 
 
 def load_base(name: str, dtype: torch.dtype = torch.float32, seed: int = 0, quantization: str = "none") -> LoadedModel:
-    """Loads a BLIP-2 and its processor by hub id or local directory (the same `from_pretrained` path), or `tiny`.
+    """Loads a BLIP-2 and its processor by hub id or local directory (the same `from_pretrained` path), or builds a
+    built-in one (`tiny`, `tiny-t5`, or a twin such as `twin-blip2-opt-2.7b`: written as the hub has the checkpoint,
+    with random weights, and loaded from there).
 
     Args:
         quantization: `4bit` or `8bit` loads the language model quantised with bitsandbytes (see `ModelConfig`).
@@ -178,6 +189,11 @@ def load_base(name: str, dtype: torch.dtype = torch.float32, seed: int = 0, quan
         loaded = build_tiny(seed, name)
         loaded.model.to(dtype)
         return loaded
+    if name in TWINS:
+        with tempfile.TemporaryDirectory(prefix="captune-twin-") as tmp:
+            loaded = load_base(str(write_checkpoint(TWINS[name], Path(tmp) / name, seed=seed)), dtype, seed,
+                               quantization)  # fmt: skip
+        return LoadedModel(loaded.model, loaded.processor, name)
     local = Path(name).expanduser()
     if not local.is_dir() and (local.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1):
         raise CaptuneError(f"model {name!r}: no such directory (a hub id looks like `Salesforce/blip2-opt-2.7b`)")
@@ -223,18 +239,62 @@ def _quantization_kwargs(quantization: str, dtype: torch.dtype, name: str) -> di
 
 
 def _check_image_tokens(processor: Blip2Processor, config: Blip2Config, name: str) -> None:
-    """Without `num_query_tokens` the processor adds no image placeholders and the model silently ignores the image;
-    old hub revisions lack it, so it is taken from the model config."""
+    """Puts the image tokens where the model reads them, or refuses a processor that does not match the model.
+
+    Snapshots not updated for current transformers (blip2-opt-6.7b, the `-coco` models) have no `num_query_tokens`
+    in their processor files, so the processor would add no image tokens and the model would silently ignore the
+    image, and no `image_token_index` in their config, though the processor adds `<image>` to the tokenizer: both
+    are taken from the other side, as the hub's update did."""
+    tokenizer = processor.tokenizer
     if processor.num_query_tokens is None:
         log.warning("%s: processor has no num_query_tokens; using the model's %d", name, config.num_query_tokens)
         processor.num_query_tokens = config.num_query_tokens
-    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token.content)
+    image_id = tokenizer.convert_tokens_to_ids(processor.image_token.content)
+    if config.image_token_index is None:
+        log.warning("%s: config has no image_token_index (an old snapshot); using the tokenizer's %s, id %d", name,
+                    processor.image_token.content, image_id)  # fmt: skip
+        config.image_token_index = image_id
+    rows = config.get_text_config().vocab_size
+    if image_id == tokenizer.unk_token_id or image_id >= rows:
+        raise CaptuneError(
+            f"{name}: the tokenizer has no {processor.image_token.content} token of its own (id {image_id}; unknown "
+            f"{tokenizer.unk_token_id}, embedding rows {rows}); use the processor saved with this model"
+        )
     if processor.num_query_tokens != config.num_query_tokens or image_id != config.image_token_index:
         raise CaptuneError(
             f"{name}: processor and model disagree (num_query_tokens {processor.num_query_tokens} vs "
             f"{config.num_query_tokens}, <image> id {image_id} vs {config.image_token_index}); "
             "use the processor saved with this model"
         )
+
+
+def stop_token_ids(model: Blip2Like) -> list[int]:
+    """The tokens at which generation ends a caption: the language model's generation config's EOS, which its
+    `generate` and captune's own loops stop at (blip2-opt: 50118, OPT's "\\n"; Flan-T5 and the tiny models: `</s>`)."""
+    eos = blip_of(model).language_model.generation_config.eos_token_id
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def caption_end_id(model: Blip2Like, tokenizer: Any) -> int:
+    """The token each training caption ends with: one that generation stops at (the tokenizer's EOS when it is one
+    of them, else the first), so that a fine-tuned model's captions end where its training captions did. For
+    blip2-opt that is "\\n" (50118), not the tokenizer's `</s>` (2), as LAVIS ends its OPT captions.
+
+    Raises:
+        CaptuneError: generation stops at no token, or at one the tokenizer or the embedding does not have: what
+            training would end captions with and what generation stops at cannot agree.
+    """
+    stops = stop_token_ids(model)
+    rows = blip_of(model).language_model.get_output_embeddings().weight.shape[0]
+    usable = [i for i in stops if 0 <= i < min(len(tokenizer), rows)]
+    if not usable:
+        raise CaptuneError(
+            f"generation stops at {stops or 'no token'} (the language model's generation config, eos_token_id) and "
+            f"the tokenizer ends a text with {tokenizer.eos_token_id}: training captions would end with a token "
+            f"generation does not stop at ({len(tokenizer)} tokens, {rows} embedding rows). Set eos_token_id in "
+            "the model's generation_config.json to the token its captions should end with"
+        )
+    return tokenizer.eos_token_id if tokenizer.eos_token_id in usable else usable[0]
 
 
 _T5_NAMES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "out_proj": "o", "fc1": "wi", "fc2": "wo"}
@@ -340,7 +400,8 @@ def save_model_dir(
     if base_dir is not None:
         shutil.copytree(base_dir, path / BASE_SUBDIR, dirs_exist_ok=True)
         base = BASE_SUBDIR
-    meta = {"base_model": base, "config": to_dict(config)}
+    meta = {"base_model": base, END_KEY: caption_end_id(loaded.model, loaded.processor.tokenizer),
+            "config": to_dict(config)}  # fmt: skip
     (path / META_FILE).write_text(json.dumps(meta, indent=2))
     (path / CARD_FILE).write_text(model_card(loaded, config, metrics))
 
@@ -425,11 +486,25 @@ def _load_model_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
     base_name = str(base_path.resolve()) if base_path.is_dir() else meta["base_model"]
     base = load_base(base_name, dtype)
     processor = Blip2Processor.from_pretrained(path)
+    _check_image_tokens(processor, base.model.config, str(path))
+    _check_caption_end(base.model, meta.get(END_KEY), meta_file)
     if (path / TRAINED_FILE).is_file():
         load_saved_weights(base.model, path)
         return LoadedModel(base.model.eval(), processor, base_name)
     model = PeftModel.from_pretrained(base.model, path)
     return LoadedModel(model.eval(), processor, base_name)
+
+
+def _check_caption_end(model: Blip2Like, trained_end: int | None, meta_file: Path) -> None:
+    """Refuses a model trained to end its captions with a token its generation does not stop at (its captions would
+    run to max_new_tokens); directories saved before captune recorded the end are not checked."""
+    stops = stop_token_ids(model)
+    if trained_end is not None and trained_end not in stops:
+        raise CaptuneError(
+            f"{meta_file}: the model was trained to end captions with token {trained_end}, but its base model's "
+            f"generation stops at {stops}: captions would not stop. Train it again on this base, or use the base "
+            f"it was trained on"
+        )
 
 
 def load_saved_weights(model: torch.nn.Module, model_dir: Path) -> None:

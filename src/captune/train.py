@@ -47,10 +47,11 @@ from captune.evaluation import predict_records, references_of, write_references
 from captune.files import atomic_open, cache_dir, replace_dir, write_atomically
 from captune.metrics import FAST_METRICS, METRIC_NAMES, score_captions
 from captune.model import (
+    BUILT_IN,
     META_FILE,
-    TINY_MODELS,
     LoadedModel,
     apply_train_mode,
+    caption_end_id,
     load_base,
     load_saved_weights,
     load_weights,
@@ -161,16 +162,28 @@ class CaptionCollator:
     """Builds the model's inputs and labels for a batch of captions.
 
     Decoder-only language models (OPT) read one sequence, `[<image>] * num_query_tokens + BOS + prompt + caption +
-    EOS`, right-padded; labels equal input_ids except image placeholders, BOS, prompt tokens and padding, which are
+    END`, right-padded; labels equal input_ids except image placeholders, BOS, prompt tokens and padding, which are
     -100. Encoder-decoder models (T5, `encoder_decoder=True`) read `[<image>] * num_query_tokens + prompt + EOS` in
-    the encoder, and the labels are the caption + EOS, right-padded with -100; the model shifts them into decoder
-    inputs. Either way the EOS after each caption is a label, so the model learns to stop.
+    the encoder, and the labels are the caption + END, right-padded with -100; the model shifts them into decoder
+    inputs. Either way END, the token generation stops at (`end_token_id`, see captune.model.caption_end_id: 50118,
+    "\\n", for blip2-opt), follows each caption as a label, so the model learns to stop where generation looks for it.
+    `for_model` makes one for a model.
     """
 
     processor: Blip2Processor
     prompt: str = ""
     max_caption_tokens: int = 40
     encoder_decoder: bool = False
+    end_token_id: int = field(kw_only=True)
+
+    @classmethod
+    def for_model(
+        cls, model: nn.Module, processor: Blip2Processor, prompt: str = "", max_caption_tokens: int = 40
+    ) -> CaptionCollator:
+        """The collator for `model`'s language model (decoder-only or encoder-decoder) and the end it stops at."""
+        encoder_decoder = not blip_of(model).config.use_decoder_only_language_model
+        end = caption_end_id(model, processor.tokenizer)
+        return cls(processor, prompt, max_caption_tokens, encoder_decoder, end_token_id=end)
 
     def __post_init__(self) -> None:
         tokenizer = self.processor.tokenizer
@@ -179,17 +192,23 @@ class CaptionCollator:
         self.prefix = [self.image_token_id] * self.num_query_tokens + tokenizer(self.prompt).input_ids
 
     def caption_ids(self, texts: list[str]) -> list[list[int]]:
-        """Each caption's token ids, cut to max_caption_tokens, then EOS."""
+        """Each caption's token ids (its whitespace collapsed: blip2-opt's END is "\\n"), cut to max_caption_tokens,
+        then END."""
         tokenizer = self.processor.tokenizer
         # A prompt joins the caption with a space, so BPE tokenizers see the caption's first word as a new word.
-        texts = [("" if self.encoder_decoder or not self.prompt else " ") + text for text in texts]
-        captions = [ids[: self.max_caption_tokens] + [tokenizer.eos_token_id]
+        space = "" if self.encoder_decoder or not self.prompt else " "
+        texts = [space + " ".join(text.split()) for text in texts]
+        captions = [ids[: self.max_caption_tokens] + [self.end_token_id]
                     for ids in tokenizer(texts, add_special_tokens=False).input_ids]  # fmt: skip
-        bad = [text for text, ids in zip(texts, captions, strict=True) if self.image_token_id in ids]
-        if bad or self.prefix.count(self.image_token_id) != self.num_query_tokens:
+        for text, ids in zip(texts, captions, strict=True):
+            for token, what in ((self.image_token_id, "the image token"), (self.end_token_id, "the end token")):
+                if token in ids[:-1]:
+                    raise CaptuneError(f"caption {text.strip()!r} holds {what} {tokenizer.decode([token])!r} (id "
+                                       f"{token}); it must not appear inside captions")  # fmt: skip
+        if self.prefix.count(self.image_token_id) != self.num_query_tokens:
             raise CaptuneError(
-                f"caption {bad[0].strip() if bad else self.prompt!r} holds the image token "
-                f"{self.processor.image_token.content}; it must not appear in captions or the prompt"
+                f"prompt {self.prompt!r} holds the image token {self.processor.image_token.content}; it must not "
+                "appear in the prompt"
             )
         return captions
 
@@ -509,8 +528,8 @@ def setup(config: Config) -> Run:
     # 3. The base model, then LoRA on the configured layers only.
     loaded = load_base(config.model.name, dtype, config.train.seed, config.model.quantization)
     base_dir = None
-    if loaded.base_name in TINY_MODELS:
-        # The tiny base is random: keep its weights so every saved model directory can be reloaded on its own.
+    if loaded.base_name in BUILT_IN:
+        # A built-in base is random: keep its weights so every saved model directory can be reloaded on its own.
         base_dir = output_dir / "base-model"
         if main:
             save_base(base_dir, loaded)
@@ -544,8 +563,12 @@ def setup(config: Config) -> Run:
         if config.train.group_by_length
         else EpochShuffle(len(items), config.train.seed)
     )
-    collate = collator(loaded.processor, config.data.prompt, config.data.max_caption_tokens,
-                       not blip_of(loaded.model).config.use_decoder_only_language_model)  # fmt: skip
+    collate = collator.for_model(loaded.model, loaded.processor, config.data.prompt, config.data.max_caption_tokens)
+    tokenizer = loaded.processor.tokenizer
+    if main and collate.end_token_id != tokenizer.eos_token_id:
+        log.info("captions end with token %d (%r), where generation stops (the language model's generation "
+                 "config), not with the tokenizer's EOS %s", collate.end_token_id,
+                 tokenizer.decode([collate.end_token_id]), tokenizer.eos_token_id)  # fmt: skip
     loader = training_loader(items, sampler, collate, config, batch_size, accelerator.device.type == "cuda")
     params = [p for p in loaded.model.parameters() if p.requires_grad]
     fused = config.train.fused_optimizer and accelerator.device.type == "cuda"
@@ -694,7 +717,7 @@ def _feature_file(config: Config, loaded: LoadedModel, paths: list[Path]) -> Pat
 def _weight_files(name: str, seed: int) -> list[Any]:
     """What identifies a base model's weights: its weight and config files (name, size, modification time) for a
     directory or a hub id in the local cache (a snapshot folder, named by its commit); the seed for a built-in one."""
-    if name in TINY_MODELS:
+    if name in BUILT_IN:
         return [name, seed]
     folder = Path(name).expanduser()
     if not folder.is_dir():
