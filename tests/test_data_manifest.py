@@ -13,6 +13,7 @@ from captune import metrics
 from captune.cli import main
 from captune.data import CaptionSet, ReadOptions, Record, read, summary
 from captune.data import manifest as manifest_module
+from captune.data.lines import OPEN_QUOTE
 from captune.data.manifest import read_manifest, write_manifest
 from captune.data.synthetic import SyntheticSpec, generate_synthetic
 from captune.errors import CaptuneError
@@ -316,11 +317,11 @@ BAD_JSONL_ROWS: list[tuple[object, str]] = [
 @pytest.mark.parametrize(("row", "why"), BAD_JSONL_ROWS, ids=[why.split(" (")[0] for _, why in BAD_JSONL_ROWS])
 def test_a_bad_jsonl_row_is_a_problem_naming_file_and_line(tmp_path: Path, row: object, why: str) -> None:
     images(tmp_path, "a.jpg", "b.jpg")
-    good = {"image": "b.jpg", "caption": "B.", "split": "train"}
-    manifest = write_jsonl(tmp_path / "manifest.jsonl", [good, "", row, good])
+    good, again = ({"image": "b.jpg", "caption": caption, "split": "train"} for caption in ("B.", "B again."))
+    manifest = write_jsonl(tmp_path / "manifest.jsonl", [good, "", row, again])
     cs = read("manifest", tmp_path)
     assert problems(cs) == [f"{manifest}:3: {why.format(root=tmp_path)}"]
-    assert ("b.jpg", ("B.", "B."), "train") in records(cs)  # the rows around it are used
+    assert ("b.jpg", ("B.", "B again."), "train") in records(cs)  # the rows around it are used
 
 
 def test_good_captions_of_a_list_are_kept_beside_a_bad_one(tmp_path: Path) -> None:
@@ -338,22 +339,25 @@ def test_a_problem_without_an_image_is_named_by_file_and_line(tmp_path: Path) ->
 
 def test_bad_csv_rows_name_the_physical_line_of_the_record(tmp_path: Path) -> None:
     images(tmp_path, "a.jpg")
-    # Line 2 holds a caption over two lines, so the next record starts on line 4.
+    # Lines 2 and 3 hold a caption over two lines: a problem on each; a record is one line.
     (tmp_path / "manifest.csv").write_text(
         'image,caption,split\na.jpg,"A dog\nrunning .",train\na.jpg,,train\n\na.jpg,A, unquoted,train\n'
-        "gone.jpg,G.,train\nb.jpg,B.,holdout\n,C.,test\n"
+        "gone.jpg,G.,train\nb.jpg,B.,holdout\n,C.,test\na.jpg,A dog .,train\n"
     )
     cs = read("manifest", tmp_path)
     manifest = tmp_path / "manifest.csv"
-    assert records(cs) == [("a.jpg", ("A dog\nrunning .",), "train")]
+    assert records(cs) == [("a.jpg", ("A dog .",), "train")]
     assert problems(cs) == [
+        f"{manifest}:2: {OPEN_QUOTE}",
+        f"{manifest}:3: {OPEN_QUOTE}",
         f"{manifest}:4: empty caption",
-        f"{manifest}:6: expected 3 fields (image,caption,split), found 4; quote commas",
+        f"{manifest}:6: expected 3 fields (image,caption,split), found 4; quote captions that hold commas",
         f"{manifest}:8: split 'holdout' is not one of train, val, validation, dev, test, restval (in any case)",
         f"{manifest}:9: no image path in 'image'",
         f"{manifest}:7: image file missing: {tmp_path / 'gone.jpg'}",
     ]
-    assert [p.image for p in cs.problems] == ["a.jpg", "a.jpg", "b.jpg", "manifest.csv:9", "gone.jpg"]
+    assert [p.image for p in cs.problems] == ["a.jpg", "running .\"", "a.jpg", "a.jpg", "b.jpg", "manifest.csv:9",
+                                              "gone.jpg"]  # fmt: skip
 
 
 def test_an_image_with_a_missing_file_is_named_at_its_first_row(tmp_path: Path) -> None:

@@ -283,18 +283,116 @@ class Listing:
     """`file:line` (or another location) that lists the image; starts the text of its problem."""
 
 
-def usable(listings: Iterable[Listing]) -> tuple[list[Record], list[Problem]]:
-    """Records of the listed images that have a caption and exist on disk, and a `Problem` for each other one."""
-    records: list[Record] = []
+def usable(listings: Iterable[Listing]) -> CaptionSet:
+    """Records of the listed images that have a caption and exist on disk, and a `Problem` for each other one.
+
+    An image is its resolved file (`same_file`): a listing of a file listed before under another name is a problem
+    when it puts the file in another split (no image may be in two), else its captions join the first listing's. A
+    caption an image has twice is used once. Notes count both.
+    """
+    resolved = SameFile()
+    kept: dict[Path, tuple[Listing, list[str]]] = {}
     problems: list[Problem] = []
+    joined: list[tuple[Listing, Listing]] = []
     for item in listings:
         if not item.captions:
             problems.append(Problem(item.image_id, f"{item.where}: no captions for this image"))
-        elif not item.image_path.is_file():
+            continue
+        if not item.image_path.is_file():
             problems.append(Problem(item.image_id, f"{item.where}: image file missing: {item.image_path}"))
+            continue
+        key = resolved(item.image_path)
+        if key not in kept:
+            kept[key] = (item, list(item.captions))
+            continue
+        first, captions = kept[key]
+        if first.split != item.split:
+            problems.append(Problem(item.image_id, f"{item.where}: {item.image_path} is the file of {first.image_id!r} "
+                                    f"({first.where}), which is in {first.split}; an image belongs to one split: "
+                                    "list it once"))  # fmt: skip
         else:
-            records.append(Record(item.image_id, item.image_path, tuple(item.captions), item.split))
-    return records, problems
+            captions += item.captions
+            joined.append((item, first))
+    found = CaptionSet([], problems)
+    repeated: list[tuple[Listing, str]] = []
+    for item, captions in kept.values():
+        unique = tuple(dict.fromkeys(captions))
+        repeated += [(item, caption) for caption in _repeats(captions)]
+        found.records.append(Record(item.image_id, item.image_path, unique, item.split))
+    if joined:
+        item, first = joined[0]
+        found.notes.append(f"{len(joined)} listing(s) name the file of an image listed before under another name, in "
+                           f"the same split, and their captions join it; the first: {item.where}: {item.image_path} "
+                           f"is the file of {first.image_id!r} ({first.where})")  # fmt: skip
+    if repeated:
+        item, caption = repeated[0]
+        found.notes.append(f"{len(repeated)} caption(s) repeat an earlier caption of the same image and are used "
+                           f"once; the first: {item.where}: {item.image_id}: {caption!r}")  # fmt: skip
+    return found
+
+
+def _repeats(captions: list[str]) -> list[str]:
+    """Each caption of `captions` that an earlier one equals, in order."""
+    seen: set[str] = set()
+    repeats = []
+    for caption in captions:
+        if caption in seen:
+            repeats.append(caption)
+        seen.add(caption)
+    return repeats
+
+
+class SameFile:
+    """The resolved path of a file (symlinks followed, `.` and `..` gone): what identifies an image, so that one file
+    under several spellings (relative, absolute, `./`, through a link) is one image.
+
+    Each folder is resolved once and each file checked for being a link, so a large listing costs one `lstat` a file.
+    """
+
+    def __init__(self) -> None:
+        self._folders: dict[Path, Path] = {}
+
+    def __call__(self, path: Path) -> Path:
+        folder = self._folders.get(path.parent)
+        if folder is None:
+            folder = self._folders[path.parent] = path.parent.resolve()
+        file = folder / path.name
+        return file.resolve() if path.name in ("", ".", "..") or file.is_symlink() else file
+
+
+class ImageNames:
+    """The images an annotation file names, each identified by its resolved file (`SameFile`), with the spelling and
+    line that first named it; a note counts the rows that name an image under another spelling."""
+
+    def __init__(self, path: Path, root: Path) -> None:
+        self.path, self.root = path, root
+        self._resolved = SameFile()
+        self._root = root.resolve()
+        self.first: dict[Path, tuple[str, int]] = {}
+        """Spelling and line of the first row naming each image."""
+        self._respelled: list[tuple[str, int, Path]] = []
+
+    def key(self, name: str) -> Path:
+        """The image `name` (relative to `root`, or absolute) names."""
+        return self._resolved(resolve(self.root, name))
+
+    def use(self, key: Path, name: str, line: int) -> None:
+        """Record that the row on `line` names image `key` as `name`, and is used."""
+        first = self.first.setdefault(key, (name, line))
+        if first[0] != name:
+            self._respelled.append((name, line, key))
+
+    def canonical(self, key: Path) -> str:
+        """The image's name for seeded splits: its path relative to the root when inside it (as on any machine)."""
+        return key.relative_to(self._root).as_posix() if key.is_relative_to(self._root) else str(key)
+
+    def notes(self) -> list[str]:
+        if not self._respelled:
+            return []
+        name, line, key = self._respelled[0]
+        first, first_line = self.first[key]
+        return [f"{self.path}: {len(self._respelled)} row(s) name an image under another spelling than its first row; "
+                f"the first: line {line} {name!r} is {first!r} of line {first_line}"]  # fmt: skip
 
 
 def seeded_split(names: list[str], options: ReadOptions) -> dict[str, str]:

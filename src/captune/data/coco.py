@@ -90,8 +90,8 @@ def read_coco(data_dir: Path, options: ReadOptions) -> CaptionSet:
         notes.append(f"{val_file}: no train annotation file beside it; the train split is empty")
     elif val_file is None:
         notes.append(f"{train_file}: no {_val_beside(train_file).name} beside it; the val and test splits are empty")
-    records, unusable = usable(listings)
-    return CaptionSet(records, problems + unusable, notes=notes)
+    found = usable(listings)
+    return CaptionSet(found.records, problems + found.problems, notes=notes + found.notes)
 
 
 def _val_test_split(names: list[str], options: ReadOptions) -> dict[str, str]:

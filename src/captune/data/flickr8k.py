@@ -7,8 +7,6 @@ Kaggle: `captions.txt` (CSV `image,caption`) and `Images/`, with no split files.
 
 from __future__ import annotations
 
-import csv
-import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +14,7 @@ from pathlib import Path
 from captune.data import (
     SPLITS,
     CaptionSet,
+    ImageNames,
     Listing,
     Problem,
     ReadOptions,
@@ -26,6 +25,7 @@ from captune.data import (
     seeded_split,
     usable,
 )
+from captune.data.lines import csv_table, numbered_lines
 from captune.errors import CaptuneError
 
 TOKEN_FILE = "Flickr8k.token.txt"
@@ -55,6 +55,8 @@ class _Captions:
 
     line: int
     """Line of the first row that names the image."""
+    name: str = ""
+    """The image as that row names it (Kaggle CSV)."""
     captions: list[str] = field(default_factory=list)
 
 
@@ -81,16 +83,15 @@ def read_flickr8k(data_dir: Path, options: ReadOptions) -> CaptionSet:
 
     problems: list[Problem] = []
     notes: list[str] = []
-    captions = _read_token_file(token_file, problems)
+    captions = _read_token_file(token_file, problems, notes)
     _repair_stray_keys(captions, token_file, problems, notes)
     listed = _read_split_files(split_files, problems)
-    records, unusable = usable(
+    found = usable(
         Listing(name, images_dir / name, captions[name].captions if name in captions else [], split, where)
         for name, (split, where) in listed.items()
     )
-    problems += unusable
     unassigned = sum(1 for name in captions if name not in listed)
-    return CaptionSet(records, problems, unassigned, notes)
+    return CaptionSet(found.records, problems + found.problems, unassigned, notes + found.notes)
 
 
 def _find_token_file(data_dir: Path, options: ReadOptions) -> Path:
@@ -104,26 +105,38 @@ def _find_token_file(data_dir: Path, options: ReadOptions) -> Path:
     raise missing_annotations("flickr8k", data_dir, candidates)
 
 
-def _read_token_file(path: Path, problems: list[Problem]) -> dict[str, _Captions]:
-    """Captions by image key, from lines `<image>#<k><TAB><caption>`; a line that does not parse is a problem."""
+def _read_token_file(path: Path, problems: list[Problem], notes: list[str]) -> dict[str, _Captions]:
+    """Captions by image key, from lines `<image>#<k><TAB><caption>`; a line that does not parse is a problem, and a
+    note counts the keys that repeat an earlier one (their captions are used too)."""
     captions: dict[str, _Captions] = {}
-    for number, line in enumerate(read_text(path).split("\n"), start=1):
-        if not line.strip():
-            continue
+    keys: dict[str, int] = {}
+    repeated: list[tuple[int, str]] = []
+    for number, line in numbered_lines(read_text(path)):
         where = f"{path}:{number}"
         key, tab, caption = line.partition("\t")
         name, hash_sign, k = key.strip().rpartition("#")
         if not tab:
             image = line.split("#")[0].strip() if "#" in line else f"{path.name}:{number}"
             problems.append(Problem(image, f"{where}: no tab between the image key and the caption"))
+        elif "\t" in caption:
+            # Lines run together (a lost line break) leave a caption that holds the next key and caption.
+            problems.append(Problem(name or key.strip(), f"{where}: {line.count(chr(9)) + 1} tab-separated fields; a "
+                                    "line is <image>#<k><TAB><caption>, one caption a line"))  # fmt: skip
         elif not (hash_sign and name and k.isdigit()):
             problems.append(Problem(key.strip(), f"{where}: key {key.strip()!r} is not `<image>#<k>`"))
         else:
             entry = captions.setdefault(name, _Captions(number))
+            if key.strip() in keys:
+                repeated.append((number, key.strip()))
+            keys.setdefault(key.strip(), number)
             if caption.strip():
                 entry.captions.append(caption.strip())
             else:
                 problems.append(Problem(name, f"{where}: empty caption"))
+    if repeated:
+        number, key = repeated[0]
+        notes.append(f"{path}: {len(repeated)} key(s) repeat an earlier key; the first: line {number} {key!r} (first "
+                     f"at line {keys[key]}); their captions are used")  # fmt: skip
     return captions
 
 
@@ -155,10 +168,8 @@ def _read_split_files(files: dict[str, Path], problems: list[Problem]) -> dict[s
     """(split, `file:line`) by image name, in file order; an image listed twice stays where it was listed first."""
     listed: dict[str, tuple[str, str]] = {}
     for split, path in files.items():
-        for number, line in enumerate(read_text(path).split("\n"), start=1):
+        for number, line in numbered_lines(read_text(path)):
             name = line.strip()
-            if not name:
-                continue
             where = f"{path}:{number}"
             if name in listed:
                 first_split, first_where = listed[name]
@@ -191,57 +202,44 @@ def read_flickr8k_kaggle(data_dir: Path, options: ReadOptions) -> CaptionSet:
     images_dir = find_images_dir(data_dir, options, KAGGLE_IMAGE_DIRS)
 
     problems: list[Problem] = []
-    captions = _read_captions_csv(csv_path, problems)
+    names = ImageNames(csv_path, images_dir)
+    captions = {names.canonical(key): entry for key, entry in _read_captions_csv(csv_path, names, problems).items()}
     splits = seeded_split(list(captions), options)
-    records, unusable = usable(
-        Listing(name, images_dir / name, captions[name].captions, split, f"{csv_path}:{captions[name].line}")
+    found = usable(
+        Listing(entry.name, resolve(images_dir, entry.name), entry.captions, split, f"{csv_path}:{entry.line}")
         for split in SPLITS
-        for name in sorted(name for name in captions if splits[name] == split)
+        for entry in (captions[name] for name in sorted(captions) if splits[name] == split)
     )
-    problems += unusable
     counts = "/".join(str(list(splits.values()).count(split)) for split in SPLITS)
     note = (
         f"{csv_path.name} comes without split files: split its {len(splits)} images with seed {options.seed} "
         f"into train/val/test {counts}"
     )
-    return CaptionSet(records, problems, notes=[note])
+    return CaptionSet(found.records, problems + found.problems, notes=[note, *names.notes(), *found.notes])
 
 
-def _read_captions_csv(path: Path, problems: list[Problem]) -> dict[str, _Captions]:
-    """Captions by image name from a CSV with the header `image,caption`."""
-    rows = csv.reader(io.StringIO(read_text(path)))
-    header = next(rows, None)
-    if header is None or [cell.strip() for cell in header] != ["image", "caption"]:
-        found = "an empty file" if header is None else repr(",".join(header))
+def _read_captions_csv(path: Path, names: ImageNames, problems: list[Problem]) -> dict[Path, _Captions]:
+    """Captions by image (its resolved file) from a CSV with the header `image,caption`."""
+    header, rows = csv_table(path)
+    if header != ["image", "caption"]:
+        found = "an empty file" if not header else repr(",".join(header))
         raise CaptuneError(
             f"{path}:1: expected the header 'image,caption' of the Kaggle Flickr8k captions.txt, found {found}"
         )
-    captions: dict[str, _Captions] = {}
-    try:
-        for row in rows:
-            _add_csv_row(row, path, rows.line_num, captions, problems)
-    except csv.Error as exc:
-        raise CaptuneError(f"{path}:{rows.line_num}: not readable as CSV: {exc}") from None
+    captions: dict[Path, _Captions] = {}
+    for row in rows:
+        where = f"{path}:{row.line}"
+        name = row.fields[0].strip() if row.fields else ""
+        if row.error is not None:
+            problems.append(Problem(name or f"{path.name}:{row.line}", f"{where}: {row.error}"))
+        elif not name:
+            problems.append(Problem(f"{path.name}:{row.line}", f"{where}: no image name"))
+        else:
+            key = names.key(name)
+            names.use(key, name, row.line)
+            entry = captions.setdefault(key, _Captions(row.line, name))
+            if row.fields[1].strip():
+                entry.captions.append(row.fields[1].strip())
+            else:
+                problems.append(Problem(name, f"{where}: empty caption"))
     return captions
-
-
-def _add_csv_row(
-    row: list[str], path: Path, line: int, captions: dict[str, _Captions], problems: list[Problem]
-) -> None:
-    """Add the caption of one CSV row to `captions`, or a problem if the row is not `image,caption`."""
-    where = f"{path}:{line}"
-    if not row:
-        return
-    if len(row) != 2:
-        image = row[0].strip() or f"{path.name}:{line}"
-        problems.append(Problem(image, f"{where}: expected 2 fields (image,caption), found {len(row)}; quote commas"))
-        return
-    name, caption = row[0].strip(), row[1].strip()
-    if not name:
-        problems.append(Problem(f"{path.name}:{line}", f"{where}: no image name"))
-        return
-    entry = captions.setdefault(name, _Captions(line))
-    if caption:
-        entry.captions.append(caption)
-    else:
-        problems.append(Problem(name, f"{where}: empty caption"))

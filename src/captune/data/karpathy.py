@@ -63,12 +63,12 @@ def read_karpathy(data_dir: Path, options: ReadOptions) -> CaptionSet:
             problems.append(Problem(parsed.image_id, f"{parsed.where}: listed again (first at {first}); ignored"))
         else:
             listings[parsed.image_id] = parsed
-    records, unusable = usable(listings.values())
+    found = usable(listings.values())
     restval = sum(is_restval)
     left_out = restval if options.restval == "none" else 0
     fate = "left out (restval: none); counted in unassigned" if left_out else "joined train"
     notes = [f"{path.name}: {restval} 'restval' images {fate}"] if restval else []
-    return CaptionSet(records, problems + unusable, unassigned=left_out, notes=notes)
+    return CaptionSet(found.records, problems + found.problems, unassigned=left_out, notes=notes + found.notes)
 
 
 def _find_annotations(data_dir: Path, options: ReadOptions) -> Path:

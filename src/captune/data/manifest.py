@@ -14,7 +14,6 @@ fractions, as for `flickr8k-kaggle`. `write_manifest` writes any `CaptionSet` in
 from __future__ import annotations
 
 import csv
-import io
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from captune.data import (
     SPLIT_ALIASES,
     SPLITS,
     CaptionSet,
+    ImageNames,
     Listing,
     Problem,
     ReadOptions,
@@ -36,6 +36,7 @@ from captune.data import (
     seeded_split,
     usable,
 )
+from captune.data.lines import csv_table, numbered_lines
 from captune.errors import CaptuneError
 from captune.files import atomic_open
 
@@ -72,10 +73,10 @@ def read_manifest(data_dir: Path, options: ReadOptions) -> CaptionSet:
         raise missing_annotations("manifest", data_dir, candidates)
     parse = _csv_rows if manifest_kind(path) == "csv" else _jsonl_rows
     root = find_images_dir(data_dir, options, ()) if options.images_dir is not None else path.parent
-    collected = _Collected(path, options)
-    for row in parse(path, read_text(path), options):
+    collected = _Collected(path, root, options)
+    for row in parse(path, options):
         collected.add(row)
-    return collected.caption_set(root)
+    return collected.caption_set()
 
 
 def manifest_kind(path: Path) -> str:
@@ -101,45 +102,34 @@ class _Row(NamedTuple):
     """Why the row could not be parsed at all (malformed JSON, not an object, wrong number of CSV fields)."""
 
 
-def _csv_rows(path: Path, text: str, options: ReadOptions) -> Iterator[_Row]:
+def _csv_rows(path: Path, options: ReadOptions) -> Iterator[_Row]:
     """Rows of a CSV manifest; its header must have the image and caption columns, the split column is optional."""
-    reader = csv.reader(io.StringIO(text))
-    try:
-        header = [cell.strip() for cell in next(reader, [])]
-        columns: dict[str, int] = {}
-        for index, name in enumerate(header):
-            columns.setdefault(name, index)
-        for option in _REQUIRED:
-            if getattr(options, option) not in columns:
-                column = getattr(options, option)
-                raise CaptuneError(f"{path}:1: no column {column!r} in the header; it {_has(header, option)}")
-        image, caption = columns[options.image_column], columns[options.caption_column]
-        split = columns.get(options.split_column)
-        end = reader.line_num
-        for row in reader:
-            # A quoted caption may span lines: a record starts on the line after the previous one ended.
-            line, end = end + 1, reader.line_num
-            if not row:
-                continue
-            if len(row) != len(header):
-                error = f"expected {len(header)} fields ({','.join(header)}), found {len(row)}; quote commas"
-                yield _Row(line, row[image] if image < len(row) else None, None, None, error)
-            else:
-                yield _Row(line, row[image], row[caption], None if split is None else row[split])
-    except csv.Error as exc:
-        raise CaptuneError(f"{path}:{reader.line_num}: not readable as CSV: {exc}") from None
+    header, lines = csv_table(path)
+    columns: dict[str, int] = {}
+    for index, name in enumerate(header):
+        columns.setdefault(name, index)
+    for option in _REQUIRED:
+        if getattr(options, option) not in columns:
+            column = getattr(options, option)
+            raise CaptuneError(f"{path}:1: no column {column!r} in the header; it {_has(header, option)}")
+    image, caption = columns[options.image_column], columns[options.caption_column]
+    split = columns.get(options.split_column)
+    for row in lines:
+        if row.error is not None:
+            yield _Row(row.line, row.fields[image] if image < len(row.fields) else None, None, None, row.error)
+        else:
+            yield _Row(row.line, row.fields[image], row.fields[caption], None if split is None else row.fields[split])
 
 
-def _jsonl_rows(path: Path, text: str, options: ReadOptions) -> Iterator[_Row]:
+def _jsonl_rows(path: Path, options: ReadOptions) -> Iterator[_Row]:
     """Rows of a JSON-lines manifest, one object per line; blank lines are skipped."""
+    text = read_text(path)
     if text.lstrip().startswith("["):
         raise CaptuneError(f"{path}: holds a JSON array; a manifest has one JSON object per line (JSON lines)")
     decode = json.JSONDecoder().decode
     first: dict[str, object] | None = None
     has_image = has_caption = False
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
+    for number, line in numbered_lines(text):
         try:
             value = decode(line)
         except json.JSONDecodeError as exc:
@@ -190,19 +180,21 @@ class _Unsplit:
 
 
 class _Collected:
-    """Captions by image, collected in one pass over the rows, with a problem for every row that is not used."""
+    """Captions by image (its resolved file), collected in one pass over the rows, with a problem for every row that
+    is not used."""
 
-    def __init__(self, path: Path, options: ReadOptions) -> None:
-        self.path, self.options = path, options
+    def __init__(self, path: Path, root: Path, options: ReadOptions) -> None:
+        self.path, self.root, self.options = path, root, options
         # With restval `none`, restval images keep their own name and are left out at the end.
         # `restval` follows data.restval.
         self.split_names = SPLIT_ALIASES | ({"restval": "restval"} if options.restval == "none" else {})
         self.problems: list[Problem] = []
-        self.with_split: dict[str, _Split] = {}
-        self.without_split: dict[str, _Unsplit] = {}
+        self.names = ImageNames(path, root)
+        self.with_split: dict[Path, _Split] = {}
+        self.without_split: dict[Path, _Unsplit] = {}
         self.first_split: int | None = None
         """Line of the first row that gives a split (a valid one or not)."""
-        self.restval: set[str] = set()
+        self.restval: set[Path] = set()
 
     def problem(self, image: str, line: int, what: str) -> None:
         self.problems.append(Problem(image or f"{self.path.name}:{line}", f"{self.path}:{line}: {what}"))
@@ -213,19 +205,21 @@ class _Collected:
         if row.error is not None or not name:
             self.problem(name, row.line, row.error or self._no_image(row.image))
             return
+        key = self.names.key(name)
         given = row.split.strip() if isinstance(row.split, str) else row.split
-        split = None if given in (None, "") else self._split(name, row.line, given)
+        split = None if given in (None, "") else self._split(key, name, row.line, given)
         if split == "":
             return  # an unknown or conflicting split: a problem already
         captions = self._captions(name, row.line, row.caption)
         if not captions:
             return
+        self.names.use(key, name, row.line)
         if split is None:
-            unsplit = self.without_split.setdefault(name, _Unsplit())
+            unsplit = self.without_split.setdefault(key, _Unsplit())
             unsplit.lines.append(row.line)
             unsplit.captions += captions
         else:
-            self.with_split.setdefault(name, _Split(row.line, split)).captions += captions
+            self.with_split.setdefault(key, _Split(row.line, split)).captions += captions
 
     def _no_image(self, value: object) -> str:
         column = self.options.image_column
@@ -233,7 +227,7 @@ class _Collected:
             return f"no image path in {column!r}"
         return f"{column!r} is {_shown(value)}, not an image path"
 
-    def _split(self, name: str, line: int, given: object) -> str:
+    def _split(self, key: Path, name: str, line: int, given: object) -> str:
         """The split a row gives, or "" with a problem when it is unknown or differs from the image's earlier rows."""
         self.first_split = self.first_split or line
         spelling = given.lower() if isinstance(given, str) else None
@@ -242,13 +236,15 @@ class _Collected:
             accepted = ", ".join(SPLIT_ALIASES)
             self.problem(name, line, f"split {given!r} is not one of {accepted} (in any case)")
             return ""
-        earlier = self.with_split.get(name)
+        earlier = self.with_split.get(key)
         if earlier is not None and earlier.split != split:
-            self.problem(name, line, f"split {given!r} differs from {earlier.split!r} given at line {earlier.line}; "
-                                     "an image belongs to one split, so this row is not used")  # fmt: skip
+            first = self.names.first[key][0]
+            same = f" (as {first!r}, the same file)" if first != name else ""
+            self.problem(name, line, f"split {given!r} differs from {earlier.split!r} given at line {earlier.line}"
+                                     f"{same}; an image belongs to one split, so this row is not used")  # fmt: skip
             return ""
         if spelling == "restval":
-            self.restval.add(name)
+            self.restval.add(key)
         return split
 
     def _captions(self, name: str, line: int, value: object) -> list[str]:
@@ -275,32 +271,36 @@ class _Collected:
                 captions.append(item.strip())
         return captions
 
-    def caption_set(self, root: Path) -> CaptionSet:
-        """Records of the collected images whose files exist under `root`, with every problem and note."""
+    def caption_set(self) -> CaptionSet:
+        """Records of the collected images whose files exist, with every problem and note."""
         notes: list[str] = []
-        listed: list[tuple[str, int, list[str], str]]
+        listed: list[tuple[Path, int, list[str], str]]
         if self.first_split is None:
-            splits = seeded_split(list(self.without_split), self.options)
-            listed = [(name, rows.lines[0], rows.captions, splits[name]) for name, rows in self.without_split.items()]
-            counts = "/".join(str(sum(1 for split in splits.values() if split == name)) for name in SPLITS)
-            notes.append(f"{self.path.name} gives no {self.options.split_column!r}: split its {len(splits)} images "
+            splits = {key: self.names.canonical(key) for key in self.without_split}
+            split_of = seeded_split(list(splits.values()), self.options)
+            listed = [(key, rows.lines[0], rows.captions, split_of[splits[key]])
+                      for key, rows in self.without_split.items()]  # fmt: skip
+            counts = "/".join(str(sum(1 for split in split_of.values() if split == name)) for name in SPLITS)
+            notes.append(f"{self.path.name} gives no {self.options.split_column!r}: split its {len(split_of)} images "
                          f"with seed {self.options.seed} into train/val/test {counts}")  # fmt: skip
         else:
-            for name, rows in self.without_split.items():
+            for key, rows in self.without_split.items():
                 for line in rows.lines:
-                    self.problem(name, line, f"no split, though line {self.first_split} gives one; give every row "
-                                             f"a split, or none to split by the seed")  # fmt: skip
-            listed = [(name, rows.line, rows.captions, rows.split) for name, rows in self.with_split.items()]
+                    self.problem(self.names.first[key][0], line, f"no split, though line {self.first_split} gives "
+                                 "one; give every row a split, or none to split by the seed")  # fmt: skip
+            listed = [(key, rows.line, rows.captions, rows.split) for key, rows in self.with_split.items()]
         if self.restval:
             fate = "left out (restval: none)" if self.options.restval == "none" else "joined train"
             notes.append(f"{self.path.name}: {len(self.restval)} 'restval' images {fate}")
-        records, unusable = usable(
-            Listing(name, root / name, captions, split, f"{self.path}:{line}")
-            for name, line, captions, split in listed
+        found = usable(
+            Listing(self.names.first[key][0], resolve(self.root, self.names.first[key][0]), captions, split,
+                    f"{self.path}:{line}")
+            for key, line, captions, split in listed
             if split != "restval"
-        )
+        )  # fmt: skip
         unassigned = len(self.restval) if self.options.restval == "none" else 0
-        return CaptionSet(records, self.problems + unusable, unassigned, notes)
+        return CaptionSet(found.records, self.problems + found.problems, unassigned,
+                          notes + self.names.notes() + found.notes)  # fmt: skip
 
 
 def write_manifest(cs: CaptionSet, path: Path, *, relative_to: Path | None = None) -> int:
@@ -337,6 +337,11 @@ def _write_rows(out: IO[str], kind: str, rows: Iterable[tuple[str, Record]]) -> 
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(["image", "caption", "split"])
         for image, record in rows:
+            broken = next((caption for caption in record.captions if "\n" in caption or "\r" in caption), None)
+            if broken is not None:
+                # The CSV reader takes a line as a record, as a caption that runs over a line end is a broken quote.
+                raise CaptuneError(f"{record.image_id}: caption {broken!r} holds a line break, which a CSV manifest "
+                                   "cannot hold; write the manifest as .jsonl")  # fmt: skip
             writer.writerows([image, caption, record.split] for caption in record.captions)
             count += len(record.captions)
         return count
