@@ -166,6 +166,22 @@ def test_caption_resume_appends_only_the_images_not_yet_captioned(
     assert "1 image(s) already in" in capsys.readouterr().err
 
 
+def test_caption_resume_knows_an_image_under_another_spelling(
+    model_dir: Path, images: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    output = tmp_path / "captions.jsonl"
+    # The first run was given a relative path; the resumed run an absolute one of the same folder.
+    monkeypatch.chdir(images[0].parent.parent)
+    relative = Path(images[0].parent.name) / "." / images[0].name
+    output.write_text("".join(json.dumps({"image": str(p), "caption": "done"}) + "\n" for p in (relative, images[1])))
+    folder = str(images[0].parent)
+    assert _caption(model_dir, folder, "--format", "jsonl", "--output", str(output), "--resume", "--workers", "0") == 0
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["image"] for r in rows] == [str(relative), str(images[1]), str(images[2])]
+    assert "2 image(s) already in" in capsys.readouterr().err
+
+
 def test_caption_resume_needs_a_jsonl_output_file(
     model_dir: Path, images: list[Path], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -116,9 +116,10 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if args.resume:
         if output is None or args.format != "jsonl":
             raise CaptuneError("--resume needs --output FILE and --format jsonl: it skips the images that file holds")
-        done = _captioned_images(output)
-        skipped = sum(1 for p in paths if str(p) in done)
-        paths = [p for p in paths if str(p) not in done]
+        # An image is its resolved file: a relative, absolute or linked spelling of one captioned before is done.
+        done = {Path(image).expanduser().resolve() for image in _captioned_images(output)}
+        skipped = sum(1 for p in paths if p.resolve() in done)
+        paths = [p for p in paths if p.resolve() not in done]
     loaded = load_model_dir(args.model_dir, device=args.device, merge=args.merge_adapter)
     _advise_static_cache(loaded.model, config.generate, len(paths))
     ok = failed = 0
