@@ -5,7 +5,9 @@ uvicorn, `captune serve` as a process, and property-based requests that never ge
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import itertools
 import json
 import os
 import shutil
@@ -20,6 +22,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +43,7 @@ from captune.data.images import load_rgb
 from captune.errors import CaptuneError
 from captune.generate import generate_captions
 from captune.model import load_model_dir
-from captune.serve import OPTION_NAMES, ApiError, MicroBatcher, ServeSettings, create_app
+from captune.serve import OPTION_NAMES, ApiError, MicroBatcher, ServeSettings, create_app, listen, uvicorn_server
 
 from . import test_cli, test_report
 from .conftest import write_image, write_truncated_jpeg
@@ -499,11 +502,12 @@ def _wait_for(condition: Callable[[], bool], timeout: float = 30) -> None:
 
 @contextmanager
 def _uvicorn_in_thread(model_dir: Path, serve_settings: ServeSettings) -> Iterator[tuple[str, uvicorn.Server]]:
-    """A real uvicorn serving the app on a free port of 127.0.0.1; stopped as SIGTERM stops it (should_exit)."""
+    """The server `run_server` runs (uvicorn with captune's timeouts and connection limits) on a free port of
+    127.0.0.1; stopped as SIGTERM stops it (should_exit)."""
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(model_dir, serve_settings), host="127.0.0.1", port=port,
-                                           log_level="warning", timeout_graceful_shutdown=30))  # fmt: skip
-    thread = threading.Thread(target=server.run, daemon=True)
+    listening = listen("127.0.0.1", port)
+    server = uvicorn_server(create_app(model_dir, serve_settings), serve_settings, log_level="warning")
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listening]}, daemon=True)
     thread.start()
     try:
         _wait_for(lambda: server.started)
@@ -601,6 +605,109 @@ def test_captune_serve_process_answers_and_exits_cleanly_on_sigterm(model_dir: P
     assert "Traceback" not in log.read_text()
 
 
+# --- a real server: timeouts and connection limits (127.0.0.1 only, each bounded to a few seconds) -----------------
+
+# Small timeouts and limits, so that each is reached in about a second.
+GUARDED = ServeSettings(device="cpu", idle_timeout_s=0.5, header_timeout_s=1.0, body_timeout_s=1.0,
+                        max_connections=6, max_connections_per_client=3, retry_after_s=2)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def guarded_url(model_dir: Path) -> Iterator[str]:
+    with _uvicorn_in_thread(model_dir, GUARDED) as (url, _):
+        yield url
+
+
+def _address(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").split(":")
+    assert host == "127.0.0.1"
+    return host, int(port)
+
+
+def _until_closed(sock: socket.socket, limit_s: float, trickle: bytes = b"") -> tuple[bytes, float]:
+    """What the server sends until it closes the connection, and after how many seconds; sends `trickle` a byte
+    every 0.1 s meanwhile (a slow client). Fails after `limit_s` with the connection still open."""
+    started, received = time.monotonic(), b""
+    to_send = itertools.cycle(trickle) if trickle else None
+    sock.settimeout(0.1)
+    while time.monotonic() - started < limit_s:
+        if to_send is not None:
+            try:
+                sock.sendall(bytes([next(to_send)]))
+            except OSError:  # closed by the server
+                to_send = None
+        try:
+            data = sock.recv(65536)
+        except TimeoutError:
+            continue
+        except ConnectionResetError:
+            return received, time.monotonic() - started
+        if not data:
+            return received, time.monotonic() - started
+        received += data
+    raise AssertionError(f"still open after {limit_s} s; received {received!r}")
+
+
+def _raw_error(raw: bytes, status: int, code: str) -> str:
+    """The message of an error written on a raw connection, after checking its status line, close and JSON shape."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode().lower().split("\r\n")
+    assert lines[0].startswith(f"http/1.1 {status} ") and "connection: close" in lines, raw
+    assert "content-type: application/json" in lines
+    return _error(httpx2.Response(status, content=body), status, code)
+
+
+def test_an_idle_connection_is_closed_after_the_idle_timeout(guarded_url: str) -> None:
+    with socket.create_connection(_address(guarded_url)) as fresh:
+        assert _until_closed(fresh, limit_s=5)[0] == b""  # nothing sent: closed without an answer
+    with socket.create_connection(_address(guarded_url)) as kept:
+        kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        answered, seconds = _until_closed(kept, limit_s=5)
+    assert answered.startswith(b"HTTP/1.1 200 ") and 0.4 < seconds < 3  # kept alive, then closed when idle
+
+
+def test_headers_sent_a_byte_at_a_time_get_408_after_the_header_timeout(guarded_url: str) -> None:
+    with socket.create_connection(_address(guarded_url)) as slow:
+        slow.sendall(b"GET /health HTTP/1.1\r\n")
+        raw, seconds = _until_closed(slow, limit_s=5, trickle=b"X-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n")
+    assert "within 1 s (--header-timeout-s)" in _raw_error(raw, 408, "header_timeout")
+    assert 0.9 < seconds < 3  # the whole header's time, not the time between bytes (the idle timeout is 0.5 s)
+
+
+def test_a_body_sent_a_byte_at_a_time_gets_408_after_the_body_timeout(guarded_url: str) -> None:
+    with socket.create_connection(_address(guarded_url)) as slow:
+        slow.sendall(b"POST /v1/captions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 10000\r\n\r\n")  # fmt: skip
+        raw, seconds = _until_closed(slow, limit_s=5, trickle=b"[")
+    assert "within 1 s (--body-timeout-s)" in _raw_error(raw, 408, "body_timeout")
+    assert 0.9 < seconds < 3
+    _assert_healthy(httpx2.Client(base_url=guarded_url))
+
+
+def test_a_request_uvicorn_cannot_parse_gets_a_json_400(guarded_url: str) -> None:
+    with socket.create_connection(_address(guarded_url)) as garbled:
+        garbled.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+        raw, _ = _until_closed(garbled, limit_s=5)
+    assert "not a valid HTTP/1.1 request" in _raw_error(raw, 400, "invalid_http")
+
+
+@pytest.mark.parametrize(("per_client", "named"), [(3, "3 connections from 127.0.0.1 (--max-connections-per-client)"),
+                                                   (6, "6 connections (--max-connections)")])  # fmt: skip
+def test_connections_over_the_limits_are_refused_at_once(model_dir: Path, per_client: int, named: str) -> None:
+    limits = replace(GUARDED, idle_timeout_s=30, header_timeout_s=30, max_connections_per_client=per_client)
+    with _uvicorn_in_thread(model_dir, limits) as (url, _), contextlib.ExitStack() as held:
+        half_sent = [held.enter_context(socket.create_connection(_address(url))) for _ in range(per_client)]
+        for sock in half_sent:
+            sock.sendall(b"POST /v1/captions HTTP/1.1\r\nHost: x\r\n")
+        with socket.create_connection(_address(url)) as refused:
+            raw, seconds = _until_closed(refused, limit_s=5)
+        assert named in _raw_error(raw, 503, "too_many_connections") and seconds < 1
+        assert b"retry-after: 2" in raw.lower()
+        held.close()  # the half-sent requests go: their slots are free again
+        _wait_for(lambda: _answers(f"{url}/health"), timeout=5)
+        _assert_healthy(httpx2.Client(base_url=url))
+
+
 def _answers(url: str) -> bool:
     try:
         return httpx2.get(url, timeout=2).status_code == 200
@@ -676,8 +783,6 @@ def test_static_batch_sizes_are_those_batches_are_filled_to(max_batch: int, size
 def test_warm_up_captions_every_static_batch_size_before_the_first_request(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, static: bool
 ) -> None:
-    from dataclasses import replace
-
     from captune.model import save_tiny_model_dir
 
     run = save_tiny_model_dir(tmp_path, ["num_beams=1", "min_new_tokens=1", "max_new_tokens=5",

@@ -30,21 +30,26 @@ import base64
 import io
 import json
 import logging
+import math
 import os
 import queue
 import signal
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 from contextlib import aclosing, asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass, replace
+from http import HTTPStatus
 from importlib import resources
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import anyio
+import h11
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image, UnidentifiedImageError
@@ -54,6 +59,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.types import Message
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from captune.config import Config, GenerateConfig
 from captune.data.images import ImageError, decode_size, load_rgb
@@ -103,6 +109,21 @@ class ServeSettings:
     images take at most `max_queue * max_image_pixels * 3` bytes."""
     retry_after_s: int = 1
     """The Retry-After header of a 503, in seconds."""
+    idle_timeout_s: float = 5.0
+    """A connection with no request under way (just opened, or kept alive after an answer) is closed after this
+    long without a byte (uvicorn's keep-alive timeout, which captune also starts when a connection opens)."""
+    header_timeout_s: float = 10.0
+    """A request's line and headers must all have come this long after its first byte, else 408 and the connection
+    closed: a client sending a byte at a time cannot hold a connection open."""
+    body_timeout_s: float = 60.0
+    """A request's body must all have come this long after its headers, else 408 and the connection closed; a
+    full 20 MiB body in 60 s is 2.8 Mbit/s: raise it for clients on slower links."""
+    max_connections: int = 256
+    """Open connections in all; a connection beyond it gets 503 (with Retry-After) and is closed at once, before its
+    request is read. Each takes a file descriptor (the usual limit is 1,024 a process)."""
+    max_connections_per_client: int = 32
+    """Open connections from one IP address; beyond it as `max_connections`, so one client cannot take them all.
+    Behind a proxy every request comes from the proxy's address: set it to `max_connections` there."""
     warm_up: bool = False
     """With a model whose generate settings use a static cache: before accepting requests, caption a blank image at
     every batch size the server compiles (`static_batch_sizes`) with those settings, so that no request waits for a
@@ -127,6 +148,18 @@ def check_settings(settings: ServeSettings) -> None:
         (settings.max_wait_ms >= 0, "--max-wait-ms must be >= 0"),
         (settings.max_queue >= settings.max_images, "--max-queue must be >= --max-images (a request must fit)"),
         (settings.retry_after_s >= 1, "--retry-after-s must be >= 1"),
+        *[
+            (
+                0 < getattr(settings, f"{kind}_timeout_s") < math.inf,
+                f"--{kind}-timeout-s must be a number of seconds > 0",
+            )
+            for kind in ("idle", "header", "body")
+        ],
+        (settings.max_connections >= 1, "--max-connections must be >= 1"),
+        (
+            1 <= settings.max_connections_per_client <= settings.max_connections,
+            "--max-connections-per-client must be from 1 to --max-connections",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -500,16 +533,22 @@ def _image_bytes(text: str, index: int) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------------ request body ---
-def _limited(request: Request, limit: int) -> Request:
-    """The same request whose body reading fails with 413 once more than `limit` bytes have come."""
+def _limited(request: Request, limit: int, timeout_s: float) -> Request:
+    """The same request whose body reading fails with 413 once more than `limit` bytes have come, and with 408 once
+    `timeout_s` have passed (the body read as a whole, so that a byte now and then does not keep it going)."""
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise _too_large(limit)
-    received = 0
+    received, deadline = 0, time.monotonic() + timeout_s
 
     async def receive() -> Message:
         nonlocal received
-        message = await request.receive()
+        try:
+            with anyio.fail_after(deadline - time.monotonic()):
+                message = await request.receive()
+        except TimeoutError:
+            raise ApiError(408, "body_timeout", f"the request body did not all come within {timeout_s:g} s "
+                           "(--body-timeout-s); send it at once", {"Connection": "close"}) from None  # fmt: skip
         received += len(message.get("body", b""))
         if received > limit:
             raise _too_large(limit)
@@ -672,10 +711,11 @@ async def _read_request(
 ) -> tuple[list[Upload], dict[str, Any]]:
     """The uploads and the raw options of a multipart or JSON request, its body limited to `max_upload_bytes`."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    limited = _limited(request, settings.max_upload_bytes, settings.body_timeout_s)
     if content_type == "multipart/form-data":
-        return await _read_multipart(_limited(request, settings.max_upload_bytes))
+        return await _read_multipart(limited)
     if content_type == "application/json":
-        return await _read_json(_limited(request, settings.max_upload_bytes), json_request)
+        return await _read_json(limited, json_request)
     raise ApiError(415, "unsupported_media_type", f"content type {content_type or '(none)'!r}: send "
                    "multipart/form-data (field `images`) or application/json")  # fmt: skip
 
@@ -846,6 +886,107 @@ def create_app(model_dir: str | Path, settings: ServeSettings | None = None) -> 
     return app
 
 
+# -------------------------------------------------------------------------------------------------- connections ---
+def _raw_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> bytes:
+    """A whole error answer in the API's JSON shape, for the protocol to write where no request (or no app) is
+    there to answer: the connection is closed after it."""
+    body = ErrorResponse(error=ErrorDetail(code=code, message=message)).model_dump_json().encode()
+    fields = {"content-type": "application/json", "content-length": str(len(body)), "connection": "close"}
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}"]
+    lines += [f"{name}: {value}" for name, value in (fields | (headers or {})).items()]
+    return "\r\n".join(lines).encode() + b"\r\n\r\n" + body
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with the limits it leaves out, so that no client can hold the server's
+    connections (`guarded_protocol` makes one class per server, with its settings and per-client counts):
+
+    - connection limits, checked as a connection opens, in all (`max_connections`) and per client IP
+      (`max_connections_per_client`): beyond them 503 and closed at once. uvicorn's `limit_concurrency` refuses only
+      once a request's headers have come, in plain text, and counts no client.
+    - the idle timeout (`idle_timeout_s`) from the moment a connection opens: uvicorn starts its keep-alive timer
+      only after an answer, so a connection that never sends a byte stayed open for good.
+    - a header timeout (`header_timeout_s`): from the first byte of a request to the end of its headers, 408 and
+      closed beyond. The body's timeout is the app's (`_limited`), which answers in the same JSON shape.
+    - a request h11 cannot parse gets uvicorn's 400 in the API's JSON shape instead of plain text.
+    """
+
+    limits: ClassVar[ServeSettings]
+    clients: ClassVar[Counter[str]]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.timeout_keep_alive = self.limits.idle_timeout_s  # type: ignore[assignment]  # uvicorn's is whole seconds
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._header_cycle: object = None
+
+    @property
+    def _host(self) -> str:
+        return self.client[0] if self.client else ""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.clients[self._host] += 1
+        refusal = self._refusal()
+        if refusal:
+            log.warning("refused a connection from %s: %s", self._host, refusal)
+            retry = {"retry-after": str(self.limits.retry_after_s)}
+            transport.write(_raw_error(503, "too_many_connections", refusal, retry))
+            transport.close()
+            return
+        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+
+    def _refusal(self) -> str | None:
+        limits, retry = self.limits, f"retry after {self.limits.retry_after_s} s"
+        if len(self.connections) > limits.max_connections:
+            return f"the server is at its limit of {limits.max_connections} connections (--max-connections); {retry}"
+        if self.clients[self._host] > limits.max_connections_per_client:
+            return (f"the server is at its limit of {limits.max_connections_per_client} connections from {self._host} "
+                    f"(--max-connections-per-client); close one of yours, or {retry}")  # fmt: skip
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.clients[self._host] -= 1
+        if not self.clients[self._host]:
+            del self.clients[self._host]
+        self._stop_header_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        cycle = self.cycle
+        if self._header_timer is None and (cycle is None or cycle.response_complete):  # a request's first bytes
+            self._header_cycle = cycle
+            self._header_timer = self.loop.call_later(self.limits.header_timeout_s, self._header_timed_out)
+        super().data_received(data)
+        if self.cycle is not cycle:  # its headers came
+            self._stop_header_timer()
+
+    def _stop_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timed_out(self) -> None:
+        self._header_timer = None
+        if self.cycle is not self._header_cycle or self.transport.is_closing():
+            return  # the headers came (read from a pipelined buffer), or the connection went
+        if self.conn.our_state is h11.IDLE:  # else an answer was sent and the rest of its body is being dropped
+            message = (f"the request's headers did not all come within {self.limits.header_timeout_s:g} s "
+                       "(--header-timeout-s); send them at once")  # fmt: skip
+            self.transport.write(_raw_error(408, "header_timeout", message))
+        self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        message = f"not a valid HTTP/1.1 request ({msg.rstrip('.')}), or its headers are over 16 KiB"
+        self.transport.write(_raw_error(400, "invalid_http", message))
+        self.transport.close()
+
+
+def guarded_protocol(settings: ServeSettings) -> type[GuardedH11Protocol]:
+    """The protocol class of one server: its limits, and its own count of connections per client."""
+    return type("GuardedH11Protocol", (GuardedH11Protocol,), {"limits": settings, "clients": Counter()})
+
+
 def listen(host: str, port: int) -> socket.socket:
     """A listening socket on host:port, made before the model loads so that a bad or busy address fails at once
     (uvicorn would bind only after the model is loaded, and answer a port out of range with a traceback). One
@@ -864,17 +1005,22 @@ def listen(host: str, port: int) -> socket.socket:
                            "and an address of this machine") from None  # fmt: skip
 
 
+def uvicorn_server(app: FastAPI, settings: ServeSettings, log_level: str = "info") -> uvicorn.Server:
+    """uvicorn serving `app` with `GuardedH11Protocol` (the settings' timeouts and connection limits), to run on a
+    socket from `listen`."""
+    config = uvicorn.Config(app, http=guarded_protocol(settings), log_level=log_level,
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)  # fmt: skip
+    return uvicorn.Server(config)
+
+
 def run_server(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
                settings: ServeSettings | None = None) -> None:  # fmt: skip
     """Serves `create_app(model_dir, settings)` with uvicorn until SIGTERM or Ctrl-C, then lets the requests in
     flight finish (up to `GRACEFUL_SHUTDOWN_S`) and returns."""
-    import uvicorn
-
     settings = settings or ServeSettings()
     check_settings(settings)
     listening = listen(host, port)
-    app = create_app(model_dir, settings)
-    server = uvicorn.Server(uvicorn.Config(app, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+    server = uvicorn_server(create_app(model_dir, settings), settings)
     log.info("page http://%s:%d/ ; API POST /v1/captions ; OpenAPI /openapi.json", host, port)
     # uvicorn shuts down gracefully on the signal, then raises it again for the handler it found: a no-op for SIGTERM
     # and a caught KeyboardInterrupt for Ctrl-C make that a normal return.
