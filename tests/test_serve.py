@@ -387,11 +387,22 @@ def test_a_failed_generate_call_gets_500_and_the_server_lives_on(model_dir: Path
         _assert_healthy(test_client)
 
 
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--max-batch", "0"], "--max-batch must be >= 1"),
+        (["--header-timeout-s", "nan"], "--header-timeout-s must be a number of seconds > 0"),
+        (["--body-timeout-s", "0"], "--body-timeout-s must be a number of seconds > 0"),
+        (["--idle-timeout-s", "inf"], "--idle-timeout-s must be a number of seconds > 0"),
+        (["--max-connections", "0"], "--max-connections must be >= 1"),
+        (["--max-connections", "8", "--max-connections-per-client", "9"], "--max-connections-per-client must be from"),
+    ],
+)
 def test_invalid_server_settings_are_refused_by_the_command(
-    model_dir: Path, capsys: pytest.CaptureFixture[str]
+    model_dir: Path, capsys: pytest.CaptureFixture[str], flags: list[str], named: str
 ) -> None:
-    assert main(["serve", "--model-dir", str(model_dir), "--max-batch", "0"]) == 2
-    assert "error: invalid server settings: --max-batch must be >= 1" in capsys.readouterr().err
+    assert main(["serve", "--model-dir", str(model_dir), *flags]) == 2
+    assert f"error: invalid server settings: {named}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

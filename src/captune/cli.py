@@ -328,7 +328,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # The flags of `captune serve` that set the `ServeSettings` field of the same name (None keeps its default).
 _SERVE_SETTINGS = ("device", "merge_adapter", "max_upload_bytes", "max_images", "max_image_pixels", "max_new_tokens",
-                   "max_num_beams", "max_batch", "max_wait_ms", "max_queue", "retry_after_s", "warm_up")  # fmt: skip
+                   "max_num_beams", "max_batch", "max_wait_ms", "max_queue", "retry_after_s", "idle_timeout_s",
+                   "header_timeout_s", "body_timeout_s", "max_connections", "max_connections_per_client",
+                   "warm_up")  # fmt: skip
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -439,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; the server has no "
                    "authentication, so expose it only behind one)")  # fmt: skip
-    p.add_argument("--port", type=int, default=8000, help="default 8000")
+    p.add_argument("--port", type=int, default=8000, help="1-65535 (default 8000)")
     p.add_argument("--device", help="auto (default: a GPU when there is one), cpu, cuda, cuda:1, ...")
     p.add_argument("--merge-adapter", action="store_true", default=None,
                    help="merge the LoRA adapter into the base weights at load (as captune caption)")  # fmt: skip
@@ -456,6 +458,17 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--max-queue", type=int, help="images admitted at once (default 64); 503 with Retry-After "
                        "beyond")  # fmt: skip
     group.add_argument("--retry-after-s", type=int, help="Retry-After of a 503, in seconds (default 1)")
+    group = p.add_argument_group("connections (beyond a limit: 503 and closed; past a timeout: closed, 408 for a "
+                                 "request under way)")  # fmt: skip
+    group.add_argument("--idle-timeout-s", type=float, help="close a connection after this long without a byte "
+                       "between requests or after it opens (default 5)")  # fmt: skip
+    group.add_argument("--header-timeout-s", type=float, help="a request's headers must all come within this long "
+                       "of its first byte (default 10)")  # fmt: skip
+    group.add_argument("--body-timeout-s", type=float, help="a request's body must all come within this long of its "
+                       "headers (default 60)")  # fmt: skip
+    group.add_argument("--max-connections", type=int, help="open connections in all (default 256)")
+    group.add_argument("--max-connections-per-client", type=int, help="open connections from one IP address "
+                       "(default 32; behind a proxy, set it to --max-connections)")  # fmt: skip
     p.add_argument("--warm-up", action="store_true", default=None,
                    help="with a static-cache model: compile every batch size before taking requests")  # fmt: skip
     p.set_defaults(func=cmd_serve)
