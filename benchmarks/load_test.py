@@ -7,7 +7,9 @@ concurrent clients. Bounded in requests and in time; it stops the server and its
 1. The tiny BLIP-2 (random weights, default LoRA, greedy 1-5 new tokens) is saved as `captune train` saves a model,
    in a temporary folder.
 2. `captune serve` starts as a subprocess on a free port of 127.0.0.1 with its default limits and batching (torch on
-   one thread: OMP_NUM_THREADS=1, as for the tiny model everywhere), and the script waits for /health.
+   one thread: OMP_NUM_THREADS=1, as for the tiny model everywhere), except `--max-connections-per-client`, which is
+   the total `--max-connections` (256: every client is 127.0.0.1, as behind a proxy), and the script waits for
+   /health.
 3. Warm-up, then the baseline: `--baseline-requests` one after another (concurrency 1). Then the load:
    `--requests` requests from `--concurrency` concurrent clients (httpx2, asyncio), each a multipart upload of one
    224 x 224 JPEG (16 distinct images).
@@ -47,6 +49,7 @@ import torch
 from PIL import Image
 
 from captune.model import save_tiny_model_dir
+from captune.serve import ServeSettings
 
 RESULTS = Path(__file__).parent / "results" / "serve-load-cpu.json"
 
@@ -173,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = _save_tiny_model(Path(tmp))
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
+        # Every client is 127.0.0.1, as behind a proxy: the per-client connection limit is the total one.
         command = [sys.executable, "-m", "captune.cli", "serve", "--model-dir", str(model_dir), "--port", str(port),
-                   "--device", "cpu"]  # fmt: skip
+                   "--device", "cpu", "--max-connections-per-client", str(ServeSettings.max_connections)]  # fmt: skip
         env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         with open(Path(tmp) / "serve.log", "wb") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -201,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             [".venv/bin/python", "benchmarks/load_test.py", *(argv if argv is not None else sys.argv[1:])]
         ),
         "server": {
-            "command": "captune serve --model-dir TINY --device cpu (OMP_NUM_THREADS=1)",
+            "command": f"captune serve --model-dir TINY --device cpu --max-connections-per-client "
+            f"{ServeSettings.max_connections} (OMP_NUM_THREADS=1)",
             "limits": limits,
             "exit_status_after_sigterm": exit_status,
             "tracebacks_in_log": log_text.count("Traceback"),
