@@ -240,3 +240,18 @@ def test_karpathy_a_symlink_to_an_image_of_another_split_is_a_problem(tmp_path: 
     cs = read("karpathy", tmp_path)
     assert [r.image_id for r in cs.records] == ["a.jpg"]
     assert [p.split(" is the file")[0] for p in problems(cs)] == [f"{path}: images[1]: {tmp_path / 'images' / 'b.jpg'}"]
+
+
+# --- hf: an imagefolder's metadata.csv, which `datasets` reads with pandas ------------------------------------------
+
+
+def test_hf_imagefolder_metadata_csv_with_a_caption_over_two_lines_is_an_error_naming_the_line(tmp_path: Path) -> None:
+    from captune.errors import CaptuneError
+
+    names = [f"m{i}.png" for i in range(6)]
+    images(tmp_path, *names)
+    lines = [f"{name},Caption of {name} ." for name in names]
+    lines[1:3] = ['m1.png,"A dog', 'm2.png,A cat"']  # pandas reads m2's row into m1's caption, silently
+    write_lines(tmp_path / "metadata.csv", ["file_name,caption", *lines])
+    with pytest.raises(CaptuneError, match=rf"^{tmp_path / 'metadata.csv'}:3: a quoted field is not closed"):
+        read("hf", tmp_path)

@@ -324,3 +324,13 @@ def test_train_then_eval_on_a_saved_dataset(tmp_path: Path, capsys: pytest.Captu
                  "--output-dir", str(tmp_path / "eval")])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     assert list(json.loads((tmp_path / "eval" / "metrics.json").read_text())) == list(METRIC_NAMES)
+
+
+def test_the_same_caption_twice_for_an_image_is_used_once_and_counted(tmp_path: Path) -> None:
+    folder = save(dataset({"image": embedded(1, 1, path="a.png"), "caption": ["A cat .", "A cat ."]}), tmp_path / "d")
+    cs = hf_read(folder)
+    assert [r.captions for r in cs.records] == [("A cat .",)]
+    assert [note for note in cs.notes if "repeat" in note] == [
+        f"1 caption(s) repeat an earlier caption of the same image and are used once; the first: {folder}: data row "
+        "0: data/0.png: 'A cat .'"
+    ]

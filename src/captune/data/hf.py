@@ -24,7 +24,18 @@ from typing import TYPE_CHECKING
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from captune.data import SPLIT_ALIASES, SPLITS, CaptionSet, Problem, ReadOptions, Record, resolve, seeded_split
+from captune.data import (
+    SPLIT_ALIASES,
+    SPLITS,
+    CaptionSet,
+    Listing,
+    Problem,
+    ReadOptions,
+    resolve,
+    seeded_split,
+    usable,
+)
+from captune.data.lines import OPEN_QUOTE, csv_table
 from captune.errors import CaptuneError
 from captune.files import cache_dir, write_atomically
 
@@ -107,20 +118,22 @@ def read_hf(data_dir: Path, options: ReadOptions) -> CaptionSet:
         _scan_split(scan, source, dataset, options, fixed)
     notes = [_split_by_seed(scan, sources[0][0], options)] if seeded else []
     notes += _notes(scan)
-    records = [
-        Record(image.image_id, image.path, tuple(image.captions), image.split)
+    found = usable(
+        Listing(image.image_id, image.path, image.captions, image.split, image.where)
         for split in SPLITS
         for image in scan.images.values()
         if image.split == split
-    ]
+    )
     unassigned = len(scan.unused.keys() - scan.images.keys())
-    return CaptionSet(records, scan.problems, unassigned, notes)
+    return CaptionSet(found.records, scan.problems + found.problems, unassigned, notes + found.notes)
 
 
 def _load(data_dir: Path, is_folder: bool) -> Dataset | DatasetDict:
     """The dataset, loaded the way its folder (or name) asks for."""
     import datasets
 
+    if is_folder and any((data_dir / name).is_file() for name in METADATA_FILES):
+        _check_metadata_csv(data_dir)
     try:
         if is_folder and any((data_dir / name).is_file() for name in SAVED_FILES):
             return datasets.load_from_disk(str(data_dir))
@@ -145,6 +158,22 @@ def _load(data_dir: Path, is_folder: bool) -> Dataset | DatasetDict:
     if not isinstance(loaded, datasets.Dataset | datasets.DatasetDict):
         raise CaptuneError(f"--format hf: {data_dir} loads as {type(loaded).__name__}; expected a Dataset(Dict)")
     return loaded
+
+
+def _check_metadata_csv(data_dir: Path) -> None:
+    """Refuse an imagefolder whose `metadata.csv` has a line with a quote not closed on it (as `csv_table` reads it).
+
+    `datasets` reads the file with pandas, where such a quote takes the next lines into the caption, and the rows it
+    takes are gone without a trace; captune cannot read the rest itself, so the first such line is an error.
+
+    Raises:
+        CaptuneError: The line, what is wrong and what to do.
+    """
+    for path in sorted(data_dir.rglob("metadata.csv")):
+        _, rows = csv_table(path)
+        bad = next((row for row in rows if row.error == OPEN_QUOTE), None)
+        if bad is not None:
+            raise CaptuneError(f"{path}:{bad.line}: {bad.error}")
 
 
 def _sources(loaded: Dataset | DatasetDict) -> list[tuple[str, Dataset]]:
