@@ -11,9 +11,14 @@
 
 How a request flows, and why each step is where it is:
 
+0. Connections (`GuardedH11Protocol`, uvicorn's h11 protocol with limits): one beyond `max_connections`, or beyond
+   `max_connections_per_client` from one address, gets 503 and is closed as it opens; a connection idle for
+   `idle_timeout_s` is closed, and a request whose headers take over `header_timeout_s` gets 408, so that slow or
+   idle clients cannot hold the server's file descriptors.
 1. Admission: the request takes one slot of `max_queue` before its body is read, then one per image once they are
    counted; past the limit it gets 503 with Retry-After, so memory is bounded by the limits, not by the load.
-2. The body is read through a counter that stops at `max_upload_bytes` (413), with or without a Content-Length.
+2. The body is read through a counter that stops at `max_upload_bytes` (413), with or without a Content-Length,
+   and within `body_timeout_s` (408).
 3. Each image's header is checked against `max_image_pixels` before any pixel is decoded (413), then `load_rgb`
    decodes it with captune's checks; non-images get 415, damaged images 422, in a worker thread off the event loop.
 4. The decoded images go to `MicroBatcher`: one thread that gathers queued requests up to `max_batch` images
@@ -722,12 +727,14 @@ async def _read_request(
 
 # ---------------------------------------------------------------------------------------------------------- app ---
 _ERROR_STATUSES = {
-    400: "malformed multipart body",
+    400: "malformed or cut-off multipart body",
+    408: "the body did not all come within --body-timeout-s (the headers: --header-timeout-s)",
     413: "body over --max-upload-bytes, or an image over --max-image-pixels (refused from its header)",
     415: "a part that is not an image, or a body that is neither multipart/form-data nor JSON",
     422: "invalid options, JSON or base64; damaged image; no images or more than --max-images; a URL",
     500: "the generate call failed",
-    503: "at capacity (--max-queue) or stopping; see Retry-After",
+    503: "at capacity (--max-queue), over --max-connections or --max-connections-per-client, or stopping; see "
+    "Retry-After",
 }
 
 
