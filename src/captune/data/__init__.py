@@ -1,7 +1,8 @@
 """Caption datasets: one small reader per on-disk layout, behind a name registry.
 
 Every reader turns a folder into a `CaptionSet`: records (one per image, with all its captions and its split) and
-problems (anything that could not be used, named by image file and reason). Nothing is dropped without a `Problem`.
+problems (anything that could not be used, named by image file and reason). Nothing is dropped without a `Problem`
+or a note that counts it; an image is its resolved file (`usable`).
 
     cs = read("flickr8k", "~/data/flickr8k")
     cs = check_images(cs)  # decode every image; failures move from records to problems

@@ -7,8 +7,9 @@
 
 `image` is a path relative to the manifest's folder (or to `images_dir`), or absolute; `caption` a string (JSON
 lines: also a list of strings); the optional `split` is `train`, `val` (`validation`, `dev`), `test` or `restval`, in
-any case. Rows that name the same image add to its captions. When no row gives a split, images are split by the seeded
-fractions, as for `flickr8k-kaggle`. `write_manifest` writes any `CaptionSet` in this format.
+any case. Rows that name the same image (the same resolved file, however spelled) add to its captions. When no row
+gives a split, images are split by the seeded fractions, as for `flickr8k-kaggle`. `write_manifest` writes any
+`CaptionSet` in this format.
 """
 
 from __future__ import annotations
