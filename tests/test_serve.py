@@ -712,7 +712,7 @@ def test_connections_over_the_limits_are_refused_at_once(model_dir: Path, per_cl
             sock.sendall(b"POST /v1/captions HTTP/1.1\r\nHost: x\r\n")
         with socket.create_connection(_address(url)) as refused:
             raw, seconds = _until_closed(refused, limit_s=5)
-        assert named in _raw_error(raw, 503, "too_many_connections") and seconds < 1
+        assert named in _raw_error(raw, 503, "too_many_connections") and seconds < 2  # the others wait 30 s
         assert b"retry-after: 2" in raw.lower()
         held.close()  # the half-sent requests go: their slots are free again
         _wait_for(lambda: _answers(f"{url}/health"), timeout=5)
