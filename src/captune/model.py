@@ -297,7 +297,9 @@ def caption_end_id(model: Blip2Like, tokenizer: Any) -> int:
     return tokenizer.eos_token_id if tokenizer.eos_token_id in usable else usable[0]
 
 
-_T5_NAMES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "out_proj": "o", "fc1": "wi", "fc2": "wo"}
+_T5_NAMES = {"q_proj": ["q"], "k_proj": ["k"], "v_proj": ["v"], "out_proj": ["o"], "fc1": ["wi"], "fc2": ["wo"]}
+_T5_GATED_NAMES = _T5_NAMES | {"fc1": ["wi_0", "wi_1"]}
+"""OPT's layer names as T5's: Flan-T5's feed-forward is gated (`gated-gelu`: two input layers, wi_0 and wi_1)."""
 
 
 def _target_regex(lora: LoraConfig) -> str:
@@ -319,7 +321,8 @@ def apply_lora(model: Blip2Like, lora: LoraConfig) -> PeftModel:
     """
     if not model.config.use_decoder_only_language_model:
         # OPT's attention names mean T5's q/k/v/o, so one config (the default q_proj/v_proj) serves both families.
-        lora = dataclasses.replace(lora, target_modules=[_T5_NAMES.get(t, t) for t in lora.target_modules])
+        t5_names = _T5_GATED_NAMES if model.config.get_text_config().is_gated_act else _T5_NAMES
+        lora = dataclasses.replace(lora, target_modules=[n for t in lora.target_modules for n in t5_names.get(t, [t])])
     regex = _target_regex(lora)
     names = [n for n, _ in model.named_modules()]
     linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
