@@ -40,7 +40,8 @@ from PIL import Image
 from captune.config import GenerateConfig
 from captune.data.images import load_rgb
 from captune.generate import _batched_products, _reductions, caption_paths, generate_captions, one_query
-from captune.model import build_tiny, load_model_dir, save_base
+from captune.model import load_model_dir
+from captune.twins import write_checkpoint
 
 TOKENS = 30
 
@@ -665,9 +666,8 @@ def main(argv: list[str] | None = None) -> None:
 
     experiments = apply_experiments(args)
     model_dir = args.model_dir
-    if args.tiny:
-        model_dir = args.work / "tiny-model"
-        save_base(model_dir, build_tiny(0))
+    if args.tiny:  # the twin of blip2-opt-2.7b: the real tokenizer and ids at tiny sizes
+        model_dir = write_checkpoint("Salesforce/blip2-opt-2.7b", args.work / "twin-model")
     paths = make_images(args.work / "caption-images", args.images)
     loaded = load_model_dir(str(model_dir))  # bf16 on a GPU, fp32 on a CPU
     model, processor = loaded.model, loaded.processor

@@ -50,7 +50,7 @@ from PIL import Image
 
 from captune.config import load_config
 from captune.data import read
-from captune.model import TINY_WORDS, build_tiny, save_base
+from captune.model import TINY_WORDS
 from captune.step import CaptionLoss
 from captune.train import (
     CaptionCollator,
@@ -60,6 +60,7 @@ from captune.train import (
     PackedCaptionCollator,
     train,
 )
+from captune.twins import write_checkpoint
 
 USUAL_CAPTION_TOKENS = 20
 ABLATIONS = {
@@ -312,7 +313,7 @@ def windowed(values: list[float], window: int = 10) -> list[float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path)
-    parser.add_argument("--tiny", action="store_true", help="CPU dry run on the built-in tiny model")
+    parser.add_argument("--tiny", action="store_true", help="CPU dry run on the twin of blip2-opt-2.7b")
     parser.add_argument("--work", type=Path, default=Path(".bench"))
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--images", type=int, default=6000)
@@ -343,9 +344,8 @@ def main(argv: list[str] | None = None) -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     args.work.mkdir(parents=True, exist_ok=True)
     model_dir = args.model_dir
-    if args.tiny:
-        model_dir = args.work / "tiny-model"
-        save_base(model_dir, build_tiny(0))
+    if args.tiny:  # the twin of blip2-opt-2.7b: the real tokenizer and ids at tiny sizes
+        model_dir = write_checkpoint("Salesforce/blip2-opt-2.7b", args.work / "twin-model")
     assert model_dir is not None, "--model-dir or --tiny"
     manifest = make_data(args.work / "data", args.images)
     if args.all_train:  # the same rows, all in the train split (else the manifest splits off val and test images)

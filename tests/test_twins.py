@@ -8,10 +8,10 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from fastapi.testclient import TestClient
 from PIL import Image
 from safetensors.torch import load_file
 from tokenizers import AddedToken
@@ -34,7 +34,6 @@ from captune.model import (
     load_model_dir,
     stop_token_ids,
 )
-from captune.serve import ServeSettings, create_app
 from captune.train import CaptionCollator, PackedCaptionCollator, setup, train, trained_model_dir
 from captune.twins import CHECKPOINTS, TWINS, write_checkpoint
 
@@ -341,12 +340,17 @@ def test_validation_in_training_captions_with_the_stop(tuned_opt: Tuned) -> None
 
 
 @pytest.fixture
-def server(tuned_opt: Tuned) -> Iterator[TestClient]:
+def server(tuned_opt: Tuned) -> Iterator[Any]:
+    # (imported here: the GPU machine runs the other tests of this file without the server's packages)
+    from fastapi.testclient import TestClient
+
+    from captune.serve import ServeSettings, create_app
+
     with TestClient(create_app(tuned_opt.model_dir, ServeSettings(device="cpu"))) as client:
         yield client
 
 
-def test_the_server_captions_a_fine_tuned_twin_with_the_stop(tuned_opt: Tuned, server: TestClient) -> None:
+def test_the_server_captions_a_fine_tuned_twin_with_the_stop(tuned_opt: Tuned, server: Any) -> None:
     expected = _stopped_captions(tuned_opt)
     files = [("images", (p.name, p.read_bytes(), "image/png")) for p in tuned_opt.paths[:3]]
     response = server.post("/v1/captions", files=files)
