@@ -329,6 +329,21 @@ def test_a_fine_tuned_flan_t5_twin_stops_its_captions_on_every_path(
     _every_path_stops(tuned_t5, tmp_path, capsys)
 
 
+@pytest.mark.parametrize("kind", ["adapter", "merged"])
+def test_the_model_cards_snippet_stops_on_the_end_token(tuned_opt: Tuned, tmp_path: Path, kind: str) -> None:
+    model_dir = tuned_opt.model_dir
+    if kind == "merged":
+        model_dir = tmp_path / "merged"
+        assert main(["merge", "--model-dir", str(tuned_opt.model_dir), "--output", str(model_dir)]) == 0
+    card = (model_dir / "README.md").read_text()
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    code = snippet.replace("MODEL_DIR", str(model_dir)).replace("photo.jpg", str(tuned_opt.paths[0]))
+    namespace: dict[str, Any] = {}
+    exec(code, namespace)  # the card's own code, as a user would paste it
+    end = caption_end_id(tuned_opt.loaded.model, tuned_opt.loaded.processor.tokenizer)
+    assert end in namespace["out"][0].tolist()
+
+
 def test_validation_in_training_captions_with_the_stop(tuned_opt: Tuned) -> None:
     val = sorted((tuned_opt.run_dir / "val").glob("step-*.json"))[-1]
     saved = json.loads(val.read_text())["predictions"]
