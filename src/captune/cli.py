@@ -492,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except CaptuneError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -350,51 +351,109 @@ def _fill_defaults(config: Config) -> None:
 
 
 def validate(config: Config) -> None:
-    """Rejects values no run can use, naming the field."""
-    checks = [
-        (config.train.batch_size >= 1, "train.batch_size must be >= 1"),
-        (config.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
-        (config.train.lr > 0, "train.lr must be > 0"),
-        (config.train.epochs >= 1 or config.train.max_steps, "train.epochs must be >= 1 (or set train.max_steps)"),
-        (config.train.max_steps is None or config.train.max_steps >= 1, "train.max_steps must be >= 1"),
-        (config.lora.r >= 1, "lora.r must be >= 1"),
-        (0 <= config.lora.dropout < 1, "lora.dropout must be in [0, 1)"),
-        (config.train.mode in TRAIN_MODES, f"train.mode must be one of {', '.join(TRAIN_MODES)}"),
+    """Rejects values no run can use, naming the field: one check per section, all before any work starts.
+
+    Raises:
+        CaptuneError: `invalid config: <section>.<field> ...`, saying what the field takes.
+    """
+    for check in (_check_model, _check_lora, _check_data, _check_train, _check_generate):
+        for ok, message in check(config):
+            if not ok:
+                raise CaptuneError(f"invalid config: {message}")
+
+
+def _check_model(config: Config) -> list[tuple[bool, str]]:
+    model = config.model
+    return [
+        (model.dtype in ("auto", "bf16", "fp16", "fp32"), "model.dtype must be auto, bf16, fp16 or fp32"),
+        (model.quantization in ("none", "4bit", "8bit"), "model.quantization must be none, 4bit or 8bit"),
+    ]
+
+
+def _check_lora(config: Config) -> list[tuple[bool, str]]:
+    lora, mode = config.lora, config.train.mode
+    return [
+        (lora.r >= 1, f"lora.r={lora.r}: the rank must be >= 1 (8 or 16 are usual)"),
+        (lora.alpha >= 1, f"lora.alpha={lora.alpha}: must be >= 1 (the scale is alpha / r; 0 makes LoRA do nothing)"),
+        (0 <= lora.dropout < 1, f"lora.dropout={lora.dropout}: must be in [0, 1)"),
         (
-            config.train.mode != "lora-lm" or not config.lora.qformer_target_modules,
+            mode != "lora-lm" or not lora.qformer_target_modules,
             "lora.qformer_target_modules is set but train.mode is lora-lm (the language model only): set "
             "train.mode=lora-lm+qformer, or lora.qformer_target_modules= (empty)",
         ),
         (
-            config.train.mode == "qformer" or bool(config.lora.target_modules or config.lora.qformer_target_modules),
+            mode == "qformer" or bool(lora.target_modules or lora.qformer_target_modules),
             "lora: no target modules given",
         ),
-        (config.train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
-        (config.train.log_every >= 1, "train.log_every must be >= 1"),
-        (config.train.save_every >= 0, "train.save_every must be >= 0 (0: only at epoch ends)"),
-        (config.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
-        (config.train.val_max_images is None or config.train.val_max_images >= 1, "train.val_max_images must be >= 1"),
-        (config.data.num_workers >= 0, "data.num_workers must be >= 0"),
-        (config.data.feature_workers is None or config.data.feature_workers >= 0, "data.feature_workers must be >= 0"),
-        (config.data.prefetch_factor >= 1, "data.prefetch_factor must be >= 1"),
-        (config.train.val_metrics in ("fast", "full"), "train.val_metrics must be fast or full"),
-        (config.train.val_num_beams is None or config.train.val_num_beams >= 1, "train.val_num_beams must be >= 1"),
-        (config.train.cache_image_features in ("auto", "on", "off"), "train.cache_image_features: auto, on or off"),
-        (config.train.feature_batch_size >= 1, "train.feature_batch_size must be >= 1"),
-        (config.data.max_caption_tokens >= 1, "data.max_caption_tokens must be >= 1"),
-        (config.generate.num_beams >= 1, "generate.num_beams must be >= 1"),
-        (config.generate.batch_size >= 1, "generate.batch_size must be >= 1"),
-        (config.generate.max_new_tokens >= 1, "generate.max_new_tokens must be >= 1"),
+    ]
+
+
+def _check_data(config: Config) -> list[tuple[bool, str]]:
+    from captune.data import read_options  # here: captune.data imports this module
+
+    data = config.data
+    try:
+        read_options(data)  # the reader options' own checks: split fractions, restval
+        options_error = ""
+    except CaptuneError as err:
+        options_error = f"data.{err}"
+    return [
+        (not options_error, options_error),
+        (data.max_caption_tokens >= 1, "data.max_caption_tokens must be >= 1"),
+        (data.num_workers >= 0, "data.num_workers must be >= 0"),
+        (data.feature_workers is None or data.feature_workers >= 0, "data.feature_workers must be >= 0"),
+        (data.prefetch_factor >= 1, "data.prefetch_factor must be >= 1"),
+    ]
+
+
+def _check_train(config: Config) -> list[tuple[bool, str]]:
+    train = config.train
+    return [
+        (train.batch_size >= 1, "train.batch_size must be >= 1"),
+        (train.grad_accum >= 1, "train.grad_accum must be >= 1"),
         (
-            0 <= config.generate.min_new_tokens <= config.generate.max_new_tokens,
+            math.isfinite(train.lr) and 0 < train.lr <= 1,
+            f"train.lr={train.lr}: must be a number in (0, 1] (1e-4 is usual)",
+        ),
+        (
+            math.isfinite(train.weight_decay) and train.weight_decay >= 0,
+            f"train.weight_decay={train.weight_decay}: must be a finite number >= 0 (0.01 is usual)",
+        ),
+        (
+            math.isfinite(train.max_grad_norm) and train.max_grad_norm >= 0,
+            f"train.max_grad_norm={train.max_grad_norm}: must be a finite number > 0, or 0 to turn clipping off",
+        ),
+        (train.epochs >= 1 or bool(train.max_steps), "train.epochs must be >= 1 (or set train.max_steps)"),
+        (train.max_steps is None or train.max_steps >= 1, "train.max_steps must be >= 1"),
+        (train.mode in TRAIN_MODES, f"train.mode must be one of {', '.join(TRAIN_MODES)}"),
+        (train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
+        (train.log_every >= 1, "train.log_every must be >= 1"),
+        (train.save_every >= 0, "train.save_every must be >= 0 (0: only at epoch ends)"),
+        (train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
+        (train.val_max_images is None or train.val_max_images >= 1, "train.val_max_images must be >= 1"),
+        (train.val_metrics in ("fast", "full"), "train.val_metrics must be fast or full"),
+        (train.val_num_beams is None or train.val_num_beams >= 1, "train.val_num_beams must be >= 1"),
+        (train.cache_image_features in ("auto", "on", "off"), "train.cache_image_features: auto, on or off"),
+        (train.feature_batch_size >= 1, "train.feature_batch_size must be >= 1"),
+    ]
+
+
+def _check_generate(config: Config) -> list[tuple[bool, str]]:
+    generate = config.generate
+    return [
+        (generate.num_beams >= 1, "generate.num_beams must be >= 1"),
+        (generate.batch_size >= 1, "generate.batch_size must be >= 1"),
+        (generate.max_new_tokens >= 1, "generate.max_new_tokens must be >= 1"),
+        (
+            0 <= generate.min_new_tokens <= generate.max_new_tokens,
             "generate: need 0 <= min_new_tokens <= max_new_tokens",
         ),
-        (config.model.dtype in ("auto", "bf16", "fp16", "fp32"), "model.dtype must be auto, bf16, fp16 or fp32"),
-        (config.model.quantization in ("none", "4bit", "8bit"), "model.quantization must be none, 4bit or 8bit"),
+        (
+            math.isfinite(generate.repetition_penalty) and generate.repetition_penalty > 0,
+            f"generate.repetition_penalty={generate.repetition_penalty} (--repetition-penalty): must be a finite "
+            "number > 0 (1.0 is none; above 1 discourages repeats)",
+        ),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise CaptuneError(f"invalid config: {message}")
 
 
 def to_dict(config: Config) -> dict[str, Any]:

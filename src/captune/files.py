@@ -3,6 +3,7 @@ new one."""
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import os
 import shutil
@@ -10,6 +11,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from captune.errors import CaptuneError
 
 
 def cache_dir() -> Path:
@@ -29,12 +32,53 @@ def atomic_open(path: Path, mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the mode `open` would give it
         with os.fdopen(fd, mode, **kwargs) as file:
             yield file
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Creates `folder` if needed and writes (and removes) a file there, so that a folder that cannot be written
+    fails before any work, in one line.
+
+    Raises:
+        CaptuneError: naming `what` (e.g. `train.output_dir`), the folder and the system's reason.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise CaptuneError(f"{what} {folder}: cannot write there ({err.strerror or err}); choose a folder you can "
+                           "write to, or make this one writable") from None  # fmt: skip
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def read_utf8(path: Path) -> str:
+    """A text file's contents: UTF-8, an optional BOM removed, newlines as `\\n`.
+
+    Raises:
+        CaptuneError: the file is not UTF-8 text; the message names its line and column.
+    """
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - data.rfind(b"\n", 0, err.start)
+        raise CaptuneError(f"{path}:{line}: not UTF-8 text ({err.reason} at column {column}); is it the right file? "
+                           "Text must be saved as UTF-8") from None  # fmt: skip
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def write_atomically(path: Path, data: str | bytes) -> None:

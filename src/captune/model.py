@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
@@ -52,6 +53,7 @@ END_KEY = "caption_end_id"
 MERGED_KEY = "merged_from"
 """The captune.json key that marks a `captune merge` output (a plain BLIP-2; the file is provenance only)."""
 META_FILE = "captune.json"
+ADAPTER_FILE = "adapter_model.safetensors"
 TRAINED_FILE = "trained.safetensors"
 """`train.mode=qformer` output: the weights trained in full, by their names in Blip2ForConditionalGeneration."""
 QFORMER_TRAINED = ("qformer.", "query_tokens", "language_projection.")
@@ -368,8 +370,67 @@ def trainable_summary(model: torch.nn.Module) -> str:
 
 def saved_config(model_dir: Path) -> Config:
     """The config a saved model directory was trained with (its captune.json), or the defaults for a plain BLIP-2."""
-    meta = model_dir / META_FILE
-    return config_from_dict(json.loads(meta.read_text())["config"], str(meta)) if meta.is_file() else Config()
+    meta_file = model_dir / META_FILE
+    if not meta_file.is_file():
+        return Config()
+    meta = read_meta(meta_file)
+    return config_from_dict(meta["config"], str(meta_file)) if "config" in meta else Config()
+
+
+def read_meta(meta_file: Path) -> dict[str, Any]:
+    """A model directory's captune.json: an object naming `base_model` (or `merged_from`) and holding `config`.
+
+    Raises:
+        CaptuneError: not JSON, or not what `captune train` writes; the message names the file and line.
+    """
+    from captune.files import read_utf8
+
+    try:
+        meta = json.loads(read_utf8(meta_file))
+    except json.JSONDecodeError as err:
+        raise CaptuneError(f"{meta_file}:{err.lineno}: not valid JSON ({err.msg}); copy captune.json again from the "
+                           "run that saved this model") from None  # fmt: skip
+    if not isinstance(meta, dict) or not (MERGED_KEY in meta or isinstance(meta.get("base_model"), str)):
+        raise CaptuneError(f"{meta_file}: not a captune.json (an object with 'base_model' and 'config'); copy it "
+                           "again from the run that saved this model")  # fmt: skip
+    if MERGED_KEY not in meta and not isinstance(meta.get("config"), dict):
+        raise CaptuneError(f"{meta_file}: 'config' is missing or not an object; copy it again from the run that "
+                           "saved this model")  # fmt: skip
+    return meta
+
+
+def refuse_nonfinite(weights: dict[str, torch.Tensor], where: str, advice: str) -> None:
+    """Raises when a weight holds NaN or inf: a model with them captions nothing (empty captions), so it is never
+    saved or loaded.
+
+    Raises:
+        CaptuneError: naming `where`, the first such weights and `advice`.
+    """
+    bad = [name for name, value in weights.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise CaptuneError(f"{where}: non-finite (NaN or inf) weights in {', '.join(bad[:3])}{more}; {advice}")
+
+
+DIVERGED_ADVICE = ("the run that saved them diverged: train again with model.dtype=bf16 or fp32 (fp16 overflow is the "
+                   "commonest cause) or a lower train.lr")  # fmt: skip
+
+
+def read_weights(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file a model directory or checkpoint holds, all finite.
+
+    Raises:
+        CaptuneError: the file is missing, cut short or not safetensors, or holds NaN or inf.
+    """
+    if not file.is_file():
+        raise CaptuneError(f"{file} is missing; copy the whole directory again from the run that saved it")
+    try:
+        weights = load_file(str(file))
+    except (SafetensorError, OSError) as err:
+        raise CaptuneError(f"{file} cannot be read ({err}): it is cut short or not a safetensors file; copy it again "
+                           "from the run that saved it") from None  # fmt: skip
+    refuse_nonfinite(weights, str(file), DIVERGED_ADVICE)
+    return weights
 
 
 def save_model_dir(
@@ -392,12 +453,13 @@ def save_model_dir(
     """
     from captune.export import CARD_FILE, model_card  # here: captune.export imports this module
 
+    trainable = trainable if trainable is not None else trainable_weights(loaded.model)
+    refuse_nonfinite(trainable, f"refusing to save {path}", DIVERGED_ADVICE.replace("that saved them ", ""))
     path.mkdir(parents=True, exist_ok=True)
     if isinstance(loaded.model, PeftModel):
         save_base(path, loaded, trainable)  # with a PeftModel, save_pretrained writes the adapter only
     else:  # train.mode=qformer: the weights trained in full, to be loaded onto the base
-        save_file({n: v.contiguous() for n, v in (trainable or trainable_weights(loaded.model)).items()},
-                  str(path / TRAINED_FILE))  # fmt: skip
+        save_file({n: v.contiguous() for n, v in trainable.items()}, str(path / TRAINED_FILE))
         loaded.processor.save_pretrained(path)
     base = loaded.base_name
     if base_dir is not None:
@@ -481,7 +543,7 @@ def _load_model_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
                 "(a merged BLIP-2 model); point --model-dir at one of those"
             )
         return load_base(str(path), dtype)
-    meta = json.loads(meta_file.read_text())
+    meta = read_meta(meta_file)
     if MERGED_KEY in meta:  # `captune merge` output: a plain BLIP-2, its captune.json is provenance only
         return load_base(str(path), dtype)
     base_path = path / meta["base_model"]
@@ -494,7 +556,19 @@ def _load_model_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
     if (path / TRAINED_FILE).is_file():
         load_saved_weights(base.model, path)
         return LoadedModel(base.model.eval(), processor, base_name)
-    model = PeftModel.from_pretrained(base.model, path)
+    adapter = path / ADAPTER_FILE
+    if not adapter.is_file():
+        raise CaptuneError(f"{path}: no {ADAPTER_FILE} (nor {TRAINED_FILE}) beside {META_FILE}; copy the whole "
+                           "model directory again from the run that saved it")  # fmt: skip
+    read_weights(adapter)  # a file cut short or holding NaN is named here, not deep inside PEFT
+    try:
+        model = PeftModel.from_pretrained(base.model, path)
+    except (RuntimeError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[-1].strip()
+        raise CaptuneError(
+            f"{adapter} does not fit its base model {meta['base_model']!r} ({first}): its rank or "
+            "layers differ from adapter_config.json's; copy both again from the same run"
+        ) from None
     return LoadedModel(model.eval(), processor, base_name)
 
 
@@ -514,9 +588,9 @@ def load_saved_weights(model: torch.nn.Module, model_dir: Path) -> None:
     """Puts the weights a model directory saved (an adapter, or `trained.safetensors`) into a model of the same
     kind in place: a PeftModel with the same adapter layers, or the plain BLIP-2 a `qformer` run trains."""
     if (model_dir / TRAINED_FILE).is_file():
-        load_weights(model, load_file(str(model_dir / TRAINED_FILE)), model_dir / TRAINED_FILE)
+        load_weights(model, read_weights(model_dir / TRAINED_FILE), model_dir / TRAINED_FILE)
     else:
-        set_peft_model_state_dict(model, load_file(str(model_dir / "adapter_model.safetensors")))
+        set_peft_model_state_dict(model, read_weights(model_dir / ADAPTER_FILE))
 
 
 def trainable_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, gather_object, set_seed
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -39,26 +39,27 @@ from tqdm.auto import tqdm
 from transformers import Blip2Processor, get_cosine_schedule_with_warmup
 
 from captune import data as datasets
-from captune.config import Config, config_from_dict, save_config, to_dict
+from captune.config import Config, save_config, to_dict
 from captune.data import CaptionSet, Record
 from captune.data.images import processed_pixels
-from captune.errors import CaptuneError
+from captune.errors import CaptuneError, TrainingDiverged
 from captune.evaluation import predict_records, references_of, write_references
-from captune.files import atomic_open, cache_dir, replace_dir, write_atomically
+from captune.files import atomic_open, cache_dir, check_writable, read_utf8, replace_dir, write_atomically
 from captune.metrics import FAST_METRICS, METRIC_NAMES, score_captions
 from captune.model import (
     BUILT_IN,
-    META_FILE,
     LoadedModel,
     apply_train_mode,
     caption_end_id,
     load_base,
     load_saved_weights,
     load_weights,
+    read_weights,
     resolve_device,
     resolve_dtype,
     save_base,
     save_model_dir,
+    saved_config,
     trainable_summary,
     trainable_weights,
 )
@@ -419,6 +420,8 @@ class TrainState:
     best_cider: float | None = None
     best_step: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    train_samples: int = 0
+    """Samples trained on over every segment of the run (a resumed run continues the count)."""
 
 
 @dataclass
@@ -488,6 +491,11 @@ class Run:
     total_steps: int
     feature_pass_seconds: float = 0.0
     state: TrainState = field(default_factory=TrainState)
+    first_nonfinite: torch.Tensor | None = None
+    """On the device: the first optimizer step whose loss or gradient norm was NaN or inf, else `NO_STEP`."""
+
+
+NO_STEP = 2**62
 
 
 def setup(config: Config) -> Run:
@@ -518,6 +526,8 @@ def setup(config: Config) -> Run:
         )
     set_seed(config.train.seed)
     main = accelerator.is_main_process
+    if main:  # a folder that cannot be written fails now, not after the data and the model are loaded
+        check_writable(output_dir, "train.output_dir")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # results.json reports this run's peak, not an earlier one's
 
@@ -801,79 +811,89 @@ def _fit(run: Run) -> TrainState:
         setup_peak = torch.cuda.max_memory_allocated() / 2**30
         torch.cuda.reset_peak_memory_stats()
     speed = Throughput()
-    while state.global_step < run.total_steps:
-        # 1. Continue mid-epoch after a resume by skipping the batches the checkpoint had already seen.
-        # accelerate's loader sets its sampler's epoch to its own count at every pass: set that count, so each epoch
-        # (also one a resume starts in) gets the order (seed, epoch) gives.
-        run.loader.set_epoch(state.epoch)  # type: ignore[attr-defined]  # accelerate's DataLoaderShard
-        done_in_epoch = state.global_step - state.epoch * run.steps_per_epoch
-        loader = run.loader
-        if done_in_epoch:  # a new DataLoader (new worker processes): only for the epoch a resume starts inside
-            loader = accelerator.skip_first_batches(run.loader, done_in_epoch * config.train.grad_accum)
-        for batch in loader:
-            speed.fetched()
-            if run.features is not None:
-                rows = batch.pop("image_index").to(run.features.device)
-                batch["image_features"] = run.features[rows].to(accelerator.device, non_blocking=True)
-            samples = batch.pop("samples") if "samples" in batch else len(batch["input_ids"])  # packed: captions
-            if accelerator.num_processes > 1:
-                # DDP averages the ranks' gradients: dividing each rank's summed loss by the mean caption-token count
-                # over ranks makes that average the loss of the global batch, as one process would compute it.
-                local = label_tokens(batch)
-                batch["token_count"] = accelerator.reduce(local, reduction="sum") / accelerator.num_processes
-            with accelerator.accumulate(model):
-                loss = model(**batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.train.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), config.train.max_grad_norm)
-                run.optimizer.step()
-                run.optimizer.zero_grad()
-            speed.add(samples * accelerator.num_processes)
-            if not accelerator.sync_gradients:
-                continue
-            # 2. One optimizer step done: schedule, log, maybe checkpoint.
-            run.scheduler.step()
-            state.global_step += 1
-            lr = run.scheduler.get_last_lr()[0]
-            rate = speed.window_rate()
-            bar.update(1)
-            # Reading the loss makes the CPU wait for the GPU, which then idles while the next step is queued: only
-            # at logging steps.
-            if state.global_step % config.train.log_every == 0:
-                # Every rank takes part: the mean over ranks is the global batch's loss (see token_count above).
-                global_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
-                scalars = {"loss": global_loss, "lr": lr, "samples_per_s": rate,
-                           "data_wait_fraction": speed.window_wait_fraction()}  # fmt: skip
-                bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}", refresh=False)
-                accelerator.log({f"train/{k}": v for k, v in scalars.items()}, step=state.global_step)
-                if main:  # the same scalars as JSON lines, for the report and for scripts
-                    line = {"step": state.global_step, "epoch": state.epoch, **scalars, **allocator_counters()}
-                    with open(run.output_dir / "train_log.jsonl", "a") as out:
-                        out.write(json.dumps(line) + "\n")
-                speed.new_window()
-            if config.train.save_every and state.global_step % config.train.save_every == 0:
+    run.first_nonfinite = torch.full((), NO_STEP, dtype=torch.long, device=accelerator.device)
+    with bar:  # closed on an error too, so the message starts a line of its own
+        while state.global_step < run.total_steps:
+            # 1. Continue mid-epoch after a resume by skipping the batches the checkpoint had already seen.
+            # accelerate's loader sets its sampler's epoch to its own count at every pass: set that count, so each epoch
+            # (also one a resume starts in) gets the order (seed, epoch) gives.
+            run.loader.set_epoch(state.epoch)  # type: ignore[attr-defined]  # accelerate's DataLoaderShard
+            done_in_epoch = state.global_step - state.epoch * run.steps_per_epoch
+            loader = run.loader
+            if done_in_epoch:  # a new DataLoader (new worker processes): only for the epoch a resume starts inside
+                loader = accelerator.skip_first_batches(run.loader, done_in_epoch * config.train.grad_accum)
+            for batch in loader:
+                speed.fetched()
+                if run.features is not None:
+                    rows = batch.pop("image_index").to(run.features.device)
+                    batch["image_features"] = run.features[rows].to(accelerator.device, non_blocking=True)
+                samples = batch.pop("samples") if "samples" in batch else len(batch["input_ids"])  # packed: captions
+                if accelerator.num_processes > 1:
+                    # DDP averages the ranks' gradients: dividing each rank's summed loss by the mean caption-token
+                    # count over ranks makes that average the loss of the global batch, as one process would compute.
+                    local = label_tokens(batch)
+                    batch["token_count"] = accelerator.reduce(local, reduction="sum") / accelerator.num_processes
+                with accelerator.accumulate(model):
+                    loss = model(**batch)
+                    accelerator.backward(loss)
+                    grad_norm = None
+                    if accelerator.sync_gradients:
+                        # Clipping off (0) still takes the norm (an infinite bound scales by 1), to see it is finite.
+                        bound = config.train.max_grad_norm or math.inf
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), bound)
+                    _mark_nonfinite(run, loss, grad_norm, state.global_step + 1)
+                    run.optimizer.step()
+                    run.optimizer.zero_grad()
+                speed.add(samples * accelerator.num_processes)
+                state.train_samples += samples * accelerator.num_processes
+                if not accelerator.sync_gradients:
+                    continue
+                # 2. One optimizer step done: schedule, log, maybe checkpoint.
+                run.scheduler.step()
+                state.global_step += 1
+                lr = run.scheduler.get_last_lr()[0]
+                rate = speed.window_rate()
+                bar.update(1)
+                # Reading the loss makes the CPU wait for the GPU, which then idles while the next step is queued: only
+                # at logging steps (so is the finite flag the steps above set on the GPU).
+                if state.global_step % config.train.log_every == 0:
+                    _stop_if_diverged(run)  # this step waits for the GPU anyway
+                    # Every rank takes part: the mean over ranks is the global batch's loss (see token_count above).
+                    global_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
+                    scalars = {"loss": global_loss, "lr": lr, "samples_per_s": rate,
+                               "data_wait_fraction": speed.window_wait_fraction()}  # fmt: skip
+                    bar.set_postfix(
+                        loss=f"{scalars['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}", refresh=False
+                    )
+                    accelerator.log({f"train/{k}": v for k, v in scalars.items()}, step=state.global_step)
+                    if main:  # the same scalars as JSON lines, for the report and for scripts
+                        line = {"step": state.global_step, "epoch": state.epoch, **scalars, **allocator_counters()}
+                        with open(run.output_dir / "train_log.jsonl", "a") as out:
+                            out.write(json.dumps(line) + "\n")
+                    speed.new_window()
+                if config.train.save_every and state.global_step % config.train.save_every == 0:
+                    save_checkpoint(run, f"step-{state.global_step:06d}")
+                    speed.skip()
+                if state.global_step >= run.total_steps:
+                    break
+            # 3. Epoch end (or the last step): validate, keep the best, checkpoint.
+            epoch_finished = state.global_step % run.steps_per_epoch == 0
+            if epoch_finished:
+                state.epoch += 1
+                speed.end_epoch()
+            if epoch_finished or state.global_step >= run.total_steps:
+                _stop_if_diverged(run)
+                validate_and_keep_best(run)
+                model.train()  # generation switched the model to eval mode and back to plain train mode
                 save_checkpoint(run, f"step-{state.global_step:06d}")
                 speed.skip()
-            if state.global_step >= run.total_steps:
-                break
-        # 3. Epoch end (or the last step): validate, keep the best, checkpoint.
-        epoch_finished = state.global_step % run.steps_per_epoch == 0
-        if epoch_finished:
-            state.epoch += 1
-            speed.end_epoch()
-        if epoch_finished or state.global_step >= run.total_steps:
-            validate_and_keep_best(run)
-            model.train()  # generation switched the model to eval mode and back to plain train mode
-            save_checkpoint(run, f"step-{state.global_step:06d}")
-            speed.skip()
-    bar.close()
     save_model(run, run.output_dir / "final")
     finish_validation(run)
     if main:
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
         summary = {
             "total_steps": state.global_step,
-            "train_samples": speed.samples,
+            "train_samples": state.train_samples,
             "train_seconds": speed.seconds,
             "samples_per_second": speed.samples / max(speed.seconds, 1e-9),
             "samples_per_second_by_epoch": speed.epochs,
@@ -992,6 +1012,7 @@ def _broadcast_float(accelerator: Accelerator, value: float) -> float:
 def save_model(run: Run, path: Path) -> None:
     """Adapter + processor + captune.json, written to a temporary directory and renamed into place (rank 0)."""
     accelerator = run.accelerator
+    _stop_if_diverged(run)
     accelerator.wait_for_everyone()
     trainable = _trainable_weights(run)
     if accelerator.is_main_process:
@@ -1015,6 +1036,7 @@ def save_checkpoint(run: Run, name: str) -> Path:
     folder = run.output_dir / "checkpoints"
     path = folder / name
     tmp = folder / f".tmp-{name}"
+    _stop_if_diverged(run)  # a checkpoint never holds NaN: the one before the divergence stays the last
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(run.loaded.model)
     # Collectives (under FSDP each rank holds a shard): every rank takes part, rank 0 ends with the whole tensors.
@@ -1030,7 +1052,7 @@ def save_checkpoint(run: Run, name: str) -> Path:
         save_file({k: v.contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optimizer_state, "scheduler": run.scheduler.state_dict()}, tmp / "optimizer.pt")
         _write_json(tmp / "trainer_state.json", _results(state) | {"global_step": state.global_step,
-                                                                   "epoch": state.epoch})  # fmt: skip
+                    "epoch": state.epoch, "train_samples": state.train_samples})  # fmt: skip
     accelerator.wait_for_everyone()
     torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
@@ -1059,7 +1081,7 @@ def resolve_checkpoint(value: str, output_dir: Path) -> Path:
 def load_checkpoint(run: Run, path: Path) -> None:
     """Restores weights, optimizer, scheduler, RNG and loop state saved by `save_checkpoint`."""
     # Read back as a Config, so keys added since the checkpoint was written take their defaults.
-    saved = to_dict(config_from_dict(json.loads((path / META_FILE).read_text())["config"], str(path / META_FILE)))
+    saved = to_dict(saved_config(path))
     current = to_dict(run.config)
     keys = [("model", "name"), ("train", "mode"), ("train", "batch_size"), ("train", "grad_accum"),
             ("train", "seed"), ("train", "pack_captions")]  # fmt: skip
@@ -1068,29 +1090,95 @@ def load_checkpoint(run: Run, path: Path) -> None:
     if changed:
         raise CaptuneError(f"resume_from={path}: the checkpoint was trained with different {', '.join(changed)}")
     model = run.accelerator.unwrap_model(run.loaded.model)
-    weights = load_file(str(path / "trainable.safetensors"))
+    weights = read_weights(path / "trainable.safetensors")
     trainable = set(trainable_weights(model))
     if set(weights) != trainable:
         differ = sorted(set(weights) ^ trainable)[:3]
         raise CaptuneError(f"{path / 'trainable.safetensors'} holds other weights than this run trains ({differ} "
                            "...): resume with the checkpoint's settings")  # fmt: skip
-    states = torch.load(path / "optimizer.pt", weights_only=False)
-    if _sharded(run):  # every rank reads the whole tensors; each keeps its shard of them
-        options = StateDictOptions(full_state_dict=True, strict=False)
-        set_model_state_dict(model, dict(weights), options=options)
-        set_optimizer_state_dict(model, _inner(run.optimizer), states["optimizer"], options=options)
-    else:
-        load_weights(model, weights, path / "trainable.safetensors")
-        run.optimizer.load_state_dict(states["optimizer"])
-    run.scheduler.load_state_dict(states["scheduler"])
+    states = _read_torch(path / "optimizer.pt")
+    if not isinstance(states, dict) or not {"optimizer", "scheduler"} <= set(states):
+        raise CaptuneError(f"{path / 'optimizer.pt'}: not the optimizer state captune saves; resume from another "
+                           "checkpoint (train.resume_from=...)")  # fmt: skip
+    try:
+        if _sharded(run):  # every rank reads the whole tensors; each keeps its shard of them
+            options = StateDictOptions(full_state_dict=True, strict=False)
+            set_model_state_dict(model, dict(weights), options=options)
+            set_optimizer_state_dict(model, _inner(run.optimizer), states["optimizer"], options=options)
+        else:
+            load_weights(model, weights, path / "trainable.safetensors")
+            run.optimizer.load_state_dict(states["optimizer"])
+        run.scheduler.load_state_dict(states["scheduler"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise CaptuneError(f"{path / 'optimizer.pt'}: does not fit this run's optimizer ({err}); resume from "
+                           "another checkpoint") from None  # fmt: skip
     rng_file = path / f"rng-{run.accelerator.process_index}.pt"
     if not rng_file.is_file():
         raise CaptuneError(f"{rng_file} is missing: resume with as many processes as the checkpoint was saved with")
-    _set_rng_state(torch.load(rng_file, weights_only=False))
-    trainer = json.loads((path / "trainer_state.json").read_text())
-    run.state = TrainState(trainer["global_step"], trainer["epoch"], trainer["best_cider"], trainer["best_step"],
-                           trainer["history"])  # fmt: skip
+    try:
+        _set_rng_state(_read_torch(rng_file))
+    except (KeyError, TypeError, ValueError) as err:
+        raise CaptuneError(f"{rng_file}: not the random state captune saves ({err}); resume from another "
+                           "checkpoint") from None  # fmt: skip
+    trainer_file = path / "trainer_state.json"
+    try:
+        trainer = json.loads(read_utf8(trainer_file))
+        run.state = TrainState(trainer["global_step"], trainer["epoch"], trainer["best_cider"], trainer["best_step"],
+                               trainer["history"], trainer.get("train_samples", 0))  # fmt: skip
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CaptuneError(f"{trainer_file}: not the trainer state captune saves ({err!r}); resume from another "
+                           "checkpoint") from None  # fmt: skip
     log.info("resumed from %s at step %d", path, run.state.global_step)
+
+
+def _read_torch(file: Path) -> Any:
+    """A file `torch.save` wrote in a checkpoint (optimizer, scheduler, RNG state).
+
+    Raises:
+        CaptuneError: it is missing, cut short or not such a file.
+    """
+    try:
+        return torch.load(file, weights_only=False)
+    except FileNotFoundError:
+        raise CaptuneError(f"{file} is missing; resume from another checkpoint (train.resume_from=...)") from None
+    except Exception as err:  # noqa: BLE001 - unpickling a damaged file raises anything: EOFError, UnpicklingError, ...
+        raise CaptuneError(f"{file} cannot be read ({type(err).__name__}: {err}): the checkpoint is damaged; resume "
+                           "from another one (train.resume_from=...)") from None  # fmt: skip
+
+
+def _mark_nonfinite(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor | None, step: int) -> None:
+    """Records on the device the first step whose loss or gradient norm is NaN or inf, without waiting for the GPU
+    (`_stop_if_diverged` reads it). Under fp16's loss scaling an infinite gradient only makes the scaler skip the step
+    and lower its scale, so there only the loss counts."""
+    finite = torch.isfinite(loss.detach())
+    if grad_norm is not None and run.accelerator.scaler is None:
+        finite = finite & torch.isfinite(grad_norm)
+    assert run.first_nonfinite is not None
+    run.first_nonfinite = torch.where(finite, run.first_nonfinite, run.first_nonfinite.clamp(max=step))
+
+
+def _stop_if_diverged(run: Run) -> None:
+    """Stops the run at the first non-finite step any process saw (this waits for the GPU: called at logging steps,
+    epoch ends and before every save only).
+
+    Raises:
+        TrainingDiverged: naming the step, the last good checkpoint and what to try.
+    """
+    if run.first_nonfinite is None:
+        return
+    step = int(run.accelerator.gather(run.first_nonfinite[None]).min().item())
+    if step == NO_STEP:
+        return
+    config = run.config
+    found = sorted(p for p in (run.output_dir / "checkpoints").glob("step-*") if p.is_dir())
+    kept = (f"the last good checkpoint is {found[-1]} (continue with train.resume_from=latest and the changes below)"
+            if found else "no checkpoint was saved before it")  # fmt: skip
+    raise TrainingDiverged(
+        f"training stopped: the loss or gradients became NaN or infinite at step {step} (model.dtype="
+        f"{config.model.dtype}, train.lr={config.train.lr}, train.max_grad_norm={config.train.max_grad_norm}); "
+        f"{kept}. Try model.dtype=bf16 or fp32 (fp16 overflow is the commonest cause), a lower train.lr, or "
+        "train.max_grad_norm=1.0"
+    )
 
 
 _FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
