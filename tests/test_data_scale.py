@@ -79,7 +79,12 @@ def test_an_epoch_over_100k_rows_keeps_memory_flat(manifest: Path, tiny: LoadedM
     heap = [[index] for index in range(2_000_000)]
     config = load_config(None, ["data.num_workers=2", "data.prefetch_factor=2", "train.batch_size=256"])
     loader = training_loader(
-        pairs, EpochShuffle(len(pairs), 0), _CollectingCollator(tiny.processor), config, 256, False
+        pairs,
+        EpochShuffle(len(pairs), 0),
+        _CollectingCollator.for_model(tiny.model, tiny.processor),
+        config,
+        256,
+        False,
     )
     samples = []
     seen = 0
