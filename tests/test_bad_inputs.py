@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +110,180 @@ def test_loading_a_non_finite_adapter_is_refused(tmp_path: Path) -> None:
     save_file(_nan_weights(load_file(str(adapter))), str(adapter))
     with pytest.raises(CaptuneError, match=rf"{adapter}.*non-finite"):
         load_model_dir(model_dir, device="cpu")
+
+
+# --- one line, not a traceback (item 3) ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny run directory (fast greedy generation); tests that damage it copy it first."""
+    return save_tiny_model_dir(tmp_path_factory.mktemp("run"), ["num_beams=1", "min_new_tokens=1", "max_new_tokens=3"])
+
+
+def _copy(model_dir: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(model_dir, tmp_path / "copy"))
+
+
+def _cut(file: Path) -> None:
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        (lambda d: (d / "captune.json").write_text('{"base_model": "base", '), r"captune\.json:1: not valid JSON"),
+        (lambda d: (d / "captune.json").write_text("[1, 2]"), r"captune\.json: not a captune\.json"),
+        (lambda d: _cut(d / "adapter_model.safetensors"), r"adapter_model\.safetensors cannot be read"),
+        (lambda d: (d / "adapter_model.safetensors").unlink(), r"no adapter_model\.safetensors"),
+        (lambda d: _cut(d / "base" / "model.safetensors"), r"base.*model\.safetensors"),
+        (
+            lambda d: (d / "adapter_config.json").write_text(
+                (d / "adapter_config.json").read_text().replace('"r": 8', '"r": 4')
+            ),
+            r"adapter_model\.safetensors does not fit its base model.*rank",
+        ),
+    ],
+    ids=[
+        "captune.json not JSON",
+        "captune.json not an object",
+        "adapter cut short",
+        "adapter missing",
+        "base cut short",
+        "adapter rank differs",
+    ],  # fmt: skip
+)
+def test_a_damaged_model_dir_is_one_line_naming_the_file(
+    model_dir: Path, tmp_path: Path, damage: Any, named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = _copy(model_dir, tmp_path)
+    damage(broken)
+    image = tmp_path / "a.png"
+    from .conftest import write_image
+
+    write_image(image, fmt="PNG")
+    assert main(["caption", str(image), "--model-dir", str(broken), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(named, err) and "Traceback" not in err and err.count("\n") == 1, err
+
+
+def test_caption_with_repetition_penalty_zero_is_refused_before_loading(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["caption", str(tmp_path), "--model-dir", str(model_dir), "--repetition-penalty", "0"]) == 2
+    assert "generate.repetition_penalty=0.0 (--repetition-penalty)" in capsys.readouterr().err
+
+
+def test_a_config_that_is_not_text_names_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(b"model: tiny\n\xff\xd8\xff\xe0 JFIF")
+    with pytest.raises(CaptuneError, match=rf"{path}:2: not UTF-8 text .* column 1"):
+        load_config(path)
+
+
+def _unwritable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every folder refuses new files, as a read-only one does (the tests run as root, who may write anywhere)."""
+    import tempfile
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refused)
+
+
+def test_unwritable_output_folders_are_refused_before_any_work(
+    synthetic_dir: Path, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    _unwritable(monkeypatch)
+    out = tmp_path / "ro"
+    commands = {
+        "train.output_dir": ["train", f"data_dir={synthetic_dir}", f"output_dir={out}", "max_steps=1"],
+        "--output": ["caption", str(tmp_path), "--model-dir", str(model_dir), "--output", str(out / "c.jsonl")],
+        "--output ": [
+            "data",
+            "convert",
+            "--format",
+            "synthetic",
+            "--data-dir",
+            str(synthetic_dir),
+            "--output",
+            str(out / "m.jsonl"),
+        ],  # fmt: skip
+    }
+    for what, argv in commands.items():
+        assert main(argv) == 2, what
+        err = capsys.readouterr().err
+        assert f"error: {what.strip()} {out}: cannot write there (Permission denied)" in err, err
+
+
+def test_an_output_folder_under_a_file_is_refused(synthetic_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    config = _config(synthetic_dir, tmp_path / "file" / "run", "train.max_steps=1")
+    with pytest.raises(CaptuneError, match=r"train\.output_dir .*file/run: cannot write there"):
+        recipe.train(config)
+
+
+def test_a_write_that_fails_mid_run_is_one_line_naming_the_file(
+    synthetic_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tmp = tmp_path / "run" / "checkpoints" / ".tmp-step-000001"
+
+    def read_only(*args: Any, **kwargs: Any) -> Any:
+        raise PermissionError(13, "Permission denied", str(tmp))
+
+    monkeypatch.setattr(recipe, "save_checkpoint", read_only)
+    argv = ["train", f"data_dir={synthetic_dir}", f"output_dir={tmp_path / 'run'}", "max_steps=1", "validate=false",
+            "model.dtype=fp32"]  # fmt: skip
+    assert main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {tmp}: Permission denied; check its folder's permissions and free space, then run again"]
+
+
+def test_a_damaged_optimizer_state_on_resume_is_named(synthetic_dir: Path, tmp_path: Path) -> None:
+    recipe.train(_config(synthetic_dir, tmp_path / "run", "train.max_steps=2", "train.save_every=2"))
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-000002"
+    _cut(checkpoint / "optimizer.pt")
+    config = _config(synthetic_dir, tmp_path / "run", "train.max_steps=4", "train.resume_from=latest")
+    with pytest.raises(CaptuneError, match=r"optimizer\.pt cannot be read .*resume from another"):
+        recipe.train(config)
+
+
+@pytest.mark.parametrize("split", [["train"], {"name": "train"}])
+def test_a_karpathy_split_that_is_not_a_string_is_a_problem_naming_the_entry(tmp_path: Path, split: object) -> None:
+    import json
+
+    from captune.data import read
+
+    from .conftest import write_image
+
+    write_image(tmp_path / "Images" / "a.jpg")
+    write_image(tmp_path / "Images" / "b.jpg")
+    entries = [{"filename": "a.jpg", "split": split, "sentences": [{"raw": "a cat"}]},
+               {"filename": "b.jpg", "split": "train", "sentences": [{"raw": "a dog"}]}]  # fmt: skip
+    (tmp_path / "dataset_flickr8k.json").write_text(json.dumps({"images": entries}))
+    captions = read("karpathy", tmp_path)
+    assert [r.image_id for r in captions.records] == ["b.jpg"]
+    assert len(captions.problems) == 1 and "images[0]: split" in captions.problems[0].problem
+
+
+def test_a_karpathy_file_without_images_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "Images").mkdir()
+    (tmp_path / "dataset_flickr8k.json").write_text('{"images": []}')
+    assert main(["data", "check", "--format", "karpathy", "--data-dir", str(tmp_path)]) == 2
+    assert "dataset_flickr8k.json: the 'images' list is empty" in capsys.readouterr().err
+
+
+def test_a_config_folder_is_named_as_a_folder(tmp_path: Path) -> None:
+    with pytest.raises(CaptuneError, match=rf"--config {tmp_path} is a folder; give a YAML file"):
+        load_config(tmp_path)
+
+
+def test_a_section_that_is_not_a_mapping_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("train: 5\n")
+    with pytest.raises(CaptuneError, match=r"section 'train' is 5; it must hold keys"):
+        load_config(path)

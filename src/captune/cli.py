@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from captune.config import Config, GenerateConfig
 from captune.errors import CaptuneError
+from captune.files import check_writable
 
 if TYPE_CHECKING:
     from captune.data import ReadOptions
@@ -77,10 +78,7 @@ def _output_path(name: str) -> Path:
     path = Path(name).expanduser()
     if path.is_dir():
         raise CaptuneError(f"--output {path} is a folder; give a file name")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise CaptuneError(f"--output {path}: cannot create its folder: {err.strerror}") from None
+    check_writable(path.parent, "--output")
     return path
 
 
@@ -493,6 +491,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CaptuneError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:
+        # A file the system refused (a folder made read-only, a full disk) is the user's to fix, not a traceback.
+        if err.filename is None or err.strerror is None:
+            raise
+        print(f"error: {err.filename}: {err.strerror}; check its folder's permissions and free space, then run again",
+              file=sys.stderr)  # fmt: skip
+        return CaptuneError.exit_code
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from captune.errors import CaptuneError
+from captune.files import read_utf8
 
 
 @dataclass
@@ -303,20 +304,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     config = Config()
     if path is not None:
         path = Path(path).expanduser()
+        if path.is_dir():
+            raise CaptuneError(f"--config {path} is a folder; give a YAML file in it (the shipped configs are in "
+                               "configs/)")  # fmt: skip
         if not path.is_file():
             raise CaptuneError(f"config file {path} does not exist; the shipped configs are in configs/")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(read_utf8(path)) or {}
         except yaml.YAMLError as err:
-            raise CaptuneError(f"{path}: invalid YAML: {err}") from None
+            raise CaptuneError(f"{path}: invalid YAML: {' '.join(str(err).split())}") from None
         if not isinstance(loaded, dict):
             raise CaptuneError(f"{path}: expected a mapping of sections at the top level")
+        sections = _sections(config)
         for section, values in loaded.items():
-            if values is None and section in _sections(config):
+            if values is None and section in sections:
                 continue  # a section whose keys are all commented out
             if isinstance(values, dict):
                 for key, value in values.items():
                     _set(config, f"{section}.{key}", value, str(path))
+            elif section in sections and section not in SHORTHANDS:
+                keys = ", ".join(f.name for f in dataclasses.fields(sections[section])[:3])
+                raise CaptuneError(f"{path}: section {section!r} is {values!r}; it must hold keys, e.g. "
+                                   f"`{section}:` then indented `key: value` lines ({keys}, ...)")  # fmt: skip
             else:
                 _set(config, str(section), values, str(path))
     for item in overrides or []:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
@@ -203,6 +203,9 @@ def load_base(name: str, dtype: torch.dtype = torch.float32, seed: int = 0, quan
     try:
         processor = Blip2Processor.from_pretrained(name)
         model = Blip2ForConditionalGeneration.from_pretrained(name, dtype=dtype, **extra)
+    except SafetensorError as err:
+        raise CaptuneError(f"{_damaged_weight_file(Path(name))} cannot be read ({err}): it is cut short or not a "
+                           "safetensors file; copy the model's files again") from None  # fmt: skip
     except (OSError, ValueError) as err:
         raise CaptuneError(
             f"could not load BLIP-2 model {name!r}: {err}\n"
@@ -211,6 +214,17 @@ def load_base(name: str, dtype: torch.dtype = torch.float32, seed: int = 0, quan
         ) from None
     _check_image_tokens(processor, model.config, name)
     return LoadedModel(model.eval(), processor, name)
+
+
+def _damaged_weight_file(folder: Path) -> Path:
+    """The first safetensors file of a model folder whose header does not match its size (else the folder)."""
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except (SafetensorError, OSError):
+            return file
+    return folder
 
 
 def _quantization_kwargs(quantization: str, dtype: torch.dtype, name: str) -> dict[str, Any]:

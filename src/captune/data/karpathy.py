@@ -40,7 +40,7 @@ def read_karpathy(data_dir: Path, options: ReadOptions) -> CaptionSet:
         Records in file order.
 
     Raises:
-        CaptuneError: No JSON file, several to choose from, invalid JSON, or no `images` list in it.
+        CaptuneError: No JSON file, several to choose from, invalid JSON, or no or an empty `images` list in it.
     """
     path = _find_annotations(data_dir, options)
     images_dir = find_images_dir(data_dir, options, IMAGE_DIRS)
@@ -48,6 +48,8 @@ def read_karpathy(data_dir: Path, options: ReadOptions) -> CaptionSet:
     entries = data.get("images") if isinstance(data, dict) else None
     if not isinstance(entries, list):
         raise CaptuneError(f"{path}: expected an object with an 'images' list, as in Karpathy's dataset_*.json")
+    if not entries:
+        raise CaptuneError(f"{path}: the 'images' list is empty; give the dataset_*.json that lists the images")
 
     problems: list[Problem] = []
     listings: dict[str, Listing] = {}
@@ -94,7 +96,7 @@ def _parse_entry(entry: object, position: str, path: Path, images_dir: Path, pro
         return None
     name = entry["filename"].strip()
     split = entry.get("split")
-    if split not in _SPLITS:
+    if not isinstance(split, str) or split not in _SPLITS:
         problems.append(Problem(name, f"{where}: split {split!r} is not one of {', '.join(_SPLITS)}"))
         return None
     folder = images_dir / entry["filepath"] if isinstance(entry.get("filepath"), str) else images_dir
