@@ -180,7 +180,7 @@ def test_caption_with_repetition_penalty_zero_is_refused_before_loading(
 def test_a_config_that_is_not_text_names_its_line(tmp_path: Path) -> None:
     path = tmp_path / "photo.jpg"
     path.write_bytes(b"model: tiny\n\xff\xd8\xff\xe0 JFIF")
-    with pytest.raises(CaptuneError, match=rf"{path}:2: not UTF-8 text .* column 1"):
+    with pytest.raises(CaptuneError, match=rf"{path}: not UTF-8 text \(invalid start byte at line 2, column 1\)"):
         load_config(path)
 
 
@@ -287,3 +287,78 @@ def test_a_section_that_is_not_a_mapping_says_so(tmp_path: Path) -> None:
     path.write_text("train: 5\n")
     with pytest.raises(CaptuneError, match=r"section 'train' is 5; it must hold keys"):
         load_config(path)
+
+
+# --- smaller ones (item 6) -------------------------------------------------------------------------------------
+
+
+def test_an_annotation_file_that_is_not_utf8_names_the_line(tmp_path: Path) -> None:
+    from captune.data import read
+
+    (tmp_path / "Images").mkdir()
+    (tmp_path / "dataset_flickr8k.json").write_bytes(b'{"images":\n  [{"filename": "caf\xe9.jpg"}]}')
+    with pytest.raises(CaptuneError, match=r"dataset_flickr8k\.json: not UTF-8 text \(.* at line 2, column 21\)"):
+        read("karpathy", tmp_path)
+
+
+def test_atomically_written_files_get_the_mode_of_their_siblings(tmp_path: Path) -> None:
+    import os
+
+    from captune.files import write_atomically
+
+    (tmp_path / "plain.json").write_text("{}")
+    write_atomically(tmp_path / "atomic.json", "{}")
+    mode = os.stat(tmp_path / "plain.json").st_mode & 0o777
+    assert os.stat(tmp_path / "atomic.json").st_mode & 0o777 == mode and mode & 0o044  # group and others read
+
+
+def test_results_count_the_samples_of_every_segment_after_a_resume(synthetic_dir: Path, tmp_path: Path) -> None:
+    import json
+
+    recipe.train(_config(synthetic_dir, tmp_path / "full", "train.max_steps=4"))
+    recipe.train(_config(synthetic_dir, tmp_path / "half", "train.max_steps=2", "train.save_every=2"))
+    checkpoint = tmp_path / "half" / "checkpoints" / "step-000002"
+    recipe.train(_config(synthetic_dir, tmp_path / "half", "train.max_steps=4", f"train.resume_from={checkpoint}"))
+    full = json.loads((tmp_path / "full" / "results.json").read_text())
+    resumed = json.loads((tmp_path / "half" / "results.json").read_text())
+    assert resumed["train_samples"] == full["train_samples"] == 4 * 2 * 5  # steps x grad_accum x captions a batch
+
+
+def _karpathy_with_problems(root: Path) -> Path:
+    """Three test images: a.jpg with one caption unreadable (a problem, the image kept), b.jpg missing, c.jpg whole:
+    2 problems, 1 image left out."""
+    import json
+
+    from .conftest import write_image
+
+    write_image(root / "Images" / "a.jpg")
+    write_image(root / "Images" / "c.jpg", colour=(20, 20, 200))
+    entries = [{"filename": name, "split": split, "sentences": sentences} for name, split, sentences in [
+        ("a.jpg", "test", [{"raw": "a red square"}, {"raw": ""}]),
+        ("b.jpg", "test", [{"raw": "a blue circle"}]),
+        ("c.jpg", "test", [{"raw": "a blue square"}]),
+        ("t.jpg", "train", [{"raw": "a blue square"}]),
+    ]]  # fmt: skip
+    write_image(root / "Images" / "t.jpg")
+    (root / "dataset_flickr8k.json").write_text(json.dumps({"images": entries}))
+    return root
+
+
+def test_eval_counts_the_images_left_out_apart_from_the_problems(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _karpathy_with_problems(tmp_path / "data")
+    argv = ["eval", "--model-dir", str(model_dir), "--data", "karpathy", "--data-dir", str(data), "--output-dir",
+            str(tmp_path / "eval"), "--device", "cpu", "--workers", "0"]  # fmt: skip
+    assert main(argv) == 0
+    assert "warning: 2 problem(s) in the data; 1 image(s) left out" in capsys.readouterr().err
+
+
+def test_skip_bad_images_counts_the_images_left_out_apart_from_the_problems(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = _karpathy_with_problems(tmp_path / "data")
+    config = _config(data, tmp_path / "run", "data.format=karpathy", "data.skip_bad_images=true")
+    with caplog.at_level("WARNING"):
+        recipe.load_training_data(config, main=True)
+    assert "skipping 1 unusable image(s) (2 problem(s) in the data)" in caplog.text

@@ -104,7 +104,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_caption(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from captune.generate import caption_paths, expand_inputs
+    from captune.generation.files import caption_paths, expand_inputs
     from captune.model import load_model_dir
 
     config = _run_config(args)
@@ -154,10 +154,11 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 def _advise_static_cache(model: Any, options: GenerateConfig, images: int) -> None:
     """Says on stderr when this many images would caption faster with `--static-cache`."""
-    from captune.generate import _own_loop_applies, static_cache_advice
+    from captune.generation.core import static_cache_advice
+    from captune.generation.static import uses_static_loops
 
     device = next(model.parameters()).device.type
-    advice = static_cache_advice(images, options, device, _own_loop_applies(model, options))
+    advice = static_cache_advice(images, options, device, uses_static_loops(model, options))
     if advice:
         print(advice, file=sys.stderr)
 
@@ -235,8 +236,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     captions = check_images(read(args.data, args.data_dir, read_options(config.data)))
     records = captions.split(args.split)[: args.max_images]
     if captions.problems:
-        print(f"warning: {len(captions.problems)} unusable image(s) left out (captune data check lists them)",
-              file=sys.stderr)  # fmt: skip
+        print(f"warning: {len(captions.problems)} problem(s) in the data; {captions.left_out()} image(s) left out "
+              "(captune data check lists them)", file=sys.stderr)  # fmt: skip
     if not records:
         raise CaptuneError(f"{args.data_dir}: the {args.split} split has no usable images")
     loaded = load_model_dir(args.model_dir, device=args.device, merge=args.merge_adapter)

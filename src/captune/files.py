@@ -76,8 +76,8 @@ def read_utf8(path: Path) -> str:
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
         column = err.start - data.rfind(b"\n", 0, err.start)
-        raise CaptuneError(f"{path}:{line}: not UTF-8 text ({err.reason} at column {column}); is it the right file? "
-                           "Text must be saved as UTF-8") from None  # fmt: skip
+        where = f"line {line}, column {column}"
+        raise CaptuneError(f"{path}: not UTF-8 text ({err.reason} at {where}); save it as UTF-8") from None
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 

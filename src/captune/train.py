@@ -50,6 +50,8 @@ from captune.model import (
     BUILT_IN,
     LoadedModel,
     apply_train_mode,
+    attention_kernels,
+    blip_of,
     caption_end_id,
     load_base,
     load_saved_weights,
@@ -67,8 +69,6 @@ from captune.step import (
     IGNORE,
     PACKING_ATTENTION,
     CaptionLoss,
-    attention_kernels,
-    blip_of,
     feature_bytes,
     image_features,
     label_tokens,
@@ -402,7 +402,8 @@ def load_training_data(config: Config, main: bool) -> CaptionSet:
                 f"{len(captions.records)} usable images; `captune data check` writes the full list."
             )
         if main:
-            log.warning("skipping %d unusable image(s):\n%s%s", len(captions.problems), listing, more)
+            log.warning("skipping %d unusable image(s) (%d problem(s) in the data):\n%s%s", captions.left_out(),
+                        len(captions.problems), listing, more)  # fmt: skip
     for note in captions.notes:
         log.info("data: %s", note)
     if not captions.split("train"):

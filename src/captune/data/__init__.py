@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from captune.data.images import ImageError, load_rgb
 from captune.errors import CaptuneError
+from captune.files import read_utf8
 
 if TYPE_CHECKING:
     from captune.config import DataConfig
@@ -78,6 +79,12 @@ class CaptionSet:
     def split(self, name: str) -> list[Record]:
         """Records of one split, in reader order."""
         return [r for r in self.records if r.split == name]
+
+    def left_out(self) -> int:
+        """Images named by a problem and not among the records: fewer than the problems when an image has several,
+        or a problem (a bad caption line) left its image in."""
+        kept = {r.image_id for r in self.records}
+        return len({p.image for p in self.problems} - kept)
 
 
 @dataclass(frozen=True)
@@ -231,12 +238,9 @@ def read_text(path: Path) -> str:
     """The text of an annotation file (UTF-8, an optional BOM removed, newlines as `\\n`).
 
     Raises:
-        CaptuneError: The file is not UTF-8.
+        CaptuneError: The file is not UTF-8 (the message names line and column).
     """
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise CaptuneError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    return read_utf8(path)
 
 
 def read_json(path: Path) -> object:
