@@ -328,7 +328,7 @@ def test_train_refuses_bad_images_until_told_to_skip_them(tmp_path: Path, capsys
 def test_caption_says_when_the_static_cache_would_be_faster(
     model_dir: Path, images: list[Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from captune import generate
+    from captune.generation import core as generate
 
     asked = []
 
