@@ -130,7 +130,8 @@ def latency(model: Any, processor: Any, path: Path, static: bool = False, calls:
     """Single-image greedy latency: median and p90 of `calls` calls after 3 warm-up calls (with `static`, the first
     compiles the decode step for batch 1; its time is reported), the Python garbage collector's pauses within the
     timed calls (a collection walks every object the compiler left in the process), and the image processor's time
-    alone (its share of a call varied from 2 to 24 ms between H100 processes in session 8)."""
+    alone (its share of a call varied from 2 to 24 ms between H100 processes,
+    results/caption-single-latency-h100-gemv-*.json)."""
     options = single_options(static)
     image = load_rgb(path)
     pauses: list[tuple[int, float]] = []  # (generation, seconds) of each collection while timed
@@ -165,7 +166,8 @@ def latency(model: Any, processor: Any, path: Path, static: bool = False, calls:
 def latency_ab_gemv(model: Any, processor: Any, path: Path, calls: int = 20) -> dict[str, Any]:
     """Single-image latency with captune.generate.GEMV_UP_TO 0 and 1 in alternate calls of one process (after 3
     warm-up calls each, which compile both): the host's speed drifts between processes and within seconds on the
-    H100 machines (session 8), so the two arms are compared call by call."""
+    H100 machines (results/caption-single-latency-h100-gemv-gc-freeze.json), so the two arms are compared call by
+    call."""
     import captune.generate as generate
 
     options = single_options()
@@ -189,8 +191,9 @@ def latency_ab_gemv(model: Any, processor: Any, path: Path, calls: int = 20) -> 
 
 
 TIMELINE_MARKS = ("preprocessed", "image_side", "decoder", "embedding", "prefill_launched", "step_1", "step_15", "end")
-"""Where `timeline` marks a call. (In session 7's measured runs the image side still ran inside the decoder, and
-their mark `image_side_launched` stood where `embedding` is now.)"""
+"""Where `timeline` marks a call. (In results/caption-single-latency-h100-{eager-prefill,compiled-prefill,
+fused-qkv}.json and -h200-{product,reduction}-attention.json the image side still ran inside the decoder, and their mark
+`image_side_launched` stood where `embedding` is now.)"""
 
 
 def timeline(model: Any, processor: Any, path: Path, calls: int = 10) -> dict[str, Any]:
@@ -262,7 +265,8 @@ def timeline(model: Any, processor: Any, path: Path, calls: int = 10) -> dict[st
 def kernel_configs() -> dict[str, list[dict[str, Any]]]:
     """The launch configuration each of the process's compiled Triton kernels runs with, by kernel name (the same
     names in every process that compiled the same graphs): to compare a process that tuned its kernels with one that
-    took them from the compile caches (session 9: the latter ran the one-row step slower)."""
+    took them from the compile caches (results/caption-single-latency-h100-kernel-configs.json: the latter ran the
+    one-row step slower)."""
     from torch._inductor.runtime.triton_heuristics import CachingAutotuner
 
     found: dict[str, list[dict[str, Any]]] = {}

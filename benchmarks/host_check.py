@@ -1,6 +1,7 @@
 """The image processor's time on this host, before and after compiling with CUDA graphs in the same process (the single-
-caption timelines of session 8 showed its share at 2 to 24 ms between processes), with the CPU's load and PyTorch's
-threads; then what makes the host slow (session 9): the CPU and kernel it reports, a pure-Python loop, and the small
+caption timelines in results/caption-single-latency-h100-gemv-*.json showed its share at 2 to 24 ms between
+processes; results/host-check-h100-image-processor.json), with the CPU's load and PyTorch's threads; then what makes the
+host slow (results/host-check-h100-cpu.json): the CPU and kernel it reports, a pure-Python loop, and the small
 tensor operations a processor runs (with PyTorch's threads and with one), on memory allocated afresh (page faults at
 first touch) and on memory reused, also in a child process whose glibc keeps freed memory instead of unmapping it. No
 model needed.
