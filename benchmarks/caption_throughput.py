@@ -39,7 +39,11 @@ from PIL import Image
 
 from captune.config import GenerateConfig
 from captune.data.images import load_rgb
-from captune.generate import _batched_products, _reductions, caption_paths, generate_captions, one_query
+from captune.generation import core
+from captune.generation.core import generate_captions
+from captune.generation.files import caption_paths
+from captune.generation.static import attention, decoder, linears
+from captune.generation.static.attention import _batched_products, _reductions, one_query
 from captune.model import load_model_dir
 from captune.twins import write_checkpoint
 
@@ -164,24 +168,22 @@ def latency(model: Any, processor: Any, path: Path, static: bool = False, calls:
 
 
 def latency_ab_gemv(model: Any, processor: Any, path: Path, calls: int = 20) -> dict[str, Any]:
-    """Single-image latency with captune.generate.GEMV_UP_TO 0 and 1 in alternate calls of one process (after 3
-    warm-up calls each, which compile both): the host's speed drifts between processes and within seconds on the
-    H100 machines (results/caption-single-latency-h100-gemv-gc-freeze.json), so the two arms are compared call by
-    call."""
-    import captune.generate as generate
+    """Single-image latency with `linears.GEMV_UP_TO` 0 and 1 in alternate calls of one process (after 3 warm-up
+    calls each, which compile both): the host's speed drifts between processes and within seconds on the H100
+    machines (results/caption-single-latency-h100-gemv-gc-freeze.json), so the two arms are compared call by call."""
 
     options = single_options()
     image = load_rgb(path)
     times: dict[int, list[float]] = {0: [], 1: []}
-    default = generate.GEMV_UP_TO
+    default = linears.GEMV_UP_TO
     try:
         for i in range(6 + 2 * calls):
-            generate.GEMV_UP_TO = i % 2
+            linears.GEMV_UP_TO = i % 2
             seconds = _caption_seconds(model, processor, image, options)
             if i >= 6:
                 times[i % 2].append(seconds)
     finally:
-        generate.GEMV_UP_TO = default
+        linears.GEMV_UP_TO = default
     out: dict[str, Any] = {f"gemv_up_to_{up}": _median_p90_ms(got) for up, got in times.items()}
     cublas, gemv = sorted(times[0]), sorted(times[1])
     wins = sum(b < a for a, b in zip(cublas, gemv, strict=True))  # quantile by quantile
@@ -201,8 +203,6 @@ def timeline(model: Any, processor: Any, path: Path, calls: int = 10) -> dict[st
     mark of TIMELINE_MARKS, when the host got there and when the GPU got there (a CUDA event recorded at that point),
     in ms since the call began, medians of `calls`. Where the GPU's time equals the host's, the GPU had been waiting
     for the host; the steps' GPU times give a decode step's duration."""
-    import captune.generate as generate
-    import captune.step as step
 
     options = single_options()
     image = load_rgb(path)
@@ -221,10 +221,10 @@ def timeline(model: Any, processor: Any, path: Path, calls: int = 10) -> dict[st
 
         return marked
 
-    originals = (generate.generate_from_pixels, generate._StaticDecoder.__init__, step.embedded_inputs,
-                 generate._StaticDecoder.step, generate._compiled_image_side)  # fmt: skip
-    real_image_side = generate._compiled_image_side
-    real_init = generate._StaticDecoder.__init__
+    originals = (core.generate_from_pixels, decoder.StaticDecoder.__init__, decoder.embedded_inputs,
+                 decoder.StaticDecoder.step, decoder.compiled_image_side)  # fmt: skip
+    real_image_side = decoder.compiled_image_side
+    real_init = decoder.StaticDecoder.__init__
 
     def init(self: Any, *args: Any, **kwargs: Any) -> None:
         mark("decoder")
@@ -232,11 +232,11 @@ def timeline(model: Any, processor: Any, path: Path, calls: int = 10) -> dict[st
         mark("prefill_launched")
 
     rows: dict[str, list[tuple[float, float]]] = {name: [] for name in TIMELINE_MARKS}
-    generate.generate_from_pixels = marking("preprocessed", generate.generate_from_pixels)  # type: ignore[assignment]
-    generate._StaticDecoder.__init__ = init  # type: ignore[method-assign]
-    step.embedded_inputs = marking("embedding", step.embedded_inputs)  # type: ignore[assignment]
-    generate._compiled_image_side = lambda blip: marking("image_side", real_image_side(blip))  # type: ignore[assignment]
-    generate._StaticDecoder.step = marking("step", generate._StaticDecoder.step)  # type: ignore[method-assign]
+    core.generate_from_pixels = marking("preprocessed", core.generate_from_pixels)  # type: ignore[assignment]
+    decoder.StaticDecoder.__init__ = init  # type: ignore[method-assign]
+    decoder.embedded_inputs = marking("embedding", decoder.embedded_inputs)  # type: ignore[assignment]
+    decoder.compiled_image_side = lambda blip: marking("image_side", real_image_side(blip))  # type: ignore[assignment]
+    decoder.StaticDecoder.step = marking("step", decoder.StaticDecoder.step)  # type: ignore[method-assign]
     try:
         for _ in range(calls):
             marks.clear()
@@ -252,8 +252,8 @@ def timeline(model: Any, processor: Any, path: Path, calls: int = 10) -> dict[st
                 if name in rows:
                     rows[name].append((1000 * (host - host0), event0.elapsed_time(event)))
     finally:
-        (generate.generate_from_pixels, generate._StaticDecoder.__init__, step.embedded_inputs,
-         generate._StaticDecoder.step, generate._compiled_image_side) = originals  # type: ignore[method-assign]  # fmt: skip
+        (core.generate_from_pixels, decoder.StaticDecoder.__init__, decoder.embedded_inputs,
+         decoder.StaticDecoder.step, decoder.compiled_image_side) = originals  # type: ignore[method-assign]  # fmt: skip
     out = {name: {"host_ms": statistics.median(h for h, _ in got), "gpu_ms": statistics.median(g for _, g in got)}
            for name, got in rows.items() if got}  # fmt: skip
     if "step_1" in out and "step_15" in out:
@@ -323,12 +323,14 @@ def breakdown(model: Any, processor: Any, paths: list[Path], batch: int, workers
     from torch.utils.data import DataLoader
     from transformers import BlipImageProcessorPil
 
-    from captune.generate import _as_batch, _Preprocessed, generate_from_pixels
+    from captune.data.images import PixelFiles
+    from captune.generation.core import generate_from_pixels
+    from captune.generation.files import _as_batch
 
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     out: dict[str, Any] = {"batch": batch}
-    loader = DataLoader(_Preprocessed(paths, processor), batch_size=batch, num_workers=workers, collate_fn=_as_batch,
-                        prefetch_factor=2 if workers else None)  # fmt: skip
+    loader = DataLoader(PixelFiles(paths, processor.image_processor), batch_size=batch, num_workers=workers,
+                        collate_fn=_as_batch, prefetch_factor=2 if workers else None)  # fmt: skip
     start = time.perf_counter()
     count = sum(len(b) for b in loader)
     out["loader_images_per_s"] = count / (time.perf_counter() - start)
@@ -381,7 +383,8 @@ def profile_static(model: Any, processor: Any, paths: list[Path], batch: int, be
     CUDA graph."""
     from torch.profiler import ProfilerActivity, profile
 
-    from captune.generate import _compiled_image_side, generate_from_pixels
+    from captune.generation.core import generate_from_pixels
+    from captune.generation.static.decoder import compiled_image_side
 
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     pixels = _pixels(processor, paths, batch, device, dtype)
@@ -396,7 +399,7 @@ def profile_static(model: Any, processor: Any, paths: list[Path], batch: int, be
     with torch.no_grad():
         out["vision_seconds"] = _timed(lambda: model.get_image_features(pixel_values=pixels, return_dict=True))
         if torch.cuda.is_available():  # what the static loops run when they make the features themselves
-            out["vision_compiled_seconds"] = _timed(lambda: _compiled_image_side(model)(pixels).clone())
+            out["vision_compiled_seconds"] = _timed(lambda: compiled_image_side(model)(pixels).clone())
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         generate_from_pixels(model, processor, pixels, static)
         _sync()
@@ -419,7 +422,7 @@ def profile_static(model: Any, processor: Any, paths: list[Path], batch: int, be
 def agreement(model: Any, processor: Any, paths: list[Path], count: int, beams: int) -> float:
     """The share of `count` images whose caption from captune's static-cache loop is `generate`'s (dynamic cache),
     in the model's dtype, one batch."""
-    from captune.generate import generate_from_pixels
+    from captune.generation.core import generate_from_pixels
 
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     pixels = _pixels(processor, paths, count, device, dtype)
@@ -434,8 +437,10 @@ def divergence_margins(model: Any, processor: Any, paths: list[Path], count: int
     for each caption that differs, `generate`'s own margin between its top two scores at the first differing token,
     against its margins at every step of every caption. Divergences only at margins far below the usual ones are
     rounding near-ties (both tokens equally good to the model), not a different computation."""
-    from captune.generate import static_attention, static_greedy, text_inputs
-    from captune.step import attention_kernels
+    from captune.generation.inputs import text_inputs
+    from captune.generation.static.attention import static_attention
+    from captune.generation.static.loops import static_greedy
+    from captune.model import attention_kernels
 
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     pixels = _pixels(processor, paths, count, device, dtype)
@@ -517,17 +522,15 @@ def _flex(query: Any, key: Any, value: Any, mask: Any, scale: float) -> Any:
 
 
 reduction_attention = one_query(_reductions)
-"""`--attention reduction`: captune's float32 reductions (`captune.generate._reductions`) at every batch size (captune
+"""`--attention reduction`: captune's float32 reductions (`attention._reductions`) at every batch size (captune
 runs them up to REDUCTIONS_UP_TO rows: slower at batch 512, measured)."""
 flex_attention_candidate = one_query(_flex)
-"""A candidate for `captune.generate._one_query_attention` (`--attention flex`)."""
+"""A candidate for `captune.generation.static.attention._one_query_attention` (`--attention flex`)."""
 
 
 def apply_experiments(args: argparse.Namespace) -> dict[str, Any]:
     """`--inductor KEY=VALUE` (torch._inductor.config, before anything compiles) and `--attention reduction`
     (the one-query step of captune's static loops replaced by `reduction_attention`): what this process changed."""
-    import captune.generate
-
     changed: dict[str, Any] = {}
     for entry in args.inductor:
         name, _, text = entry.partition("=")
@@ -537,14 +540,14 @@ def apply_experiments(args: argparse.Namespace) -> dict[str, Any]:
             value = text
         setattr(torch._inductor.config, name, value)
         changed[f"inductor.{name}"] = value
-    if args.no_fused_qkv:  # the static loops without captune.generate.fused_qkv (q, k and v as three GEMMs)
-        captune.generate.fused_qkv = lambda model: nullcontext()  # type: ignore[assignment]
+    if args.no_fused_qkv:  # the static loops without captune's fused_qkv (q, k and v as three GEMMs)
+        attention.fused_qkv = lambda model: nullcontext()  # type: ignore[assignment]
         changed["fused_qkv"] = False
     if args.gemv_up_to is not None:
-        captune.generate.GEMV_UP_TO = args.gemv_up_to
+        linears.GEMV_UP_TO = args.gemv_up_to
         changed["gemv_up_to"] = args.gemv_up_to
     if args.compiled_prefill_up_to is not None:
-        captune.generate.COMPILED_PREFILL_UP_TO = args.compiled_prefill_up_to
+        decoder.COMPILED_PREFILL_UP_TO = args.compiled_prefill_up_to
         changed["compiled_prefill_up_to"] = args.compiled_prefill_up_to
     candidates = {
         "bmm": one_query(_batched_products),
@@ -552,7 +555,7 @@ def apply_experiments(args: argparse.Namespace) -> dict[str, Any]:
         "flex": flex_attention_candidate,
     }
     if args.attention in candidates:
-        captune.generate._one_query_attention = candidates[args.attention]  # type: ignore[assignment]
+        attention._one_query_attention = candidates[args.attention]  # type: ignore[assignment]
         changed["one_query_attention"] = f"{args.attention} (benchmark)"
     return changed
 
@@ -659,12 +662,12 @@ def main(argv: list[str] | None = None) -> None:
         "--compiled-prefill-up-to",
         type=int,
         metavar="IMAGES",
-        help="captune.generate.COMPILED_PREFILL_UP_TO for this process (0: the prefill always eager)",
+        help="captune.generation.static.decoder.COMPILED_PREFILL_UP_TO for this process (0: the prefill always eager)",
     )
     parser.add_argument("--ab-gemv", action="store_true",
                         help="only the single-image latency, GEMV_UP_TO 0 and 1 in alternate calls")  # fmt: skip
     parser.add_argument("--gemv-up-to", type=int, metavar="ROWS",
-                        help="captune.generate.GEMV_UP_TO for this process (0: cuBLAS only)")  # fmt: skip
+                        help="linears.GEMV_UP_TO for this process (0: cuBLAS only)")  # fmt: skip
     args = parser.parse_args(argv)
     import torch._inductor.config  # noqa: F401  (for apply_experiments)
 

@@ -1,5 +1,5 @@
 """The decode step's matrix-vector products alone: cuBLAS (`F.linear`, what the compiled step calls; also through
-cuBLASLt, and as cuBLAS's matrix-vector `addmv`) against the compiler's float32 reduction (`captune.generate._gemv`,
+cuBLASLt, and as cuBLAS's matrix-vector `addmv`) against the compiler's float32 reduction (`linears._gemv`,
 inductor's own reduction configs, and with its coordinate descent tuning) on OPT-2.7B's shapes, a few rows. Each
 variant is replayed in a CUDA graph of 20 calls (launch cost as in the decode step's graph); microseconds a call and
 the weight bytes read per second.
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from captune.generate import _gemv
+from captune.generation.static.linears import _gemv
 
 SHAPES = {  # name: (in features, out features, bias) of OPT-2.7B's decoder layer and LM head
     "qkv (fused)": (2560, 7680, True),

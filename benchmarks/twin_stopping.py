@@ -25,7 +25,9 @@ from captune.config import GenerateConfig, load_config
 from captune.data import read
 from captune.data.images import load_rgb
 from captune.data.synthetic import SyntheticSpec, generate_synthetic
-from captune.generate import caption_paths, text_inputs
+from captune.generation.core import generate_captions
+from captune.generation.files import caption_paths
+from captune.generation.inputs import text_inputs
 from captune.model import caption_end_id, load_model_dir
 from captune.train import train, trained_model_dir
 
@@ -79,6 +81,10 @@ def main() -> None:
             seconds = round(time.perf_counter() - t0, 2)
             entry[f"static_{static}"] = {"equal_to_generate": captions == reference, "seconds": seconds,
                                          "captions": captions[:4]}  # fmt: skip
+        # single images (a server's requests): the compiled image side and prefill, caches held between calls
+        static = GenerateConfig(**{**vars(options), "static_cache": True})
+        singles = [generate_captions(model, processor, [image], static)[0] for image in images[:4]]
+        entry["single_images_static_equal_to_generate"] = singles == reference[:4]
         result["paths"][f"beams_{beams}"] = entry
         print(json.dumps(entry, indent=1), flush=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)

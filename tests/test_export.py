@@ -16,7 +16,7 @@ from captune.cli import main
 from captune.config import Config, GenerateConfig, load_config
 from captune.errors import CaptuneError
 from captune.export import merge_model_dir, model_card, run_metrics
-from captune.generate import generate_captions
+from captune.generation.core import generate_captions
 from captune.model import (
     META_FILE,
     LoadedModel,

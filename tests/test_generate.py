@@ -13,7 +13,12 @@ from PIL import Image
 
 from captune.config import GenerateConfig
 from captune.data.images import load_rgb
-from captune.generate import caption_paths, expand_inputs, generate_captions
+from captune.generation import core, files
+from captune.generation import static as static_entry
+from captune.generation.core import generate_captions
+from captune.generation.files import caption_paths, expand_inputs
+from captune.generation.inputs import text_inputs
+from captune.generation.static import attention, decoder, linears, loops
 from captune.model import LoadedModel
 
 from .conftest import write_image, write_truncated_jpeg
@@ -184,18 +189,17 @@ def test_captunes_static_loops_run_the_adapter(tiny: LoadedModel, beams: int) ->
 def test_captunes_static_greedy_loop_ends_rows_at_eos_and_stops_early(
     tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import captune.generate as generate
 
     lm = tiny.model.language_model
     eos = lm.generation_config.eos_token_id
     bonus = torch.zeros(lm.config.vocab_size)
     bonus[eos] = 1e4  # EOS wins wherever it is allowed: after min_new_tokens
     lm.lm_head.register_forward_hook(lambda module, inputs, output: output + bonus)
-    monkeypatch.setattr(generate, "STATIC_CHECK_EVERY", 2)
+    monkeypatch.setattr(loops, "STATIC_CHECK_EVERY", 2)
     options = GenerateConfig(num_beams=1, min_new_tokens=3, max_new_tokens=12, static_cache=True)
     pixels = tiny.processor.image_processor(_images(), return_tensors="pt")["pixel_values"]
     ids = torch.tensor([[tiny.model.config.image_token_id] * 8 + [lm.config.bos_token_id]] * len(pixels))
-    tokens = generate.static_greedy(tiny.model, ids, pixels, options)
+    tokens = loops.static_greedy(tiny.model, ids, pixels, options)
     assert tokens.shape[1] == 4  # 3 tokens, EOS, then the check after step 4 finds every row ended
     assert (tokens[:, 3] == eos).all() and not (tokens[:, :3] == eos).any()
     plain = GenerateConfig(num_beams=1, min_new_tokens=3, max_new_tokens=12)
@@ -243,14 +247,13 @@ def test_captunes_beam_search_stops_at_a_check_with_generates_tokens(
 ) -> None:
     """With early stopping every image's beams are done after 2 tokens + EOS: the loop stops at the next check
     (not at max_new_tokens) and returns generate's tokens, EOS and then padding."""
-    import captune.generate as generate
 
     monkeypatch.setattr(tiny.model.language_model.generation_config, "early_stopping", True)
-    monkeypatch.setattr(generate, "STATIC_CHECK_EVERY", 2)
+    monkeypatch.setattr(loops, "STATIC_CHECK_EVERY", 2)
     steps: list[int] = []
-    real_step = generate._StaticDecoder.step
+    real_step = decoder.StaticDecoder.step
     monkeypatch.setattr(
-        generate._StaticDecoder, "step", lambda self, tokens, i: steps.append(i) or real_step(self, tokens, i)
+        decoder.StaticDecoder, "step", lambda self, tokens, i: steps.append(i) or real_step(self, tokens, i)
     )
     hook = _favour_eos(tiny, 1e4)
     try:
@@ -258,7 +261,7 @@ def test_captunes_beam_search_stops_at_a_check_with_generates_tokens(
         lm = tiny.model.language_model
         ids = torch.tensor([[tiny.model.config.image_token_id] * 8 + [lm.config.bos_token_id]] * len(pixels))
         options = GenerateConfig(num_beams=3, min_new_tokens=2, max_new_tokens=12, static_cache=True)
-        tokens = generate.static_beam(tiny.model, ids, pixels, options)
+        tokens = loops.static_beam(tiny.model, ids, pixels, options)
         output = tiny.model.generate(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids),
                                      num_beams=3, min_new_tokens=2, max_new_tokens=12, do_sample=False)  # fmt: skip
     finally:
@@ -284,16 +287,15 @@ def test_worker_processes_keep_order_and_errors(tiny: LoadedModel, tmp_path: Pat
 @pytest.fixture
 def sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The batch size of every `generate_from_pixels` call that `caption_paths` makes, in order."""
-    import captune.generate as generate
 
     seen: list[int] = []
-    real = generate.generate_from_pixels
+    real = core.generate_from_pixels
 
     def recording(model: Any, processor: Any, pixels: torch.Tensor, *rest: Any) -> list[str]:
         seen.append(len(pixels))
         return real(model, processor, pixels, *rest)
 
-    monkeypatch.setattr(generate, "generate_from_pixels", recording)
+    monkeypatch.setattr(files, "generate_from_pixels", recording)
     return seen
 
 
@@ -301,16 +303,15 @@ def test_workers_make_shares_of_a_batch_and_the_model_gets_whole_batches(
     tiny: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sizes: list[int]
 ) -> None:
     # 3 workers each make 2 images of a 5-image batch, so the first batch is ready when each made its first share.
-    import captune.generate as generate
 
     shares: list[int] = []
-    real_loader = generate.DataLoader
+    real_loader = files.DataLoader
 
     def loader(*args: Any, **kwargs: Any) -> Any:
         shares.append(kwargs["batch_size"])
         return real_loader(*args, **kwargs)
 
-    monkeypatch.setattr(generate, "DataLoader", loader)
+    monkeypatch.setattr(files, "DataLoader", loader)
     paths = _files(tmp_path, 4) * 3  # 12 images (the same file may come twice)
     options = GenerateConfig(num_beams=1, min_new_tokens=1, max_new_tokens=6, batch_size=5)
     results = list(caption_paths(tiny.model, tiny.processor, paths, options, "", 3))
@@ -331,10 +332,10 @@ def test_static_cache_batches_are_filled_to_one_size(tiny: LoadedModel, tmp_path
 
 
 def test_regrouped_keeps_order_and_sizes() -> None:
-    from captune.generate import _regrouped
+    from captune.data.images import rebatched
 
     chunks = [[(i, None, None) for i in range(start, min(start + 3, 11))] for start in range(0, 11, 3)]
-    groups = list(_regrouped(chunks, 4))
+    groups = list(rebatched(chunks, 4, lambda parts: [item for part in parts for item in part]))
     assert [[item[0] for item in group] for group in groups] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]
 
 
@@ -428,15 +429,14 @@ def test_a_name_that_gives_no_image_is_a_failure_that_names_it(tree: Path, name:
 def test_the_compiled_cache_reorder_moves_what_the_eager_one_moves() -> None:
     """On a GPU beam search reorders the cache with the compiled `_reorder_rows` (the region grows every step, so
     its end becomes a dynamic size); compiled here on the CPU, it must match the eager function step by step."""
-    import captune.generate as generate
 
     torch.manual_seed(0)
     compiled = [torch.randn(6, 2, 10, 4) for _ in range(3)]
     eager = [t.clone() for t in compiled]
     for stop in (4, 5, 6):
         sources = torch.randint(0, 6, (6,))
-        generate._reorder_rows(eager, sources, 3, stop)
-        generate._compiled_reorder()(compiled, sources, 3, stop)
+        decoder._reorder_rows(eager, sources, 3, stop)
+        decoder._compiled_reorder()(compiled, sources, 3, stop)
         assert all(torch.equal(a, b) for a, b in zip(compiled, eager, strict=True)), stop
 
 
@@ -445,12 +445,11 @@ def test_static_loops_run_their_one_query_attention_and_give_the_model_back(
 ) -> None:
     """The decode steps' attention is captune's (PyTorch's kernels are slow for one query over a masked static
     cache); the captions stay generate's, and the language model leaves on SDPA, also after an error."""
-    import captune.generate as generate
 
     config = tiny.model.language_model.config
     assert config._attn_implementation == "sdpa"
     queries: list[int] = []
-    real = generate._one_query_attention
+    real = attention._one_query_attention
 
     rows: list[int] = []
 
@@ -459,7 +458,7 @@ def test_static_loops_run_their_one_query_attention_and_give_the_model_back(
         rows.append(query.shape[0])
         return real(module, query, *args, **kwargs)
 
-    monkeypatch.setattr(generate, "_one_query_attention", counting)
+    monkeypatch.setattr(attention, "_one_query_attention", counting)
     options = GenerateConfig(num_beams=2, min_new_tokens=2, max_new_tokens=5)
     expected = generate_captions(tiny.model, tiny.processor, _images(), options)
     static = GenerateConfig(num_beams=2, min_new_tokens=2, max_new_tokens=5, static_cache=True)
@@ -469,7 +468,7 @@ def test_static_loops_run_their_one_query_attention_and_give_the_model_back(
     prefill_rows = {r for q, r in zip(queries, rows, strict=True) if q == 9}
     assert prefill_rows == {3} and set(rows) == {3, 6}  # the prompt prefilled once per image, then 2 beams each
     assert config._attn_implementation == "sdpa"
-    monkeypatch.setattr(generate, "static_beam", lambda *args: 1 / 0)
+    monkeypatch.setattr(static_entry, "static_beam", lambda *args: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         generate_captions(tiny.model, tiny.processor, _images(), static)
     assert config._attn_implementation == "sdpa"
@@ -481,17 +480,16 @@ def test_a_run_keeps_its_static_caches_from_batch_to_batch(
 ) -> None:
     """Every batch of a `caption_paths` run decodes into the same cache tensors (CUDA graphs replay at the addresses
     they recorded), emptied in between: the captions are those of fresh caches, batch by batch."""
-    import captune.generate as generate
 
     used: list[list[int]] = []
-    real = generate._static_cache
+    real = decoder._static_cache
 
     def recording(held: Any, role: str, shape: tuple, config: Any) -> Any:
         cache = real(held, role, shape, config)
         used.append([id(cache), role])
         return cache
 
-    monkeypatch.setattr(generate, "_static_cache", recording)
+    monkeypatch.setattr(decoder, "_static_cache", recording)
     paths = _files(tmp_path, 5)
     static = GenerateConfig(num_beams=beams, min_new_tokens=1, max_new_tokens=6, batch_size=2, static_cache=True)
     kept = [r.caption for r in caption_paths(tiny.model, tiny.processor, paths, static)]
@@ -509,20 +507,19 @@ def test_a_static_run_makes_each_batchs_image_features_once_ahead_of_its_decodin
     """The static path computes a batch's image side before the previous batch decodes (on a GPU, on a second
     stream) and hands the features to the loop: the image side runs once per batch, and the model ends in the mode
     it started in."""
-    import captune.generate as generate
 
     events: list[str] = []
     real_features = tiny.model.get_image_features
     monkeypatch.setattr(tiny.model, "get_image_features",
                         lambda **kwargs: events.append("features") or real_features(**kwargs))  # fmt: skip
-    real_generate = generate.generate_from_pixels
+    real_generate = core.generate_from_pixels
 
     def decoding(model: Any, processor: Any, pixels: torch.Tensor, *rest: Any) -> list[str]:
         assert rest[-1] is not None  # the features made ahead
         events.append("decode")
         return real_generate(model, processor, pixels, *rest)
 
-    monkeypatch.setattr(generate, "generate_from_pixels", decoding)
+    monkeypatch.setattr(files, "generate_from_pixels", decoding)
     was_training = tiny.model.training
     tiny.model.train()
     static = GenerateConfig(num_beams=1, min_new_tokens=1, max_new_tokens=6, batch_size=2, static_cache=True)
@@ -537,13 +534,12 @@ def test_a_static_run_makes_each_batchs_image_features_once_ahead_of_its_decodin
 
 
 def test_static_loops_look_for_the_end_only_where_a_row_may_have_ended(monkeypatch: pytest.MonkeyPatch) -> None:
-    from captune import generate
 
-    monkeypatch.setattr(generate, "STATIC_CHECK_EVERY", 2)
-    looks = [i for i in range(10) if generate._check_at(i, GenerateConfig(min_new_tokens=6, max_new_tokens=10))]
+    monkeypatch.setattr(loops, "STATIC_CHECK_EVERY", 2)
+    looks = [i for i in range(10) if loops._check_at(i, GenerateConfig(min_new_tokens=6, max_new_tokens=10))]
     assert looks == [7, 9]  # EOS is banned for new tokens 0-5: no row can end before number 6
     anywhere = GenerateConfig(min_new_tokens=0, max_new_tokens=10)
-    assert [i for i in range(10) if generate._check_at(i, anywhere)] == [1, 3, 5, 7, 9]
+    assert [i for i in range(10) if loops._check_at(i, anywhere)] == [1, 3, 5, 7, 9]
 
 
 @pytest.mark.parametrize(
@@ -561,7 +557,7 @@ def test_static_loops_look_for_the_end_only_where_a_row_may_have_ended(monkeypat
 def test_the_static_cache_is_advised_for_long_gpu_runs_only(
     images: int, beams: int, static: bool, device: str, own_loop: bool, advised: bool
 ) -> None:
-    from captune.generate import static_cache_advice
+    from captune.generation.core import static_cache_advice
 
     options = GenerateConfig(num_beams=beams, static_cache=static)
     advice = static_cache_advice(images, options, device, own_loop)
@@ -573,12 +569,11 @@ def test_the_static_cache_is_advised_for_long_gpu_runs_only(
 @pytest.fixture
 def fresh_compiles() -> Any:
     """captune's compile-once functions emptied before and after the test (which compiles them its own way)."""
-    from captune import generate
 
-    for once in (generate._compiled_prefill, generate._compiled_reorder):
+    for once in (decoder._compiled_prefill, decoder._compiled_reorder):
         once.cache_clear()
     yield
-    for once in (generate._compiled_prefill, generate._compiled_reorder):
+    for once in (decoder._compiled_prefill, decoder._compiled_reorder):
         once.cache_clear()
 
 
@@ -602,7 +597,6 @@ def test_the_compiled_image_side_is_one_graph_that_gives_the_eager_features(
 ) -> None:
     # On a GPU the static loops run it with CUDA graphs for small batches; here dynamo traces it whole (fullgraph:
     # a graph break would fail) and runs the traced graph as is.
-    from captune import generate
 
     asked = _traced_compiles(monkeypatch)
     blip = tiny.model
@@ -610,8 +604,8 @@ def test_the_compiled_image_side_is_one_graph_that_gives_the_eager_features(
     pixels = torch.randn(2, 3, size["height"], size["width"], generator=torch.Generator().manual_seed(0))
     try:
         with torch.no_grad():
-            compiled = generate._compiled_image_side(blip)
-            assert generate._compiled_image_side(blip) is compiled  # once per model
+            compiled = decoder.compiled_image_side(blip)
+            assert decoder.compiled_image_side(blip) is compiled  # once per model
             eager = blip.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
             assert torch.equal(compiled(pixels), eager)
     finally:
@@ -630,14 +624,13 @@ def test_the_compiled_prefill_is_one_graph_that_fills_the_cache_as_the_eager_one
 
     from transformers import StaticCache
 
-    from captune import generate
-    from captune.step import blip_of, embedded_inputs
+    from captune.model import blip_of, embedded_inputs
 
     asked = _traced_compiles(monkeypatch)
     blip = blip_of(tiny.model)
     lm = blip.language_model
     name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
-    inputs = generate.text_inputs(tiny.model, tiny.processor, images, prompt="a picture of")
+    inputs = text_inputs(tiny.model, tiny.processor, images, prompt="a picture of")
     size = tiny.processor.image_processor.size
     pixels = torch.randn(images, 3, size["height"], size["width"], generator=torch.Generator().manual_seed(0))
     total = inputs["input_ids"].shape[1] + 4
@@ -645,9 +638,9 @@ def test_the_compiled_prefill_is_one_graph_that_fills_the_cache_as_the_eager_one
     filled = []
     with torch.no_grad():
         embeds = embedded_inputs(blip, inputs["input_ids"], pixels)
-        for prefill in (generate._prefill_logits, generate._compiled_prefill()):
+        for prefill in (decoder._prefill_logits, decoder._compiled_prefill()):
             cache = StaticCache(config=lm.config, max_cache_len=total)
-            generate._initialize(cache, lm.config, images, embeds.dtype, embeds.device)
+            decoder._initialize(cache, lm.config, images, embeds.dtype, embeds.device)
             allocated = [layer.keys.data_ptr() for layer in cache.layers]
             logits = prefill(lm, embeds, mask, positions, name, cache)
             assert [layer.keys.data_ptr() for layer in cache.layers] == allocated  # written in place
@@ -672,12 +665,10 @@ def test_static_loops_project_q_k_and_v_with_one_gemm_over_weights_of_the_moment
     from transformers import Blip2ForConditionalGeneration
     from transformers.models.opt.modeling_opt import OPTAttention
 
-    import captune.generate as generate
-
     layers = [m for m in tiny.model.language_model.modules() if isinstance(m, OPTAttention)]
     assert layers
     fused_calls: list[torch.Tensor] = []
-    real_forward = generate._fused_qkv_forward
+    real_forward = linears._fused_qkv_forward
 
     def watched(self: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         fused_calls.append(self.captune_qkv_weight)
@@ -693,7 +684,7 @@ def test_static_loops_project_q_k_and_v_with_one_gemm_over_weights_of_the_moment
                 return False
         return True
 
-    monkeypatch.setattr(generate, "_fused_qkv_forward", watched)
+    monkeypatch.setattr(linears, "_fused_qkv_forward", watched)
     options = GenerateConfig(num_beams=1, min_new_tokens=2, max_new_tokens=6)
     static = GenerateConfig(num_beams=1, min_new_tokens=2, max_new_tokens=6, static_cache=True)
     before = generate_captions(tiny.model, tiny.processor, _images(), options)
@@ -734,7 +725,7 @@ def test_static_loops_project_q_k_and_v_with_one_gemm_over_weights_of_the_moment
 
 def test_only_plain_weights_with_memory_are_fused() -> None:
     """Sharded (DTensor) or meta weights (offloaded) are never made views of a fused buffer."""
-    from captune.generate import _plain
+    from captune.generation.static.linears import _plain
 
     assert _plain(torch.nn.Linear(2, 2))
     assert not _plain(torch.nn.Linear(2, 2, device="meta"))
@@ -744,7 +735,6 @@ def test_only_plain_weights_with_memory_are_fused() -> None:
 def test_the_one_query_attention_is_sdpas_by_reductions_for_few_rows_compiled_and_products_otherwise(
     rows: int, compiling: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import captune.generate as generate
 
     generator = torch.Generator().manual_seed(0)
     query, key, value = (torch.randn(size, generator=generator) for size in ((rows, 4, 1, 8), *[(rows, 4, 6, 8)] * 2))
@@ -753,11 +743,11 @@ def test_the_one_query_attention_is_sdpas_by_reductions_for_few_rows_compiled_an
     expected = expected.transpose(1, 2)
     used: list[str] = []
     for name in ("_reductions", "_batched_products"):
-        real = getattr(generate, name)
-        monkeypatch.setattr(generate, name, lambda *a, real=real, name=name: used.append(name) or real(*a))
-    monkeypatch.setattr(generate, "REDUCTIONS_UP_TO", 2)
+        real = getattr(attention, name)
+        monkeypatch.setattr(attention, name, lambda *a, real=real, name=name: used.append(name) or real(*a))
+    monkeypatch.setattr(attention, "REDUCTIONS_UP_TO", 2)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)  # as while dynamo traces the step
-    out = generate._by_rows(query, key, value, mask, 0.3)
+    out = attention._by_rows(query, key, value, mask, 0.3)
     assert used == (["_reductions"] if rows <= 2 and compiling else ["_batched_products"])
     assert out.shape == (rows, 1, 4, 8) and out.is_contiguous()
     torch.testing.assert_close(out, expected)
@@ -768,11 +758,9 @@ def test_a_small_static_batch_starts_its_compiled_image_side_before_the_text_inp
 ) -> None:
     # On a GPU the compiled image side is launched first, so that the GPU works while the host builds the text inputs
     # and the decoder; here it is a stand-in (CPU: nothing compiles) that records when it ran.
-    import captune.generate as generate
-    import captune.step
 
     calls: list[str] = []
-    real_text_inputs = generate.text_inputs
+    real_text_inputs = text_inputs
     on_gpu = iter([True])  # generate_from_pixels asks first; the decoder's later questions get False (CPU)
 
     def image_side(blip: Any) -> Any:
@@ -782,13 +770,13 @@ def test_a_small_static_batch_starts_its_compiled_image_side_before_the_text_inp
 
         return run
 
-    monkeypatch.setattr(generate, "_compiles", lambda blip, device: next(on_gpu, False))
-    monkeypatch.setattr(generate, "_compiled_image_side", image_side)
+    monkeypatch.setattr(decoder, "compiles", lambda blip, device: next(on_gpu, False))
+    monkeypatch.setattr(decoder, "compiled_image_side", image_side)
     monkeypatch.setattr(
-        generate, "text_inputs", lambda *a, **k: calls.append("text inputs") or real_text_inputs(*a, **k)
+        static_entry, "text_inputs", lambda *a, **k: calls.append("text inputs") or real_text_inputs(*a, **k)
     )
-    real_embedded = captune.step.embedded_inputs
-    monkeypatch.setattr(captune.step, "embedded_inputs", lambda *a: calls.append("embedded") or real_embedded(*a))
+    real_embedded = decoder.embedded_inputs
+    monkeypatch.setattr(decoder, "embedded_inputs", lambda *a: calls.append("embedded") or real_embedded(*a))
     options = GenerateConfig(num_beams=1, min_new_tokens=2, max_new_tokens=6)
     expected = generate_captions(tiny.model, tiny.processor, _images(), options)
     calls.clear()
@@ -807,11 +795,9 @@ def test_a_servers_mix_of_sizes_beams_and_lengths_stays_within_the_compilers_rec
     # dynamo traces as on a GPU (CUDA graphs aside) and is made to fail at the limit instead.
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
-    import captune.generate as generate
-
     lm = tiny.model.language_model
     asked = _traced_compiles(monkeypatch)
-    monkeypatch.setattr(generate, "_compiles", lambda blip, device: True)
+    monkeypatch.setattr(decoder, "compiles", lambda blip, device: True)
     monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     images = [Image.new("RGB", (40, 30), (i * 40 % 255, 20 + i, 200)) for i in range(8)]
     torch._dynamo.reset()
@@ -821,7 +807,7 @@ def test_a_servers_mix_of_sizes_beams_and_lengths_stays_within_the_compilers_rec
                 for size in (1, 2, 3, 8):
                     options = GenerateConfig(num_beams=beams, min_new_tokens=2, max_new_tokens=new, static_cache=True)
                     assert len(generate_captions(tiny.model, tiny.processor, images[:size], options)) == size
-        reorder_graphs = len(_debug_get_cache_entry_list(generate._reorder_rows.__code__))
+        reorder_graphs = len(_debug_get_cache_entry_list(decoder._reorder_rows.__code__))
     finally:
         torch._dynamo.reset()
         vars(tiny.model).pop("_captune_image_side", None)  # the shared tiny model as it was
@@ -836,7 +822,7 @@ def test_a_servers_mix_of_sizes_beams_and_lengths_stays_within_the_compilers_rec
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_a_gemv_is_the_linear_layers_product(bias: bool) -> None:
-    from captune.generate import _gemv
+    from captune.generation.static.linears import _gemv
 
     generator = torch.Generator().manual_seed(0)
     x, weight = torch.randn(1, 1, 24, generator=generator), torch.randn(40, 24, generator=generator)
@@ -853,16 +839,15 @@ def test_a_gemv_is_the_linear_layers_product(bias: bool) -> None:
 def test_linear_layers_take_the_gemv_only_for_few_rows_while_compiling(
     rows: int, compiling: bool, expected: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import captune.generate as generate
 
     used: list[str] = []
-    real_gemv, real_linear = generate._gemv, torch.nn.functional.linear
-    monkeypatch.setattr(generate, "_gemv", lambda *a: used.append("_gemv") or real_gemv(*a))
+    real_gemv, real_linear = linears._gemv, torch.nn.functional.linear
+    monkeypatch.setattr(linears, "_gemv", lambda *a: used.append("_gemv") or real_gemv(*a))
     monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: used.append("linear") or real_linear(*a))
-    monkeypatch.setattr(generate, "GEMV_UP_TO", 1)
+    monkeypatch.setattr(linears, "GEMV_UP_TO", 1)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
     x, weight = torch.randn(rows, 1, 8), torch.randn(5, 8)
-    torch.testing.assert_close(generate._linear(x, weight), real_linear(x, weight))
+    torch.testing.assert_close(linears._linear(x, weight), real_linear(x, weight))
     assert used == [expected]
 
 
@@ -875,10 +860,9 @@ def test_compiled_one_row_steps_give_generates_captions_by_gemvs_only_when_asked
     # single image has no linear layer left in its graph (the products are reductions), the captions stay generate's,
     # and the layers get nn.Linear's forward back (1 is the default); with 0 no layer is touched.
     # The one-row step of reductions is compiled with coordinate descent tuning.
-    import captune.generate as generate
 
     lm = tiny.model.language_model
-    linears = [m for m in lm.modules() if type(m) is torch.nn.Linear]
+    linear_layers = [m for m in lm.modules() if type(m) is torch.nn.Linear]
     graphs: list[torch.fx.GraphModule] = []
     settings: list[bool] = []  # whether the compiler tuned by coordinate descent while each graph was compiled
 
@@ -891,18 +875,18 @@ def test_compiled_one_row_steps_give_generates_captions_by_gemvs_only_when_asked
 
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda f, **o: real_compile(f, backend=recording, fullgraph=o["fullgraph"]))
-    monkeypatch.setattr(generate, "_compiles", lambda blip, device: True)
-    monkeypatch.setattr(generate, "GEMV_UP_TO", up_to)
+    monkeypatch.setattr(decoder, "compiles", lambda blip, device: True)
+    monkeypatch.setattr(linears, "GEMV_UP_TO", up_to)
     options = GenerateConfig(num_beams=1, min_new_tokens=2, max_new_tokens=6)
     static = GenerateConfig(num_beams=1, min_new_tokens=2, max_new_tokens=6, static_cache=True)
     patched: list[bool] = []
-    real_step = generate._StaticDecoder.step
+    real_step = decoder.StaticDecoder.step
 
     def step(self: Any, *args: Any) -> Any:
-        patched.append(any("forward" in vars(m) for m in linears))
+        patched.append(any("forward" in vars(m) for m in linear_layers))
         return real_step(self, *args)
 
-    monkeypatch.setattr(generate._StaticDecoder, "step", step)
+    monkeypatch.setattr(decoder.StaticDecoder, "step", step)
     torch._dynamo.reset()
     try:
         for image in _images():
@@ -920,21 +904,20 @@ def test_compiled_one_row_steps_give_generates_captions_by_gemvs_only_when_asked
     calls = [n.target for n in graphs[2].graph.nodes if n.op == "call_function"]
     layers = lm.config.num_hidden_layers
     assert calls.count(torch._C._nn.linear) == (0 if up_to else 4 * layers + 1)  # q/k/v fused, out, fc1, fc2; head
-    assert all("forward" not in vars(m) for m in linears)
+    assert all("forward" not in vars(m) for m in linear_layers)
 
 
 def test_single_captions_reuse_their_static_caches_emptied(tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
     """Calls without caches (a single caption, a server's request) keep small static caches on the model: the next
     call decodes into the same tensors (no allocation; CUDA graphs replay at their addresses), emptied first, so
     every caption is that of fresh caches; a call of more rows than HELD_CACHE_ROWS keeps none."""
-    import captune.generate as generate
-    from captune.step import blip_of
+    from captune.model import blip_of
 
     blip = blip_of(tiny.model)
     vars(blip).pop("_captune_caches", None)
     emptied: list[int] = []
-    real_reset = generate._reset
-    monkeypatch.setattr(generate, "_reset", lambda cache: emptied.append(id(cache)) or real_reset(cache))
+    real_reset = decoder._reset
+    monkeypatch.setattr(decoder, "_reset", lambda cache: emptied.append(id(cache)) or real_reset(cache))
     options = GenerateConfig(num_beams=1, min_new_tokens=2, max_new_tokens=6)
     static = GenerateConfig(num_beams=1, min_new_tokens=2, max_new_tokens=6, static_cache=True)
     addresses = []
@@ -946,7 +929,7 @@ def test_single_captions_reuse_their_static_caches_emptied(tiny: LoadedModel, mo
         addresses.append([layer.keys.data_ptr() for layer in cache.layers])
     assert addresses[0] == addresses[1] == addresses[2]
     assert emptied == [id(vars(blip)["_captune_caches"]["prefill"][1])] * 2  # before the 2nd and the 3rd caption
-    monkeypatch.setattr(generate, "HELD_CACHE_ROWS", 2)
+    monkeypatch.setattr(static_entry, "HELD_CACHE_ROWS", 2)
     held = dict(vars(blip)["_captune_caches"])
     generate_captions(tiny.model, tiny.processor, _images(), static)  # 3 rows
     assert vars(blip)["_captune_caches"] == held
@@ -955,7 +938,7 @@ def test_single_captions_reuse_their_static_caches_emptied(tiny: LoadedModel, mo
 def test_emptying_a_static_cache_in_one_launch_is_its_reset(tiny: LoadedModel) -> None:
     from transformers import StaticCache
 
-    from captune.generate import _initialize, _reset
+    from captune.generation.static.decoder import _initialize, _reset
 
     config = tiny.model.language_model.config
     caches = [StaticCache(config=config, max_cache_len=7) for _ in range(2)]

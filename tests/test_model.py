@@ -11,7 +11,7 @@ from PIL import Image
 
 from captune.config import Config, GenerateConfig, LoraConfig
 from captune.errors import CaptuneError
-from captune.generate import generate_captions
+from captune.generation.core import generate_captions
 from captune.model import (
     META_FILE,
     LoadedModel,

@@ -41,7 +41,7 @@ from captune.cli import main
 from captune.config import GenerateConfig
 from captune.data.images import load_rgb
 from captune.errors import CaptuneError
-from captune.generate import generate_captions
+from captune.generation.core import generate_captions
 from captune.model import load_model_dir
 from captune.serve import OPTION_NAMES, ApiError, MicroBatcher, ServeSettings, create_app, listen, uvicorn_server
 

@@ -276,11 +276,13 @@ def test_flash_attention_falls_back_to_a_row_per_caption(tiny: LoadedModel, capl
     assert not _use_packing(load_config(None, ["train.pack_captions=false"]), build_tiny(0).model)
 
 
-def test_joined_gives_the_rows_in_order_in_batches_of_one_size() -> None:
+def test_rebatched_gives_a_tensors_rows_in_order_in_batches_of_one_size() -> None:
+    from captune.data.images import rebatched
+
     chunks = [torch.arange(0, 3), torch.arange(3, 5), torch.arange(5, 11), torch.arange(11, 12)]
-    batches = list(step._joined(iter(chunks), 4))
+    batches = list(rebatched(iter(chunks), 4, torch.cat))
     assert [b.tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
-    assert [b.tolist() for b in step._joined(iter([torch.arange(5)]), 2)] == [[0, 1], [2, 3], [4]]
+    assert [b.tolist() for b in rebatched(iter([torch.arange(5)]), 2, torch.cat)] == [[0, 1], [2, 3], [4]]
 
 
 def test_the_feature_pass_workers_make_shares_and_the_model_gets_whole_batches(

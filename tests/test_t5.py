@@ -16,7 +16,7 @@ from captune.cli import main
 from captune.config import load_config
 from captune.data import read
 from captune.export import merge_model_dir
-from captune.generate import caption_paths
+from captune.generation.files import caption_paths
 from captune.model import TINY_T5, LoadedModel, apply_lora, build_tiny, load_model_dir
 from captune.step import CaptionLoss, image_features
 from captune.train import IGNORE, CaptionCollator, CaptionPairs

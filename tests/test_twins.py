@@ -23,7 +23,9 @@ from captune.data import read
 from captune.data.images import load_rgb
 from captune.data.synthetic import generate_synthetic
 from captune.errors import CaptuneError
-from captune.generate import caption_paths, generate_captions, text_inputs
+from captune.generation.core import generate_captions
+from captune.generation.files import caption_paths
+from captune.generation.inputs import text_inputs
 from captune.model import (
     END_KEY,
     META_FILE,

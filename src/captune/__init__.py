@@ -17,7 +17,8 @@ from captune.data.synthetic import SyntheticSpec, generate_synthetic
 from captune.errors import CaptuneError
 from captune.evaluation import evaluate_records, predict_records
 from captune.export import merge_model_dir, model_card
-from captune.generate import CaptionResult, caption_paths, generate_captions
+from captune.generation.core import CaptionResult, generate_captions
+from captune.generation.files import caption_paths
 from captune.metrics import EvalResult, evaluate_files, score_captions
 from captune.model import LoadedModel, apply_lora, load_base, load_model_dir, trainable_summary
 from captune.report import write_report

@@ -202,7 +202,7 @@ class GenerateConfig:
     `generate.static_beam`: the decode step compiled on CUDA into CUDA graphs, beam search's bookkeeping on the GPU,
     the GPU read only every 8 tokens to see whether generation ended; short batches of `captune caption` filled up to
     the batch size so one compilation serves all); a repetition penalty and Flan-T5 use transformers' static cache.
-    Compiling takes ~30-70 s per batch size and beam width on an H100 (`captune caption` and `captune eval` advise
+    Compiling takes ~45-130 s per batch size and beam width on an H100 (`captune caption` and `captune eval` advise
     turning it on for GPU runs of at least 10,000 images greedy, 3,000 with beam search); in float32 the captions are
     `generate`'s, in bf16 they can differ where two tokens score within rounding (different attention kernels)."""
     cudnn_attention: bool = False

@@ -18,7 +18,7 @@ from captune.config import Config, load_config
 from captune.data import ReadOptions, read
 from captune.data.synthetic import SyntheticSpec, generate_synthetic
 from captune.evaluation import evaluate_records, write_evaluation
-from captune.generate import caption_paths
+from captune.generation.files import caption_paths
 from captune.model import load_base, load_model_dir
 from captune.train import train, trained_model_dir
 

@@ -11,7 +11,7 @@ from transformers import Blip2Processor
 from captune.config import GenerateConfig
 from captune.data import Record
 from captune.errors import CaptuneError
-from captune.generate import caption_paths
+from captune.generation.files import caption_paths
 from captune.metrics import EvalResult, per_image_rows, score_captions, write_metrics, write_per_image
 from captune.model import Blip2Like
 

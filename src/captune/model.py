@@ -13,7 +13,8 @@ import logging
 import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import (
     Blip2Config,
     Blip2ForConditionalGeneration,
@@ -34,7 +37,6 @@ from transformers import (
 
 from captune.config import Config, LoraConfig, config_from_dict, to_dict
 from captune.errors import CaptuneError
-from captune.step import blip_of
 from captune.twins import TWINS, write_checkpoint
 
 log = logging.getLogger(__name__)
@@ -375,6 +377,19 @@ def apply_train_mode(model: Blip2Like, config: Config) -> torch.nn.Module:
     return model
 
 
+@contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """Within it the model is in eval mode; on leaving, also by an exception, in the mode it had."""
+    was_training = model.training
+    if was_training:  # (a walk over ~1,300 modules of the real model: a millisecond of a single caption)
+        model.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            model.train()
+
+
 def trainable_summary(model: torch.nn.Module) -> str:
     """`trainable 12,345 of 3,872,000 parameters (0.32%)` for the run log."""
     total = sum(p.numel() for p in model.parameters())
@@ -629,3 +644,52 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], file:
                 raise CaptuneError(f"{file}: {name} has shape {tuple(value.shape)}, the base model's "
                                    f"{tuple(params[name].shape)}: it was trained on another base")  # fmt: skip
             params[name].copy_(value)
+
+
+# ------------------------------------------------------------------------------------------- model helpers ---
+def blip_of(model: nn.Module) -> Blip2ForConditionalGeneration:
+    """The BLIP-2 model inside a PEFT wrapper (or the model itself)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    blip = get_base_model() if callable(get_base_model) else model
+    assert isinstance(blip, Blip2ForConditionalGeneration), type(blip)
+    return blip
+
+
+def embedding_of(blip: Blip2ForConditionalGeneration) -> nn.Embedding:
+    embeddings = blip.get_input_embeddings()
+    assert isinstance(embeddings, nn.Embedding), type(embeddings)
+    return embeddings
+
+
+def embedded_inputs(
+    blip: Blip2ForConditionalGeneration,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor | None = None,
+    image_features: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The language model's input embeddings of `input_ids` with each image's projected Q-Former output in its image
+    token positions, as BLIP-2's own forward and generate build them; from pixels unless the features are given."""
+    if image_features is None:
+        assert pixel_values is not None
+        image_features = blip.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+    embeds = blip.get_input_embeddings()(input_ids)
+    is_image = (input_ids == blip.config.image_token_id).unsqueeze(-1)
+    return embeds.masked_scatter(is_image, image_features.to(embeds.dtype))
+
+
+@contextmanager
+def attention_kernels(cudnn: bool = False) -> Iterator[None]:
+    """Within it, PyTorch's scaled-dot-product attention may use flash, memory-efficient or plain (math) kernels, and
+    cuDNN attention only when `cudnn` is true (`model.cudnn_attention`, `generate.cudnn_attention`).
+
+    On H100s PyTorch picks cuDNN attention first. It builds (and on a fresh machine JIT-compiles) an execution plan
+    for every new input shape, and training's packed rows have a new length at nearly every step: measured on an H100
+    (benchmarks/README.md), the main thread spent ~6 of the first 15 s of an epoch inside that attention call, and
+    the epoch took 40.9 s in a fresh process against 26.3 s in a second one (plans' kernels cached on disk). In the
+    compiled decode step its kernel took 200 us per layer at batch 256, 62 % of the step. Wrap forward and backward
+    (a checkpointed layer's recomputation must pick the same kernel as its forward)."""
+    if cudnn:
+        yield
+        return
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        yield

@@ -69,7 +69,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from captune.config import Config, GenerateConfig
 from captune.data.images import ImageError, decode_size, load_rgb
 from captune.errors import CaptuneError
-from captune.generate import generate_captions
+from captune.generation.core import generate_captions
 from captune.model import META_FILE, LoadedModel, load_model_dir, saved_config
 
 log = logging.getLogger(__name__)

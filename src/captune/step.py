@@ -17,67 +17,34 @@ that of a row per caption.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import Blip2ForConditionalGeneration, Blip2Processor
+from transformers import Blip2Processor
 from transformers.modeling_outputs import BaseModelOutput
 
 from captune.data import freeze_inherited_objects
-from captune.data.images import processed_pixels
+from captune.data.images import PixelFiles, PixelItem, rebatched, worker_share
 from captune.errors import CaptuneError
+from captune.model import blip_of, embedded_inputs, embedding_of, evaluating
 
 IGNORE = -100  # label value the loss skips
 CE_CHUNK_TOKENS = 2048
 """Caption tokens per cross-entropy chunk: 2048 x 50,272 float32 logits are 0.4 GB."""
 
 
-def blip_of(model: nn.Module) -> Blip2ForConditionalGeneration:
-    """The BLIP-2 model inside a PEFT wrapper (or the model itself)."""
-    get_base_model = getattr(model, "get_base_model", None)
-    blip = get_base_model() if callable(get_base_model) else model
-    assert isinstance(blip, Blip2ForConditionalGeneration), type(blip)
-    return blip
-
-
-def _embedding(blip: Blip2ForConditionalGeneration) -> nn.Embedding:
-    embeddings = blip.get_input_embeddings()
-    assert isinstance(embeddings, nn.Embedding), type(embeddings)
-    return embeddings
-
-
 def feature_bytes(model: nn.Module) -> int:
     """Bytes of one image's cached features: query tokens x LM width, in the LM's dtype."""
     blip = blip_of(model)
-    embeddings = _embedding(blip)
+    embeddings = embedding_of(blip)
     return blip.config.num_query_tokens * embeddings.embedding_dim * embeddings.weight.element_size()
-
-
-@contextmanager
-def attention_kernels(cudnn: bool = False) -> Iterator[None]:
-    """Within it, PyTorch's scaled-dot-product attention may use flash, memory-efficient or plain (math) kernels, and
-    cuDNN attention only when `cudnn` is true (`model.cudnn_attention`, `generate.cudnn_attention`).
-
-    On H100s PyTorch picks cuDNN attention first. It builds (and on a fresh machine JIT-compiles) an execution plan
-    for every new input shape, and training's packed rows have a new length at nearly every step: measured on an H100
-    (benchmarks/README.md), the main thread spent ~6 of the first 15 s of an epoch inside that attention call, and
-    the epoch took 40.9 s in a fresh process against 26.3 s in a second one (plans' kernels cached on disk). In the
-    compiled decode step its kernel took 200 us per layer at batch 256, 62 % of the step. Wrap forward and backward
-    (a checkpointed layer's recomputation must pick the same kernel as its forward)."""
-    if cudnn:
-        yield
-        return
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-        yield
 
 
 def upstream_of_language_model_trains(model: nn.Module) -> list[str]:
@@ -162,22 +129,6 @@ class CaptionLoss(nn.Module):
         return chunked_cross_entropy(hidden, targets, lm.get_output_embeddings(), token_count)
 
 
-def embedded_inputs(
-    blip: Blip2ForConditionalGeneration,
-    input_ids: torch.Tensor,
-    pixel_values: torch.Tensor | None = None,
-    image_features: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The language model's input embeddings of `input_ids` with each image's projected Q-Former output in its image
-    token positions, as BLIP-2's own forward and generate build them; from pixels unless the features are given."""
-    if image_features is None:
-        assert pixel_values is not None
-        image_features = blip.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
-    embeds = blip.get_input_embeddings()(input_ids)
-    is_image = (input_ids == blip.config.image_token_id).unsqueeze(-1)
-    return embeds.masked_scatter(is_image, image_features.to(embeds.dtype))
-
-
 PACKING_ATTENTION = ("sdpa", "eager")
 """Attention implementations that take the packed rows' block mask (a custom 4D mask); flash attention does not."""
 
@@ -225,34 +176,6 @@ def _summed_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: nn.
     return F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE, reduction="sum")
 
 
-class _Pixels(Dataset):
-    """Preprocessed pixels of image files, for the feature pass."""
-
-    def __init__(self, paths: Sequence[Path], processor: Blip2Processor) -> None:
-        self.paths, self.image_processor = list(paths), processor.image_processor
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return processed_pixels(self.paths[index], self.image_processor)
-
-
-def _joined(chunks: Iterable[torch.Tensor], size: int) -> Iterator[torch.Tensor]:
-    """The rows of consecutive tensors, in order, in tensors of `size` rows (the last one shorter)."""
-    pending: list[torch.Tensor] = []
-    count = 0
-    for chunk in chunks:
-        pending.append(chunk)
-        count += len(chunk)
-        while count >= size:
-            joined = torch.cat(pending) if len(pending) > 1 else pending[0]
-            yield joined[:size]
-            pending, count = ([joined[size:]], count - size) if count > size else ([], 0)
-    if pending:
-        yield torch.cat(pending)
-
-
 @torch.no_grad()
 def image_features(
     model: nn.Module,
@@ -279,28 +202,31 @@ def image_features(
         progress: Show a progress bar.
     """
     blip = blip_of(model)
-    was_training = blip.training
-    blip.eval()
-    embeddings = _embedding(blip)
+    embeddings = embedding_of(blip)
     dtype, width = embeddings.weight.dtype, embeddings.embedding_dim
     # A generator of its own: the loader's seed draw must not move the global RNG, or training after a computed pass
     # would differ from training after features read from train.feature_cache_dir.
-    # Each worker makes a share of a batch (batch_size / num_workers images), not a whole one, so the first batch is
-    # ready when every worker has made its first share, not after one worker decoded batch_size images.
-    share = -(-batch_size // num_workers) if num_workers else batch_size
-    loader = DataLoader(_Pixels(paths, processor), batch_size=share, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", worker_init_fn=freeze_inherited_objects,
-                        generator=torch.Generator())  # fmt: skip
+    loader = DataLoader(PixelFiles(paths, processor.image_processor), batch_size=worker_share(batch_size, num_workers),
+                        num_workers=num_workers, collate_fn=_stacked, pin_memory=device.type == "cuda",
+                        worker_init_fn=freeze_inherited_objects, generator=torch.Generator())  # fmt: skip
     out = torch.empty((len(paths), blip.config.num_query_tokens, width), dtype=dtype, device=keep_on,
                       pin_memory=keep_on.type == "cpu" and device.type == "cuda")  # fmt: skip
     row = 0
     shares = (pixels.to(device, non_blocking=True) for pixels in loader)  # from pinned memory, joined on the GPU
-    batches = tqdm(_joined(shares, batch_size), desc="image features", unit="batch", disable=not progress,
+    batches = tqdm(rebatched(shares, batch_size, torch.cat), desc="image features", unit="batch", disable=not progress,
                    total=-(-len(paths) // batch_size))  # fmt: skip
-    for pixels in batches:
-        pixels = pixels.to(dtype=blip.vision_model.dtype)
-        features = blip.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
-        out[row : row + len(features)] = features.to(dtype)
-        row += len(features)
-    blip.train(was_training)
+    with evaluating(blip):
+        for pixels in batches:
+            pixels = pixels.to(dtype=blip.vision_model.dtype)
+            features = blip.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
+            out[row : row + len(features)] = features.to(dtype)
+            row += len(features)
     return out
+
+
+def _stacked(items: list[PixelItem]) -> torch.Tensor:
+    """The pixels of images that were checked before training; one that cannot be read now stops the pass."""
+    for _, _, error in items:
+        if error is not None:
+            raise CaptuneError(error)
+    return torch.stack([pixels for _, pixels, _ in items if pixels is not None])

@@ -7,12 +7,13 @@ check is an image training can read.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
 
 from captune.errors import CaptuneError
 
@@ -175,3 +176,50 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info:
         return Image.alpha_composite(Image.new("RGBA", image.size, _WHITE), image.convert("RGBA")).convert("RGB")
     return image.convert("RGB")
+
+
+PixelItem = tuple[int, torch.Tensor | None, str | None]
+"""An image's position in the input, its pixels, and the error that kept it from having pixels."""
+
+
+class PixelFiles(Dataset):
+    """Image files as the model takes them (decoded, resized, normalised: `processed_pixels`), each item
+    `(position, pixels, None)`, or `(position, None, the error)` for a file that cannot be used: a bulk run reports
+    it and goes on."""
+
+    def __init__(self, paths: Sequence[Path], image_processor: Any) -> None:
+        self.paths, self.image_processor = list(paths), image_processor
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> PixelItem:
+        try:
+            return index, processed_pixels(self.paths[index], self.image_processor), None
+        except CaptuneError as err:
+            return index, None, str(err)
+
+
+def worker_share(batch_size: int, workers: int) -> int:
+    """Images each DataLoader worker makes at a time: a share of a batch (batch_size / workers), not a whole one, so
+    that all workers make the first batch together and it is ready after 1 / workers of the time one would take."""
+    return -(-batch_size // workers) if workers else batch_size
+
+
+Chunk = TypeVar("Chunk", list[Any], torch.Tensor)
+
+
+def rebatched(chunks: Iterable[Chunk], size: int, join: Callable[[list[Chunk]], Chunk]) -> Iterator[Chunk]:
+    """The items of consecutive chunks (lists, or tensors' rows), in order, in chunks of `size` (the last one
+    shorter); `join` concatenates chunks (`torch.cat` for tensors)."""
+    pending: list[Chunk] = []
+    count = 0
+    for chunk in chunks:
+        pending.append(chunk)
+        count += len(chunk)
+        while count >= size:
+            joined = join(pending) if len(pending) > 1 else pending[0]
+            yield joined[:size]
+            pending, count = ([joined[size:]], count - size) if count > size else ([], 0)
+    if pending:
+        yield join(pending) if len(pending) > 1 else pending[0]

@@ -1,0 +1,118 @@
+"""The one captioning path that `captune caption`, evaluation, validation and the server use: a batch of images to
+captions through transformers' `generate`, or through captune's static loops (`captune.generation.static`) when
+`generate.static_cache` is on and they cover the model. `generate_from_pixels` is the one place that picks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from transformers import Blip2Processor
+
+from captune.config import GenerateConfig
+from captune.data.images import device_pixels
+from captune.generation.inputs import is_encoder_decoder, text_inputs
+from captune.generation.static import StaticCaches, static_tokens, uses_static_loops
+from captune.model import Blip2Like, attention_kernels, evaluating
+
+
+@dataclass
+class CaptionResult:
+    """The caption of one input image, or why there is none."""
+
+    image: str
+    caption: str | None
+    error: str | None = None
+
+
+@torch.no_grad()
+def generate_captions(
+    model: Blip2Like,
+    processor: Blip2Processor,
+    images: Sequence[Image.Image],
+    options: GenerateConfig,
+    prompt: str = "",
+) -> list[str]:
+    """Captions one batch of RGB images (preprocessed here, rescaled and normalised on the model's device:
+    `device_pixels`; `caption_paths` preprocesses in worker processes)."""
+    pixel_values = device_pixels(processor.image_processor, images, next(model.parameters()).device)
+    return generate_from_pixels(model, processor, pixel_values, options, prompt)
+
+
+@torch.no_grad()
+def generate_from_pixels(
+    model: Blip2Like,
+    processor: Blip2Processor,
+    pixel_values: torch.Tensor,
+    options: GenerateConfig,
+    prompt: str = "",
+    caches: StaticCaches | None = None,
+    image_features: torch.Tensor | None = None,
+) -> list[str]:
+    """Captions one batch of preprocessed images (the image processor's `pixel_values`). `caches`: static KV caches
+    to reuse from an earlier batch of the same run (see StaticCaches); `image_features`: the batch's projected
+    Q-Former output when already computed (captune's static loops then skip the image side).
+
+    The text input is what `Blip2Processor(images=..., text=prompt)` builds: the image tokens, then the tokenized
+    prompt. Decoder-only models get left padding, so every row's prompt ends right where generation starts. The
+    prompt is fed to the model and stripped from the output, which holds only the new tokens.
+    """
+    device = next(model.parameters()).device
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    pixel_values = pixel_values.to(device, dtype, non_blocking=True)
+    with evaluating(model), attention_kernels(options.cudnn_attention):
+        if options.static_cache and uses_static_loops(model, options):
+            output = static_tokens(model, processor, pixel_values, options, prompt, caches, image_features)
+        else:
+            output = _generated_tokens(model, processor, pixel_values, options, prompt)
+    texts = processor.tokenizer.batch_decode(output, skip_special_tokens=True)
+    return [_clean(t, prompt) for t in texts]
+
+
+def _generated_tokens(
+    model: Blip2Like, processor: Blip2Processor, pixel_values: torch.Tensor, options: GenerateConfig, prompt: str
+) -> torch.Tensor:
+    """The new tokens of transformers' `generate` (with its static cache when `generate.static_cache` is on)."""
+    inputs = text_inputs(model, processor, len(pixel_values), prompt)
+    output = model.generate(
+        **inputs,
+        pixel_values=pixel_values,
+        num_beams=options.num_beams,
+        min_new_tokens=options.min_new_tokens,
+        max_new_tokens=options.max_new_tokens,
+        repetition_penalty=options.repetition_penalty,
+        do_sample=False,
+        **({"cache_implementation": "static"} if options.static_cache else {}),
+    )
+    return output if is_encoder_decoder(model) else output[:, inputs["input_ids"].shape[1] :]
+
+
+STATIC_CACHE_PAYS_FROM_GREEDY, STATIC_CACHE_PAYS_FROM_BEAMS = 10_000, 3_000
+"""Images from which a run captions faster with `generate.static_cache` despite its compiling warm-up, greedy and
+with beam search. From the H100 numbers (benchmarks/results/caption-bulk-h100.json): greedy 405 captions/s static
+(batch 512, 44.5 s warm-up) against ~183 without (batch 256); beam 5 120 (batch 128, 131.8 s warm-up) against ~34
+(batch 64)."""
+
+
+def static_cache_advice(images: int, options: GenerateConfig, device_type: str, own_loop: bool) -> str | None:
+    """A note for a run of `images` that would be faster with the static cache (None when it is on, the run is too
+    short to pay for the warm-up, the device is not a GPU, or the model does not run captune's own loops)."""
+    pays_from = STATIC_CACHE_PAYS_FROM_GREEDY if options.num_beams == 1 else STATIC_CACHE_PAYS_FROM_BEAMS
+    if options.static_cache or images < pays_from or device_type != "cuda" or not own_loop:
+        return None
+    return (
+        f"note: {images} images: --static-cache (generate.static_cache=true) is faster from about {pays_from} "
+        f"images at {'greedy' if options.num_beams == 1 else 'beam search'} after a 45-130 s compiling warm-up "
+        f"(on an H100: 405 greedy captions/s at --batch-size 512, 120 with beam 5 at 128; see benchmarks/README.md)"
+    )
+
+
+def _clean(text: str, prompt: str) -> str:
+    """Collapses whitespace and drops a repeat of the prompt at the start, as whole words only: prompt `a` must not
+    eat the `a` of `at the top`."""
+    text, prompt = " ".join(text.split()), " ".join(prompt.split())
+    if prompt and (text == prompt or text.startswith(prompt + " ")):
+        text = text[len(prompt) :].strip()
+    return text
