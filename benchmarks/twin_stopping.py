@@ -30,6 +30,7 @@ from captune.generation.files import caption_paths
 from captune.generation.inputs import text_inputs
 from captune.model import caption_end_id, load_model_dir
 from captune.train import train, trained_model_dir
+from captune.twins import learning_overrides
 
 
 def main() -> None:
@@ -41,9 +42,7 @@ def main() -> None:
     generate_synthetic(data_dir, SyntheticSpec(train=24, val=6, test=16, seed=1))
     config = load_config(None, ["model.name=twin-blip2-opt-2.7b", "data.format=synthetic", f"data.data_dir={data_dir}",
                                 f"train.output_dir={run_dir}", "model.dtype=fp32", "train.validate=false",
-                                "lora.modules_to_save=language_projection,language_model.model.decoder.final_layer_norm",
-                                "lora.target_modules=q_proj,v_proj,fc1,fc2", "train.epochs=6", "train.batch_size=10",
-                                "train.lr=1e-2", "train.warmup_steps=2"])  # fmt: skip
+                                *learning_overrides("twin-blip2-opt-2.7b")])  # fmt: skip
     start = time.perf_counter()
     train(config)
     trained_s = time.perf_counter() - start

@@ -37,7 +37,7 @@ from captune.model import (
     stop_token_ids,
 )
 from captune.train import CaptionCollator, PackedCaptionCollator, setup, train, trained_model_dir
-from captune.twins import CHECKPOINTS, TWINS, write_checkpoint
+from captune.twins import CHECKPOINTS, TWINS, learning_overrides, write_checkpoint
 
 from .conftest import SMALL_SPEC
 
@@ -129,7 +129,7 @@ def test_flan_t5s_gated_feed_forward_takes_the_fc1_target(t5: LoadedModel) -> No
 # --- the collators end captions with the end token -------------------------------------------------------------
 
 
-def _items(loaded: LoadedModel, captions: list[str]) -> list[dict]:
+def _items(captions: list[str]) -> list[dict]:
     return [{"pixel_values": torch.zeros(3, 224, 224), "caption": c} for c in captions]
 
 
@@ -137,7 +137,7 @@ def _items(loaded: LoadedModel, captions: list[str]) -> list[dict]:
 def test_opt_training_rows_are_the_generation_prompt_then_caption_then_newline(opt: LoadedModel, prompt: str) -> None:
     tokenizer = opt.processor.tokenizer
     collate = CaptionCollator.for_model(opt.model, opt.processor, prompt)
-    batch = collate(_items(opt, ["a red square", "a  small\nblue circle "]))
+    batch = collate(_items(["a red square", "a  small\nblue circle "]))
     prefix = text_inputs(opt.model, opt.processor, 1, prompt)["input_ids"][0].tolist()  # what generation feeds
     for row, text in enumerate(["a red square", "a small blue circle"]):
         ids = [i for i in batch["input_ids"][row].tolist()]
@@ -151,7 +151,7 @@ def test_opt_training_rows_are_the_generation_prompt_then_caption_then_newline(o
 
 def test_t5_labels_are_the_caption_then_eos(t5: LoadedModel) -> None:
     tokenizer = t5.processor.tokenizer
-    batch = CaptionCollator.for_model(t5.model, t5.processor, "a photo of")(_items(t5, ["a red square"]))
+    batch = CaptionCollator.for_model(t5.model, t5.processor, "a photo of")(_items(["a red square"]))
     assert (
         batch["input_ids"][0].tolist() == text_inputs(t5.model, t5.processor, 1, "a photo of")["input_ids"][0].tolist()
     )
@@ -168,7 +168,7 @@ def test_packed_rows_end_every_caption_with_the_end_token(opt: LoadedModel) -> N
 def test_a_caption_holding_the_end_token_is_refused(t5: LoadedModel) -> None:
     collate = CaptionCollator.for_model(t5.model, t5.processor)
     with pytest.raises(CaptuneError, match=r"caption 'a red </s> square' holds the end token '</s>' \(id 1\)"):
-        collate(_items(t5, ["a red </s> square"]))
+        collate(_items(["a red </s> square"]))
 
 
 def test_generation_that_stops_nowhere_refuses_to_train_and_names_both_ids(opt: LoadedModel) -> None:
@@ -223,9 +223,6 @@ def test_the_recipes_batches_end_every_caption_where_generation_stops(
 
 # --- fine-tuned twins: every captioning path stops where training ended the captions --------------------------
 
-LEARNS = ["train.epochs=6", "train.batch_size=10", "train.lr=1e-2", "train.warmup_steps=2"]
-"""A random twin's frozen output layer and final layer norm bound its logits (~1.3 at most over 50k tokens), so the
-run trains the final layer norm and the projection in full and LoRA on q, v and the feed-forward layers."""
 GREEDY = GenerateConfig(num_beams=1, min_new_tokens=1, max_new_tokens=20, batch_size=6)
 
 
@@ -238,16 +235,14 @@ class Tuned:
     data_dir: Path
 
 
-def _tune(name: str, root: Path, final_norm: str) -> Tuned:
+def _tune(name: str, root: Path) -> Tuned:
     data_dir = root / "data"
     generate_synthetic(data_dir, SMALL_SPEC)
     run_dir = root / "run"
     config = load_config(None, [f"model.name={name}", "data.format=synthetic", f"data.data_dir={data_dir}",
                                 f"train.output_dir={run_dir}", "model.dtype=fp32", "data.num_workers=0",
-                                f"lora.modules_to_save=language_projection,{final_norm}",
-                                "lora.target_modules=q_proj,v_proj,fc1,fc2",
                                 "train.val_metrics=fast", "generate.num_beams=1", "generate.min_new_tokens=1",
-                                "generate.max_new_tokens=20", *LEARNS])  # fmt: skip
+                                "generate.max_new_tokens=20", *learning_overrides(name)])  # fmt: skip
     train(config)
     model_dir = trained_model_dir(run_dir)
     paths = [r.image_path for r in read("synthetic", data_dir).split("test")]
@@ -256,12 +251,12 @@ def _tune(name: str, root: Path, final_norm: str) -> Tuned:
 
 @pytest.fixture(scope="module")
 def tuned_opt(tmp_path_factory: pytest.TempPathFactory) -> Tuned:
-    return _tune(OPT, tmp_path_factory.mktemp("opt"), "language_model.model.decoder.final_layer_norm")
+    return _tune(OPT, tmp_path_factory.mktemp("opt"))
 
 
 @pytest.fixture(scope="module")
 def tuned_t5(tmp_path_factory: pytest.TempPathFactory) -> Tuned:
-    return _tune(T5, tmp_path_factory.mktemp("t5"), "language_model.decoder.final_layer_norm")
+    return _tune(T5, tmp_path_factory.mktemp("t5"))
 
 
 def _stopped_captions(tuned: Tuned, options: GenerateConfig = GREEDY) -> list[str]:

@@ -77,10 +77,10 @@ def merge_model_dir(model_dir: Path, output: Path, *, dtype: str = "auto", overw
     # 2. The run's generation settings (as `captune caption` passes them), for
     # `model.generate(**inputs, generation_config=model.generation_config)`.
     gen = config.generate
-    stops = merged.language_model.generation_config  # what the language model's own generate stops at
+    lm_generation = merged.language_model.generation_config  # what the language model's own generate stops at
     merged.generation_config.update(
-        eos_token_id=stops.eos_token_id,
-        pad_token_id=stops.pad_token_id,
+        eos_token_id=lm_generation.eos_token_id,
+        pad_token_id=lm_generation.pad_token_id,
         num_beams=gen.num_beams,
         min_new_tokens=gen.min_new_tokens,
         do_sample=False,

@@ -84,6 +84,17 @@ TWIN_SIZES = {
 query tokens, ids and every other field stay the checkpoint's."""
 
 
+def learning_overrides(name: str) -> list[str]:
+    """Config overrides with which a short fine-tune of twin `name` learns its captions and their end: a random twin's
+    frozen output layer and final layer norm bound its logits (~1.3 at most over 50k tokens), so the run trains the
+    final layer norm and the projection in full and LoRA on q, v and the feed-forward layers (tests and the GPU
+    check of `benchmarks/twin_stopping.py`)."""
+    t5 = CHECKPOINTS[TWINS[name]].recorded.startswith("blip2-flan-t5")
+    final_norm = "language_model.decoder.final_layer_norm" if t5 else "language_model.model.decoder.final_layer_norm"
+    return [f"lora.modules_to_save=language_projection,{final_norm}", "lora.target_modules=q_proj,v_proj,fc1,fc2",
+            "train.epochs=6", "train.batch_size=10", "train.lr=1e-2", "train.warmup_steps=2"]  # fmt: skip
+
+
 def write_checkpoint(
     hub_id: str,
     folder: Path,
