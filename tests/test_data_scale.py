@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import contextlib
 import gc
 import json
+import multiprocessing
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +25,20 @@ from PIL import Image
 
 from captune.config import load_config
 from captune.data import read
-from captune.model import LoadedModel
 from captune.train import CaptionCollator, CaptionPairs, EpochShuffle, training_loader
 
 ROWS = 100_000
 LINKS_PER_FILE = 50_000  # below ext4's 65,000 hard links per file
 
 
-def _total_uss_mb() -> float:
+def _uss_mb() -> dict[int, float]:
+    """USS of this process and of its children (the loader's workers), by pid, in MB."""
     me = psutil.Process()
-    total = 0
+    sizes = {}
     for process in [me, *me.children(recursive=True)]:
         with contextlib.suppress(psutil.Error):  # a worker that just exited
-            total += process.memory_full_info().uss
-    return total / 2**20
+            sizes[process.pid] = process.memory_full_info().uss / 2**20
+    return sizes
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +71,18 @@ class _CollectingCollator(CaptionCollator):
 _CALLS: dict[int, int] = {}
 
 
-def test_an_epoch_over_100k_rows_keeps_memory_flat(manifest: Path, tiny: LoadedModel) -> None:
+def _epoch(manifest: Path, results: Any) -> None:
+    """One epoch over the manifest, in a process of its own (spawned: its heap is what it builds here, not a whole
+    test session's, whose inherited objects workers touch by chance); puts (rows seen, heap size, USS samples by
+    process) on `results`."""
+    from captune.model import build_tiny
+
+    tiny = build_tiny(0)
     captions = read("manifest", manifest)
     assert len(captions.records) == ROWS and not captions.problems
     pairs = CaptionPairs(captions.records, tiny.processor)
     del captions
-    # The training process's own Python heap, large as in a long test session: what a worker must not copy.
+    # The training process's own Python heap, large as in a long training run: what a worker must not copy.
     heap = [[index] for index in range(2_000_000)]
     config = load_config(None, ["data.num_workers=2", "data.prefetch_factor=2", "train.batch_size=256"])
     loader = training_loader(
@@ -86,13 +93,25 @@ def test_an_epoch_over_100k_rows_keeps_memory_flat(manifest: Path, tiny: LoadedM
         256,
         False,
     )
-    samples = []
+    by_process = []
     seen = 0
     for index, batch in enumerate(loader):
         seen += len(batch["input_ids"])
         if index % 10 == 0:
-            samples.append(_total_uss_mb())
-    assert seen == ROWS and len(heap) == 2_000_000
+            by_process.append(_uss_mb())
+    results.put((seen, len(heap), by_process))
+
+
+def test_an_epoch_over_100k_rows_keeps_memory_flat(manifest: Path) -> None:
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    process = context.Process(target=_epoch, args=(manifest, results))
+    process.start()
+    seen, heap, by_process = results.get(timeout=600)
+    process.join()
+    assert process.exitcode == 0
+    samples = [sum(sizes.values()) for sizes in by_process]
+    assert seen == ROWS and heap == 2_000_000
     # The first quarter starts the workers and fills the prefetch queues; after that memory must not climb.
     # A dataset that kept decoded images would add ~1 GB here; workers whose collector reached the inherited heap
     # ~0.2 GB each; one that held per-row Python objects ~20-30 MB.
@@ -100,4 +119,7 @@ def test_an_epoch_over_100k_rows_keeps_memory_flat(manifest: Path, tiny: LoadedM
     # (seen in CI at the last batch), which a max would take for growth. Runs here grow by 2-6 MB.
     quarter = len(samples) // 4
     growth = statistics.median(samples[-5:]) - statistics.median(samples[quarter - 2 : quarter + 3])
-    assert growth < 10, f"memory grew by {growth:.0f} MB over the last three quarters of the epoch: {samples}"
+    assert growth < 10, (
+        f"memory grew by {growth:.0f} MB over the last three quarters of the epoch: {samples}; by process "
+        f"(pid: MB) at the first quarter {by_process[quarter]} and at the end {by_process[-1]}"
+    )
