@@ -52,6 +52,33 @@ def test_scores_equal_pycocoevalcap_with_the_filtered_table(official: tuple[floa
     assert meteor_score(GTS, RES) == official
 
 
+def test_several_jvms_give_the_scores_of_one(
+    official: tuple[float, list[float]], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(meteor, "_IMAGES_PER_JVM", 2)  # 5 images: two JVMs score 2 and 3 images
+    monkeypatch.setattr(meteor, "_LINES_PER_WRITE", 2)  # and get their requests in several writes
+    started: list[int] = []
+    jvm = meteor._Jvm
+
+    class CountedJvm(jvm):  # type: ignore[misc,valid-type]
+        def __init__(self, *args: object) -> None:
+            started.append(1)
+            super().__init__(*args)
+
+    monkeypatch.setattr(meteor, "_Jvm", CountedJvm)
+    assert meteor_score(GTS, RES, jvms=4, progress=True) == official
+    assert len(started) == 2
+    shown = capsys.readouterr().err
+    assert "METEOR: 100%" in shown and "5/5" in shown
+
+
+def test_normalizer_and_filter_work_in_blocks(
+    official: tuple[float, list[float]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(meteor, "_SENTENCES_PER_BLOCK", 3)
+    assert meteor_score(GTS, RES) == official
+
+
 def test_full_table_fallback_gives_the_same_scores(
     official: tuple[float, list[float]], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -22,7 +22,7 @@ import pytest
 from pycocoevalcap import eval as coco_eval
 from pycocotools.coco import COCO
 
-from captune import metrics
+from captune import metrics, scorers
 from captune.errors import CaptuneError
 from captune.metrics import (
     FAST_METRICS,
@@ -490,6 +490,21 @@ def test_per_image_scores_equal_cocoevalcap_on_generated_edge_cases(
         assert generated_result.per_image[image_id] == pytest.approx(scores, abs=1e-12), image_id
 
 
+def test_scores_in_chunks_and_workers_equal_cocoevalcap(
+    generated: tuple[Path, Path],
+    official: tuple[dict[str, float], dict[str, dict[str, float]]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Small chunks, as a corpus of 100,000 images is cut: several tokenizer runs, spawned scorers, one METEOR run.
+    monkeypatch.setattr(metrics, "_TOKENIZE_IMAGES", 120)
+    monkeypatch.setattr(scorers, "CHUNK_IMAGES", 9)
+    refs, preds = generated
+    result = score_captions(load_references(refs), load_predictions(preds), per_image=True, workers=2)
+    assert result.metrics == pytest.approx(official[0], abs=1e-12)
+    for image_id, scores in official[1].items():
+        assert result.per_image[image_id] == pytest.approx(scores, abs=1e-12), image_id
+
+
 def test_fast_metrics_equal_the_full_run_without_starting_meteor(
     generated: tuple[Path, Path],
     official: tuple[dict[str, float], dict[str, float]],
@@ -510,12 +525,12 @@ def test_error_in_a_python_scorer_is_raised_once_meteor_is_done(monkeypatch: pyt
         meteor_done.wait(timeout=10)  # still scoring when the Python scorer fails
         return 0.5, [0.5, 0.5]
 
-    def failing(*args: object) -> None:
+    def failing(*args: object, **kwargs: object) -> None:
         meteor_done.set()
         raise RuntimeError("CIDEr failed")
 
     monkeypatch.setattr(metrics, "meteor_score", meteor)
-    monkeypatch.setattr(metrics, "_python_scores", failing)
+    monkeypatch.setattr(metrics, "corpus_scores", failing)
     with pytest.raises(RuntimeError, match="CIDEr failed"):
         score_captions(REFERENCES, HYPOTHESES)
     assert meteor_done.is_set()

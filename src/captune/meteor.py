@@ -22,18 +22,21 @@ the same filtering with a wider net, in well under a second, and passes the filt
 
 import contextlib
 import gzip
+import itertools
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from pycocoevalcap.meteor import meteor as pycoco_meteor
+from tqdm import tqdm
 
 from captune.errors import CaptuneError
 from captune.files import cache_dir
@@ -57,6 +60,9 @@ _COMMAND = [
 _MAX_PHRASE_WORDS = 7  # the longest phrase in paraphrase-en.gz; the index build checks it
 _PRIME = np.uint64(0x100000001B3)  # FNV's 64-bit prime, as the multiplier of the rolling phrase hash
 _INDEX_VERSION = 1
+_IMAGES_PER_JVM = 4000  # a JVM more only for this many images more (each costs ~0.5 s to start and warm up)
+_LINES_PER_WRITE = 1000
+_SENTENCES_PER_BLOCK = 50_000
 
 
 @dataclass
@@ -76,12 +82,19 @@ class ParaphraseIndex:
     entry_probabilities: np.ndarray
 
 
-def meteor_score(gts: dict[str, list[str]], res: dict[str, list[str]]) -> tuple[float, list[float]]:
+def meteor_score(
+    gts: dict[str, list[str]], res: dict[str, list[str]], *, jvms: int = 1, progress: bool = False
+) -> tuple[float, list[float]]:
     """pycocoevalcap's `Meteor().compute_score(gts, res)`: the same numbers, faster.
+
+    With several JVMs, each scores a run of the images (a `SCORE` line gives one image's statistics, whichever JVM
+    computes them), and the first one turns all the statistics into the scores (`EVAL`), as one JVM would.
 
     Args:
         gts: Image id -> tokenized references (as `PTBTokenizer` returns them).
         res: Image id -> a one-caption list, the tokenized prediction; the same keys as gts.
+        jvms: METEOR processes to score with (each ~1 CPU core; fewer when there are few images).
+        progress: Show a progress bar (stderr) of the images scored.
 
     Returns:
         The corpus METEOR and the per-image scores in the order of gts' keys.
@@ -91,25 +104,34 @@ def meteor_score(gts: dict[str, list[str]], res: dict[str, list[str]]) -> tuple[
     """
     if gts.keys() != res.keys() or any(len(captions) != 1 for captions in res.values()):
         raise ValueError("meteor_score needs one prediction for every referenced image, as Meteor.compute_score")
+    ids = list(gts)
     # The lines pycocoevalcap's Meteor._stat writes: references, then the prediction without "|||" and double spaces.
-    hypotheses = [res[image_id][0].replace("|||", "").replace("  ", " ") for image_id in gts]
-    score_lines = [
-        " ||| ".join(("SCORE", " ||| ".join(gts[image_id]), hypothesis))
-        for image_id, hypothesis in zip(gts, hypotheses, strict=True)
-    ]
-    with tempfile.TemporaryDirectory(prefix="captune-meteor-") as scratch:
+    hypotheses = {image_id: res[image_id][0].replace("|||", "").replace("  ", " ") for image_id in ids}
+    count = max(1, min(jvms, len(ids) // _IMAGES_PER_JVM))
+    parts = [ids[len(ids) * k // count : len(ids) * (k + 1) // count] for k in range(count)]
+    with (
+        tempfile.TemporaryDirectory(prefix="captune-meteor-") as scratch,
+        tqdm(total=len(ids), unit="img", desc="METEOR", disable=not progress, mininterval=1) as bar,
+        contextlib.ExitStack() as stack,
+    ):
         command = list(_COMMAND)
-        table = _filtered_table([*hypotheses, *(ref for refs in gts.values() for ref in refs)], Path(scratch))
+        table = _filtered_table([*hypotheses.values(), *(ref for refs in gts.values() for ref in refs)], Path(scratch))
         if table is not None:
             command += ["-a", str(table)]
-        with _Jvm(command, Path(scratch) / "stderr.txt") as jvm:
-            stats = jvm.ask(score_lines, len(score_lines))
-            answers = jvm.ask(["EVAL" + "".join(f" ||| {stat}" for stat in stats)], len(stats) + 1)
+        processes = [stack.enter_context(_Jvm(command, Path(scratch) / f"stderr-{k}.txt")) for k in range(count)]
+
+        def statistics(jvm: _Jvm, part: list[str]) -> list[str]:
+            lines = (" ||| ".join(("SCORE", " ||| ".join(gts[i]), hypotheses[i])) for i in part)
+            return jvm.ask(lines, len(part), bar)
+
+        with ThreadPoolExecutor(max_workers=count) as pool:
+            stats = [stat for part in pool.map(statistics, processes, parts) for stat in part]
+        answers = processes[0].ask(["EVAL" + "".join(f" ||| {stat}" for stat in stats)], len(stats) + 1)
     return float(answers[-1]), [float(answer) for answer in answers[:-1]]
 
 
 class _Jvm:
-    """A Meteor process spoken to in bulk: all requests written by one thread, the answers read in large chunks."""
+    """A Meteor process spoken to in bulk: requests written by one thread in blocks, answers read in large chunks."""
 
     def __init__(self, command: list[str], stderr_path: Path) -> None:
         self._stderr_path = stderr_path
@@ -130,12 +152,11 @@ class _Jvm:
                 with contextlib.suppress(BrokenPipeError):  # unsent requests to a JVM that died
                     stream.close()
 
-    def ask(self, lines: list[str], num_answers: int) -> list[str]:
-        """Sends the lines and returns the next num_answers answer lines, stripped."""
+    def ask(self, lines: Iterable[str], num_answers: int, bar: tqdm | None = None) -> list[str]:
+        """Sends the lines and returns the next num_answers answer lines, stripped; counts the answers on bar."""
         assert self._process.stdin is not None and self._process.stdout is not None
-        payload = "".join(f"{line}\n" for line in lines).encode()
         # Meteor answers while it reads, so writing everything before reading would fill both pipes and deadlock.
-        writer = threading.Thread(target=self._write, args=(payload,), daemon=True)
+        writer = threading.Thread(target=self._write, args=(lines,), daemon=True)
         writer.start()
         answers: list[bytes] = []
         fd = self._process.stdout.fileno()
@@ -147,14 +168,18 @@ class _Jvm:
                     f"METEOR (Java) stopped after {len(answers)} of {num_answers} answers: {self._error_text()}"
                 )
             *complete, self._pending = (self._pending + chunk).split(b"\n")
+            if bar is not None:
+                bar.update(min(len(answers) + len(complete), num_answers) - len(answers))
             answers += complete
         writer.join()
         return [answer.decode().strip() for answer in answers[:num_answers]]
 
-    def _write(self, payload: bytes) -> None:
+    def _write(self, lines: Iterable[str]) -> None:
         assert self._process.stdin is not None
         try:
-            self._process.stdin.write(payload)
+            iterator = iter(lines)
+            while block := list(itertools.islice(iterator, _LINES_PER_WRITE)):
+                self._process.stdin.write("".join(f"{line}\n" for line in block).encode())
             self._process.stdin.flush()
         except BrokenPipeError:
             pass  # the JVM died; the reader sees its stdout close and reports the error
@@ -174,14 +199,16 @@ def _filtered_table(sentences: list[str], scratch: Path) -> Path | None:
     if index is None:
         return None
     normalizer = _Normalizer(sentences, scratch)  # a JVM of its own, working while Python hashes the raw tokens
-    found = [_phrase_ids(index, _token_lists(sentences))]
+    wanted = np.zeros(len(index.phrase_hashes), dtype=bool)
+    # In blocks of sentences, so that the word ids of a large corpus are never all held at once.
+    for block in _blocks(sentences):
+        wanted[_phrase_ids(index, _token_lists(block))] = True
     try:
-        found.append(_phrase_ids(index, _token_lists(normalizer.result())))
+        for block in _blocks(normalizer.result()):
+            wanted[_phrase_ids(index, _token_lists(block))] = True
     except _IndexUnusable as error:
         _full_table(error)
         return None
-    wanted = np.zeros(len(index.phrase_hashes), dtype=bool)
-    wanted[np.concatenate(found)] = True
     entries = np.flatnonzero(wanted[index.entry_phrases[:, 0]] | wanted[index.entry_phrases[:, 1]])
     pairs = index.entry_phrases[entries].tolist()
     starts = index.phrase_starts
@@ -198,6 +225,12 @@ def _filtered_table(sentences: list[str], scratch: Path) -> Path | None:
     return path
 
 
+def _blocks(sentences: Iterable[str]) -> Iterator[list[str]]:
+    iterator = iter(sentences)
+    while block := list(itertools.islice(iterator, _SENTENCES_PER_BLOCK)):
+        yield block
+
+
 def _token_lists(sentences: list[str]) -> list[list[str]]:
     """Each sentence split on white space, and again lowercased when that changes it (Meteor lowercases)."""
     return [sentence.split() for sentence in sentences] + [
@@ -210,7 +243,9 @@ class _Normalizer:
 
     def __init__(self, sentences: list[str], scratch: Path) -> None:
         self._count = len(sentences)
-        (scratch / "sentences.txt").write_bytes("".join(f"{sentence}\n" for sentence in sentences).encode())
+        with (scratch / "sentences.txt").open("wb") as text:
+            for block in _blocks(sentences):
+                text.write("".join(f"{sentence}\n" for sentence in block).encode())
         self._output = scratch / "normalized.txt"
         self._errors = scratch / "normalizer-errors.txt"
         command = ["java", "-cp", str(_JAR), "edu.cmu.meteor.util.Normalizer", "en", "true"]
@@ -221,13 +256,20 @@ class _Normalizer:
         ):
             self._process = subprocess.Popen(command, stdin=stdin, stdout=stdout, stderr=stderr)
 
-    def result(self) -> list[str]:
-        """Waits for the normalized sentences, one per input sentence."""
+    def result(self) -> Iterator[str]:
+        """Waits for the normalizer, then yields the normalized sentences, one per input sentence.
+
+        Raises:
+            _IndexUnusable: the normalizer failed or gave another number of lines (before any line is yielded).
+        """
         returncode = self._process.wait()
-        lines = self._output.read_bytes().decode(errors="replace").split("\n")[: self._count]
-        if returncode != 0 or len(lines) != self._count:
+        with self._output.open("rb") as lines:
+            count = sum(1 for _ in lines)
+        if returncode != 0 or count < self._count:
             raise _IndexUnusable(f"Meteor's Normalizer failed: {self._errors.read_text(errors='replace')[-500:]}")
-        return lines
+        with self._output.open("rb") as lines:
+            for line in itertools.islice(lines, self._count):
+                yield line.decode(errors="replace").rstrip("\n")
 
 
 def _phrase_ids(index: ParaphraseIndex, token_lists: Iterable[list[str]]) -> np.ndarray:

@@ -7,7 +7,9 @@ loads and validates the inputs, runs the scorers quietly and says which metric w
 It runs them faster than COCOEvalCap.evaluate, with the same numbers: METEOR (captune.meteor) loads only the part
 of its paraphrase table the captions can use, so its JVM starts in 0.3 s instead of ~6 s, and it scores while BLEU,
 ROUGE-L and CIDEr-D run in Python. Each scorer gets the same tokenized input and computes alone, so the order they
-run in cannot change a number. `benchmarks/scoring.py` measures the gain (see benchmarks/README.md).
+run in cannot change a number. BLEU, ROUGE-L and CIDEr-D score the corpus in chunks, in worker processes
+(captune.scorers), so memory does not grow with their n-gram counts, and the tokenizer runs on chunks too.
+`benchmarks/scoring.py` measures the gain (see benchmarks/README.md).
 """
 
 import contextlib
@@ -15,22 +17,22 @@ import io
 import json
 import shutil
 import subprocess
-from collections.abc import Iterable, Mapping, Sequence
+import sys
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypedDict, TypeVar
 
-from pycocoevalcap.bleu.bleu import Bleu
-from pycocoevalcap.cider.cider import Cider
-from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.spice import get_stanford_models as stanford_models
 from pycocoevalcap.spice.spice import Spice
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+from tqdm import tqdm
 
 from captune.errors import CaptuneError
 from captune.files import write_atomically
 from captune.meteor import meteor_score
+from captune.scorers import corpus_scores, usable_cpus
 
 METRIC_NAMES: tuple[str, ...] = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 
@@ -49,6 +51,10 @@ _LINE_BREAKS = str.maketrans(dict.fromkeys("\r\x0b\x0c\u2028\u2029", " "))
 _MAX_IDS_SHOWN = 10
 
 _V = TypeVar("_V")
+_K = TypeVar("_K", bound=Hashable)
+
+# Images per run of the PTB tokenizer's JVM (~0.4 s to start).
+_TOKENIZE_IMAGES = 20_000
 
 
 @dataclass
@@ -89,6 +95,8 @@ def score_captions(
     source: str = "predictions",
     metrics: Sequence[str] = METRIC_NAMES,
     per_image: bool = False,
+    workers: int | None = None,
+    progress: bool = False,
 ) -> EvalResult:
     """Scores predicted captions against reference captions with the COCO-caption toolkit.
 
@@ -118,6 +126,10 @@ def score_captions(
         metrics: The metrics to compute, any of `METRIC_NAMES` (e.g. `FAST_METRICS` during training); the result
             lists them in `METRIC_NAMES` order.
         per_image: Also keep each image's own scores in `EvalResult.per_image` (for `per_image_rows`).
+        workers: Processes for BLEU, ROUGE-L and CIDEr-D on a corpus of more than `scorers.CHUNK_IMAGES` images
+            (see `captune.scorers`), and METEOR JVMs (one more per 4,000 images); None: one per usable CPU (at most
+            16); 1: the Python scorers in this process and one METEOR JVM.
+        progress: Show progress bars on stderr (tokenizing, then the Python scorers) and say when METEOR is awaited.
 
     Returns:
         The metrics, the skipped ones with reasons, the number of images scored, the missing ids and, with
@@ -146,13 +158,20 @@ def score_captions(
     if not preds:
         raise CaptuneError(f"{source}: there are no predictions to score; caption at least one referenced image")
     _require_java()
-    scores = _coco_metrics({image_id: refs[image_id] for image_id in preds}, preds, names)
+    scores = _coco_metrics(
+        {image_id: refs[image_id] for image_id in preds},
+        preds,
+        names,
+        per_image=per_image,
+        workers=workers,
+        progress=progress,
+    )
     return EvalResult(
         metrics=scores.corpus,
         skipped=scores.skipped,
         num_images=len(preds),
         missing=missing,
-        per_image=scores.per_image if per_image else {},
+        per_image=scores.per_image,
     )
 
 
@@ -337,42 +356,62 @@ class _Scores:
     skipped: dict[str, str]
 
 
-def _coco_metrics(references: dict[str, list[str]], predictions: dict[str, str], names: tuple[str, ...]) -> _Scores:
+def _coco_metrics(
+    references: dict[str, list[str]],
+    predictions: dict[str, str],
+    names: tuple[str, ...],
+    *,
+    per_image: bool,
+    workers: int | None,
+    progress: bool,
+) -> _Scores:
     """Tokenizes and scores as COCOEvalCap.evaluate does, METEOR alongside the Python scorers."""
-    gts = _tokenize(references)
-    res = _tokenize({image_id: [caption] for image_id, caption in predictions.items()})
+    gts, res = _tokenized(references, predictions, progress)
+    processes = workers or usable_cpus()
     # A thread runs METEOR (its JVMs work while the thread waits on pipes, without the GIL) while BLEU, ROUGE-L and
-    # CIDEr-D run here.
+    # CIDEr-D run in worker processes.
     with ThreadPoolExecutor(max_workers=1) as pool:
-        meteor_run = pool.submit(meteor_score, gts, res) if "METEOR" in names else None
-        results = _python_scores(gts, res, names)
+        meteor_run = (
+            pool.submit(meteor_score, gts, res, jvms=processes, progress=progress) if "METEOR" in names else None
+        )
+        results = corpus_scores(gts, res, names, workers=processes, progress=progress)
         if meteor_run is not None:
+            if progress and not meteor_run.done():
+                print("scoring: waiting for METEOR (Java)", file=sys.stderr, flush=True)
             results["METEOR"] = meteor_run.result()
     # Every scorer lists its per-image scores in the order of gts' keys.
     corpus = {name: float(results[name][0]) for name in names}
-    per_image = {
-        image_id: {name: float(results[name][1][index]) for name in names} for index, image_id in enumerate(gts)
+    scores = {
+        image_id: {name: float(results[name][1][index]) for name in names}
+        for index, image_id in enumerate(gts)
+        if per_image
     }
     spice, skipped = _spice(gts, res) if names == METRIC_NAMES else ({}, {})
-    return _Scores(corpus=corpus | spice, per_image=per_image, skipped=skipped)
+    return _Scores(corpus=corpus | spice, per_image=scores, skipped=skipped)
 
 
-def _python_scores(
-    gts: dict[str, list[str]], res: dict[str, list[str]], names: tuple[str, ...]
-) -> dict[str, tuple[float, Sequence[float]]]:
-    """Runs the asked scorers that compute in Python; returns metric name -> (corpus score, per-image scores)."""
-    results: dict[str, tuple[float, Sequence[float]]] = {}
-    if any(name.startswith("Bleu_") for name in names):
-        bleu, bleu_per_image = Bleu(4).compute_score(gts, res, verbose=0)
-        results |= {f"Bleu_{n}": (bleu[n - 1], bleu_per_image[n - 1]) for n in range(1, 5)}
-    if "ROUGE_L" in names:
-        results["ROUGE_L"] = Rouge().compute_score(gts, res)
-    if "CIDEr" in names:
-        results["CIDEr"] = Cider().compute_score(gts, res)
-    return results
+def _tokenized(
+    references: dict[str, list[str]], predictions: dict[str, str], progress: bool
+) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """The references and predictions through the toolkit's tokenizer, `_TOKENIZE_IMAGES` images per Java run (its
+    output is read whole, so one run over a large corpus holds every caption several times over)."""
+    ids = list(references)
+    gts: dict[str, list[str]] = {}
+    res: dict[str, list[str]] = {}
+    with tqdm(total=len(ids), unit="img", desc="tokenizing (PTB)", disable=not progress) as bar:
+        for start in range(0, len(ids), _TOKENIZE_IMAGES):
+            part = ids[start : start + _TOKENIZE_IMAGES]
+            both = _tokenize(
+                {("r", image_id): references[image_id] for image_id in part}
+                | {("p", image_id): [predictions[image_id]] for image_id in part}
+            )
+            gts |= {image_id: both["r", image_id] for image_id in part}
+            res |= {image_id: both["p", image_id] for image_id in part}
+            bar.update(len(part))
+    return gts, res
 
 
-def _tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
+def _tokenize(captions: dict[_K, list[str]]) -> dict[_K, list[str]]:
     """Runs the toolkit's PTBTokenizer (lowercase, split, drop punctuation) on image id -> captions."""
     tokenized = PTBTokenizer().tokenize(
         {image_id: [{"caption": c.translate(_LINE_BREAKS)} for c in texts] for image_id, texts in captions.items()}
