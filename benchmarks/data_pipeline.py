@@ -10,7 +10,8 @@ that decoding costs what real photos cost. Each stage is timed once after a warm
 1. `load_rgb` alone (decode + convert), one process: images/s of one core.
 2. `load_rgb` + the BLIP-2 image processor (bicubic resize to 224 x 224, rescale, normalise; `BlipImageProcessorPil`
    as `Salesforce/blip2-opt-2.7b` configures it), one process: what one DataLoader worker can feed.
-3. The same through `captune.train.CaptionPairs` in a `DataLoader` with 0, 1 and 2 worker processes, batch 32.
+3. The same through `captune.training.batches.CaptionPairs` in a `DataLoader` with 0, 1 and 2 worker processes, batch
+   32.
 4. `check_images` (the image pass of `captune data check`: decode only, a thread pool over all cores).
 
 Results go to benchmarks/results/data-cpu.json with the machine and this command.
@@ -38,7 +39,7 @@ from transformers import BlipImageProcessorPil
 
 from captune.data import CaptionSet, Record, check_images
 from captune.data.images import decode_size, load_rgb
-from captune.train import CaptionPairs
+from captune.training.batches import CaptionPairs
 
 RESULTS = Path(__file__).parent / "results" / "data-cpu.json"
 PHOTOS = Path(__file__).parent / "results" / "photos-cpu.json"

@@ -14,7 +14,7 @@ What runs, in order:
 3. The loss checks: one batch in eval mode (no dropout) through the usual forward and through captune's
    `CaptionLoss` with cached image features; and 8 images' 40 captions as the usual recipe's rows and as captune's
    packed batch (one row per image, `train.pack_captions`); each pair must agree to bf16 tolerance.
-4. captune: `captune.train.train(config)`, the real path (data check, feature pass, loader with workers, whole
+4. captune: `captune.training.recipe.train(config)`, the real path (data check, feature pass, loader with workers, whole
    images with packed captions, length grouping, caption-only logits, fused AdamW, checkpoint at the end), one
    epoch over the data at `--batch-size` (captions; packed: that many / 5 images); its
    results.json gives samples/s (training steps only), peak memory and the feature-pass time. Then the ablations,
@@ -51,15 +51,15 @@ from PIL import Image
 from captune.config import load_config
 from captune.data import read
 from captune.model import TINY_WORDS
-from captune.step import CaptionLoss
-from captune.train import (
+from captune.training.batches import (
     CaptionCollator,
     CaptionPairs,
     ImageCaptions,
     LengthGroupedShuffle,
     PackedCaptionCollator,
-    train,
 )
+from captune.training.loss import CaptionLoss
+from captune.training.recipe import train
 from captune.twins import write_checkpoint
 
 USUAL_CAPTION_TOKENS = 20

@@ -29,7 +29,7 @@ from captune.generation.core import generate_captions
 from captune.generation.files import caption_paths
 from captune.generation.inputs import text_inputs
 from captune.model import caption_end_id, load_model_dir
-from captune.train import train, trained_model_dir
+from captune.training.recipe import train, trained_model_dir
 from captune.twins import learning_overrides
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import re
 from pathlib import Path
 from typing import Any
@@ -15,12 +14,11 @@ from captune.cli import main
 from captune.config import Config, load_config
 from captune.errors import CaptuneError, TrainingDiverged
 from captune.model import load_model_dir, save_model_dir, save_tiny_model_dir
-
-recipe = importlib.import_module("captune.train")
+from captune.training import batches, recipe
 
 
 def _config(data_dir: Path, output_dir: Path, *overrides: str) -> Config:
-    """A fast CPU run on the small synthetic set: 12 steps an epoch (see tests/test_train.py)."""
+    """A fast CPU run on the small synthetic set: 12 steps an epoch (see tests/training/test_recipe.py)."""
     return load_config(None, [
         "data.format=synthetic", f"data.data_dir={data_dir}", f"train.output_dir={output_dir}",
         "train.batch_size=5", "train.grad_accum=2", "train.lr=1e-3", "train.warmup_steps=3",
@@ -360,5 +358,5 @@ def test_skip_bad_images_counts_the_images_left_out_apart_from_the_problems(
     data = _karpathy_with_problems(tmp_path / "data")
     config = _config(data, tmp_path / "run", "data.format=karpathy", "data.skip_bad_images=true")
     with caplog.at_level("WARNING"):
-        recipe.load_training_data(config, main=True)
+        batches.load_training_data(config, main=True)
     assert "skipping 1 unusable image(s) (2 problem(s) in the data)" in caplog.text

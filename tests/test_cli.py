@@ -313,7 +313,7 @@ def test_evaluate_with_a_missing_predictions_file_is_a_user_error(
 
 
 def test_train_refuses_bad_images_until_told_to_skip_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from .test_train import _kaggle_with_a_bad_image
+    from .training.test_recipe import _kaggle_with_a_bad_image
 
     data = _kaggle_with_a_bad_image(tmp_path / "kaggle")
     args = ["train", "data=flickr8k-kaggle", f"data_dir={data}", f"output_dir={tmp_path / 'run'}", "max_steps=1",

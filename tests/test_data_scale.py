@@ -25,7 +25,7 @@ from PIL import Image
 
 from captune.config import load_config
 from captune.data import read
-from captune.train import CaptionCollator, CaptionPairs, EpochShuffle, training_loader
+from captune.training.batches import CaptionCollator, CaptionPairs, EpochShuffle, training_loader
 
 ROWS = 100_000
 LINKS_PER_FILE = 50_000  # below ext4's 65,000 hard links per file

@@ -19,7 +19,7 @@ from captune.errors import CaptuneError
 from captune.report import write_report
 
 from .conftest import write_image
-from .test_train import _config, recipe
+from .training.test_recipe import _config, recipe
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

@@ -18,8 +18,9 @@ from captune.data import read
 from captune.export import merge_model_dir
 from captune.generation.files import caption_paths
 from captune.model import TINY_T5, LoadedModel, apply_lora, build_tiny, load_model_dir
-from captune.step import CaptionLoss, image_features
-from captune.train import IGNORE, CaptionCollator, CaptionPairs
+from captune.training.batches import CaptionCollator, CaptionPairs
+from captune.training.features import image_features
+from captune.training.loss import IGNORE, CaptionLoss
 
 
 @pytest.fixture

@@ -36,7 +36,8 @@ from captune.model import (
     load_model_dir,
     stop_token_ids,
 )
-from captune.train import CaptionCollator, PackedCaptionCollator, setup, train, trained_model_dir
+from captune.training.batches import CaptionCollator, PackedCaptionCollator
+from captune.training.recipe import setup, train, trained_model_dir
 from captune.twins import CHECKPOINTS, TWINS, learning_overrides, write_checkpoint
 
 from .conftest import SMALL_SPEC

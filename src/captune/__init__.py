@@ -22,7 +22,7 @@ from captune.generation.files import caption_paths
 from captune.metrics import EvalResult, evaluate_files, score_captions
 from captune.model import LoadedModel, apply_lora, load_base, load_model_dir, trainable_summary
 from captune.report import write_report
-from captune.train import train, trained_model_dir
+from captune.training.recipe import train, trained_model_dir
 
 __all__ = [
     "CaptionResult",

@@ -84,7 +84,7 @@ def _output_path(name: str) -> Path:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from captune.config import describe, load_config
-    from captune.train import train
+    from captune.training.recipe import train
 
     if args.help_config:
         print(describe())

@@ -1,7 +1,7 @@
 """The embedded default: train -> evaluate -> caption on the built-in synthetic data with the tiny BLIP-2.
 
-It runs the same code a user's fine-tune runs (`train.train`, `evaluation.evaluate_records`, `generate.caption_paths`);
-the extra trainable modules it uses come from `configs/demo.yaml`.
+It runs the same code a user's fine-tune runs (`training.recipe.train`, `evaluation.evaluate_records`,
+`generation.files.caption_paths`); the extra trainable modules it uses come from `configs/demo.yaml`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from captune.data.synthetic import SyntheticSpec, generate_synthetic
 from captune.evaluation import evaluate_records, write_evaluation
 from captune.generation.files import caption_paths
 from captune.model import load_base, load_model_dir
-from captune.train import train, trained_model_dir
+from captune.training.recipe import train, trained_model_dir
 
 log = logging.getLogger(__name__)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -89,6 +90,11 @@ def write_atomically(path: Path, data: str | bytes) -> None:
     else:
         with atomic_open(path, "w", encoding="utf-8") as file:
             file.write(data)
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Writes `value` as indented JSON through `write_atomically`."""
+    write_atomically(path, json.dumps(value, indent=2))
 
 
 def replace_dir(tmp: Path, final: Path) -> None:

@@ -1,50 +1,36 @@
 """The training forward: a batch's caption loss, from pixels or from image features computed once per image.
 
 In LoRA-on-the-language-model training nothing upstream of the language model learns, so an image's projected
-Q-Former output (32 vectors of the LM's width) is the same at every step: `image_features` computes it once per image
-and `CaptionLoss` takes it instead of pixels. `CaptionLoss` is what `captune train` calls (through accelerate, so
-that DDP sees the forward). It computes exactly what `Blip2ForConditionalGeneration.forward(..., labels=...)` does —
-image features into the image-token positions of the embedded input, the language model, the mean cross-entropy of
-the caption tokens — with two savings for decoder-only language models: the LM head runs only on positions whose
-next token is a caption label (not on the 32 image positions, the prompt or the padding), and the cross-entropy runs
-in chunks whose float32 logits are recomputed in the backward pass instead of kept, so the (tokens x 50k) float32
-logits of a batch never exist at once. Encoder-decoder language models (Flan-T5) take the language model's own loss
-on the same embedded input (image features into the encoder's image-token positions), with pixels or cached features.
-Packed batches (`train.pack_captions`, see captune.train.PackedCaptionCollator) hold one row per image with its
-captions behind one copy of the image tokens and prompt; a block mask and restarting position ids make the result
-that of a row per caption.
+Q-Former output (32 vectors of the LM's width) is the same at every step: `captune.training.features` computes it once
+per image and `CaptionLoss` takes it instead of pixels. `CaptionLoss` is what `captune train` calls (through
+accelerate, so that DDP sees the forward). It computes exactly what `Blip2ForConditionalGeneration.forward(...,
+labels=...)` does — image features into the image-token positions of the embedded input, the language model, the mean
+cross-entropy of the caption tokens — with two savings for decoder-only language models: the LM head runs only on
+positions whose next token is a caption label (not on the 32 image positions, the prompt or the padding), and the
+cross-entropy runs in chunks whose float32 logits are recomputed in the backward pass instead of kept, so the (tokens
+x 50k) float32 logits of a batch never exist at once. Encoder-decoder language models (Flan-T5) take the language
+model's own loss on the same embedded input (image features into the encoder's image-token positions), with pixels or
+cached features. Packed batches (`train.pack_captions`, see captune.training.batches.PackedCaptionCollator) hold one
+row per image with its captions behind one copy of the image tokens and prompt; a block mask and restarting position
+ids make the result that of a row per caption.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
-from transformers import Blip2Processor
 from transformers.modeling_outputs import BaseModelOutput
 
-from captune.data import freeze_inherited_objects
-from captune.data.images import PixelFiles, PixelItem, rebatched, worker_share
 from captune.errors import CaptuneError
-from captune.model import blip_of, embedded_inputs, embedding_of, evaluating
+from captune.model import blip_of, embedded_inputs
 
 IGNORE = -100  # label value the loss skips
 CE_CHUNK_TOKENS = 2048
 """Caption tokens per cross-entropy chunk: 2048 x 50,272 float32 logits are 0.4 GB."""
-
-
-def feature_bytes(model: nn.Module) -> int:
-    """Bytes of one image's cached features: query tokens x LM width, in the LM's dtype."""
-    blip = blip_of(model)
-    embeddings = embedding_of(blip)
-    return blip.config.num_query_tokens * embeddings.embedding_dim * embeddings.weight.element_size()
 
 
 def upstream_of_language_model_trains(model: nn.Module) -> list[str]:
@@ -99,7 +85,8 @@ class CaptionLoss(nn.Module):
         `predict_from` the flat row x length index of the hidden state that predicts each of the flat `labels`; T5:
         `caption_image` the image row of each caption's labels), with pixels or cached features.
         `token_count`, when given, divides the summed loss instead of this batch's own caption-token count
-        (captune.train passes the mean over processes, so that DDP's gradient average is the global batch's)."""
+        (captune.training.recipe passes the mean over processes, so that DDP's gradient average is the
+        global batch's)."""
         blip = blip_of(self.model)
         embeds = embedded_inputs(blip, input_ids, pixel_values, image_features)
         lm = blip.language_model
@@ -174,59 +161,3 @@ def chunked_cross_entropy(
 
 def _summed_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
     return F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE, reduction="sum")
-
-
-@torch.no_grad()
-def image_features(
-    model: nn.Module,
-    processor: Blip2Processor,
-    paths: Sequence[Path],
-    *,
-    batch_size: int,
-    num_workers: int,
-    device: torch.device,
-    keep_on: torch.device,
-    progress: bool = True,
-) -> torch.Tensor:
-    """The projected Q-Former output of each image, (images, query tokens, LM width), in the model's dtype.
-
-    Args:
-        model: BLIP-2 (PEFT-wrapped or not), on `device`, in eval or train mode (the image side has no dropout
-            that matters: it is frozen, and this runs in eval mode).
-        processor: Its processor; the image processor makes the pixels.
-        paths: Image files, in the order of the returned rows.
-        batch_size: Images per forward pass.
-        num_workers: DataLoader worker processes decoding the images.
-        device: Where the model runs.
-        keep_on: Where the features are kept (the GPU when they fit, else pinned CPU memory).
-        progress: Show a progress bar.
-    """
-    blip = blip_of(model)
-    embeddings = embedding_of(blip)
-    dtype, width = embeddings.weight.dtype, embeddings.embedding_dim
-    # A generator of its own: the loader's seed draw must not move the global RNG, or training after a computed pass
-    # would differ from training after features read from train.feature_cache_dir.
-    loader = DataLoader(PixelFiles(paths, processor.image_processor), batch_size=worker_share(batch_size, num_workers),
-                        num_workers=num_workers, collate_fn=_stacked, pin_memory=device.type == "cuda",
-                        worker_init_fn=freeze_inherited_objects, generator=torch.Generator())  # fmt: skip
-    out = torch.empty((len(paths), blip.config.num_query_tokens, width), dtype=dtype, device=keep_on,
-                      pin_memory=keep_on.type == "cpu" and device.type == "cuda")  # fmt: skip
-    row = 0
-    shares = (pixels.to(device, non_blocking=True) for pixels in loader)  # from pinned memory, joined on the GPU
-    batches = tqdm(rebatched(shares, batch_size, torch.cat), desc="image features", unit="batch", disable=not progress,
-                   total=-(-len(paths) // batch_size))  # fmt: skip
-    with evaluating(blip):
-        for pixels in batches:
-            pixels = pixels.to(dtype=blip.vision_model.dtype)
-            features = blip.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
-            out[row : row + len(features)] = features.to(dtype)
-            row += len(features)
-    return out
-
-
-def _stacked(items: list[PixelItem]) -> torch.Tensor:
-    """The pixels of images that were checked before training; one that cannot be read now stops the pass."""
-    for _, _, error in items:
-        if error is not None:
-            raise CaptuneError(error)
-    return torch.stack([pixels for _, pixels, _ in items if pixels is not None])

@@ -1,0 +1,372 @@
+"""The training data as batches: the dataset read and checked, every (image, caption) pair by caption or by image,
+the collators that make model inputs and labels of them, the samplers that order an epoch, and the loader."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from transformers import Blip2Processor
+
+from captune import data as datasets
+from captune.config import Config
+from captune.data import CaptionSet, Record
+from captune.data.images import processed_pixels
+from captune.errors import CaptuneError
+from captune.model import blip_of, caption_end_id
+from captune.training.loss import IGNORE, PACKING_ATTENTION
+
+log = logging.getLogger(__name__)
+
+
+class CaptionPairs(Dataset):
+    """Every (image, caption) pair of a split; images are decoded lazily, in DataLoader workers when there are any.
+
+    Paths and captions are kept as UTF-8 bytes in flat numpy arrays, not as Python objects: a forked worker that
+    reads a Python string writes its reference count, and the page it sits on is copied, so over an epoch each
+    worker would grow by a copy of every caption (~100 MB per worker for COCO). Reading a numpy array writes nothing.
+
+    With `with_pixels=False` (image features cached, see captune.training.features) an item carries its image's index in
+    `records` instead of pixels, and no image is decoded.
+    """
+
+    def __init__(self, records: list[Record], processor: Blip2Processor, with_pixels: bool = True):
+        self.paths = _Texts([str(r.image_path) for r in records])
+        self.captions = _Texts([caption for r in records for caption in r.captions])
+        counts = [len(r.captions) for r in records]
+        self.image_of = np.repeat(np.arange(len(records), dtype=np.int64), counts)
+        self.first_caption = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])  # image i: [i] to [i + 1]
+        self.image_processor = processor.image_processor
+        self.with_pixels = with_pixels
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image_index = int(self.image_of[index])
+        if not self.with_pixels:
+            return {"image_index": image_index, "caption": self.captions[index]}
+        return {"pixel_values": self.pixels(image_index), "caption": self.captions[index]}
+
+    def caption_lengths(self) -> np.ndarray:
+        """Each caption's length in UTF-8 bytes: a cheap stand-in for its token count when grouping by length."""
+        return np.diff(self.captions.ends, prepend=0)
+
+    def pixels(self, image_index: int) -> torch.Tensor:
+        return processed_pixels(Path(self.paths[image_index]), self.image_processor)
+
+
+class ImageCaptions(Dataset):
+    """The same pairs by image: item i is image i (pixels, or its index when features are cached) with all its
+    captions, for `PackedCaptionCollator`."""
+
+    def __init__(self, pairs: CaptionPairs) -> None:
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs.first_caption) - 1
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        first, end = int(self.pairs.first_caption[index]), int(self.pairs.first_caption[index + 1])
+        captions = [self.pairs.captions[i] for i in range(first, end)]
+        if not self.pairs.with_pixels:
+            return {"image_index": index, "captions": captions}
+        return {"pixel_values": self.pairs.pixels(index), "captions": captions}
+
+    def caption_lengths(self) -> np.ndarray:
+        """Each image's captions' total length in UTF-8 bytes, for grouping images by length."""
+        return np.add.reduceat(self.pairs.caption_lengths(), self.pairs.first_caption[:-1])
+
+    def images_per_batch(self, captions_per_batch: int) -> int:
+        """How many images make a batch of about `captions_per_batch` captions (at least one)."""
+        return max(1, round(captions_per_batch * len(self) / len(self.pairs)))
+
+
+class _Texts:
+    """A list of strings stored as one UTF-8 byte array and offsets."""
+
+    def __init__(self, texts: list[str]) -> None:
+        encoded = [text.encode() for text in texts]
+        self.ends = np.cumsum([len(e) for e in encoded], dtype=np.int64)
+        self.data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def __getitem__(self, index: int) -> str:
+        start = int(self.ends[index - 1]) if index > 0 else 0
+        return self.data[start : int(self.ends[index])].tobytes().decode()
+
+
+@dataclass
+class CaptionCollator:
+    """Builds the model's inputs and labels for a batch of captions.
+
+    Decoder-only language models (OPT) read one sequence, `[<image>] * num_query_tokens + BOS + prompt + caption +
+    END`, right-padded; labels equal input_ids except image placeholders, BOS, prompt tokens and padding, which are
+    -100. Encoder-decoder models (T5, `encoder_decoder=True`) read `[<image>] * num_query_tokens + prompt + EOS` in
+    the encoder, and the labels are the caption + END, right-padded with -100; the model shifts them into decoder
+    inputs. Either way END, the token generation stops at (`end_token_id`, see captune.model.caption_end_id: 50118,
+    "\\n", for blip2-opt), follows each caption as a label, so the model learns to stop where generation looks for it.
+    `for_model` makes one for a model.
+    """
+
+    processor: Blip2Processor
+    prompt: str = ""
+    max_caption_tokens: int = 40
+    encoder_decoder: bool = False
+    end_token_id: int = field(kw_only=True)
+
+    @classmethod
+    def for_model(
+        cls, model: nn.Module, processor: Blip2Processor, prompt: str = "", max_caption_tokens: int = 40
+    ) -> CaptionCollator:
+        """The collator for `model`'s language model (decoder-only or encoder-decoder) and the end it stops at."""
+        encoder_decoder = not blip_of(model).config.use_decoder_only_language_model
+        end = caption_end_id(model, processor.tokenizer)
+        return cls(processor, prompt, max_caption_tokens, encoder_decoder, end_token_id=end)
+
+    def __post_init__(self) -> None:
+        tokenizer = self.processor.tokenizer
+        self.num_query_tokens = int(self.processor.num_query_tokens)
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.processor.image_token.content)
+        self.prefix = [self.image_token_id] * self.num_query_tokens + tokenizer(self.prompt).input_ids
+
+    def caption_ids(self, texts: list[str]) -> list[list[int]]:
+        """Each caption's token ids (its whitespace collapsed: blip2-opt's END is "\\n"), cut to max_caption_tokens,
+        then END."""
+        tokenizer = self.processor.tokenizer
+        # A prompt joins the caption with a space, so BPE tokenizers see the caption's first word as a new word.
+        space = "" if self.encoder_decoder or not self.prompt else " "
+        texts = [space + " ".join(text.split()) for text in texts]
+        captions = [ids[: self.max_caption_tokens] + [self.end_token_id]
+                    for ids in tokenizer(texts, add_special_tokens=False).input_ids]  # fmt: skip
+        for text, ids in zip(texts, captions, strict=True):
+            for token, what in ((self.image_token_id, "the image token"), (self.end_token_id, "the end token")):
+                if token in ids[:-1]:
+                    raise CaptuneError(f"caption {text.strip()!r} holds {what} {tokenizer.decode([token])!r} (id "
+                                       f"{token}); it must not appear inside captions")  # fmt: skip
+        if self.prefix.count(self.image_token_id) != self.num_query_tokens:
+            raise CaptuneError(
+                f"prompt {self.prompt!r} holds the image token {self.processor.image_token.content}; it must not "
+                "appear in the prompt"
+            )
+        return captions
+
+    @staticmethod
+    def images(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if "pixel_values" in batch[0]:
+            return {"pixel_values": torch.stack([item["pixel_values"] for item in batch])}
+        return {"image_index": torch.tensor([item["image_index"] for item in batch])}
+
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        tokenizer = self.processor.tokenizer
+        captions = self.caption_ids([item["caption"] for item in batch])
+        if self.encoder_decoder:
+            input_ids = torch.tensor([self.prefix] * len(batch))
+            attention_mask = torch.ones_like(input_ids)
+            labels = _padded(captions, IGNORE)
+        else:
+            input_ids = _padded([self.prefix + ids for ids in captions], tokenizer.pad_token_id)
+            attention_mask = _padded([[1] * (len(self.prefix) + len(ids)) for ids in captions], 0)
+            labels = _padded([[IGNORE] * len(self.prefix) + ids for ids in captions], IGNORE)
+        return {
+            **self.images(batch),
+            "caption_start": 0 if self.encoder_decoder else len(self.prefix),  # labels' first caption column
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+        }
+
+
+class PackedCaptionCollator(CaptionCollator):
+    """Builds a batch of whole images (`ImageCaptions` items), one row per image, so that an image's captions share
+    the work of its image tokens and prompt.
+
+    Decoder-only language models: a row is `[<image>] * num_query_tokens + BOS + prompt`, then each caption + EOS in
+    turn, right-padded. `attention_mask` (rows, 1, length, length) lets the prefix attend causally to itself and
+    each caption token to the prefix and to its own caption's earlier tokens (padding only to itself); `position_ids`
+    restart after the prefix for each caption, so every caption token has the position, and sees the tokens, that it
+    has in a row of its own. `labels` are the caption tokens, flat, and `predict_from` the flat (row x length) index
+    of the hidden state that predicts each: the prefix's last position for a caption's first token, else the token
+    before. Encoder-decoder models (T5): `input_ids` hold one `[<image>] * num_query_tokens + prompt + EOS` per image,
+    `labels` one caption + EOS per row and `caption_image` the image row each caption belongs to.
+    """
+
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        per_image = [self.caption_ids(item["captions"]) for item in batch]
+        samples = sum(map(len, per_image))
+        if self.encoder_decoder:
+            input_ids = torch.tensor([self.prefix] * len(batch))
+            return {
+                **self.images(batch),
+                "samples": samples,
+                "input_ids": input_ids,
+                "attention_mask": torch.ones_like(input_ids),
+                "labels": _padded([ids for captions in per_image for ids in captions], IGNORE),
+                "caption_image": torch.tensor([i for i, captions in enumerate(per_image) for _ in captions]),
+            }
+        start = len(self.prefix)
+        length = max(start + sum(map(len, captions)) for captions in per_image)
+        input_ids = torch.full((len(batch), length), self.processor.tokenizer.pad_token_id, dtype=torch.long)
+        position_ids = torch.zeros((len(batch), length), dtype=torch.long)
+        segment = torch.full((len(batch), length), -1, dtype=torch.long)  # 0 prefix, j caption j, -1 padding
+        input_ids[:, :start] = torch.tensor(self.prefix)
+        position_ids[:, :start] = torch.arange(start)
+        segment[:, :start] = 0
+        predict_from, labels = [], []
+        for row, captions in enumerate(per_image):
+            at = start
+            for j, ids in enumerate(captions, start=1):
+                n = len(ids)
+                input_ids[row, at : at + n] = torch.tensor(ids)
+                position_ids[row, at : at + n] = torch.arange(start, start + n)
+                segment[row, at : at + n] = j
+                base = row * length
+                predict_from += [base + start - 1, *range(base + at, base + at + n - 1)]
+                labels += ids
+                at += n
+        query, key = segment[:, :, None], segment[:, None, :]
+        causal = torch.ones((length, length), dtype=torch.bool).tril()
+        allowed = causal & ((key == 0) | (key == query))
+        allowed = torch.where(query >= 0, allowed, torch.eye(length, dtype=torch.bool))
+        return {
+            **self.images(batch),
+            "samples": samples,
+            "input_ids": input_ids,
+            "attention_mask": allowed.unsqueeze(1),
+            "position_ids": position_ids,
+            "predict_from": torch.tensor(predict_from),
+            "labels": torch.tensor(labels),
+        }
+
+
+def _padded(rows: list[list[int]], value: int) -> torch.Tensor:
+    """Rows of different lengths as one tensor, right-padded with value."""
+    out = torch.full((len(rows), max(map(len, rows))), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row)
+    return out
+
+
+def use_packing(config: Config, model: nn.Module) -> bool:
+    """Whether batches hold whole images with their captions packed (train.pack_captions); says why not."""
+    if not config.train.pack_captions:
+        return False
+    lm = blip_of(model).language_model
+    implementation = lm.config._attn_implementation
+    if lm.config.is_encoder_decoder or implementation in PACKING_ATTENTION:
+        return True
+    log.warning("train.pack_captions: %s attention takes no block mask; one row per caption instead", implementation)
+    return False
+
+
+class EpochShuffle(Sampler[int]):
+    """A permutation seeded by (seed, epoch): the order of an epoch never depends on the global RNG, so a resumed run
+    sees the same batches as an uninterrupted one."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(torch.randperm(self.size, generator=self._generator()).tolist())
+
+
+class LengthGroupedShuffle(EpochShuffle):
+    """EpochShuffle, then within each group of batches the samples sorted by length and cut into batches, and the
+    batches shuffled: batches hold captions of similar length (little padding) and still come in random order.
+
+    A group is 50 batches, or fewer on small sets so that an epoch has at least 4 groups (as transformers'
+    LengthGroupedSampler does). Grouping makes a batch's captions less varied: on a few templated captions (the
+    demo) that slows learning, so the demo config turns it off.
+
+    With several processes (`processes`), batches move in runs of that many neighbours of one sorted group: accelerate
+    gives one step's consecutive batches to the processes, so they hold captions of similar length and none waits at
+    the gradient all-reduce for another's longer batch."""
+
+    GROUP_BATCHES = 50
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, seed: int, processes: int = 1):
+        super().__init__(len(lengths), seed)
+        self.lengths, self.batch_size, self.processes = lengths, batch_size, processes
+
+    def __iter__(self) -> Iterator[int]:
+        generator = self._generator()
+        order = torch.randperm(self.size, generator=generator).numpy()
+        per_group = max(1, min(self.GROUP_BATCHES, self.size // (self.batch_size * 4)))
+        group = self.batch_size * math.ceil(per_group / self.processes) * self.processes
+        runs, rest = [], []
+        for start in range(0, self.size, group):
+            members = order[start : start + group]
+            members = members[np.argsort(-self.lengths[members], kind="stable")]
+            batches = [members[i : i + self.batch_size] for i in range(0, len(members), self.batch_size)]
+            full = [b for b in batches if len(b) == self.batch_size]
+            cut = len(full) - len(full) % self.processes
+            runs += [full[i : i + self.processes] for i in range(0, cut, self.processes)]
+            rest += full[cut:] + [b for b in batches if len(b) < self.batch_size]
+        # Runs of full batches in random order; what is left (at most the last group's) comes last, short batch last.
+        shuffled = [batch for i in torch.randperm(len(runs), generator=generator).tolist() for batch in runs[i]]
+        rest.sort(key=len, reverse=True)
+        return iter(np.concatenate(shuffled + rest).tolist() if shuffled or rest else [])
+
+
+def training_loader(
+    items: Dataset, sampler: Sampler[int], collate: CaptionCollator, config: Config, batch_size: int, pin_memory: bool
+) -> DataLoader:
+    """The training DataLoader: `data.num_workers` persistent worker processes decoding images, each at most
+    `data.prefetch_factor` batches ahead, their garbage collector kept off the inherited heap."""
+    workers = config.data.num_workers
+    return DataLoader(
+        items,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        num_workers=workers,
+        prefetch_factor=config.data.prefetch_factor if workers else None,
+        persistent_workers=workers > 0,  # forked once, not at every epoch
+        worker_init_fn=datasets.freeze_inherited_objects,
+        generator=torch.Generator().manual_seed(config.train.seed),
+        pin_memory=pin_memory,
+    )
+
+
+def load_training_data(config: Config, main: bool) -> CaptionSet:
+    """Reads the dataset, decodes every image once, and refuses to go on over problems unless told to skip them."""
+    with PartialState().main_process_first():  # the synthetic set is generated once, by rank 0
+        captions = datasets.read(config.data.format, config.data.data_dir, datasets.read_options(config.data))
+    captions = datasets.check_images(captions, progress=main)
+    if captions.problems:
+        listing = "\n".join(f"  {p.image}: {p.problem}" for p in captions.problems[:10])
+        more = f"\n  ... and {len(captions.problems) - 10} more" if len(captions.problems) > 10 else ""
+        if not config.data.skip_bad_images:
+            raise CaptuneError(
+                f"{config.data.data_dir}: {len(captions.problems)} problem(s) in the dataset:\n{listing}{more}\n"
+                "Fix them, or pass --skip-bad-images (data.skip_bad_images=true) to train on the "
+                f"{len(captions.records)} usable images; `captune data check` writes the full list."
+            )
+        if main:
+            log.warning("skipping %d unusable image(s) (%d problem(s) in the data):\n%s%s", captions.left_out(),
+                        len(captions.problems), listing, more)  # fmt: skip
+    for note in captions.notes:
+        log.info("data: %s", note)
+    if not captions.split("train"):
+        raise CaptuneError(f"{config.data.data_dir}: the train split has no usable images")
+    return captions
