@@ -9,50 +9,103 @@ The public API, shared by the CLI, notebooks and (later) the server::
     tuned = load_model_dir("runs/blip2-opt-2.7b-flickr8k/best")
     for result in caption_paths(tuned.model, tuned.processor, paths, config.generate):
         print(result.image, result.caption)
+
+The names load on first use (PEP 562), so `import captune.metrics` or a process that only scores captions does not
+import torch and transformers.
 """
 
-from captune.config import Config, GenerateConfig, load_config
-from captune.data import CaptionSet, ReadOptions, Record, check_images, read, read_options
-from captune.data.synthetic import SyntheticSpec, generate_synthetic
-from captune.errors import CaptuneError
-from captune.evaluation import evaluate_records, predict_records
-from captune.export import merge_model_dir, model_card
-from captune.generation.core import CaptionResult, generate_captions
-from captune.generation.files import caption_paths
-from captune.metrics import EvalResult, evaluate_files, score_captions
-from captune.model import LoadedModel, apply_lora, load_base, load_model_dir, trainable_summary
-from captune.report import write_report
-from captune.training.recipe import train, trained_model_dir
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from captune.config import Config, GenerateConfig, load_config
+    from captune.data import CaptionSet, ReadOptions, Record, check_images, read, read_options
+    from captune.data.synthetic import SyntheticSpec, generate_synthetic
+    from captune.errors import CaptuneError
+    from captune.evaluation import evaluate_records, predict_records
+    from captune.export import merge_model_dir, model_card
+    from captune.generation.core import CaptionResult, generate_captions
+    from captune.generation.files import caption_paths
+    from captune.metrics import EvalResult, evaluate_files, score_captions
+    from captune.model import LoadedModel, apply_lora, load_base, load_model_dir, trainable_summary
+    from captune.report import write_report
+    from captune.training.recipe import train, trained_model_dir
+
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "CaptionResult": "captune.generation.core",
+    "CaptionSet": "captune.data",
+    "CaptuneError": "captune.errors",
+    "Config": "captune.config",
+    "EvalResult": "captune.metrics",
+    "GenerateConfig": "captune.config",
+    "LoadedModel": "captune.model",
+    "ReadOptions": "captune.data",
+    "Record": "captune.data",
+    "SyntheticSpec": "captune.data.synthetic",
+    "apply_lora": "captune.model",
+    "caption_paths": "captune.generation.files",
+    "check_images": "captune.data",
+    "evaluate_files": "captune.metrics",
+    "evaluate_records": "captune.evaluation",
+    "generate_captions": "captune.generation.core",
+    "generate_synthetic": "captune.data.synthetic",
+    "load_base": "captune.model",
+    "load_config": "captune.config",
+    "load_model_dir": "captune.model",
+    "merge_model_dir": "captune.export",
+    "model_card": "captune.export",
+    "predict_records": "captune.evaluation",
+    "read": "captune.data",
+    "read_options": "captune.data",
+    "score_captions": "captune.metrics",
+    "train": "captune.training.recipe",
+    "trainable_summary": "captune.model",
+    "trained_model_dir": "captune.training.recipe",
+    "write_report": "captune.report",
+}
 
 __all__ = [
-    "CaptionResult",
+    "Config",
+    "GenerateConfig",
+    "load_config",
     "CaptionSet",
     "ReadOptions",
     "Record",
-    "SyntheticSpec",
-    "apply_lora",
     "check_images",
-    "generate_synthetic",
     "read",
     "read_options",
-    "trainable_summary",
-    "trained_model_dir",
-    "write_report",
+    "SyntheticSpec",
+    "generate_synthetic",
     "CaptuneError",
-    "Config",
-    "EvalResult",
-    "GenerateConfig",
-    "LoadedModel",
-    "caption_paths",
-    "evaluate_files",
     "evaluate_records",
-    "generate_captions",
-    "load_base",
-    "load_config",
-    "load_model_dir",
+    "predict_records",
     "merge_model_dir",
     "model_card",
-    "predict_records",
+    "CaptionResult",
+    "generate_captions",
+    "caption_paths",
+    "EvalResult",
+    "evaluate_files",
     "score_captions",
+    "LoadedModel",
+    "apply_lora",
+    "load_base",
+    "load_model_dir",
+    "trainable_summary",
+    "write_report",
     "train",
+    "trained_model_dir",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'captune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -197,7 +197,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     per_image = _output_path(args.per_image) if args.per_image else None
     references, predictions = load_references(Path(args.references)), load_predictions(Path(args.predictions))
     result = score_captions(references, predictions, allow_missing=args.allow_missing, source=args.predictions,
-                            per_image=per_image is not None)  # fmt: skip
+                            per_image=per_image is not None, progress=True)  # fmt: skip
     if output:
         write_metrics(output, result)
     if per_image:
