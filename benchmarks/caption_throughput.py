@@ -30,6 +30,7 @@ import statistics
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ from captune.data.images import load_rgb
 from captune.generation import core
 from captune.generation.core import generate_captions
 from captune.generation.files import caption_paths
-from captune.generation.static import attention, decoder, linears
+from captune.generation.static import StaticOptions, attention, decoder, fast_path
 from captune.generation.static.attention import _batched_products, _reductions, one_query
 from captune.model import load_model_dir
 from captune.twins import write_checkpoint
@@ -168,22 +169,23 @@ def latency(model: Any, processor: Any, path: Path, static: bool = False, calls:
 
 
 def latency_ab_gemv(model: Any, processor: Any, path: Path, calls: int = 20) -> dict[str, Any]:
-    """Single-image latency with `linears.GEMV_UP_TO` 0 and 1 in alternate calls of one process (after 3 warm-up
-    calls each, which compile both): the host's speed drifts between processes and within seconds on the H100
+    """Single-image latency with `StaticOptions.gemv_up_to` 0 and 1 in alternate calls of one process (after 3
+    warm-up calls each, which compile both): the host's speed drifts between processes and within seconds on the H100
     machines (results/caption-single-latency-h100-gemv-gc-freeze.json), so the two arms are compared call by call."""
 
     options = single_options()
     image = load_rgb(path)
     times: dict[int, list[float]] = {0: [], 1: []}
-    default = linears.GEMV_UP_TO
+    fast = fast_path(model)
+    default = fast.options
     try:
         for i in range(6 + 2 * calls):
-            linears.GEMV_UP_TO = i % 2
+            fast.options = replace(default, gemv_up_to=i % 2)
             seconds = _caption_seconds(model, processor, image, options)
             if i >= 6:
                 times[i % 2].append(seconds)
     finally:
-        linears.GEMV_UP_TO = default
+        fast.options = default
     out: dict[str, Any] = {f"gemv_up_to_{up}": _median_p90_ms(got) for up, got in times.items()}
     cublas, gemv = sorted(times[0]), sorted(times[1])
     wins = sum(b < a for a, b in zip(cublas, gemv, strict=True))  # quantile by quantile
@@ -523,15 +525,17 @@ def _flex(query: Any, key: Any, value: Any, mask: Any, scale: float) -> Any:
 
 reduction_attention = one_query(_reductions)
 """`--attention reduction`: captune's float32 reductions (`attention._reductions`) at every batch size (captune
-runs them up to REDUCTIONS_UP_TO rows: slower at batch 512, measured)."""
+runs them up to `StaticOptions.reductions_up_to` rows: slower at batch 512, measured)."""
 flex_attention_candidate = one_query(_flex)
-"""A candidate for `captune.generation.static.attention._one_query_attention` (`--attention flex`)."""
+"""A candidate for `captune.generation.static.attention.one_query_attention` (`--attention flex`)."""
 
 
-def apply_experiments(args: argparse.Namespace) -> dict[str, Any]:
+def apply_experiments(args: argparse.Namespace) -> tuple[dict[str, Any], StaticOptions]:
     """`--inductor KEY=VALUE` (torch._inductor.config, before anything compiles) and `--attention reduction`
-    (the one-query step of captune's static loops replaced by `reduction_attention`): what this process changed."""
+    (the one-query step of captune's static loops replaced by `reduction_attention`): what this process changed, and
+    the static loops' options with `--gemv-up-to` and `--compiled-prefill-up-to` (for the model's `fast_path`)."""
     changed: dict[str, Any] = {}
+    static = StaticOptions()
     for entry in args.inductor:
         name, _, text = entry.partition("=")
         try:
@@ -544,10 +548,10 @@ def apply_experiments(args: argparse.Namespace) -> dict[str, Any]:
         attention.fused_qkv = lambda model: nullcontext()  # type: ignore[assignment]
         changed["fused_qkv"] = False
     if args.gemv_up_to is not None:
-        linears.GEMV_UP_TO = args.gemv_up_to
+        static = replace(static, gemv_up_to=args.gemv_up_to)
         changed["gemv_up_to"] = args.gemv_up_to
     if args.compiled_prefill_up_to is not None:
-        decoder.COMPILED_PREFILL_UP_TO = args.compiled_prefill_up_to
+        static = replace(static, compiled_prefill_up_to=args.compiled_prefill_up_to)
         changed["compiled_prefill_up_to"] = args.compiled_prefill_up_to
     candidates = {
         "bmm": one_query(_batched_products),
@@ -555,9 +559,10 @@ def apply_experiments(args: argparse.Namespace) -> dict[str, Any]:
         "flex": flex_attention_candidate,
     }
     if args.attention in candidates:
-        attention._one_query_attention = candidates[args.attention]  # type: ignore[assignment]
+        candidate = candidates[args.attention]
+        attention.one_query_attention = lambda reductions_up_to: candidate  # type: ignore[assignment]
         changed["one_query_attention"] = f"{args.attention} (benchmark)"
-    return changed
+    return changed, static
 
 
 def usual_stage(model: Any, processor: Any, paths: list[Path], result: dict, save: Any) -> list[str]:
@@ -662,22 +667,23 @@ def main(argv: list[str] | None = None) -> None:
         "--compiled-prefill-up-to",
         type=int,
         metavar="IMAGES",
-        help="captune.generation.static.decoder.COMPILED_PREFILL_UP_TO for this process (0: the prefill always eager)",
+        help="StaticOptions.compiled_prefill_up_to for this process (0: the prefill always eager)",
     )
     parser.add_argument("--ab-gemv", action="store_true",
-                        help="only the single-image latency, GEMV_UP_TO 0 and 1 in alternate calls")  # fmt: skip
+                        help="only the single-image latency, gemv_up_to 0 and 1 in alternate calls")  # fmt: skip
     parser.add_argument("--gemv-up-to", type=int, metavar="ROWS",
-                        help="linears.GEMV_UP_TO for this process (0: cuBLAS only)")  # fmt: skip
+                        help="StaticOptions.gemv_up_to for this process (0: cuBLAS only)")  # fmt: skip
     args = parser.parse_args(argv)
     import torch._inductor.config  # noqa: F401  (for apply_experiments)
 
-    experiments = apply_experiments(args)
+    experiments, static_options = apply_experiments(args)
     model_dir = args.model_dir
     if args.tiny:  # the twin of blip2-opt-2.7b: the real tokenizer and ids at tiny sizes
         model_dir = write_checkpoint("Salesforce/blip2-opt-2.7b", args.work / "twin-model")
     paths = make_images(args.work / "caption-images", args.images)
     loaded = load_model_dir(str(model_dir))  # bf16 on a GPU, fp32 on a CPU
     model, processor = loaded.model, loaded.processor
+    fast_path(model).options = static_options
     result: dict[str, Any] = {"what": __doc__.splitlines()[0], "tokens_per_caption": TOKENS, "images": len(paths)}
 
     def save() -> None:

@@ -1,5 +1,6 @@
 """captune's static-cache loops: the language model over static KV caches (`decoder`), greedy and beam search over it
-(`loops`), and the kernels of its decode steps (`attention`, `linears`), compiled with CUDA graphs on a GPU."""
+(`loops`), and the kernels of its decode steps (`attention`, `linears`), compiled with CUDA graphs on a GPU. Their
+settings are `StaticOptions`; what they keep for a model between calls is its `FastPath` (`fast_path(model)`)."""
 
 from __future__ import annotations
 
@@ -10,16 +11,12 @@ from captune.config import GenerateConfig
 from captune.generation.inputs import is_encoder_decoder, text_inputs
 from captune.generation.static import decoder
 from captune.generation.static.attention import static_attention
-from captune.generation.static.decoder import StaticCaches
+from captune.generation.static.fast_path import FastPath, StaticCaches, fast_path
 from captune.generation.static.loops import static_beam, static_greedy
+from captune.generation.static.options import StaticOptions
 from captune.model import Blip2Like, blip_of
 
-HELD_CACHE_ROWS = 8
-"""The most rows (images x beams) whose static caches a `generate_from_pixels` call without `caches` (a single
-caption, a server's request) keeps on the model for the next one (~20 MB a row for OPT-2.7B and 30 new tokens):
-allocating them anew took ~2.4 ms of a single caption's host time on an H100 while the GPU waited, and the compiled
-steps' CUDA graphs read them at the addresses they were recorded with. (Like those graphs, they are per model: one
-model does not caption from several threads at once; `captune serve` calls it from one.)"""
+__all__ = ["FastPath", "StaticCaches", "StaticOptions", "fast_path", "static_tokens", "uses_static_loops"]
 
 
 def uses_static_loops(model: Blip2Like, options: GenerateConfig) -> bool:
@@ -41,10 +38,11 @@ def static_tokens(
     dtype (`static_greedy`, or `static_beam` for beam search); `caches` and `image_features` as
     `captune.generation.core.generate_from_pixels` takes them."""
     blip = blip_of(model)
+    path = fast_path(blip)
     device = pixel_values.device
-    if caches is None and len(pixel_values) * options.num_beams <= HELD_CACHE_ROWS:
-        caches = vars(blip).setdefault("_captune_caches", {})  # the next small call reuses them
-    small = len(pixel_values) <= decoder.COMPILED_IMAGE_SIDE_UP_TO
+    if caches is None and len(pixel_values) * options.num_beams <= path.options.held_cache_rows:
+        caches = path.caches  # the next small call reuses them
+    small = len(pixel_values) <= path.options.compiled_image_side_up_to
     if image_features is None and small and decoder.compiles(blip, device):
         # first, so that the GPU works while the host sets up the rest; a copy: the graph's output is reused
         image_features = decoder.compiled_image_side(blip)(pixel_values).clone()

@@ -3,18 +3,20 @@ language model's decode steps."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
+from captune.generation.static.fast_path import fast_path
 from captune.generation.static.linears import fused_qkv, gemv_linears
 from captune.model import Blip2Like, blip_of
 
 STATIC_ATTENTION = "captune_static_cache"
 """The attention implementation the language model runs under in captune's static loops (registered with
-transformers' AttentionInterface): the prefill is SDPA's; a one-token step is `_one_query_attention`."""
+transformers' AttentionInterface): the prefill is SDPA's; a one-token step is `one_query_attention`'s."""
 
 
 OneQueryAttend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float], torch.Tensor]
@@ -79,28 +81,32 @@ def _reductions(
     return out.to(value.dtype)[:, None].contiguous()
 
 
-REDUCTIONS_UP_TO = 32
-"""The most rows whose one-query attention is `_reductions` (more: `_batched_products`)."""
-
-
 def _by_rows(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float, up_to: int
 ) -> torch.Tensor:
-    """`_reductions` for up to REDUCTIONS_UP_TO rows when compiled (launches matter there, and only the compiler
-    fuses them), `_batched_products` above and in eager runs (a quantized model's)."""
-    fused = torch.compiler.is_compiling() and query.shape[0] <= REDUCTIONS_UP_TO
+    """`_reductions` for up to `up_to` rows (`StaticOptions.reductions_up_to`) when compiled (launches matter there,
+    and only the compiler fuses them), `_batched_products` above and in eager runs (a quantized model's)."""
+    fused = torch.compiler.is_compiling() and query.shape[0] <= up_to
     attend = _reductions if fused else _batched_products
     return attend(query, key, value, mask, scale)
 
 
-_one_query_attention = one_query(_by_rows)
-"""The attention of captune's static loops (`_by_rows` for a one-token step)."""
+@functools.cache
+def one_query_attention(reductions_up_to: int) -> Callable[..., tuple[torch.Tensor, None]]:
+    """The attention of captune's static loops: `_by_rows` for a one-token step, with `_reductions` up to
+    `reductions_up_to` rows. One function per value (the same object at every call: the compiled step's guards see
+    the function they were recorded with)."""
+
+    def by_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any, scale: float) -> torch.Tensor:
+        return _by_rows(query, key, value, mask, scale, reductions_up_to)
+
+    return one_query(by_rows)
 
 
 @contextmanager
 def static_attention(model: Blip2Like) -> Iterator[None]:
-    """Within it, a language model on SDPA attention runs `_one_query_attention` (STATIC_ATTENTION); any other
-    implementation is left as it is."""
+    """Within it, a language model on SDPA attention runs `one_query_attention` (STATIC_ATTENTION) with the model's
+    `StaticOptions`; any other implementation is left as it is."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -109,7 +115,8 @@ def static_attention(model: Blip2Like) -> Iterator[None]:
     if implementation != "sdpa":
         yield
         return
-    AttentionInterface.register(STATIC_ATTENTION, _one_query_attention)
+    settings = fast_path(model).options
+    AttentionInterface.register(STATIC_ATTENTION, one_query_attention(settings.reductions_up_to))
     AttentionMaskInterface.register(STATIC_ATTENTION, sdpa_mask)  # the masks SDPA gets: boolean, (rows, 1, q, kv)
     config._attn_implementation = STATIC_ATTENTION
     try:

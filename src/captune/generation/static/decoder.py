@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from captune.generation.static import linears
+from captune.generation.static.fast_path import StaticCaches, fast_path
 from captune.model import Blip2Like, blip_of, embedded_inputs, stop_token_ids
 
 
@@ -21,7 +21,8 @@ class StaticDecoder:
     (transformers' `get_compiled_call`: CUDA graphs on a GPU) with one constant mask, so every step has the same input
     shapes; causality comes from `cache_position`, which also hides the cache slots not written yet.
 
-    Every row holds the same image tokens and prompt (no padding), as `generate_from_pixels` builds them.
+    Every row holds the same image tokens and prompt (no padding), as `generate_from_pixels` builds them. What runs
+    compiled follows the model's `StaticOptions` (`fast_path(model).options`).
     """
 
     def __init__(
@@ -37,6 +38,7 @@ class StaticDecoder:
         from transformers import CompileConfig
 
         blip = blip_of(model)
+        settings = fast_path(blip).options
         self.lm = lm = blip.language_model
         ids = stop_token_ids(model)
         self.eos = torch.tensor(ids).to(input_ids.device, non_blocking=True)  # (see text_inputs)
@@ -56,7 +58,7 @@ class StaticDecoder:
         held = {} if caches is None else caches
         prefilled = _static_cache(held, "prefill", (images, total, embeds.dtype, device), lm.config)
         prefill = _prefill_logits
-        if compiled and images <= COMPILED_PREFILL_UP_TO:
+        if compiled and images <= settings.compiled_prefill_up_to:
             prefill = _compiled_prefill()
             _initialize(prefilled, lm.config, images, embeds.dtype, device)  # the graph writes into its tensors
         logits = prefill(lm, embeds, self.mask[:images], self.positions[: self.prefix], name, prefilled)
@@ -75,7 +77,7 @@ class StaticDecoder:
         # later process on a machine tuned to slower configurations as often as one that took them from the caches;
         # results/caption-single-latency-h100-no-compile-caches-reverted.json.)
         self.tuning: Any = nullcontext()  # (entered at every step; a config patch can be entered again)
-        if compiled and self.rows <= linears.GEMV_UP_TO:
+        if compiled and self.rows <= settings.gemv_up_to:
             import torch._inductor.config as inductor
 
             self.tuning = inductor.patch(coordinate_descent_tuning=True)
@@ -111,13 +113,6 @@ class StaticDecoder:
         return scores
 
 
-COMPILED_IMAGE_SIDE_UP_TO = 32
-"""The largest batch whose image side the static loops run compiled (`compiled_image_side`). Measured on an H100:
-one image's image side took 32.7 ms eager (launch-bound) and 5.6 ms compiled, the single-image caption 153 ->
-137 ms; at batch 512 the compiled one was slower (0.585 s against 0.553 s eager); batches between were not
-measured."""
-
-
 def compiles(blip: Any, device: torch.device) -> bool:
     """Whether the static loops compile their parts (CUDA graphs): on a GPU, for a model that is not quantized."""
     return device.type == "cuda" and getattr(blip, "hf_quantizer", None) is None
@@ -125,17 +120,16 @@ def compiles(blip: Any, device: torch.device) -> bool:
 
 def compiled_image_side(blip: Any) -> Any:
     """The image side (ViT-g, Q-Former, projection: pixels to projected query features) compiled with CUDA graphs,
-    once per model (recorded once per batch size). Eager, it is ~1,000 small kernel launches: 32.7 ms for one image
-    on an H100, a quarter of a single caption's latency, where the graph takes 5.6 ms."""
-    compiled = getattr(blip, "_captune_image_side", None)
-    if compiled is None:
+    once per model (kept on its `FastPath`; recorded once per batch size). Eager, it is ~1,000 small kernel launches:
+    32.7 ms for one image on an H100, a quarter of a single caption's latency, where the graph takes 5.6 ms."""
+    path = fast_path(blip)
+    if path.image_side is None:
 
         def image_side(pixels: torch.Tensor) -> torch.Tensor:
             return blip.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
 
-        compiled = torch.compile(image_side, mode="reduce-overhead", fullgraph=True)
-        blip._captune_image_side = compiled
-    return compiled
+        path.image_side = torch.compile(image_side, mode="reduce-overhead", fullgraph=True)
+    return path.image_side
 
 
 def _prefill_logits(lm: Any, embeds: torch.Tensor, mask: torch.Tensor, start: torch.Tensor, name: str,
@@ -145,12 +139,6 @@ def _prefill_logits(lm: Any, embeds: torch.Tensor, mask: torch.Tensor, start: to
     every prompt position: 1.7 GB of logits and ~4 TFLOP at batch 512 with the 33-token prompt)."""
     return lm(inputs_embeds=embeds, attention_mask=mask, use_cache=True, cache_position=start,
               position_ids=start.expand(len(embeds), -1), logits_to_keep=1, **{name: cache}).logits[:, -1]  # fmt: skip
-
-
-COMPILED_PREFILL_UP_TO = 32
-"""The largest batch (images) whose prefill the static loops run compiled with CUDA graphs (`_compiled_prefill`).
-Eager, the prefill is ~500 kernel launches, which at batch 1 keep the GPU waiting (~10 ms of host time by the
-H100 profile against a few ms of GPU work); at large batches its GEMMs are long and launches do not matter."""
 
 
 @functools.cache
@@ -167,12 +155,6 @@ def _initialize(cache: Any, config: Any, rows: int, dtype: torch.dtype, device: 
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     cache.early_initialization(rows, kv_heads, head_dim, dtype, device)
-
-
-StaticCaches = dict[str, tuple[tuple, Any]]
-"""Static KV caches kept from one batch to the next by `caption_paths` (a role, "prefill" or "beams", to its shape
-and cache). Reusing a cache keeps its tensors at the same addresses, so the compiled step's CUDA graphs replay as
-recorded instead of being recorded again for new ones; the caches live as long as the run that holds them."""
 
 
 def _static_cache(held: StaticCaches, role: str, shape: tuple, config: Any) -> Any:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -11,12 +12,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from captune.generation.static.fast_path import fast_path
 from captune.model import Blip2Like, blip_of
 
 
-def _fused_qkv_forward(self: Any, hidden_states: torch.Tensor, attention_mask: Any = None, **kwargs: Any) -> tuple:
+def _fused_qkv_forward(
+    self: Any, hidden_states: torch.Tensor, attention_mask: Any = None, *, gemv_up_to: int, **kwargs: Any
+) -> tuple:
     """OPT's attention forward (as transformers 5.17-5.24 write it) with q, k and v projected by one GEMM over the
-    layer's concatenated weights (`fused_qkv`); the rest as transformers does it, over a static cache."""
+    layer's concatenated weights (`fused_qkv`; `_linear` with `gemv_up_to`); the rest as transformers does it, over a
+    static cache."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.opt.modeling_opt import eager_attention_forward
 
@@ -24,7 +29,7 @@ def _fused_qkv_forward(self: Any, hidden_states: torch.Tensor, attention_mask: A
     cache = kwargs.pop("past_key_values", cache)
     kwargs.pop("output_attentions", None)
     rows, length, width = hidden_states.shape
-    qkv = _linear(hidden_states, self.captune_qkv_weight, self.captune_qkv_bias)
+    qkv = _linear(hidden_states, self.captune_qkv_weight, self.captune_qkv_bias, up_to=gemv_up_to)
     query, key, value = (
         part.reshape(rows, length, self.num_heads, self.head_dim).transpose(1, 2) for part in qkv.split(width, dim=-1)
     )
@@ -37,6 +42,17 @@ def _fused_qkv_forward(self: Any, hidden_states: torch.Tensor, attention_mask: A
     return self.out_proj(out.reshape(rows, length, -1).contiguous()), weights
 
 
+@functools.cache
+def _qkv_forward(gemv_up_to: int) -> Callable[..., tuple]:
+    """`_fused_qkv_forward` with `gemv_up_to`, as a forward to bind to a layer: one function per value (the same
+    object at every call: the compiled step's guards see the forward they were recorded with)."""
+
+    def forward(self: Any, hidden_states: torch.Tensor, attention_mask: Any = None, **kwargs: Any) -> tuple:
+        return _fused_qkv_forward(self, hidden_states, attention_mask, gemv_up_to=gemv_up_to, **kwargs)
+
+    return forward
+
+
 @contextmanager
 def fused_qkv(model: Blip2Like) -> Iterator[None]:
     """Within it (captune's static loops), each OPT attention layer whose q, k and v projections are plain linear
@@ -45,25 +61,26 @@ def fused_qkv(model: Blip2Like) -> Iterator[None]:
     decode step 3.50 -> 3.28 ms, measured). The concatenation is a buffer at a fixed address (the compiled step's CUDA
     graphs read it there) of which the three projections' weights (and biases) become views (`_fuse_as_views`): no
     more memory, nothing copied at each call, and weights changed in place since (training, a merge's `.data +=`)
-    are already there."""
+    are already there. The layers and their pointers are kept on the model's `FastPath`."""
     from transformers.models.opt.modeling_opt import OPTAttention
 
     plain = ("q_proj", "k_proj", "v_proj")
     lm = blip_of(model).language_model
-    if "_captune_attention_layers" not in vars(lm):  # found once (a walk over its modules: host time at every call)
-        vars(lm)["_captune_attention_layers"] = [m for m in lm.modules() if isinstance(m, OPTAttention)]
+    path = fast_path(model)
+    if path.attention_layers is None:  # found once (a walk over its modules: host time at every call)
+        path.attention_layers = [m for m in lm.modules() if isinstance(m, OPTAttention)]
     # (submodules and buffers read through the modules' dicts: nn.Module's attribute hooks cost host time at every
     # call)
-    layers = [m for m in vars(lm)["_captune_attention_layers"] if all(_plain(m._modules[n]) for n in plain)]
+    layers = [m for m in path.attention_layers if all(_plain(m._modules[n]) for n in plain)]
     with torch.no_grad():
         for layer in layers:
             parts = [layer._modules[name]._parameters for name in plain]
             tensors = [p["weight"] for p in parts] + [p.get("bias") for p in parts]
-            if _pointers(layer, tensors) != vars(layer).get("_captune_qkv_pointers"):  # (else all viewed already)
+            if _pointers(layer, tensors) != path.qkv_pointers.get(layer):  # (else all viewed already)
                 _fuse_as_views(layer, "captune_qkv_weight", tensors[:3])
                 _fuse_as_views(layer, "captune_qkv_bias", tensors[3:])
-                vars(layer)["_captune_qkv_pointers"] = _pointers(layer, tensors)
-    with _forwards(layers, _fused_qkv_forward):
+                path.qkv_pointers[layer] = _pointers(layer, tensors)
+    with _forwards(layers, _qkv_forward(path.options.gemv_up_to)):
         yield
 
 
@@ -80,18 +97,6 @@ def _forwards(modules: list[nn.Module], forward: Callable[..., Any]) -> Iterator
             vars(module).pop("forward", None)
 
 
-GEMV_UP_TO = 1
-"""The most rows (tokens in a call) whose linear layers the compiled static loops compute as `_gemv` reductions
-(`gemv_linears`), tuned by the compiler's coordinate descent; more rows go to cuBLAS (`F.linear`). 1: a single
-caption's decode step. Measured on an H100 in alternate calls of one process, a single caption took 95.4 ms median
-against 101.7 with cuBLAS, faster at each of the 20 quantiles (results/caption-single-latency-h100-gemv-ab.json); its
-decode step 2.82 against 3.10 ms (results/caption-single-latency-h100-gemv-coordinate-descent.json). With the
-compiler's own reduction configurations they were slower than cuBLAS (3.13 against 3.05 ms a step). The cost: the first
-single caption of a process compiles ~60 s longer (the tuning: 130 against 72 s on an H100), the patched forwards add
-~0.2 ms of guard checks to each compiled call, and the tuned step varies between processes (2.72-2.92 ms in the first
-process on a machine, 2.88-3.42 in later ones; cuBLAS 3.00-3.10). 0 patches nothing."""
-
-
 def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` as one float32 reduction over each weight row, in x's dtype. Compiled, it is a
     reduction kernel that reads each weight row once and takes the bias and a following activation along; for one row
@@ -102,31 +107,39 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
     return out.to(x.dtype)
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`_gemv` for up to GEMV_UP_TO rows while compiling (eager, the reduction would be materialised), else
-    `F.linear`."""
-    if torch.compiler.is_compiling() and x.numel() <= GEMV_UP_TO * x.shape[-1]:
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, up_to: int) -> torch.Tensor:
+    """`_gemv` for up to `up_to` rows (`StaticOptions.gemv_up_to`) while compiling (eager, the reduction would be
+    materialised), else `F.linear`."""
+    if torch.compiler.is_compiling() and x.numel() <= up_to * x.shape[-1]:
         return _gemv(x, weight, bias)
     return nn.functional.linear(x, weight, bias)
 
 
-def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """nn.Linear's forward by `_linear` (`gemv_linears`)."""
-    return _linear(x, self.weight, self.bias)
+@functools.cache
+def _linear_forward(up_to: int) -> Callable[[nn.Linear, torch.Tensor], torch.Tensor]:
+    """nn.Linear's forward by `_linear` with `up_to` (`gemv_linears`): one function per value, as `_qkv_forward`."""
+
+    def forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        return _linear(x, self.weight, self.bias, up_to=up_to)
+
+    return forward
 
 
 @contextmanager
 def gemv_linears(model: Blip2Like) -> Iterator[None]:
     """Within it (captune's static loops), the language model's plain linear layers (the attention's output
     projection, the feed-forward layers, the LM head; merged or no adapter, not quantized) run `_linear`: a one-token
-    decode step's matrix-vector products become the compiler's reductions; the prefill keeps its GEMMs."""
-    if GEMV_UP_TO < 1:  # nothing patched: no host time, no guards in the compiled calls
+    decode step's matrix-vector products become the compiler's reductions; the prefill keeps its GEMMs. Up to the
+    model's `StaticOptions.gemv_up_to` rows; 0 patches nothing (no host time, no guards in the compiled calls)."""
+    path = fast_path(model)
+    up_to = path.options.gemv_up_to
+    if up_to < 1:
         yield
         return
-    lm = blip_of(model).language_model
-    if "_captune_linears" not in vars(lm):  # found once (a walk over its modules: host time at every call)
-        vars(lm)["_captune_linears"] = [m for m in lm.modules() if type(m) is nn.Linear]  # (added later: F.linear)
-    with _forwards([m for m in vars(lm)["_captune_linears"] if type(m) is nn.Linear], _linear_forward):
+    if path.linears is None:  # found once (a walk over its modules: host time at every call)
+        lm = blip_of(model).language_model
+        path.linears = [m for m in lm.modules() if type(m) is nn.Linear]  # (added later: F.linear)
+    with _forwards([m for m in path.linears if type(m) is nn.Linear], _linear_forward(up_to)):
         yield
 
 

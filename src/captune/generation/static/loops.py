@@ -6,18 +6,16 @@ from __future__ import annotations
 import torch
 
 from captune.config import GenerateConfig
-from captune.generation.static.decoder import StaticCaches, StaticDecoder
+from captune.generation.static.decoder import StaticDecoder
+from captune.generation.static.fast_path import StaticCaches, fast_path
 from captune.model import Blip2Like
 
-STATIC_CHECK_EVERY = 8
-"""Decode steps between the checks whether generation has ended (each check waits for the GPU)."""
 
-
-def _check_at(index: int, options: GenerateConfig) -> bool:
-    """Whether the static loops look after new token number `index` if generation has ended: every
-    STATIC_CHECK_EVERY steps, once a row may have ended (EOS is banned before `min_new_tokens`, so no earlier
+def _check_at(index: int, options: GenerateConfig, every: int) -> bool:
+    """Whether the static loops look after new token number `index` if generation has ended: every `every` steps
+    (`StaticOptions.check_every`), once a row may have ended (EOS is banned before `min_new_tokens`, so no earlier
     check can stop anything, and each one drains the GPU's queue)."""
-    return (index + 1) % STATIC_CHECK_EVERY == 0 and index >= options.min_new_tokens
+    return (index + 1) % every == 0 and index >= options.min_new_tokens
 
 
 @torch.no_grad()
@@ -31,8 +29,9 @@ def static_greedy(
 ) -> torch.Tensor:
     """Greedy captions as `generate` makes them (min/max new tokens; a row that emitted EOS gets padding after it),
     over `StaticDecoder`, without waiting for the GPU at every token: `generate` reads its stopping criteria from the
-    GPU after each step, so the host cannot queue the next one. Here the host looks only every STATIC_CHECK_EVERY
-    steps. Returns the new tokens only, (rows, up to max_new_tokens)."""
+    GPU after each step, so the host cannot queue the next one. Here the host looks only every
+    `StaticOptions.check_every` steps. Returns the new tokens only, (rows, up to max_new_tokens)."""
+    every = fast_path(model).options.check_every
     decoder = StaticDecoder(model, input_ids, pixel_values, options.max_new_tokens, caches=caches,
                              image_features=image_features)  # fmt: skip
     rows, eos, pad = decoder.rows, decoder.eos, decoder.pad
@@ -44,7 +43,7 @@ def static_greedy(
         chosen = torch.where(unfinished, scores.argmax(-1), pad)
         tokens[:, i] = chosen
         unfinished &= ~torch.isin(chosen, eos)
-        if i + 1 == options.max_new_tokens or (_check_at(i, options) and not bool(unfinished.any())):
+        if i + 1 == options.max_new_tokens or (_check_at(i, options, every) and not bool(unfinished.any())):
             return tokens[:, : i + 1]
         logits = decoder.step(chosen, i)
     return tokens
@@ -64,10 +63,11 @@ def static_beam(
     as the language model's generation config says), over `StaticDecoder` with each image's beams as rows: the
     prompt is prefilled once per image (its cache rows repeated for the beams), the cache reordered in place after
     each step (only the new tokens' keys and values move), and the host checks whether to stop only every
-    STATIC_CHECK_EVERY steps (steps past the point where `generate` stops change nothing: no candidate can enter a
-    finished set then). Returns the best finished beam's new tokens per image, (images, max_new_tokens), padded after
-    EOS."""
+    `StaticOptions.check_every` steps (steps past the point where `generate` stops change nothing: no candidate can
+    enter a finished set then). Returns the best finished beam's new tokens per image, (images, max_new_tokens),
+    padded after EOS."""
     beams, new = options.num_beams, options.max_new_tokens
+    every = fast_path(model).options.check_every
     decoder = StaticDecoder(model, input_ids, pixel_values, new, copies=beams, caches=caches,
                              image_features=image_features)  # fmt: skip
     images, device = input_ids.shape[0], input_ids.device
@@ -119,7 +119,7 @@ def static_beam(
         improvable &= (running_scores[:, :1] / (length**length_penalty) > worst).any(dim=-1, keepdim=True)
         if i + 1 == new:
             break
-        if _check_at(i, options):
+        if _check_at(i, options, every):
             going = improvable.any() & ~(is_finished.all() & (early_stopping is True)) & ~ends.all()
             if not bool(going):
                 break

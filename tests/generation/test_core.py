@@ -1,0 +1,114 @@
+"""The plain captioning path (`generate_captions` through transformers' `generate`): one caption per image,
+batch invariance, prompt handling, the model's mode, and when the static cache is advised."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from captune.config import GenerateConfig
+from captune.generation.core import generate_captions
+from captune.model import LoadedModel
+
+from .conftest import GREEDY, _images
+
+
+def test_one_caption_string_per_image(tiny: LoadedModel) -> None:
+    captions = generate_captions(tiny.model, tiny.processor, _images(), GREEDY)
+    assert len(captions) == 3
+    assert all(isinstance(c, str) and c for c in captions)
+
+
+def test_captions_are_deterministic(tiny: LoadedModel) -> None:
+    images, options = _images(), GenerateConfig(num_beams=3, min_new_tokens=1, max_new_tokens=6)
+    first = generate_captions(tiny.model, tiny.processor, images, options)
+    assert generate_captions(tiny.model, tiny.processor, images, options) == first
+
+
+def test_captions_differ_between_images(tiny: LoadedModel) -> None:
+    # Guards the batch tests below: identical captions for every image would make them pass vacuously.
+    assert len(set(generate_captions(tiny.model, tiny.processor, _images(), GREEDY))) > 1
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_an_image_gets_the_same_caption_alone_and_in_a_batch(tiny: LoadedModel, num_beams: int) -> None:
+    options = GenerateConfig(num_beams=num_beams, min_new_tokens=1, max_new_tokens=6)
+    images = _images()
+    batched = generate_captions(tiny.model, tiny.processor, images, options, prompt="a picture of")
+    alone = [generate_captions(tiny.model, tiny.processor, [im], options, prompt="a picture of")[0] for im in images]
+    assert batched == alone
+
+
+def test_min_and_max_new_tokens_bound_the_caption_length(tiny: LoadedModel) -> None:
+    options = GenerateConfig(num_beams=1, min_new_tokens=4, max_new_tokens=4)
+    captions = generate_captions(tiny.model, tiny.processor, _images(), options)
+    # Every word of the tiny vocabulary is one token.
+    assert [len(c.split()) for c in captions] == [4, 4, 4]
+
+
+def test_a_model_in_training_mode_is_left_in_training_mode(tiny: LoadedModel) -> None:
+    tiny.model.train()
+    generate_captions(tiny.model, tiny.processor, _images()[:1], GREEDY)
+    assert tiny.model.training
+
+
+class _FixedContinuation(torch.nn.Module):
+    """Stands in for a decoder-only BLIP-2: `generate` returns the input ids followed by the same new words."""
+
+    def __init__(self, tiny: LoadedModel, words: str):
+        super().__init__()
+        self.config = tiny.model.config
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.new_ids = tiny.processor.tokenizer(words, add_special_tokens=False).input_ids
+
+    def generate(self, input_ids: torch.Tensor, **_: object) -> torch.Tensor:
+        new = torch.tensor(self.new_ids).expand(len(input_ids), -1)
+        return torch.cat([input_ids, new], dim=1)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "continuation", "expected"),
+    [
+        ("", "a red circle", "a red circle"),
+        ("a picture of", "a red circle", "a red circle"),
+        ("a picture of", "a picture of a red circle", "a red circle"),
+        ("  a   picture of ", "a picture of a red circle", "a red circle"),
+        ("a", "at the top", "at the top"),
+        ("a picture", "a picture", ""),
+    ],
+    ids=[
+        "no-prompt",
+        "prompt-not-returned",
+        "repeated-prompt-stripped",
+        "prompt-spacing",
+        "whole-words-only",
+        "only-the-prompt",
+    ],  # fmt: skip
+)
+def test_prompt_is_fed_and_not_returned(tiny: LoadedModel, prompt: str, continuation: str, expected: str) -> None:
+    model = _FixedContinuation(tiny, continuation)
+    assert generate_captions(model, tiny.processor, _images()[:2], GREEDY, prompt=prompt) == [expected, expected]
+
+
+@pytest.mark.parametrize(
+    ("images", "beams", "static", "device", "own_loop", "advised"),
+    [
+        (10_000, 1, False, "cuda", True, True),
+        (9_999, 1, False, "cuda", True, False),  # too short to pay for the warm-up
+        (3_000, 5, False, "cuda", True, True),  # beam search pays sooner
+        (2_999, 5, False, "cuda", True, False),
+        (50_000, 1, True, "cuda", True, False),  # already on
+        (50_000, 1, False, "cpu", True, False),  # nothing is compiled on a CPU
+        (50_000, 1, False, "cuda", False, False),  # Flan-T5 or a repetition penalty: transformers' static cache
+    ],
+)
+def test_the_static_cache_is_advised_for_long_gpu_runs_only(
+    images: int, beams: int, static: bool, device: str, own_loop: bool, advised: bool
+) -> None:
+    from captune.generation.core import static_cache_advice
+
+    options = GenerateConfig(num_beams=beams, static_cache=static)
+    advice = static_cache_advice(images, options, device, own_loop)
+    assert (advice is not None) == advised
+    if advice:
+        assert f"{images} images" in advice and "--static-cache" in advice
