@@ -784,10 +784,11 @@ def test_any_json_request_gets_a_caption_or_a_json_error(client: TestClient, pay
 
 @pytest.mark.parametrize(("max_batch", "sizes"), [(1, [1]), (4, [1, 2, 4]), (6, [1, 2, 4, 6]), (16, [1, 2, 4, 8, 16])])
 def test_static_batch_sizes_are_those_batches_are_filled_to(max_batch: int, sizes: list[int]) -> None:
-    from captune.serve import _filled_size, static_batch_sizes
+    from captune.generation.core import filled_size
+    from captune.serve import static_batch_sizes
 
     assert static_batch_sizes(max_batch) == sizes
-    assert {_filled_size(count, max_batch) for count in range(1, max_batch + 1)} == set(sizes)
+    assert {filled_size(count, max_batch, powers_of_two=True) for count in range(1, max_batch + 1)} == set(sizes)
 
 
 @pytest.mark.parametrize("static", [True, False])

@@ -69,7 +69,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from captune.config import Config, GenerateConfig
 from captune.data.images import ImageError, decode_size, load_rgb
 from captune.errors import CaptuneError
-from captune.generation.core import generate_captions
+from captune.generation.core import filled, filled_size, generate_captions
 from captune.model import META_FILE, LoadedModel, load_model_dir, saved_config
 
 log = logging.getLogger(__name__)
@@ -830,15 +830,9 @@ class _Server:
         return HTMLResponse(self.page, headers={"Content-Security-Policy": _PAGE_CSP})
 
 
-def _filled_size(count: int, max_batch: int) -> int:
-    """The batch size `count` images are filled up to with a static cache: the next power of two, at most
-    `max_batch`."""
-    return min(1 << (count - 1).bit_length(), max_batch)
-
-
 def static_batch_sizes(max_batch: int) -> list[int]:
     """Every batch size a static-cache server compiles for: the powers of two below `max_batch`, and `max_batch`."""
-    return sorted({_filled_size(count, max_batch) for count in range(1, max_batch + 1)})
+    return sorted({filled_size(count, max_batch, powers_of_two=True) for count in range(1, max_batch + 1)})
 
 
 def create_app(model_dir: str | Path, settings: ServeSettings | None = None) -> FastAPI:
@@ -862,7 +856,7 @@ def create_app(model_dir: str | Path, settings: ServeSettings | None = None) -> 
     def generate(images: list[Image.Image], options: GenerateConfig) -> list[str]:
         count = len(images)
         if options.static_cache:  # a compiled step per batch size: fill up to a power of two (few compilations)
-            images = images + images[-1:] * (_filled_size(count, settings.max_batch) - count)
+            images = filled(images, filled_size(count, settings.max_batch, powers_of_two=True))
         return generate_captions(loaded.model, loaded.processor, images, options, config.data.prompt)[:count]
 
     server = _Server(

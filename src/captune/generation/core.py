@@ -1,11 +1,13 @@
 """The one captioning path that `captune caption`, evaluation, validation and the server use: a batch of images to
 captions through transformers' `generate`, or through captune's static loops (`captune.generation.static`) when
-`generate.static_cache` is on and they cover the model. `generate_from_pixels` is the one place that picks."""
+`generate.static_cache` is on and they cover the model. `generate_from_pixels` is the one place that picks
+(`takes_static_loops`); `filled_size` is how far a batch is filled up for the static cache's compiled steps."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from PIL import Image
@@ -16,6 +18,8 @@ from captune.data.images import device_pixels
 from captune.generation.inputs import is_encoder_decoder, text_inputs
 from captune.generation.static import StaticCaches, static_tokens, uses_static_loops
 from captune.model import Blip2Like, attention_kernels, evaluating
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -63,12 +67,43 @@ def generate_from_pixels(
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     pixel_values = pixel_values.to(device, dtype, non_blocking=True)
     with evaluating(model), attention_kernels(options.cudnn_attention):
-        if options.static_cache and uses_static_loops(model, options):
+        if takes_static_loops(model, options):
             output = static_tokens(model, processor, pixel_values, options, prompt, caches, image_features)
         else:
             output = _generated_tokens(model, processor, pixel_values, options, prompt)
     texts = processor.tokenizer.batch_decode(output, skip_special_tokens=True)
     return [_clean(t, prompt) for t in texts]
+
+
+def takes_static_loops(model: Blip2Like, options: GenerateConfig) -> bool:
+    """Whether captioning with these options runs captune's static loops: `generate.static_cache` is on and they
+    cover the model and options (`uses_static_loops`); otherwise transformers' `generate` (with its own static cache
+    when `generate.static_cache` is on). `generate_from_pixels` and `caption_paths` (for its pipeline around the
+    loops) both ask here."""
+    return bool(options.static_cache) and uses_static_loops(model, options)
+
+
+def filled_size(count: int, batch_size: int, powers_of_two: bool) -> int:
+    """The rows a batch of `count` images (at most `batch_size`) is filled up to with a static cache, by copies of
+    its last image whose captions are dropped (`filled`): the compiled steps are recorded once per batch size, so a
+    run keeps to few sizes.
+
+    Args:
+        count: The batch's images.
+        batch_size: The most images a batch holds (`generate.batch_size`; a server's `--max-batch`).
+        powers_of_two: True: the next power of two, at most `batch_size` (`captune serve`, whose batches hold what
+            the queue held: a few sizes to compile serve every count, and a small batch is not computed at the size
+            of the largest). False: `batch_size` itself (`caption_paths`, whose batches are full but the last and
+            those with unreadable files: one size).
+    """
+    if powers_of_two:
+        return min(1 << (count - 1).bit_length(), batch_size)
+    return batch_size
+
+
+def filled(items: list[T], size: int) -> list[T]:
+    """`items` followed by copies of its last item up to `size` in all (`items` as they are when there are as many)."""
+    return items + items[-1:] * (size - len(items))
 
 
 def _generated_tokens(

@@ -16,8 +16,8 @@ from transformers import Blip2Processor
 from captune.config import GenerateConfig
 from captune.data import freeze_inherited_objects
 from captune.data.images import PixelFiles, PixelItem, rebatched, worker_share
-from captune.generation.core import CaptionResult, generate_from_pixels, uses_static_loops
-from captune.generation.static.decoder import StaticCaches
+from captune.generation.core import CaptionResult, filled, filled_size, generate_from_pixels, takes_static_loops
+from captune.generation.static import StaticCaches
 from captune.model import Blip2Like, attention_kernels, blip_of
 
 
@@ -55,29 +55,30 @@ def caption_paths(
         worker_init_fn=freeze_inherited_objects,
     )
     # A compiled static-cache step is compiled once per batch size: a short batch (the last one, or one with
-    # unreadable files) is filled up with copies of its last image, whose captions are dropped.
+    # unreadable files) is filled up with copies of its last image, whose captions are dropped (`filled_size`).
     batches = rebatched(loader, options.batch_size, lambda chunks: [item for chunk in chunks for item in chunk])
-    if options.static_cache and uses_static_loops(model, options):
+    if takes_static_loops(model, options):
         yield from _static_captions(model, processor, files, batches, options, prompt)
         return
     for batch in batches:
-        good, pixels = _good_pixels(batch, device, 0)
+        good, pixels = _good_pixels(batch, device)
         captions = generate_from_pixels(model, processor, pixels, options, prompt)[: len(good)] if good else []
         yield from _results(files, batch, good, captions)
 
 
 def _good_pixels(
-    batch: list[PixelItem], device: torch.device, fill_to: int
+    batch: list[PixelItem], device: torch.device, fill_to: int | None = None
 ) -> tuple[list[tuple[int, torch.Tensor]], Any]:
-    """The readable images of a batch, and their pixels stacked on `device` (filled up to `fill_to` rows with copies
-    of the last image), or None when there are none. Each image goes to the GPU from the loader's pinned memory
-    without waiting, and is stacked there: stacking on the host would first copy the batch (154 MB at 256 images)
-    into unpinned memory."""
+    """The readable images of a batch, and their pixels stacked on `device` (filled up for a static cache's batch
+    size `fill_to` when given: `filled_size`), or None when there are none. Each image goes to the GPU from the
+    loader's pinned memory without waiting, and is stacked there: stacking on the host would first copy the batch
+    (154 MB at 256 images) into unpinned memory."""
     good = [(index, pixels) for index, pixels, _ in batch if pixels is not None]
     if not good:
         return good, None
     pixels = [p.to(device, non_blocking=True) for _, p in good]
-    pixels += pixels[-1:] * max(0, fill_to - len(pixels))
+    if fill_to is not None:
+        pixels = filled(pixels, filled_size(len(pixels), fill_to, powers_of_two=False))
     return good, torch.stack(pixels)
 
 
