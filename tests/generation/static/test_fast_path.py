@@ -14,10 +14,20 @@ from captune.generation import static as static_entry
 from captune.generation.core import generate_captions
 from captune.generation.inputs import text_inputs
 from captune.generation.static import StaticOptions, decoder, fast_path
-from captune.model import LoadedModel
+from captune.model import LoadedModel, build_tiny
 
 from ..conftest import _images
 from .conftest import _traced_compiles
+
+
+def test_a_model_and_its_peft_wrapper_share_one_fast_path_with_the_default_options(tiny: LoadedModel) -> None:
+    from captune.config import load_config
+    from captune.model import apply_lora
+
+    path = fast_path(tiny.model)
+    assert fast_path(tiny.model) is path and path.options == StaticOptions()
+    assert fast_path(apply_lora(tiny.model, load_config(None, []).lora)) is path
+    assert fast_path(build_tiny(0).model) is not path
 
 
 def test_a_small_static_batch_starts_its_compiled_image_side_before_the_text_inputs(
