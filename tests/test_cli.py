@@ -325,18 +325,21 @@ def test_train_refuses_bad_images_until_told_to_skip_them(tmp_path: Path, capsys
     assert "done: 1 steps" in capsys.readouterr().out
 
 
-def test_caption_says_when_the_static_cache_would_be_faster(
-    model_dir: Path, images: list[Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+def test_caption_says_which_path_it_takes_and_why(
+    model_dir: Path, images: list[Path], caplog: pytest.LogCaptureFixture
 ) -> None:
-    from captune.generation import core as generate
+    with caplog.at_level("INFO", logger="captune.generation.choice"):
+        assert _caption(model_dir, *map(str, images), "--format", "jsonl") == 0
+    assert [r.message for r in caplog.records if r.name == "captune.generation.choice"] == [
+        "captioning: transformers generate (on cpu, nothing to compile), batch 16 (CPU)"
+    ]
 
-    asked = []
 
-    def advice(count: int, options: object, device: str, own_loop: bool) -> str:
-        asked.append((count, device, own_loop))
-        return "note: use --static-cache"
-
-    monkeypatch.setattr(generate, "static_cache_advice", advice)
-    assert _caption(model_dir, *map(str, images), "--format", "jsonl") == 0
-    assert asked == [(3, "cpu", True)]  # the images of the run, the model's device, OPT runs captune's loops
-    assert "note: use --static-cache" in capsys.readouterr().err
+def test_caption_keeps_a_forced_path_and_batch(
+    model_dir: Path, images: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("INFO", logger="captune.generation.choice"):
+        assert _caption(model_dir, *map(str, images), "--no-static-cache", "--batch-size", "2") == 0
+    assert "captioning: transformers generate (generate.static_cache set), batch 2 (generate.batch_size set)" in [
+        r.message for r in caplog.records
+    ]

@@ -15,9 +15,9 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from captune.config import Config, GenerateConfig
+from captune.config import Config
 from captune.errors import CaptuneError
 from captune.files import check_writable
 
@@ -42,9 +42,10 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--min-new-tokens", type=int, help="shortest caption in tokens")
     group.add_argument("--max-new-tokens", type=int, help="longest caption in tokens")
     group.add_argument("--repetition-penalty", type=float, help="1.0 is none")
-    group.add_argument("--batch-size", type=int, help="images per generate call")
-    group.add_argument("--static-cache", action="store_true", default=None,
-                       help="static KV cache: on a GPU the decode step is compiled (faster in bulk)")  # fmt: skip
+    group.add_argument("--batch-size", type=int, help="images per generate call (default: captune picks it)")
+    group.add_argument("--static-cache", action=argparse.BooleanOptionalAction, default=None,
+                       help="force the static KV cache on or off (default: captune decides: on for long GPU runs; "
+                       "on a GPU the decode step is compiled, faster in bulk)")  # fmt: skip
     group.add_argument("--prompt", help="text the caption continues (default: the training prompt)")
     group.add_argument("--merge-adapter", action="store_true",
                        help="merge the LoRA adapter into the base weights at load: no adapter layers per token "
@@ -119,7 +120,6 @@ def cmd_caption(args: argparse.Namespace) -> int:
         skipped = sum(1 for p in paths if p.resolve() in done)
         paths = [p for p in paths if p.resolve() not in done]
     loaded = load_model_dir(args.model_dir, device=args.device, merge=args.merge_adapter)
-    _advise_static_cache(loaded.model, config.generate, len(paths))
     ok = failed = 0
     # The bare caption only when the one input names the image itself; otherwise each line says which image it is.
     bare = len(args.paths) == 1 and paths == [Path(args.paths[0]).expanduser()] and not args.resume
@@ -150,17 +150,6 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if failed:
         print(f"captioned {ok} image(s); {failed} input(s) failed (listed above)", file=sys.stderr)
     return 1 if failed else 0
-
-
-def _advise_static_cache(model: Any, options: GenerateConfig, images: int) -> None:
-    """Says on stderr when this many images would caption faster with `--static-cache`."""
-    from captune.generation.core import static_cache_advice
-    from captune.generation.static import uses_static_loops
-
-    device = next(model.parameters()).device.type
-    advice = static_cache_advice(images, options, device, uses_static_loops(model, options))
-    if advice:
-        print(advice, file=sys.stderr)
 
 
 def _captioned_images(path: Path) -> set[str]:
@@ -241,7 +230,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not records:
         raise CaptuneError(f"{args.data_dir}: the {args.split} split has no usable images")
     loaded = load_model_dir(args.model_dir, device=args.device, merge=args.merge_adapter)
-    _advise_static_cache(loaded.model, config.generate, len(records))
     evaluation = evaluate_records(loaded.model, loaded.processor, records, config.generate, config.data.prompt,
                                   args.workers)  # fmt: skip
     output_dir = Path(args.output_dir or Path(args.model_dir) / f"eval-{args.split}")

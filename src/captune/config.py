@@ -198,16 +198,20 @@ class GenerateConfig:
     """Longest caption in tokens."""
     repetition_penalty: float = 1.0
     """Penalty on repeated tokens (1.0 is none)."""
-    batch_size: int = 16
-    """Images per generate call."""
-    static_cache: bool = False
-    """Generate with a static KV cache. OPT-style models run captune's own loops (`generate.static_greedy` and
-    `generate.static_beam`: the decode step compiled on CUDA into CUDA graphs, beam search's bookkeeping on the GPU,
-    the GPU read only every 8 tokens to see whether generation ended; short batches of `captune caption` filled up to
-    the batch size so one compilation serves all); a repetition penalty and Flan-T5 use transformers' static cache.
-    Compiling takes ~45-130 s per batch size and beam width on an H100 (`captune caption` and `captune eval` advise
-    turning it on for GPU runs of at least 10,000 images greedy, 3,000 with beam search); in float32 the captions are
-    `generate`'s, in bf16 they can differ where two tokens score within rounding (different attention kernels)."""
+    batch_size: int | None = None
+    """Images per generate call. None: captune picks it (`captune.generation.choice`): 512 greedy and 128 with beams
+    on the static loops, 256 and 64 through transformers' generate on a GPU, 16 on a CPU; at most what half the free
+    GPU memory holds and the run's images (rounded up to a power of two)."""
+    static_cache: bool | None = None
+    """Generate with a static KV cache. None: captune decides (`captune.generation.choice`, logged in one line): on
+    a GPU, for OPT-style models without a repetition penalty, from 10,000 images greedy and 6,000 with beams (the
+    runs long enough to earn the compiling warm-up), and always in `captune serve`; never on a CPU. OPT-style models
+    run captune's own loops (`generate.static_greedy` and `generate.static_beam`: the decode step compiled on CUDA
+    into CUDA graphs, beam search's bookkeeping on the GPU, the GPU read only every 8 tokens to see whether
+    generation ended; short batches of `captune caption` filled up to the batch size so one compilation serves all);
+    a repetition penalty and Flan-T5 use transformers' static cache. Compiling takes ~35-130 s per batch size and
+    beam width on an H200; in float32 the captions are `generate`'s, in bf16 they can differ where two tokens score
+    within rounding (different attention kernels)."""
     cudnn_attention: bool = False
     """Let PyTorch's attention use cuDNN's kernels while captioning. Off: flash, memory-efficient or math kernels
     (cuDNN's took 200 us per layer and step in the static-cache decode step at batch 256 on an H100)."""
@@ -454,7 +458,7 @@ def _check_generate(config: Config) -> list[tuple[bool, str]]:
     generate = config.generate
     return [
         (generate.num_beams >= 1, "generate.num_beams must be >= 1"),
-        (generate.batch_size >= 1, "generate.batch_size must be >= 1"),
+        (generate.batch_size is None or generate.batch_size >= 1, "generate.batch_size must be >= 1"),
         (generate.max_new_tokens >= 1, "generate.max_new_tokens must be >= 1"),
         (
             0 <= generate.min_new_tokens <= generate.max_new_tokens,

@@ -69,6 +69,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from captune.config import Config, GenerateConfig
 from captune.data.images import ImageError, decode_size, load_rgb
 from captune.errors import CaptuneError
+from captune.generation.choice import choose, facts_of, log_choice
+from captune.generation.compile_cache import use_compile_cache
 from captune.generation.core import filled, filled_size, generate_captions
 from captune.model import META_FILE, LoadedModel, load_model_dir, saved_config
 
@@ -853,6 +855,13 @@ def create_app(model_dir: str | Path, settings: ServeSettings | None = None) -> 
     _check_defaults(config.generate, options_model, model_dir)
     loaded = load_model_dir(model_dir, device=settings.device, merge=settings.merge_adapter)
 
+    # The path for every request, decided once (a server is an open-ended run); its batches are the micro-batcher's.
+    facts = facts_of(loaded.model, config.generate)
+    decided = choose(replace(config.generate, batch_size=settings.max_batch), facts, None)
+    log_choice(decided)
+    config.generate = decided.options
+    if config.generate.static_cache:
+        use_compile_cache()
     def generate(images: list[Image.Image], options: GenerateConfig) -> list[str]:
         count = len(images)
         if options.static_cache:  # a compiled step per batch size: fill up to a power of two (few compilations)

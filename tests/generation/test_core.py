@@ -88,27 +88,3 @@ class _FixedContinuation(torch.nn.Module):
 def test_prompt_is_fed_and_not_returned(tiny: LoadedModel, prompt: str, continuation: str, expected: str) -> None:
     model = _FixedContinuation(tiny, continuation)
     assert generate_captions(model, tiny.processor, _images()[:2], GREEDY, prompt=prompt) == [expected, expected]
-
-
-@pytest.mark.parametrize(
-    ("images", "beams", "static", "device", "own_loop", "advised"),
-    [
-        (10_000, 1, False, "cuda", True, True),
-        (9_999, 1, False, "cuda", True, False),  # too short to pay for the warm-up
-        (3_000, 5, False, "cuda", True, True),  # beam search pays sooner
-        (2_999, 5, False, "cuda", True, False),
-        (50_000, 1, True, "cuda", True, False),  # already on
-        (50_000, 1, False, "cpu", True, False),  # nothing is compiled on a CPU
-        (50_000, 1, False, "cuda", False, False),  # Flan-T5 or a repetition penalty: transformers' static cache
-    ],
-)
-def test_the_static_cache_is_advised_for_long_gpu_runs_only(
-    images: int, beams: int, static: bool, device: str, own_loop: bool, advised: bool
-) -> None:
-    from captune.generation.core import static_cache_advice
-
-    options = GenerateConfig(num_beams=beams, static_cache=static)
-    advice = static_cache_advice(images, options, device, own_loop)
-    assert (advice is not None) == advised
-    if advice:
-        assert f"{images} images" in advice and "--static-cache" in advice

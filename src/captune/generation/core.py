@@ -124,26 +124,6 @@ def _generated_tokens(
     return output if is_encoder_decoder(model) else output[:, inputs["input_ids"].shape[1] :]
 
 
-STATIC_CACHE_PAYS_FROM_GREEDY, STATIC_CACHE_PAYS_FROM_BEAMS = 10_000, 3_000
-"""Images from which a run captions faster with `generate.static_cache` despite its compiling warm-up, greedy and
-with beam search. From the H100 numbers (benchmarks/results/caption-bulk-h100.json): greedy 405 captions/s static
-(batch 512, 44.5 s warm-up) against ~183 without (batch 256); beam 5 120 (batch 128, 131.8 s warm-up) against ~34
-(batch 64)."""
-
-
-def static_cache_advice(images: int, options: GenerateConfig, device_type: str, own_loop: bool) -> str | None:
-    """A note for a run of `images` that would be faster with the static cache (None when it is on, the run is too
-    short to pay for the warm-up, the device is not a GPU, or the model does not run captune's own loops)."""
-    pays_from = STATIC_CACHE_PAYS_FROM_GREEDY if options.num_beams == 1 else STATIC_CACHE_PAYS_FROM_BEAMS
-    if options.static_cache or images < pays_from or device_type != "cuda" or not own_loop:
-        return None
-    return (
-        f"note: {images} images: --static-cache (generate.static_cache=true) is faster from about {pays_from} "
-        f"images at {'greedy' if options.num_beams == 1 else 'beam search'} after a 45-130 s compiling warm-up "
-        f"(on an H100: 405 greedy captions/s at --batch-size 512, 120 with beam 5 at 128; see benchmarks/README.md)"
-    )
-
-
 def _clean(text: str, prompt: str) -> str:
     """Collapses whitespace and drops a repeat of the prompt at the start, as whole words only: prompt `a` must not
     eat the `a` of `at the top`."""

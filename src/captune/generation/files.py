@@ -16,6 +16,8 @@ from transformers import Blip2Processor
 from captune.config import GenerateConfig
 from captune.data import freeze_inherited_objects
 from captune.data.images import PixelFiles, PixelItem, rebatched, worker_share
+from captune.generation.choice import choose, facts_of, log_choice
+from captune.generation.compile_cache import record_compiled, use_compile_cache
 from captune.generation.core import CaptionResult, filled, filled_size, generate_from_pixels, takes_static_loops
 from captune.generation.static import StaticCaches
 from captune.model import Blip2Like, attention_kernels, blip_of
@@ -35,7 +37,8 @@ def caption_paths(
     num_workers: int = 0,
 ) -> Iterator[CaptionResult]:
     """Captions image files in batches of `options.batch_size`, in input order; an unreadable file yields a result
-    with its error and the others are captioned.
+    with its error and the others are captioned. A batch size or static cache left None is decided for the run by
+    `captune.generation.choice` (and logged in one line).
 
     With `num_workers` > 0, worker processes decode and preprocess the next batches while the model captions this
     one, so the GPU does not wait for JPEG decoding. Each worker makes a share of a batch (batch_size / num_workers
@@ -44,6 +47,11 @@ def caption_paths(
     """
     files = list(paths)
     device = next(model.parameters()).device
+    # What the options leave to captune (the path, the batch size) is decided here, once per run.
+    decided = choose(options, facts_of(model, options), len(files))
+    log_choice(decided)
+    options = decided.options
+    assert options.batch_size is not None
     share = worker_share(options.batch_size, num_workers)
     loader = DataLoader(
         PixelFiles(files, processor.image_processor),
@@ -58,7 +66,10 @@ def caption_paths(
     # unreadable files) is filled up with copies of its last image, whose captions are dropped (`filled_size`).
     batches = rebatched(loader, options.batch_size, lambda chunks: [item for chunk in chunks for item in chunk])
     if takes_static_loops(model, options):
+        use_compile_cache()  # before the process's first compilation
         yield from _static_captions(model, processor, files, batches, options, prompt)
+        if device.type == "cuda":
+            record_compiled(model, options, options.batch_size)
         return
     for batch in batches:
         good, pixels = _good_pixels(batch, device)
@@ -115,7 +126,7 @@ def _static_captions(
     try:
         for batch in batches:
             with torch.cuda.stream(side) if side is not None else nullcontext():
-                good, pixels = _good_pixels(batch, device, options.batch_size)
+                good, pixels = _good_pixels(batch, device, options.batch_size or len(batch))
                 features = None
                 if good:
                     pixels = pixels.to(dtype)  # here, on this stream: generate_from_pixels then has nothing to convert
