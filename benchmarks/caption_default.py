@@ -48,7 +48,7 @@ def cli_run(model_dir: Path, images: Path, output: Path, extra: list[str]) -> di
     for text in process.stderr:
         tail = [*tail[-20:], text.rstrip()]
         if "INFO captioning: " in text and line is None:
-            chosen_at, line = time.perf_counter(), text.strip()
+            chosen_at, line = time.perf_counter(), text.split("INFO ", 1)[1].strip()
     process.wait()
     end = time.perf_counter()
     if process.returncode != 0:
