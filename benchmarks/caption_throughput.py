@@ -45,7 +45,7 @@ from captune.generation.core import generate_captions
 from captune.generation.files import caption_paths
 from captune.generation.static import StaticOptions, attention, decoder, fast_path
 from captune.generation.static.attention import _batched_products, _reductions, one_query
-from captune.model import load_model_dir
+from captune.model_dir import load_model_dir
 from captune.twins import write_checkpoint
 
 TOKENS = 30

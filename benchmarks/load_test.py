@@ -48,7 +48,7 @@ import psutil
 import torch
 from PIL import Image
 
-from captune.model import save_tiny_model_dir
+from captune.model_dir import save_tiny_model_dir
 from captune.serve import ServeSettings
 
 RESULTS = Path(__file__).parent / "results" / "serve-load-cpu.json"

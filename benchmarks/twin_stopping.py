@@ -28,7 +28,8 @@ from captune.data.synthetic import SyntheticSpec, generate_synthetic
 from captune.generation.core import generate_captions
 from captune.generation.files import caption_paths
 from captune.generation.inputs import text_inputs
-from captune.model import caption_end_id, load_model_dir
+from captune.model import caption_end_id
+from captune.model_dir import load_model_dir
 from captune.training.recipe import train, trained_model_dir
 from captune.twins import learning_overrides
 

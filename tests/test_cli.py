@@ -16,7 +16,7 @@ from captune import metrics
 from captune.cli import main
 from captune.config import describe
 from captune.metrics import METRIC_NAMES
-from captune.model import save_tiny_model_dir
+from captune.model_dir import save_tiny_model_dir
 
 from .conftest import write_image, write_truncated_jpeg
 

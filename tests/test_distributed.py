@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import Blip2ForConditionalGeneration
 
-from captune.model import LoadedModel, build_tiny_processor, save_base, tiny_config
+from captune.model import LoadedModel, build_tiny_processor, tiny_config
+from captune.model_dir import save_base
 
 STEPS = 4
 

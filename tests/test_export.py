@@ -1,4 +1,4 @@
-"""`captune merge`: the merged tiny model loads without PEFT and captions exactly as base + adapter; the model card."""
+"""`captune merge`: the merged tiny model loads without PEFT and captions exactly as base + adapter."""
 
 from __future__ import annotations
 
@@ -9,59 +9,24 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file
 from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
 from captune.cli import main
-from captune.config import Config, GenerateConfig, load_config
+from captune.config import Config, GenerateConfig
 from captune.errors import CaptuneError
-from captune.export import merge_model_dir, model_card, run_metrics
+from captune.export import merge_model_dir, run_metrics
 from captune.generation.core import generate_captions
-from captune.model import (
-    META_FILE,
-    LoadedModel,
-    apply_train_mode,
-    build_tiny,
-    load_base,
-    load_model_dir,
-    save_base,
-    save_model_dir,
-)
+from captune.model import LoadedModel, load_base
+from captune.model_dir import META_FILE, load_model_dir
+
+from .conftest import save_run
 
 GREEDY = GenerateConfig(num_beams=1, min_new_tokens=1, max_new_tokens=8)
-METRICS = {"Bleu_4": 0.1234, "CIDEr": 0.5678}
 
 
 def _images() -> list[Image.Image]:
     colours = [(200, 20, 20), (20, 180, 40), (30, 40, 220), (230, 230, 30), (128, 128, 128), (10, 10, 10)]
     return [Image.new("RGB", (40, 30), colour) for colour in colours]
-
-
-def _save_run(root: Path, overrides: list[str]) -> tuple[LoadedModel, Config, Path]:
-    """A run directory as `captune train` leaves it (tiny base, `best/`), with LoRA and modules_to_save weights made
-    random: LoRA B starts at zero, and an adapter that changes nothing would hide a merge that drops it."""
-    config = load_config(None, ["num_beams=1", "min_new_tokens=1", "max_new_tokens=8", *overrides])
-    loaded = build_tiny(0)
-    save_base(root / "base-model", loaded)
-    loaded.model = apply_train_mode(loaded.model, config)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in loaded.model.named_parameters():
-            if ".lora_B." in name:
-                param.copy_(torch.randn(param.shape, generator=generator))
-            elif ".modules_to_save." in name or (config.train.mode == "qformer" and param.requires_grad):
-                param.add_(torch.randn(param.shape, generator=generator))
-    loaded.model.eval()
-    save_model_dir(root / "best", loaded, config, root / "base-model")
-    return loaded, config, root / "best"
-
-
-@pytest.fixture
-def run(tmp_path: Path) -> tuple[LoadedModel, Config, Path]:
-    """Default LoRA (language model q_proj, v_proj), saved with val metrics as training writes them."""
-    loaded, config, best = _save_run(tmp_path / "run", [])
-    (best / "metrics.json").write_text(json.dumps(METRICS))
-    return loaded, config, best
 
 
 def _weight(model: torch.nn.Module, suffix: str) -> torch.Tensor:
@@ -97,7 +62,7 @@ def test_merged_directory_loads_with_plain_transformers(run: tuple[LoadedModel, 
     ids=["language_model", "qformer", "modules_to_save", "qformer_in_full"],
 )
 def test_merged_model_captions_token_for_token_as_base_plus_adapter(tmp_path: Path, overrides: list[str]) -> None:
-    tuned, _, best = _save_run(tmp_path / "run", overrides)
+    tuned, _, best = save_run(tmp_path / "run", overrides)
     merged = Blip2ForConditionalGeneration.from_pretrained(merge_model_dir(best, tmp_path / "merged")).eval()
     processor = Blip2Processor.from_pretrained(tmp_path / "merged")
     base = load_base("tiny")
@@ -109,7 +74,7 @@ def test_merged_model_captions_token_for_token_as_base_plus_adapter(tmp_path: Pa
 
 
 def test_qformer_lora_is_merged_into_the_qformer_weights(tmp_path: Path) -> None:
-    tuned, _, best = _save_run(tmp_path / "run", ["qformer_target_modules=query,value", "train.mode=lora-lm+qformer"])
+    tuned, _, best = save_run(tmp_path / "run", ["qformer_target_modules=query,value", "train.mode=lora-lm+qformer"])
     merged = Blip2ForConditionalGeneration.from_pretrained(merge_model_dir(best, tmp_path / "merged"))
     name = "qformer.encoder.layer.0.attention.attention.query.weight"
     base_weight = _weight(load_base("tiny").model, name)
@@ -121,7 +86,7 @@ def test_qformer_lora_is_merged_into_the_qformer_weights(tmp_path: Path) -> None
 
 
 def test_modules_to_save_weights_survive_the_merge(tmp_path: Path) -> None:
-    tuned, _, best = _save_run(tmp_path / "run", ["modules_to_save=language_projection"])
+    tuned, _, best = save_run(tmp_path / "run", ["modules_to_save=language_projection"])
     merged = Blip2ForConditionalGeneration.from_pretrained(merge_model_dir(best, tmp_path / "merged"))
     trained = _weight(tuned.model, "language_projection.modules_to_save.default.weight")
     assert not torch.equal(trained, _weight(load_base("tiny").model, "language_projection.weight"))
@@ -161,7 +126,7 @@ def test_merge_at_load_captions_as_base_plus_adapter(run: tuple[LoadedModel, Con
 
 def test_plain_generate_with_the_saved_generation_config_uses_the_runs_settings(tmp_path: Path) -> None:
     # Beam search and a minimum length: captions that greedy defaults would not produce.
-    tuned, config, best = _save_run(tmp_path / "run", ["num_beams=3", "min_new_tokens=4", "max_new_tokens=6"])
+    tuned, config, best = save_run(tmp_path / "run", ["num_beams=3", "min_new_tokens=4", "max_new_tokens=6"])
     output = merge_model_dir(best, tmp_path / "merged")
     model = Blip2ForConditionalGeneration.from_pretrained(output).eval()
     processor = Blip2Processor.from_pretrained(output)
@@ -177,7 +142,7 @@ def test_plain_generate_with_the_saved_generation_config_uses_the_runs_settings(
 
 
 def test_a_static_cache_run_writes_it_into_the_generation_config(tmp_path: Path) -> None:
-    _, _, best = _save_run(tmp_path / "run", ["static_cache=true"])
+    _, _, best = save_run(tmp_path / "run", ["static_cache=true"])
     model = Blip2ForConditionalGeneration.from_pretrained(merge_model_dir(best, tmp_path / "merged"))
     assert model.generation_config.cache_implementation == "static"
 
@@ -247,35 +212,7 @@ def test_a_directory_without_an_adapter_is_refused(run: tuple[LoadedModel, Confi
         merge_model_dir(merged, tmp_path / "again")
 
 
-# --- the model card ---------------------------------------------------------------------------------------------
-
-
-def test_model_card_names_base_hyperparameters_and_metrics(
-    run: tuple[LoadedModel, Config, Path], tmp_path: Path
-) -> None:
-    card = (merge_model_dir(run[2], tmp_path / "merged") / "README.md").read_text()
-    assert "library_name: transformers" in card
-    assert "`tiny`" in card and "random weights" in card
-    assert "| lora.r | `8` |" in card and "| lora.alpha | `32` |" in card
-    assert "| train.lr / weight_decay / warmup_steps | `0.0001 / 0.01 / 100` |" in card
-    assert "| format | `synthetic` |" in card
-    assert "| CIDEr | 0.5678 |" in card and "From best/metrics.json" in card
-    assert f"`{run[2]}` merged into the base weights" in card
-    assert "generation_config=model.generation_config" in card
-
-
-def test_adapter_card_says_how_to_load_the_adapter_and_that_metrics_are_absent(
-    run: tuple[LoadedModel, Config, Path],
-) -> None:
-    loaded, config, _ = run
-    config.model.name = "Salesforce/blip2-opt-2.7b"
-    card = model_card(loaded, config)
-    assert "library_name: peft" in card and "base_model: Salesforce/blip2-opt-2.7b" in card
-    assert 'PeftModel.from_pretrained(base, "MODEL_DIR")' in card
-    assert "No validation metrics were recorded" in card
-    assert "random weights" not in card
-    with_metrics = model_card(loaded, config, METRICS)
-    assert "| CIDEr | 0.5678 |" in with_metrics and "From the val split, scored during training." in with_metrics
+# --- the card's metrics -----------------------------------------------------------------------------------------------
 
 
 def test_run_metrics_fall_back_to_the_best_step_in_results_json(tmp_path: Path) -> None:
@@ -307,18 +244,3 @@ def test_merge_command_names_a_missing_model_directory(tmp_path: Path, capsys: p
     assert main(["merge", "--model-dir", str(missing), "--output", str(tmp_path / "out")]) == 2
     assert f"error: --model-dir {missing}: no such directory" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
-
-
-def test_qformer_mode_directory_has_a_card_and_loads_with_plain_transformers(tmp_path: Path) -> None:
-    tuned, _, best = _save_run(tmp_path / "run", ["train.mode=qformer"])
-    assert {p.name for p in best.iterdir()} >= {"trained.safetensors", META_FILE, "README.md"}
-    assert not (best / "adapter_config.json").exists()
-    card = (best / "README.md").read_text()
-    assert "trained in full" in card and "| train.mode | `qformer` |" in card and "lora.r" not in card
-    # The card's transformers-only recipe: the base, then the trained weights over it.
-    model = Blip2ForConditionalGeneration.from_pretrained(best / "base").eval()
-    model.load_state_dict(load_file(str(best / "trained.safetensors")), strict=False)
-    images = _images()
-    assert generate_captions(model, tuned.processor, images, GREEDY) == generate_captions(
-        tuned.model, tuned.processor, images, GREEDY
-    )

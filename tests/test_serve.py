@@ -42,7 +42,7 @@ from captune.config import GenerateConfig
 from captune.data.images import load_rgb
 from captune.errors import CaptuneError
 from captune.generation.core import generate_captions
-from captune.model import load_model_dir
+from captune.model_dir import load_model_dir
 from captune.serve import OPTION_NAMES, ApiError, MicroBatcher, ServeSettings, create_app, listen, uvicorn_server
 
 from . import test_cli, test_report
@@ -92,7 +92,7 @@ def client(model_dir: Path) -> Iterator[TestClient]:
 def test_a_static_cache_server_fills_batches_to_powers_of_two(
     tmp_path: Path, client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from captune.model import save_tiny_model_dir
+    from captune.model_dir import save_tiny_model_dir
 
     static_dir = save_tiny_model_dir(tmp_path, ["num_beams=1", "min_new_tokens=1", "max_new_tokens=5",
                                                 "static_cache=true"])  # fmt: skip
@@ -795,7 +795,7 @@ def test_static_batch_sizes_are_those_batches_are_filled_to(max_batch: int, size
 def test_warm_up_captions_every_static_batch_size_before_the_first_request(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, static: bool
 ) -> None:
-    from captune.model import save_tiny_model_dir
+    from captune.model_dir import save_tiny_model_dir
 
     run = save_tiny_model_dir(tmp_path, ["num_beams=1", "min_new_tokens=1", "max_new_tokens=5",
                                          f"static_cache={str(static).lower()}"])  # fmt: skip

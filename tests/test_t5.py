@@ -17,7 +17,8 @@ from captune.config import load_config
 from captune.data import read
 from captune.export import merge_model_dir
 from captune.generation.files import caption_paths
-from captune.model import TINY_T5, LoadedModel, apply_lora, build_tiny, load_model_dir
+from captune.model import TINY_T5, LoadedModel, apply_lora, build_tiny
+from captune.model_dir import load_model_dir
 from captune.training.batches import CaptionCollator, CaptionPairs
 from captune.training.features import image_features
 from captune.training.loss import IGNORE, CaptionLoss

@@ -26,16 +26,8 @@ from captune.errors import CaptuneError
 from captune.generation.core import generate_captions
 from captune.generation.files import caption_paths
 from captune.generation.inputs import text_inputs
-from captune.model import (
-    END_KEY,
-    META_FILE,
-    LoadedModel,
-    _check_image_tokens,
-    caption_end_id,
-    load_base,
-    load_model_dir,
-    stop_token_ids,
-)
+from captune.model import LoadedModel, caption_end_id, check_image_tokens, load_base, stop_token_ids
+from captune.model_dir import END_KEY, META_FILE, load_model_dir
 from captune.training.batches import CaptionCollator, PackedCaptionCollator
 from captune.training.recipe import setup, train, trained_model_dir
 from captune.twins import CHECKPOINTS, TWINS, learning_overrides, write_checkpoint
@@ -115,7 +107,7 @@ def test_a_tokenizer_without_its_own_image_token_is_refused(tmp_path: Path) -> N
     processor.image_token = AddedToken("<img>", special=True)
     model = Blip2ForConditionalGeneration.from_pretrained(folder)
     with pytest.raises(CaptuneError, match=r"no <img> token of its own \(id 2; unknown 2"):
-        _check_image_tokens(processor, model.config, str(folder))
+        check_image_tokens(processor, model.config, str(folder))
 
 
 def test_flan_t5s_gated_feed_forward_takes_the_fc1_target(t5: LoadedModel) -> None:

@@ -18,16 +18,18 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from captune.config import Config, GenerateConfig, load_config
-    from captune.data import CaptionSet, ReadOptions, Record, check_images, read, read_options
+    from captune.card import model_card
+    from captune.config import Config, GenerateConfig, load_config, read_options
+    from captune.data import CaptionSet, ReadOptions, Record, check_images, read
     from captune.data.synthetic import SyntheticSpec, generate_synthetic
     from captune.errors import CaptuneError
     from captune.evaluation import evaluate_records, predict_records
-    from captune.export import merge_model_dir, model_card
+    from captune.export import merge_model_dir
     from captune.generation.core import CaptionResult, generate_captions
     from captune.generation.files import caption_paths
     from captune.metrics import EvalResult, evaluate_files, score_captions
-    from captune.model import LoadedModel, apply_lora, load_base, load_model_dir, trainable_summary
+    from captune.model import LoadedModel, apply_lora, load_base, trainable_summary
+    from captune.model_dir import load_model_dir
     from captune.report import write_report
     from captune.training.recipe import train, trained_model_dir
 
@@ -52,12 +54,12 @@ _EXPORTS = {
     "generate_synthetic": "captune.data.synthetic",
     "load_base": "captune.model",
     "load_config": "captune.config",
-    "load_model_dir": "captune.model",
+    "load_model_dir": "captune.model_dir",
     "merge_model_dir": "captune.export",
-    "model_card": "captune.export",
+    "model_card": "captune.card",
     "predict_records": "captune.evaluation",
     "read": "captune.data",
-    "read_options": "captune.data",
+    "read_options": "captune.config",
     "score_captions": "captune.metrics",
     "train": "captune.training.recipe",
     "trainable_summary": "captune.model",

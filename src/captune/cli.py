@@ -59,7 +59,7 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
 def _run_config(args: argparse.Namespace) -> Config:
     """The config a model was trained with (defaults for a plain BLIP-2), command-line generation options on top."""
     from captune.config import validate
-    from captune.model import saved_config
+    from captune.model_dir import saved_config
 
     config = saved_config(Path(args.model_dir).expanduser())
     for name in ("num_beams", "min_new_tokens", "max_new_tokens", "repetition_penalty", "batch_size", "static_cache"):
@@ -106,7 +106,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from captune.generation.files import caption_paths, expand_inputs
-    from captune.model import load_model_dir
+    from captune.model_dir import load_model_dir
 
     config = _run_config(args)
     output = _output_path(args.output) if args.output else None
@@ -212,9 +212,10 @@ def _print_metrics(result: EvalResult) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from captune.data import check_images, read, read_options
+    from captune.config import read_options
+    from captune.data import check_images, read
     from captune.evaluation import evaluate_records, write_evaluation
-    from captune.model import load_model_dir
+    from captune.model_dir import load_model_dir
 
     # Split seed and folders default to the training run's, so "test" means the images the run held out.
     config = _run_config(args)
@@ -246,8 +247,7 @@ _READING_FIELDS = ("split_seed", "images_dir", "annotations", "restval", "image_
 
 def _read_options(args: argparse.Namespace) -> ReadOptions:
     """The reader options of the flags `_add_reading_options` adds (the data config's defaults where none is given)."""
-    from captune.config import DataConfig
-    from captune.data import read_options
+    from captune.config import DataConfig, read_options
 
     return read_options(DataConfig(**{name: getattr(args, name) for name in _READING_FIELDS}))
 

@@ -15,12 +15,15 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from captune.errors import CaptuneError
 from captune.files import read_utf8
+
+if TYPE_CHECKING:
+    from captune.data import ReadOptions
 
 
 @dataclass
@@ -356,13 +359,72 @@ def config_from_dict(values: dict[str, Any], source: str) -> Config:
     return config
 
 
-TRAIN_MODES = ("lora-lm", "lora-lm+qformer", "qformer")
+ADAPTER_FILE = "adapter_model.safetensors"
+"""What a LoRA mode's run saves: the PEFT adapter (beside PEFT's adapter_config.json)."""
+TRAINED_FILE = "trained.safetensors"
+"""What a run of a mode without LoRA saves: the weights trained in full, by their names in
+Blip2ForConditionalGeneration."""
 QFORMER_LORA_DEFAULT = ["query", "value"]
 
 
+@dataclass(frozen=True)
+class TrainingMode:
+    """What one `train.mode` trains and how: the one place the modes differ, read by the config checks, by applying
+    the mode (`captune.model.apply_train_mode`), by saving and loading model directories, the model card and the
+    merge."""
+
+    lora: bool
+    """Trained through PEFT LoRA on the `lora.*` layers (the lora keys apply): a run saves the adapter
+    (`ADAPTER_FILE`), loading wraps the base in a PeftModel, the card's library is peft and merging folds the adapter
+    into the base weights. False: the parameters under `in_full` train in full (`lora.*` is not used), a run saves
+    them (`TRAINED_FILE`), loading puts them over the base and merging has nothing left to fold."""
+    lora_on_qformer: bool = False
+    """The Q-Former gets LoRA too (`lora.qformer_target_modules`, `QFORMER_LORA_DEFAULT` when empty); a LoRA mode
+    without it refuses Q-Former targets."""
+    in_full: tuple[str, ...] = ()
+    """Parameter name prefixes trained in full (the rest frozen), when not `lora`."""
+    card: str = ""
+    """What the model card says a saved directory of this mode holds."""
+
+    @property
+    def saves(self) -> str:
+        """The weights file a run's model directories hold."""
+        return ADAPTER_FILE if self.lora else TRAINED_FILE
+
+
+_ADAPTER_CARD = (
+    "This directory holds a LoRA adapter (PEFT) for the base model below, its processor and `captune.json` (base "
+    "model and the run's config). Load it with the base model, or make a standalone model with `captune merge "
+    "--model-dir MODEL_DIR --output MERGED_DIR`."
+)
+
+TRAINING_MODES = {
+    "lora-lm": TrainingMode(lora=True, card=_ADAPTER_CARD),
+    "lora-lm+qformer": TrainingMode(lora=True, lora_on_qformer=True, card=_ADAPTER_CARD),
+    "qformer": TrainingMode(
+        lora=False,
+        in_full=("qformer.", "query_tokens", "language_projection."),
+        card=(
+            "This directory holds the Q-Former, its query tokens and the language projection, trained in full (the "
+            f"LAVIS caption fine-tune, `train.mode=qformer`), as `{TRAINED_FILE}`, with the processor and "
+            "`captune.json` (base model and the run's config). They replace the base model's own weights of those "
+            "names; `captune merge --model-dir MODEL_DIR --output MERGED_DIR` writes a standalone model."
+        ),
+    ),
+}
+"""Every `train.mode`, by name (see `TrainConfig.mode`). A new mode is a row here, plus its apply function in
+captune.model when it is neither LoRA nor trains named parameters in full."""
+
+
+def training_mode(config: Config) -> TrainingMode:
+    """The row of `config.train.mode` (which `validate` has checked)."""
+    return TRAINING_MODES[config.train.mode]
+
+
 def _fill_defaults(config: Config) -> None:
-    """Defaults that depend on another key: `lora-lm+qformer` without Q-Former targets gets query and value."""
-    if config.train.mode == "lora-lm+qformer" and not config.lora.qformer_target_modules:
+    """Defaults that depend on another key: a mode with Q-Former LoRA and no Q-Former targets gets query and value."""
+    mode = TRAINING_MODES.get(config.train.mode)
+    if mode is not None and mode.lora_on_qformer and not config.lora.qformer_target_modules:
         config.lora.qformer_target_modules = list(QFORMER_LORA_DEFAULT)
 
 
@@ -387,26 +449,43 @@ def _check_model(config: Config) -> list[tuple[bool, str]]:
 
 
 def _check_lora(config: Config) -> list[tuple[bool, str]]:
-    lora, mode = config.lora, config.train.mode
+    lora = config.lora
+    # An unknown mode (which _check_train refuses) is checked as one with LoRA anywhere.
+    mode = TRAINING_MODES.get(config.train.mode, TrainingMode(lora=True, lora_on_qformer=True))
     return [
         (lora.r >= 1, f"lora.r={lora.r}: the rank must be >= 1 (8 or 16 are usual)"),
         (lora.alpha >= 1, f"lora.alpha={lora.alpha}: must be >= 1 (the scale is alpha / r; 0 makes LoRA do nothing)"),
         (0 <= lora.dropout < 1, f"lora.dropout={lora.dropout}: must be in [0, 1)"),
         (
-            mode != "lora-lm" or not lora.qformer_target_modules,
-            "lora.qformer_target_modules is set but train.mode is lora-lm (the language model only): set "
-            "train.mode=lora-lm+qformer, or lora.qformer_target_modules= (empty)",
+            not mode.lora or mode.lora_on_qformer or not lora.qformer_target_modules,
+            f"lora.qformer_target_modules is set but train.mode is {config.train.mode} (the language model only): "
+            "set train.mode=lora-lm+qformer, or lora.qformer_target_modules= (empty)",
         ),
         (
-            mode == "qformer" or bool(lora.target_modules or lora.qformer_target_modules),
+            not mode.lora or bool(lora.target_modules or lora.qformer_target_modules),
             "lora: no target modules given",
         ),
     ]
 
 
-def _check_data(config: Config) -> list[tuple[bool, str]]:
-    from captune.data import read_options  # here: captune.data imports this module
+def read_options(data: DataConfig) -> ReadOptions:
+    """The reader options a run's `data` config section asks for."""
+    from captune.data import ReadOptions  # here: captune.data imports torch, which reading a config does not need
 
+    return ReadOptions(
+        seed=data.split_seed,
+        val_fraction=data.val_fraction,
+        test_fraction=data.test_fraction,
+        images_dir=data.images_dir,
+        annotations=data.annotations,
+        restval=data.restval,
+        image_column=data.image_column,
+        caption_column=data.caption_column,
+        split_column=data.split_column,
+    )
+
+
+def _check_data(config: Config) -> list[tuple[bool, str]]:
     data = config.data
     try:
         read_options(data)  # the reader options' own checks: split fractions, restval
@@ -441,7 +520,7 @@ def _check_train(config: Config) -> list[tuple[bool, str]]:
         ),
         (train.epochs >= 1 or bool(train.max_steps), "train.epochs must be >= 1 (or set train.max_steps)"),
         (train.max_steps is None or train.max_steps >= 1, "train.max_steps must be >= 1"),
-        (train.mode in TRAIN_MODES, f"train.mode must be one of {', '.join(TRAIN_MODES)}"),
+        (train.mode in TRAINING_MODES, f"train.mode must be one of {', '.join(TRAINING_MODES)}"),
         (train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
         (train.log_every >= 1, "train.log_every must be >= 1"),
         (train.save_every >= 0, "train.save_every must be >= 0 (0: only at epoch ends)"),

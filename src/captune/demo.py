@@ -19,7 +19,8 @@ from captune.data import ReadOptions, read
 from captune.data.synthetic import SyntheticSpec, generate_synthetic
 from captune.evaluation import evaluate_records, write_evaluation
 from captune.generation.files import caption_paths
-from captune.model import load_base, load_model_dir
+from captune.model import load_base
+from captune.model_dir import load_model_dir
 from captune.training.recipe import train, trained_model_dir
 
 log = logging.getLogger(__name__)

@@ -1,19 +1,17 @@
-"""Load BLIP-2 (hub id, local directory or the built-in tiny model), attach LoRA, save and reload fine-tuned models.
+"""Load BLIP-2 (hub id, local directory, the built-in tiny models and the twins of real checkpoints), make it
+trainable as `train.mode` says (LoRA through PEFT, or named weights in full: see `captune.config.TRAINING_MODES`),
+and the helpers that reach into a BLIP-2 (its embeddings, stop tokens, attention kernels, eval mode).
 
-A saved model directory (`RUN/best`, `RUN/final`, a checkpoint) holds the PEFT adapter (safetensors), the processor
-and `captune.json`, which names the base model. When the base cannot be fetched by name (the tiny model), its weights
-are stored in `base/` inside the directory, so the directory stands alone.
+Saving and loading fine-tuned model directories is `captune.model_dir`; their model card `captune.card`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
-import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +19,8 @@ from typing import Any
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model, set_peft_model_state_dict
+from peft import PeftModel, get_peft_model
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -35,7 +32,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from captune.config import Config, LoraConfig, config_from_dict, to_dict
+from captune.config import Config, LoraConfig, training_mode
 from captune.errors import CaptuneError
 from captune.twins import TWINS, write_checkpoint
 
@@ -50,17 +47,6 @@ BUILT_IN = (*TINY_MODELS, *TWINS)
 """Every model built here rather than loaded: the tiny models and the twins of the real checkpoints
 (`twin-blip2-opt-2.7b`, ...: the checkpoint's tokenizer, ids and config at tiny hidden sizes, random weights; see
 captune.twins). A run saves such a base inside its model directories, so they stand alone."""
-END_KEY = "caption_end_id"
-"""The captune.json key of the token a run ended its training captions with (see `caption_end_id`)."""
-MERGED_KEY = "merged_from"
-"""The captune.json key that marks a `captune merge` output (a plain BLIP-2; the file is provenance only)."""
-META_FILE = "captune.json"
-ADAPTER_FILE = "adapter_model.safetensors"
-TRAINED_FILE = "trained.safetensors"
-"""`train.mode=qformer` output: the weights trained in full, by their names in Blip2ForConditionalGeneration."""
-QFORMER_TRAINED = ("qformer.", "query_tokens", "language_projection.")
-"""What `train.mode=qformer` trains (the LAVIS caption fine-tune): parameter name prefixes."""
-BASE_SUBDIR = "base"
 
 # The tiny tokenizer's words: exactly those of the built-in synthetic captions. The tiny model's output layer is
 # frozen and random, so every extra word is one more logit LoRA has to learn to push down; other text maps to <unk>.
@@ -214,7 +200,7 @@ def load_base(name: str, dtype: torch.dtype = torch.float32, seed: int = 0, quan
             "Give a hub id that is in the local Hugging Face cache (download it once while online, e.g. "
             "`hf download Salesforce/blip2-opt-2.7b`) or a local directory with config.json and weights."
         ) from None
-    _check_image_tokens(processor, model.config, name)
+    check_image_tokens(processor, model.config, name)
     return LoadedModel(model.eval(), processor, name)
 
 
@@ -256,7 +242,7 @@ def _quantization_kwargs(quantization: str, dtype: torch.dtype, name: str) -> di
     return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}
 
 
-def _check_image_tokens(processor: Blip2Processor, config: Blip2Config, name: str) -> None:
+def check_image_tokens(processor: Blip2Processor, config: Blip2Config, name: str) -> None:
     """Puts the image tokens where the model reads them, or refuses a processor that does not match the model.
 
     Snapshots not updated for current transformers (blip2-opt-6.7b, the `-coco` models) have no `num_query_tokens`
@@ -370,10 +356,11 @@ def apply_lora(model: Blip2Like, lora: LoraConfig) -> PeftModel:
 def apply_train_mode(model: Blip2Like, config: Config) -> torch.nn.Module:
     """Makes trainable what `train.mode` says: LoRA through PEFT (`lora-lm`, `lora-lm+qformer`), or the Q-Former,
     its query tokens and the language projection in full (`qformer`); everything else is frozen."""
-    if config.train.mode != "qformer":
+    mode = training_mode(config)
+    if mode.lora:
         return apply_lora(model, config.lora)
     for name, param in model.named_parameters():
-        param.requires_grad_(name.startswith(QFORMER_TRAINED))
+        param.requires_grad_(name.startswith(mode.in_full))
     return model
 
 
@@ -397,127 +384,9 @@ def trainable_summary(model: torch.nn.Module) -> str:
     return f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)"
 
 
-def saved_config(model_dir: Path) -> Config:
-    """The config a saved model directory was trained with (its captune.json), or the defaults for a plain BLIP-2."""
-    meta_file = model_dir / META_FILE
-    if not meta_file.is_file():
-        return Config()
-    meta = read_meta(meta_file)
-    return config_from_dict(meta["config"], str(meta_file)) if "config" in meta else Config()
-
-
-def read_meta(meta_file: Path) -> dict[str, Any]:
-    """A model directory's captune.json: an object naming `base_model` (or `merged_from`) and holding `config`.
-
-    Raises:
-        CaptuneError: not JSON, or not what `captune train` writes; the message names the file and line.
-    """
-    from captune.files import read_utf8
-
-    try:
-        meta = json.loads(read_utf8(meta_file))
-    except json.JSONDecodeError as err:
-        raise CaptuneError(f"{meta_file}:{err.lineno}: not valid JSON ({err.msg}); copy captune.json again from the "
-                           "run that saved this model") from None  # fmt: skip
-    if not isinstance(meta, dict) or not (MERGED_KEY in meta or isinstance(meta.get("base_model"), str)):
-        raise CaptuneError(f"{meta_file}: not a captune.json (an object with 'base_model' and 'config'); copy it "
-                           "again from the run that saved this model")  # fmt: skip
-    if MERGED_KEY not in meta and not isinstance(meta.get("config"), dict):
-        raise CaptuneError(f"{meta_file}: 'config' is missing or not an object; copy it again from the run that "
-                           "saved this model")  # fmt: skip
-    return meta
-
-
-def refuse_nonfinite(weights: dict[str, torch.Tensor], where: str, advice: str) -> None:
-    """Raises when a weight holds NaN or inf: a model with them captions nothing (empty captions), so it is never
-    saved or loaded.
-
-    Raises:
-        CaptuneError: naming `where`, the first such weights and `advice`.
-    """
-    bad = [name for name, value in weights.items() if value.is_floating_point() and not torch.isfinite(value).all()]
-    if bad:
-        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        raise CaptuneError(f"{where}: non-finite (NaN or inf) weights in {', '.join(bad[:3])}{more}; {advice}")
-
-
-DIVERGED_ADVICE = ("the run that saved them diverged: train again with model.dtype=bf16 or fp32 (fp16 overflow is the "
-                   "commonest cause) or a lower train.lr")  # fmt: skip
-
-
-def read_weights(file: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file a model directory or checkpoint holds, all finite.
-
-    Raises:
-        CaptuneError: the file is missing, cut short or not safetensors, or holds NaN or inf.
-    """
-    if not file.is_file():
-        raise CaptuneError(f"{file} is missing; copy the whole directory again from the run that saved it")
-    try:
-        weights = load_file(str(file))
-    except (SafetensorError, OSError) as err:
-        raise CaptuneError(f"{file} cannot be read ({err}): it is cut short or not a safetensors file; copy it again "
-                           "from the run that saved it") from None  # fmt: skip
-    refuse_nonfinite(weights, str(file), DIVERGED_ADVICE)
-    return weights
-
-
-def save_model_dir(
-    path: Path,
-    loaded: LoadedModel,
-    config: Config,
-    base_dir: Path | None = None,
-    metrics: dict[str, float] | None = None,
-    trainable: dict[str, torch.Tensor] | None = None,
-) -> None:
-    """Writes adapter (safetensors), processor, `captune.json` and a model card into `path` (which the caller makes
-    atomic).
-
-    Args:
-        base_dir: where the tiny base model was saved once per run; copied into `path/base` so the directory stands
-            alone. None for bases loadable by name.
-        metrics: this model's val metrics, for the model card.
-        trainable: the trainable weights by parameter name, when the model's own are sharded (FSDP); None reads them
-            from the model.
-    """
-    from captune.export import CARD_FILE, model_card  # here: captune.export imports this module
-
-    trainable = trainable if trainable is not None else trainable_weights(loaded.model)
-    refuse_nonfinite(trainable, f"refusing to save {path}", DIVERGED_ADVICE.replace("that saved them ", ""))
-    path.mkdir(parents=True, exist_ok=True)
-    if isinstance(loaded.model, PeftModel):
-        save_base(path, loaded, trainable)  # with a PeftModel, save_pretrained writes the adapter only
-    else:  # train.mode=qformer: the weights trained in full, to be loaded onto the base
-        save_file({n: v.contiguous() for n, v in trainable.items()}, str(path / TRAINED_FILE))
-        loaded.processor.save_pretrained(path)
-    base = loaded.base_name
-    if base_dir is not None:
-        shutil.copytree(base_dir, path / BASE_SUBDIR, dirs_exist_ok=True)
-        base = BASE_SUBDIR
-    meta = {"base_model": base, END_KEY: caption_end_id(loaded.model, loaded.processor.tokenizer),
-            "config": to_dict(config)}  # fmt: skip
-    (path / META_FILE).write_text(json.dumps(meta, indent=2))
-    (path / CARD_FILE).write_text(model_card(loaded, config, metrics))
-
-
-def save_tiny_model_dir(root: Path, overrides: Sequence[str] = ()) -> Path:
-    """A model directory as `captune train` writes it, for the tiny model with an untrained default LoRA: the base
-    in root/base-model, the adapter directory (returned) in root/best. For tests and benchmarks that need one."""
-    from captune.config import load_config
-
-    loaded = build_tiny(0)
-    save_base(root / "base-model", loaded)
-    config = load_config(None, list(overrides))
-    loaded.model = apply_lora(loaded.model, config.lora)
-    save_model_dir(root / "best", loaded, config, root / "base-model")
-    return root / "best"
-
-
-def save_base(path: Path, loaded: LoadedModel, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """Saves a model (a plain base, or just the adapter of a PeftModel) and its processor as safetensors;
-    `state_dict`, when given, holds the weights to write (PEFT keeps the adapter's among them)."""
-    loaded.model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
-    loaded.processor.save_pretrained(path)
+def trainable_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's trainable parameters by name, detached, on the CPU."""
+    return {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -531,119 +400,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CaptuneError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
     return device
-
-
-def load_model_dir(
-    path: str | Path, dtype: torch.dtype | None = None, device: str = "auto", merge: bool = False
-) -> LoadedModel:
-    """Loads what `captune train` saved (base + adapter), or a plain BLIP-2 directory or hub id, onto a device.
-
-    Args:
-        dtype: Weight dtype; None is bf16 on a GPU that has it, fp32 elsewhere.
-        device: `auto`, `cpu`, `cuda`, `cuda:N`.
-        merge: Merge a LoRA adapter into the base weights (PEFT's `merge_and_unload`, in float32 on the CPU, then
-            cast once): a plain BLIP-2 without adapter layers to run at every token. In float32 it captions exactly
-            as base + adapter; in bf16 or fp16 the rounded merged weights can now and then change a caption.
-
-    Raises:
-        CaptuneError: the directory holds neither an adapter nor a model, the device does not exist, or the adapter
-            cannot be merged.
-    """
-    target = resolve_device(device)
-    dtype = dtype or resolve_dtype("auto", target)
-    loaded = _load_model_dir(Path(path).expanduser(), torch.float32 if merge else dtype)
-    if merge and isinstance(loaded.model, PeftModel):
-        try:
-            loaded.model = loaded.model.merge_and_unload(safe_merge=True)  # modules_to_save replace their originals
-        except ValueError as err:
-            raise CaptuneError(f"{path}: the adapter cannot be merged: {err}") from None
-    if merge:
-        loaded.model.to(dtype)  # rounded once, after the float32 merge
-    loaded.model.to(target)
-    return loaded
-
-
-def _load_model_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
-    meta_file = path / META_FILE
-    if not meta_file.is_file():
-        if path.exists() and not (path / "config.json").is_file():
-            raise CaptuneError(
-                f"{path}: no {META_FILE} (a captune run directory such as RUN/best) and no config.json "
-                "(a merged BLIP-2 model); point --model-dir at one of those"
-            )
-        return load_base(str(path), dtype)
-    meta = read_meta(meta_file)
-    if MERGED_KEY in meta:  # `captune merge` output: a plain BLIP-2, its captune.json is provenance only
-        return load_base(str(path), dtype)
-    base_path = path / meta["base_model"]
-    # A base stored inside the directory is named by its absolute path, so saving this model again finds it.
-    base_name = str(base_path.resolve()) if base_path.is_dir() else meta["base_model"]
-    base = load_base(base_name, dtype)
-    processor = Blip2Processor.from_pretrained(path)
-    _check_image_tokens(processor, base.model.config, str(path))
-    _check_caption_end(base.model, meta.get(END_KEY), meta_file)
-    if (path / TRAINED_FILE).is_file():
-        load_saved_weights(base.model, path)
-        return LoadedModel(base.model.eval(), processor, base_name)
-    adapter = path / ADAPTER_FILE
-    if not adapter.is_file():
-        raise CaptuneError(f"{path}: no {ADAPTER_FILE} (nor {TRAINED_FILE}) beside {META_FILE}; copy the whole "
-                           "model directory again from the run that saved it")  # fmt: skip
-    read_weights(adapter)  # a file cut short or holding NaN is named here, not deep inside PEFT
-    try:
-        model = PeftModel.from_pretrained(base.model, path)
-    except (RuntimeError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[-1].strip()
-        raise CaptuneError(
-            f"{adapter} does not fit its base model {meta['base_model']!r} ({first}): its rank or "
-            "layers differ from adapter_config.json's; copy both again from the same run"
-        ) from None
-    return LoadedModel(model.eval(), processor, base_name)
-
-
-def _check_caption_end(model: Blip2Like, trained_end: int | None, meta_file: Path) -> None:
-    """Refuses a model trained to end its captions with a token its generation does not stop at (its captions would
-    run to max_new_tokens); directories saved before captune recorded the end are not checked."""
-    stops = stop_token_ids(model)
-    if trained_end is not None and trained_end not in stops:
-        raise CaptuneError(
-            f"{meta_file}: the model was trained to end captions with token {trained_end}, but its base model's "
-            f"generation stops at {stops}: captions would not stop. Train it again on this base, or use the base "
-            f"it was trained on"
-        )
-
-
-def load_saved_weights(model: torch.nn.Module, model_dir: Path) -> None:
-    """Puts the weights a model directory saved (an adapter, or `trained.safetensors`) into a model of the same
-    kind in place: a PeftModel with the same adapter layers, or the plain BLIP-2 a `qformer` run trains."""
-    if (model_dir / TRAINED_FILE).is_file():
-        load_weights(model, read_weights(model_dir / TRAINED_FILE), model_dir / TRAINED_FILE)
-    else:
-        set_peft_model_state_dict(model, read_weights(model_dir / ADAPTER_FILE))
-
-
-def trainable_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's trainable parameters by name, detached, on the CPU."""
-    return {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], file: Path) -> None:
-    """Copies weights saved by parameter name (read from `file`) into the model's parameters of those names.
-
-    Raises:
-        CaptuneError: a name the model lacks, or a shape other than the model's (weights of another base).
-    """
-    params = dict(model.named_parameters())
-    unknown = sorted(set(weights) - set(params))
-    if unknown:
-        raise CaptuneError(f"{file}: weights the base model does not have ({', '.join(unknown[:3])} ...): it was "
-                           "trained on another base; check base_model in captune.json")  # fmt: skip
-    with torch.no_grad():
-        for name, value in weights.items():
-            if params[name].shape != value.shape:
-                raise CaptuneError(f"{file}: {name} has shape {tuple(value.shape)}, the base model's "
-                                   f"{tuple(params[name].shape)}: it was trained on another base")  # fmt: skip
-            params[name].copy_(value)
 
 
 # ------------------------------------------------------------------------------------------- model helpers ---

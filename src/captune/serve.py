@@ -72,7 +72,8 @@ from captune.errors import CaptuneError
 from captune.generation.choice import choose, facts_of, log_choice
 from captune.generation.compile_cache import use_compile_cache
 from captune.generation.core import filled, filled_size, generate_captions
-from captune.model import META_FILE, LoadedModel, load_model_dir, saved_config
+from captune.model import LoadedModel
+from captune.model_dir import META_FILE, load_model_dir, saved_config
 
 log = logging.getLogger(__name__)
 

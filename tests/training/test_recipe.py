@@ -13,22 +13,16 @@ import torch
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
-from captune.config import Config, load_config
+from captune.config import TRAINED_FILE, TRAINING_MODES, Config, load_config
 from captune.data import read
 from captune.errors import CaptuneError
-from captune.model import (
-    QFORMER_TRAINED,
-    TRAINED_FILE,
-    LoadedModel,
-    build_tiny,
-    load_base,
-    load_model_dir,
-    load_saved_weights,
-    save_model_dir,
-)
+from captune.model import LoadedModel, build_tiny, load_base
+from captune.model_dir import load_model_dir, load_saved_weights, save_model_dir
 from captune.training import recipe
 
 from ..conftest import write_image, write_truncated_jpeg
+
+QFORMER_TRAINED = TRAINING_MODES["qformer"].in_full
 
 
 def _config(data_dir: Path, output_dir: Path, *overrides: str) -> Config:
@@ -103,7 +97,7 @@ def test_validation_scores_each_epoch_and_keeps_best(synthetic_dir: Path, tmp_pa
 
 
 def test_saved_model_directory_stands_alone(synthetic_dir: Path, tmp_path: Path) -> None:
-    from captune.model import load_model_dir
+    from captune.model_dir import load_model_dir
 
     recipe.train(_config(synthetic_dir, tmp_path / "run", "train.max_steps=2"))
     moved = tmp_path / "elsewhere" / "model"

@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from PIL import Image
 from tqdm import tqdm
@@ -31,9 +30,6 @@ from tqdm import tqdm
 from captune.data.images import ImageError, load_rgb
 from captune.errors import CaptuneError
 from captune.files import read_utf8
-
-if TYPE_CHECKING:
-    from captune.config import DataConfig
 
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "dev": "val", "test": "test", "restval": "train"}
@@ -126,21 +122,6 @@ class ReadOptions:
                 f"val_fraction + test_fraction is {self.val_fraction + self.test_fraction}; it must be below 1 "
                 "so that some images are left to train on"
             )
-
-
-def read_options(data: DataConfig) -> ReadOptions:
-    """The reader options a run's `data` config section asks for."""
-    return ReadOptions(
-        seed=data.split_seed,
-        val_fraction=data.val_fraction,
-        test_fraction=data.test_fraction,
-        images_dir=data.images_dir,
-        annotations=data.annotations,
-        restval=data.restval,
-        image_column=data.image_column,
-        caption_column=data.caption_column,
-        split_column=data.split_column,
-    )
 
 
 Reader = Callable[[Path, ReadOptions], CaptionSet]

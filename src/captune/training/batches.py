@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import Blip2Processor
 
 from captune import data as datasets
-from captune.config import Config
+from captune.config import Config, read_options
 from captune.data import CaptionSet, Record
 from captune.data.images import processed_pixels
 from captune.errors import CaptuneError
@@ -351,7 +351,7 @@ def training_loader(
 def load_training_data(config: Config, main: bool) -> CaptionSet:
     """Reads the dataset, decodes every image once, and refuses to go on over problems unless told to skip them."""
     with PartialState().main_process_first():  # the synthetic set is generated once, by rank 0
-        captions = datasets.read(config.data.format, config.data.data_dir, datasets.read_options(config.data))
+        captions = datasets.read(config.data.format, config.data.data_dir, read_options(config.data))
     captions = datasets.check_images(captions, progress=main)
     if captions.problems:
         listing = "\n".join(f"  {p.image}: {p.problem}" for p in captions.problems[:10])

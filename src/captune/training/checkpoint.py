@@ -25,14 +25,8 @@ from torch.distributed.checkpoint.state_dict import (
 from captune.config import save_config, to_dict
 from captune.errors import CaptuneError
 from captune.files import read_utf8, replace_dir, write_json
-from captune.model import (
-    LoadedModel,
-    load_weights,
-    read_weights,
-    save_model_dir,
-    saved_config,
-    trainable_weights,
-)
+from captune.model import LoadedModel, trainable_weights
+from captune.model_dir import load_weights, read_weights, save_model_dir, saved_config
 from captune.training.state import Run, TrainState, results, stop_if_diverged
 
 log = logging.getLogger(__name__)

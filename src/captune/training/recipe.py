@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from captune.card import CARD_FILE, model_card
 from captune.config import Config, save_config, to_dict
 from captune.errors import CaptuneError
 from captune.evaluation import predict_records, references_of, write_references
@@ -35,12 +36,11 @@ from captune.model import (
     attention_kernels,
     blip_of,
     load_base,
-    load_saved_weights,
     resolve_device,
     resolve_dtype,
-    save_base,
     trainable_summary,
 )
+from captune.model_dir import load_saved_weights, save_base
 from captune.training.batches import (
     CaptionCollator,
     CaptionPairs,
@@ -407,8 +407,6 @@ def finish_validation(run: Run) -> None:
             if entry["step"] == state.best_step:
                 entry["metrics"] = metrics
     write_json(run.output_dir / "best" / "metrics.json", metrics)
-    from captune.export import CARD_FILE, model_card
-
     best = LoadedModel(model, run.loaded.processor, run.loaded.base_name)
     (run.output_dir / "best" / CARD_FILE).write_text(model_card(best, run.config, metrics))
     log.info("best step %d, all metrics (%s): %s", state.best_step, val_file,
