@@ -99,17 +99,21 @@ def tree_rss_mb(root: int) -> float:
 
 def measured(command: list[str]) -> dict[str, object]:
     """Runs a command; returns its seconds, the peak summed memory of its process tree, and its stderr's last lines."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = 0.0
-    while process.poll() is None:
-        peak = max(peak, tree_rss_mb(process.pid))
-        time.sleep(0.2)
-    stdout, stderr = process.communicate()
-    seconds = time.perf_counter() - start
+    # Output goes to files, not pipes: the progress bars would fill a pipe nobody reads until the end.
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True)
+        peak = 0.0
+        while process.poll() is None:
+            peak = max(peak, tree_rss_mb(process.pid))
+            time.sleep(0.2)
+        seconds = time.perf_counter() - start
+        stdout.seek(0)
+        stderr.seek(0)
+        out, err = stdout.read(), stderr.read()
     if process.returncode != 0:
-        sys.exit(f"{shlex.join(command)} failed ({process.returncode}):\n{stdout}\n{stderr}")
-    return {"seconds": round(seconds, 1), "peak_tree_rss_mb": round(peak), "stdout": stdout.splitlines()}
+        sys.exit(f"{shlex.join(command)} failed ({process.returncode}):\n{out}\n{err[-3000:]}")
+    return {"seconds": round(seconds, 1), "peak_tree_rss_mb": round(peak), "stdout": out.splitlines()}
 
 
 def captune_evaluate(references: Path, predictions: Path, output: Path) -> dict[str, object]:

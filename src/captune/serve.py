@@ -855,7 +855,6 @@ def create_app(model_dir: str | Path, settings: ServeSettings | None = None) -> 
     options_model = _options_model(settings)
     _check_defaults(config.generate, options_model, model_dir)
     loaded = load_model_dir(model_dir, device=settings.device, merge=settings.merge_adapter)
-
     # The path for every request, decided once (a server is an open-ended run); its batches are the micro-batcher's.
     facts = facts_of(loaded.model, config.generate)
     decided = choose(replace(config.generate, batch_size=settings.max_batch), facts, None)
@@ -863,6 +862,7 @@ def create_app(model_dir: str | Path, settings: ServeSettings | None = None) -> 
     config.generate = decided.options
     if config.generate.static_cache:
         use_compile_cache()
+
     def generate(images: list[Image.Image], options: GenerateConfig) -> list[str]:
         count = len(images)
         if options.static_cache:  # a compiled step per batch size: fill up to a power of two (few compilations)
