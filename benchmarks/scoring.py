@@ -184,6 +184,17 @@ def tokenize(
     return gts, tokenizer.tokenize({i: [{"caption": c}] for i, c in predictions.items()})
 
 
+def machine(load: float) -> dict[str, object]:
+    """This machine, as the results record it: cores, Python, Java, platform and the load average at the start."""
+    return {
+        "nproc": os.cpu_count(),
+        "python": platform.python_version(),
+        "java": java_version(),
+        "platform": platform.platform(),
+        "load_average_at_start": round(load, 2),
+    }
+
+
 def java_version() -> str:
     """The first line of `java -version`."""
     return subprocess.run(["java", "-version"], capture_output=True, text=True, check=True).stderr.splitlines()[0]
@@ -247,13 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         "paraphrase_index": index_build,
         "median_seconds": median,
         "runs": runs,
-        "machine": {
-            "nproc": os.cpu_count(),
-            "python": platform.python_version(),
-            "java": java_version(),
-            "platform": platform.platform(),
-            "load_average_at_start": round(load, 2),
-        },
+        "machine": machine(load),
         "date": datetime.date.today().isoformat(),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)

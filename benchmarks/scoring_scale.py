@@ -22,7 +22,6 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -30,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from scoring import java_version, make_data
+from scoring import machine, make_data
 
 RESULTS = Path(__file__).parent / "results" / "scoring-scale-cpu.json"
 SCENES_PER_CAPTION = 5
@@ -162,13 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         "official": official,
         "captune_same_images": ours_small,
         "captune_all_images": ours_large,
-        "machine": {
-            "nproc": os.cpu_count(),
-            "python": platform.python_version(),
-            "java": java_version(),
-            "platform": platform.platform(),
-            "load_average_at_start": round(load, 2),
-        },
+        "machine": machine(load),
         "date": datetime.date.today().isoformat(),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
