@@ -1,5 +1,5 @@
-"""Where captune keeps derived files, and how it writes a file or a folder so that a kill leaves the old one or the
-new one."""
+"""Where captune keeps derived files, how it writes a file or a folder so that a kill leaves the old one or the
+new one, and its progress bars."""
 
 from __future__ import annotations
 
@@ -8,10 +8,13 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from tqdm import tqdm
 
 from captune.errors import CaptuneError
 
@@ -105,3 +108,9 @@ def replace_dir(tmp: Path, final: Path) -> None:
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
+    """A bar on stderr, in images: redrawn twice a second on a terminal, a line every 30 s in a log file."""
+    interval = 0.5 if sys.stderr.isatty() else 30.0
+    return tqdm(total=total, unit="img", desc=desc, disable=not enabled, file=sys.stderr, mininterval=interval)

@@ -39,7 +39,7 @@ from pycocoevalcap.meteor import meteor as pycoco_meteor
 from tqdm import tqdm
 
 from captune.errors import CaptuneError
-from captune.files import cache_dir
+from captune.files import cache_dir, progress_bar
 
 METEOR_DIR = Path(pycoco_meteor.__file__).parent
 PARAPHRASE_TABLE = METEOR_DIR / "data" / "paraphrase-en.gz"
@@ -111,7 +111,7 @@ def meteor_score(
     parts = [ids[len(ids) * k // count : len(ids) * (k + 1) // count] for k in range(count)]
     with (
         tempfile.TemporaryDirectory(prefix="captune-meteor-") as scratch,
-        tqdm(total=len(ids), unit="img", desc="METEOR", disable=not progress, mininterval=1) as bar,
+        progress_bar(len(ids), "METEOR", progress) as bar,
         contextlib.ExitStack() as stack,
     ):
         command = list(_COMMAND)

@@ -27,10 +27,9 @@ from typing import TypedDict, TypeVar
 from pycocoevalcap.spice import get_stanford_models as stanford_models
 from pycocoevalcap.spice.spice import Spice
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-from tqdm import tqdm
 
 from captune.errors import CaptuneError
-from captune.files import write_atomically
+from captune.files import progress_bar, write_atomically
 from captune.meteor import meteor_score
 from captune.scorers import corpus_scores, usable_cpus
 
@@ -398,7 +397,7 @@ def _tokenized(
     ids = list(references)
     gts: dict[str, list[str]] = {}
     res: dict[str, list[str]] = {}
-    with tqdm(total=len(ids), unit="img", desc="tokenizing (PTB)", disable=not progress) as bar:
+    with progress_bar(len(ids), "tokenizing (PTB)", progress) as bar:
         for start in range(0, len(ids), _TOKENIZE_IMAGES):
             part = ids[start : start + _TOKENIZE_IMAGES]
             both = _tokenize(

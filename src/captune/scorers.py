@@ -35,7 +35,8 @@ import numpy as np
 from pycocoevalcap.bleu.bleu_scorer import BleuScorer
 from pycocoevalcap.cider.cider_scorer import CiderScorer
 from pycocoevalcap.rouge.rouge import Rouge
-from tqdm import tqdm
+
+from captune.files import progress_bar
 
 CHUNK_IMAGES = 2000
 """Images per chunk: ~1 s of one core's work each for 50-word captions, ~4 MB of text to send to a worker."""
@@ -115,7 +116,7 @@ def corpus_scores(
     chunks = list(_chunks(gts, res, wanted))
     count = min(workers or usable_cpus(), len(chunks))
     passes = 2 if "CIDEr" in wanted else 1
-    bar = tqdm(total=passes * len(gts), unit="img", desc="BLEU, ROUGE-L, CIDEr-D", disable=not progress)
+    bar = progress_bar(passes * len(gts), "BLEU, ROUGE-L, CIDEr-D", progress)
     with bar:
         frequencies = _Frequencies()
         if "CIDEr" in wanted:
