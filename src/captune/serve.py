@@ -70,7 +70,6 @@ from captune.config import Config, GenerateConfig
 from captune.data.images import ImageError, decode_size, load_rgb
 from captune.errors import CaptuneError
 from captune.generation.choice import choose, facts_of, log_choice
-from captune.generation.compile_cache import use_compile_cache
 from captune.generation.core import filled, filled_size, generate_captions
 from captune.model import LoadedModel
 from captune.model_dir import META_FILE, load_model_dir, saved_config
@@ -860,8 +859,6 @@ def create_app(model_dir: str | Path, settings: ServeSettings | None = None) -> 
     decided = choose(replace(config.generate, batch_size=settings.max_batch), facts, None)
     log_choice(decided)
     config.generate = decided.options
-    if config.generate.static_cache:
-        use_compile_cache()
 
     def generate(images: list[Image.Image], options: GenerateConfig) -> list[str]:
         count = len(images)

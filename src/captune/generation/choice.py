@@ -27,6 +27,7 @@ import torch
 
 from captune.config import GenerateConfig
 from captune.generation.compile_cache import compiled_batches
+from captune.generation.core import filled_size
 from captune.generation.static import uses_static_loops
 from captune.model import Blip2Like, blip_of
 
@@ -108,17 +109,13 @@ def _batch(options: GenerateConfig, facts: Facts, images: int | None, greedy: bo
     wanted = (STATIC_BATCH if static else PLAIN_BATCH)[greedy]
     why = "the fastest measured"
     if images is not None and images < wanted:
-        wanted, why = _power_of_two_above(images), f"{images} images"
+        wanted, why = filled_size(images, wanted, powers_of_two=True), f"{images} images"
     if facts.free_bytes is not None:
         rows = int(facts.free_bytes * MEMORY_SHARE) // max(1, facts.bytes_per_row * options.num_beams)
         fits = _power_of_two_below(max(1, rows))
         if fits < wanted:
             wanted, why = fits, f"what fits in half of the {facts.free_bytes / 2**30:.1f} GiB free"
     return wanted, why
-
-
-def _power_of_two_above(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 def _power_of_two_below(n: int) -> int:

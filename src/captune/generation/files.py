@@ -17,7 +17,7 @@ from captune.config import GenerateConfig
 from captune.data import freeze_inherited_objects
 from captune.data.images import PixelFiles, PixelItem, rebatched, worker_share
 from captune.generation.choice import choose, facts_of, log_choice
-from captune.generation.compile_cache import record_compiled, use_compile_cache
+from captune.generation.compile_cache import record_compiled
 from captune.generation.core import CaptionResult, filled, filled_size, generate_from_pixels, takes_static_loops
 from captune.generation.static import StaticCaches
 from captune.model import Blip2Like, attention_kernels, blip_of
@@ -66,7 +66,6 @@ def caption_paths(
     # unreadable files) is filled up with copies of its last image, whose captions are dropped (`filled_size`).
     batches = rebatched(loader, options.batch_size, lambda chunks: [item for chunk in chunks for item in chunk])
     if takes_static_loops(model, options):
-        use_compile_cache()  # before the process's first compilation
         yield from _static_captions(model, processor, files, batches, options, prompt)
         if device.type == "cuda":
             record_compiled(model, options, options.batch_size)

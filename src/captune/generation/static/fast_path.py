@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from captune.generation.compile_cache import use_compile_cache
 from captune.generation.static.options import StaticOptions
 from captune.model import Blip2Like, blip_of
 
@@ -44,10 +45,12 @@ _ATTRIBUTE = "_captune_fast_path"
 
 def fast_path(model: Blip2Like) -> FastPath:
     """The model's `FastPath` (the same for a PEFT model and its base), made with the default options at the first
-    call. It is kept in the BLIP-2 module's dict, where it lives and dies with the model (its compiled image side
+    call (which also points torch's compile caches at captune's cache directory: `compile_cache`). It is kept in the
+    BLIP-2 module's dict, where it lives and dies with the model (its compiled image side
     holds the model)."""
     blip = blip_of(model)
     held = vars(blip).get(_ATTRIBUTE)
     if held is None:
+        use_compile_cache()  # before the loops compile anything for this model
         held = vars(blip)[_ATTRIBUTE] = FastPath()
     return held
