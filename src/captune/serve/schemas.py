@@ -1,0 +1,120 @@
+"""The caption server's request and response models, which FastAPI validates and the OpenAPI document shows; the
+request's options model and the JSON request are built per server, with its limits (`_options_model`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from captune.serve.settings import MAX_REPETITION_PENALTY, ServeSettings
+
+OPTION_NAMES = ("num_beams", "min_new_tokens", "max_new_tokens", "repetition_penalty")
+
+
+class GenerationOptions(BaseModel):
+    """The generation options a caption was made with (the model's defaults where the request gave none)."""
+
+    num_beams: int
+    min_new_tokens: int
+    max_new_tokens: int
+    repetition_penalty: float
+
+
+class ImageCaption(BaseModel):
+    index: int = Field(description="position of the image in the request, from 0")
+    filename: str | None = Field(description="the upload's file name (multipart), else null")
+    caption: str
+
+
+class Timing(BaseModel):
+    decode_ms: float = Field(description="reading and decoding this request's images")
+    queue_ms: float = Field(description="waiting for the generation worker")
+    generate_ms: float = Field(description="the generate call(s) that captioned these images")
+    total_ms: float = Field(description="from the request's arrival to its answer")
+    batch_images: int = Field(description="images in the generate call, other requests' included")
+
+
+class CaptionResponse(BaseModel):
+    captions: list[ImageCaption]
+    options: GenerationOptions
+    timing: Timing
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="machine-readable, e.g. not_an_image, upload_too_large, invalid_options, busy")
+    message: str = Field(description="what went wrong and what to do, naming the image, field or limit")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: str = Field(description="`ok`, or `unavailable` when the generation worker is not running")
+    pending_images: int = Field(description="images admitted now (read, decoded, queued or being captioned)")
+    max_queue: int
+
+
+class AdapterInfo(BaseModel):
+    type: str
+    r: int | None
+    alpha: float | None
+    target_modules: str | list[str] | None
+
+
+class ModelInfo(BaseModel):
+    model_dir: str
+    base_model: str = Field(description="the base the model was fine-tuned from (hub id, directory or `tiny`)")
+    adapter: AdapterInfo | None = Field(description="the LoRA adapter, or null for a plain BLIP-2")
+    device: str
+    dtype: str
+    prompt: str = Field(description="text every caption continues (the training prompt)")
+    generation_defaults: GenerationOptions = Field(description="options used where a request gives none")
+    limits: ServeSettings
+    metrics: dict[str, dict[str, float]] = Field(
+        description="metrics files saved with the model (metrics.json, eval-SPLIT/metrics.json), by relative path"
+    )
+
+
+def _options_model(settings: ServeSettings) -> type[BaseModel]:
+    """The request's generation options, with this server's limits (so the OpenAPI document shows them)."""
+    return create_model(
+        "CaptionOptions",
+        __config__=ConfigDict(extra="forbid"),
+        num_beams=(int | None, Field(None, ge=1, le=settings.max_num_beams, description="beam width; 1 is greedy")),
+        min_new_tokens=(int | None, Field(None, ge=0, le=settings.max_new_tokens, description="shortest caption")),
+        max_new_tokens=(int | None, Field(None, ge=1, le=settings.max_new_tokens, description="longest caption")),
+        repetition_penalty=(
+            float | None,
+            Field(None, ge=1.0, le=MAX_REPETITION_PENALTY, allow_inf_nan=False, description="1.0 is no penalty"),
+        ),
+    )
+
+
+def _json_request_model(options: type[BaseModel], settings: ServeSettings) -> type[BaseModel]:
+    images = Field(
+        min_length=1,
+        description=f"1 to {settings.max_images} images, each base64 (a `data:image/...;base64,` prefix is allowed); "
+        "URLs are refused, never fetched",
+    )
+    return create_model("CaptionJsonRequest", __base__=options, images=(list[str], images))
+
+
+def _request_body(options: type[BaseModel], json_request: type[BaseModel], settings: ServeSettings) -> dict[str, Any]:
+    """The OpenAPI requestBody of POST /v1/captions: one route, two content types."""
+    images = {
+        "type": "array",
+        "items": {"type": "string", "format": "binary"},
+        "description": f"1 to {settings.max_images} image files (repeat the field)",
+    }
+    multipart = {
+        "type": "object",
+        "required": ["images"],
+        "properties": {"images": images, **options.model_json_schema()["properties"]},
+    }
+    content = {
+        "multipart/form-data": {"schema": multipart},
+        "application/json": {"schema": json_request.model_json_schema()},
+    }
+    return {"requestBody": {"required": True, "content": content}}
