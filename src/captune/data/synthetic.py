@@ -1,19 +1,24 @@
-"""The built-in synthetic captioning dataset: one drawn shape per image, described by five reference captions.
+"""The built-in synthetic dataset: one drawn shape per image, described by five reference captions, and asked about
+in five questions (`--task vqa`: what colour, which shape, where, how big, is there a <shape>?).
 
 Shape, colour, size and position vary, so a captioner must look at the image to score well; everything is
 deterministic for a seed, and the images are written once as PNG files so the normal file-based path reads them.
+The questions are made from each image's drawing when read; both tasks share the images and their splits, so the
+test images are held out from training in both.
 """
 
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 from captune.data import CaptionSet, ReadOptions, Record
+from captune.data.vqa import QuestionListing, VqaReadOptions, VqaSet, usable_questions
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (235, 215, 30)}
 SHAPES = ("circle", "square", "triangle")
@@ -27,6 +32,16 @@ TEMPLATES = (
     "a picture of a {colour} {shape} on the {position}",
 )
 MANIFEST = "synthetic.json"
+QUESTIONS = (
+    ("what colour is the shape?", "colour", "what color is the"),
+    ("which shape is it?", "shape", "which"),
+    ("where is the {shape}?", "position", "where is the"),
+    ("how big is the {shape}?", "size", "how"),
+)
+"""(question, the drawing's attribute that answers it, VQAv2's question type) of the open questions; each image also
+gets `is there a <shape>?`, about its own shape on every other image and about another shape on the rest."""
+ANNOTATORS = 10
+"""Answers per question, all the same, as VQAv2's ten: with one answer the official accuracy could never be 1."""
 
 
 @dataclass(frozen=True)
@@ -40,25 +55,61 @@ class SyntheticSpec:
     image_size: int = 64
 
 
-def draw(rng: random.Random, size: int) -> tuple[Image.Image, tuple[str, ...]]:
-    """One image and its five captions."""
+@dataclass(frozen=True)
+class Drawing:
+    """What one image shows, drawn from the seeded random stream before it is rendered."""
+
+    colour: str
+    shape: str
+    size: str
+    """`small` or `large`."""
+    position: str
+    centre: tuple[float, float]
+    radius: float
+    background: tuple[int, ...]
+
+
+def _drawing(rng: random.Random, size: int) -> Drawing:
+    """The next image's attributes; the random calls (their number and order) fix every later image of a seed."""
     colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
     scale, position = rng.choice(list(SIZES)), rng.choice(list(POSITIONS))
     factor = size / 64
-    radius = SIZES[scale] * factor
     cx, cy = (c * factor + rng.uniform(-3, 3) * factor for c in POSITIONS[position])
     background = tuple(rng.randint(225, 255) for _ in range(3))
-    image = Image.new("RGB", (size, size), background)
+    return Drawing(colour, shape, scale, position, (cx, cy), SIZES[scale] * factor, background)
+
+
+def _render(drawing: Drawing, size: int) -> Image.Image:
+    (cx, cy), radius, fill = drawing.centre, drawing.radius, COLOURS[drawing.colour]
+    image = Image.new("RGB", (size, size), drawing.background)
     pen = ImageDraw.Draw(image)
     box = (cx - radius, cy - radius, cx + radius, cy + radius)
-    if shape == "circle":
-        pen.ellipse(box, fill=COLOURS[colour])
-    elif shape == "square":
-        pen.rectangle(box, fill=COLOURS[colour])
+    if drawing.shape == "circle":
+        pen.ellipse(box, fill=fill)
+    elif drawing.shape == "square":
+        pen.rectangle(box, fill=fill)
     else:
-        pen.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], fill=COLOURS[colour])
-    words = {"size": scale, "colour": colour, "shape": shape, "position": position}
-    return image, tuple(t.format(**words) for t in TEMPLATES)
+        pen.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], fill=fill)
+    return image
+
+
+def _captions(drawing: Drawing) -> tuple[str, ...]:
+    words = {"size": drawing.size, "colour": drawing.colour, "shape": drawing.shape, "position": drawing.position}
+    return tuple(t.format(**words) for t in TEMPLATES)
+
+
+def draw(rng: random.Random, size: int) -> tuple[Image.Image, tuple[str, ...]]:
+    """One image and its five captions."""
+    drawing = _drawing(rng, size)
+    return _render(drawing, size), _captions(drawing)
+
+
+def drawings(spec: SyntheticSpec) -> Iterator[tuple[str, str, Drawing]]:
+    """(file name, split, drawing) of each image of `spec`, in generation order, without rendering."""
+    rng = random.Random(spec.seed)
+    for split in ("train", "val", "test"):
+        for i in range(getattr(spec, split)):
+            yield f"{split}-{i:05d}.png", split, _drawing(rng, spec.image_size)
 
 
 def generate_synthetic(data_dir: Path, spec: SyntheticSpec = SyntheticSpec()) -> Path:
@@ -67,14 +118,10 @@ def generate_synthetic(data_dir: Path, spec: SyntheticSpec = SyntheticSpec()) ->
     if manifest.is_file() and json.loads(manifest.read_text()).get("spec") == asdict(spec):
         return manifest
     (data_dir / "images").mkdir(parents=True, exist_ok=True)
-    rng = random.Random(spec.seed)
     entries = []
-    for split in ("train", "val", "test"):
-        for i in range(getattr(spec, split)):
-            image, captions = draw(rng, spec.image_size)
-            name = f"{split}-{i:05d}.png"
-            image.save(data_dir / "images" / name)
-            entries.append({"image": name, "split": split, "captions": list(captions)})
+    for name, split, drawing in drawings(spec):
+        _render(drawing, spec.image_size).save(data_dir / "images" / name)
+        entries.append({"image": name, "split": split, "captions": list(_captions(drawing))})
     tmp = manifest.with_suffix(".tmp")
     tmp.write_text(json.dumps({"spec": asdict(spec), "images": entries}))
     tmp.replace(manifest)
@@ -92,3 +139,29 @@ def read_synthetic(data_dir: Path, options: ReadOptions) -> CaptionSet:
         for e in entries
     ]
     return CaptionSet(records)
+
+
+def synthetic_questions(drawing: Drawing, number: int) -> list[tuple[int, str, str, str, str]]:
+    """(question id, question, answer, answer type, question type) of the five questions about the `number`-th image
+    (in generation order); ids are `number * 10 + k`."""
+    asked = [(text.format(shape=drawing.shape), getattr(drawing, attribute), "other", kind)
+             for text, attribute, kind in QUESTIONS]  # fmt: skip
+    # Half the images are asked about their own shape (yes), half about one of the others, in turn (no).
+    other = SHAPES[(SHAPES.index(drawing.shape) + 1 + number // 2 % 2) % len(SHAPES)]
+    shape, answer = (drawing.shape, "yes") if number % 2 == 0 else (other, "no")
+    asked.append((f"is there a {shape}?", answer, "yes/no", "is there a"))
+    return [(number * 10 + k, *question) for k, question in enumerate(asked)]
+
+
+def read_synthetic_vqa(data_dir: Path, options: VqaReadOptions) -> VqaSet:
+    """The questions about the synthetic folder's images (generated with the default spec on first use), by split."""
+    manifest = data_dir / MANIFEST
+    if not manifest.is_file():
+        generate_synthetic(data_dir)
+    spec = SyntheticSpec(**json.loads(manifest.read_text())["spec"])
+    return usable_questions(
+        QuestionListing(question_id, question, name, (data_dir / "images" / name).resolve(), (answer,) * ANNOTATORS,
+                        split, f"{manifest}: {name}", answer_type, question_type)
+        for number, (name, split, drawing) in enumerate(drawings(spec))
+        for question_id, question, answer, answer_type, question_type in synthetic_questions(drawing, number)
+    )  # fmt: skip
