@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from captune.config import load_config
+from captune.config_loading import load_config
 from captune.data import read
 from captune.model import TINY_WORDS
 from captune.training.batches import (

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from captune.config import GenerateConfig, load_config
+from captune.config import GenerateConfig
+from captune.config_loading import load_config
 from captune.data import read
 from captune.data.images import load_rgb
 from captune.data.synthetic import SyntheticSpec, generate_synthetic

@@ -15,7 +15,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from captune.config import Config, load_config  # noqa: E402
+from captune.config import Config  # noqa: E402
+from captune.config_loading import load_config  # noqa: E402
 from captune.data.synthetic import SyntheticSpec, generate_synthetic  # noqa: E402
 from captune.model import LoadedModel, apply_train_mode, build_tiny  # noqa: E402
 from captune.model_dir import save_base, save_model_dir  # noqa: E402

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from captune.cli import main
-from captune.config import Config, load_config
+from captune.config import Config
+from captune.config_loading import load_config
 from captune.errors import CaptuneError, TrainingDiverged
 from captune.model_dir import load_model_dir, save_model_dir, save_tiny_model_dir
 from captune.training import batches, recipe

@@ -23,7 +23,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from captune.config import load_config
+from captune.config_loading import load_config
 from captune.data import read
 from captune.training.batches import CaptionCollator, CaptionPairs, EpochShuffle, training_loader
 

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 from selenium import webdriver
 
-from captune.config import load_config, save_config
+from captune.config import save_config
+from captune.config_loading import load_config
 from captune.errors import CaptuneError
 from captune.report import write_report
 

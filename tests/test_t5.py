@@ -13,7 +13,7 @@ import torch
 
 from captune import metrics
 from captune.cli import main
-from captune.config import load_config
+from captune.config_loading import load_config
 from captune.data import read
 from captune.export import merge_model_dir
 from captune.generation.files import caption_paths

@@ -18,7 +18,8 @@ from tokenizers import AddedToken
 from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
 from captune.cli import main
-from captune.config import GenerateConfig, load_config
+from captune.config import GenerateConfig
+from captune.config_loading import load_config
 from captune.data import read
 from captune.data.images import load_rgb
 from captune.data.synthetic import generate_synthetic

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from captune.card import model_card
-    from captune.config import Config, GenerateConfig, load_config, read_options
+    from captune.config import Config, GenerateConfig, read_options
+    from captune.config_loading import load_config
     from captune.data import CaptionSet, ReadOptions, Record, check_images, read
     from captune.data.synthetic import SyntheticSpec, generate_synthetic
     from captune.errors import CaptuneError
@@ -53,7 +54,7 @@ _EXPORTS = {
     "generate_captions": "captune.generation.core",
     "generate_synthetic": "captune.data.synthetic",
     "load_base": "captune.model",
-    "load_config": "captune.config",
+    "load_config": "captune.config_loading",
     "load_model_dir": "captune.model_dir",
     "merge_model_dir": "captune.export",
     "model_card": "captune.card",

@@ -84,7 +84,8 @@ def _output_path(name: str) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from captune.config import describe, load_config
+    from captune.config import describe
+    from captune.config_loading import load_config
     from captune.training.recipe import train
 
     if args.help_config:

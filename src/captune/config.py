@@ -1,17 +1,13 @@
-"""Run configuration: typed dataclasses, read from YAML, overridden by `key=value` arguments, saved beside the outputs.
+"""Run configuration: typed dataclasses, their checks (`validate`), saved beside the outputs.
 
-A YAML file has one section per dataclass (`model`, `lora`, `data`, `train`, `generate`). An override names a field
-as `section.field=value`, or just `field=value` when the name is unique across sections (`lr=3e-4`,
-`data_dir=~/data/flickr8k`, `resume_from=runs/x/checkpoints/step-000100`). Two shorthands mirror how people talk:
-`model=<hub id or dir>` sets `model.name` and `data=<format>` sets `data.format`.
+`captune.config_loading` fills a `Config` from YAML and `key=value` arguments; `captune.training_modes` is the table
+of `train.mode`s that the checks read.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from captune.errors import CaptuneError
-from captune.files import read_utf8
+from captune.training_modes import TRAINING_MODES, TrainingMode
 
 if TYPE_CHECKING:
     from captune.data import ReadOptions
@@ -229,203 +225,9 @@ class Config:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 
 
-SHORTHANDS = {"model": ("model", "name"), "data": ("data", "format")}
-
-
-def _sections(config: Config) -> dict[str, Any]:
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-
-
-def _field_owner(config: Config, key: str, source: str) -> tuple[Any, str]:
-    """Finds the dataclass holding `key` (`section.field` or a field name unique across sections)."""
-    sections = _sections(config)
-    if key in SHORTHANDS:
-        section, name = SHORTHANDS[key]
-        return sections[section], name
-    if "." in key:
-        section, name = key.split(".", 1)
-        if section in sections and name in {f.name for f in dataclasses.fields(sections[section])}:
-            return sections[section], name
-    else:
-        owners = [s for s in sections.values() if key in {f.name for f in dataclasses.fields(s)}]
-        if len(owners) == 1:
-            return owners[0], key
-        if owners:
-            names = " or ".join(f"{s}.{key}" for s, obj in sections.items() if obj in owners)
-            raise CaptuneError(f"{source}: {key!r} is in several sections; write {names}")
-    known = [f"{s}.{f.name}" for s, obj in sections.items() for f in dataclasses.fields(obj)]
-    hint = difflib.get_close_matches(key, known + [k.split(".")[1] for k in known], n=3)
-    raise CaptuneError(
-        f"{source}: unknown config key {key!r}."
-        + (f" Did you mean {', '.join(hint)}?" if hint else "")
-        + " Run `captune train --help-config` for every key."
-    )
-
-
-def _convert(value: Any, annotation: Any, where: str) -> Any:
-    """Converts a YAML value or a command-line string to a field's declared type."""
-    hint = typing.get_type_hints(type("_", (), {"__annotations__": {"x": annotation}}))["x"]
-    args = typing.get_args(hint)
-    if isinstance(hint, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
-            return None
-        return _convert(value, next(a for a in args if a is not type(None)), where)
-    origin = typing.get_origin(hint)
-    if value is None or (isinstance(value, bool) and hint is not bool):
-        raise CaptuneError(f"{where}: {value!r} is not a valid {getattr(hint, '__name__', hint)}")
-    try:
-        if origin is list:
-            if isinstance(value, str):
-                value = [v.strip() for v in value.split(",") if v.strip()]
-            return [_convert(v, args[0], where) for v in value]
-        if hint is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "1", "yes"):
-                return True
-            if str(value).lower() in ("false", "0", "no"):
-                return False
-            raise ValueError(value)
-        if hint is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError(value)
-        return hint(value)
-    except (TypeError, ValueError):
-        name = getattr(hint, "__name__", str(hint))
-        raise CaptuneError(f"{where}: {value!r} is not a valid {name}") from None
-
-
-def _set(config: Config, key: str, value: Any, source: str) -> None:
-    owner, name = _field_owner(config, key, source)
-    annotation = next(f.type for f in dataclasses.fields(owner) if f.name == name)
-    setattr(owner, name, _convert(value, annotation, f"{source}: {key}"))
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Builds a Config from defaults, then a YAML file, then `key=value` overrides.
-
-    Args:
-        path: YAML file with sections `model`, `lora`, `data`, `train`, `generate` (a section may also be a plain
-            string for the shorthands `model: <name>` and `data: <format>`).
-        overrides: `key=value` strings from the command line.
-
-    Raises:
-        CaptuneError: missing file, invalid YAML, unknown key or a value of the wrong type; the message names it.
-    """
-    config = Config()
-    if path is not None:
-        path = Path(path).expanduser()
-        if path.is_dir():
-            raise CaptuneError(f"--config {path} is a folder; give a YAML file in it (the shipped configs are in "
-                               "configs/)")  # fmt: skip
-        if not path.is_file():
-            raise CaptuneError(f"config file {path} does not exist; the shipped configs are in configs/")
-        try:
-            loaded = yaml.safe_load(read_utf8(path)) or {}
-        except yaml.YAMLError as err:
-            raise CaptuneError(f"{path}: invalid YAML: {' '.join(str(err).split())}") from None
-        if not isinstance(loaded, dict):
-            raise CaptuneError(f"{path}: expected a mapping of sections at the top level")
-        sections = _sections(config)
-        for section, values in loaded.items():
-            if values is None and section in sections:
-                continue  # a section whose keys are all commented out
-            if isinstance(values, dict):
-                for key, value in values.items():
-                    _set(config, f"{section}.{key}", value, str(path))
-            elif section in sections and section not in SHORTHANDS:
-                keys = ", ".join(f.name for f in dataclasses.fields(sections[section])[:3])
-                raise CaptuneError(f"{path}: section {section!r} is {values!r}; it must hold keys, e.g. "
-                                   f"`{section}:` then indented `key: value` lines ({keys}, ...)")  # fmt: skip
-            else:
-                _set(config, str(section), values, str(path))
-    for item in overrides or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise CaptuneError(f"override {item!r} is not of the form key=value (e.g. lr=3e-4)")
-        _set(config, key.strip(), value.strip(), "command line")
-    _fill_defaults(config)
-    validate(config)
-    return config
-
-
-def config_from_dict(values: dict[str, Any], source: str) -> Config:
-    """A Config from `to_dict` output (e.g. the copy saved in a model directory's captune.json)."""
-    config = Config()
-    for section, fields in values.items():
-        for key, value in fields.items():
-            _set(config, f"{section}.{key}", value, source)
-    _fill_defaults(config)
-    validate(config)
-    return config
-
-
-ADAPTER_FILE = "adapter_model.safetensors"
-"""What a LoRA mode's run saves: the PEFT adapter (beside PEFT's adapter_config.json)."""
-TRAINED_FILE = "trained.safetensors"
-"""What a run of a mode without LoRA saves: the weights trained in full, by their names in
-Blip2ForConditionalGeneration."""
-QFORMER_LORA_DEFAULT = ["query", "value"]
-
-
-@dataclass(frozen=True)
-class TrainingMode:
-    """What one `train.mode` trains and how: the one place the modes differ, read by the config checks, by applying
-    the mode (`captune.model.apply_train_mode`), by saving and loading model directories, the model card and the
-    merge."""
-
-    lora: bool
-    """Trained through PEFT LoRA on the `lora.*` layers (the lora keys apply): a run saves the adapter
-    (`ADAPTER_FILE`), loading wraps the base in a PeftModel, the card's library is peft and merging folds the adapter
-    into the base weights. False: the parameters under `in_full` train in full (`lora.*` is not used), a run saves
-    them (`TRAINED_FILE`), loading puts them over the base and merging has nothing left to fold."""
-    lora_on_qformer: bool = False
-    """The Q-Former gets LoRA too (`lora.qformer_target_modules`, `QFORMER_LORA_DEFAULT` when empty); a LoRA mode
-    without it refuses Q-Former targets."""
-    in_full: tuple[str, ...] = ()
-    """Parameter name prefixes trained in full (the rest frozen), when not `lora`."""
-    card: str = ""
-    """What the model card says a saved directory of this mode holds."""
-
-    @property
-    def saves(self) -> str:
-        """The weights file a run's model directories hold."""
-        return ADAPTER_FILE if self.lora else TRAINED_FILE
-
-
-_ADAPTER_CARD = (
-    "This directory holds a LoRA adapter (PEFT) for the base model below, its processor and `captune.json` (base "
-    "model and the run's config). Load it with the base model, or make a standalone model with `captune merge "
-    "--model-dir MODEL_DIR --output MERGED_DIR`."
-)
-
-TRAINING_MODES = {
-    "lora-lm": TrainingMode(lora=True, card=_ADAPTER_CARD),
-    "lora-lm+qformer": TrainingMode(lora=True, lora_on_qformer=True, card=_ADAPTER_CARD),
-    "qformer": TrainingMode(
-        lora=False,
-        in_full=("qformer.", "query_tokens", "language_projection."),
-        card=(
-            "This directory holds the Q-Former, its query tokens and the language projection, trained in full (the "
-            f"LAVIS caption fine-tune, `train.mode=qformer`), as `{TRAINED_FILE}`, with the processor and "
-            "`captune.json` (base model and the run's config). They replace the base model's own weights of those "
-            "names; `captune merge --model-dir MODEL_DIR --output MERGED_DIR` writes a standalone model."
-        ),
-    ),
-}
-"""Every `train.mode`, by name (see `TrainConfig.mode`). A new mode is a row here, plus its apply function in
-captune.model when it is neither LoRA nor trains named parameters in full."""
-
-
 def training_mode(config: Config) -> TrainingMode:
     """The row of `config.train.mode` (which `validate` has checked)."""
     return TRAINING_MODES[config.train.mode]
-
-
-def _fill_defaults(config: Config) -> None:
-    """Defaults that depend on another key: a mode with Q-Former LoRA and no Q-Former targets gets query and value."""
-    mode = TRAINING_MODES.get(config.train.mode)
-    if mode is not None and mode.lora_on_qformer and not config.lora.qformer_target_modules:
-        config.lora.qformer_target_modules = list(QFORMER_LORA_DEFAULT)
 
 
 def validate(config: Config) -> None:

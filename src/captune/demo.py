@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from captune.config import Config, load_config
+from captune.config import Config
+from captune.config_loading import load_config
 from captune.data import ReadOptions, read
 from captune.data.synthetic import SyntheticSpec, generate_synthetic
 from captune.evaluation import evaluate_records, write_evaluation

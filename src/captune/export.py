@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 
 from captune.card import CARD_FILE, model_card
-from captune.config import TRAINED_FILE, to_dict
+from captune.config import to_dict
 from captune.errors import CaptuneError
 from captune.files import replace_dir
 from captune.model import LoadedModel, resolve_dtype
 from captune.model_dir import MERGED_KEY, META_FILE, load_model_dir, save_base, saved_config
+from captune.training_modes import TRAINED_FILE
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 

@@ -1,6 +1,7 @@
 """Load BLIP-2 (hub id, local directory, the built-in tiny models and the twins of real checkpoints), make it
-trainable as `train.mode` says (LoRA through PEFT, or named weights in full: see `captune.config.TRAINING_MODES`),
-and the helpers that reach into a BLIP-2 (its embeddings, stop tokens, attention kernels, eval mode).
+trainable as `train.mode` says (LoRA through PEFT, or named weights in full: see
+`captune.training_modes.TRAINING_MODES`), and the helpers that reach into a BLIP-2 (its embeddings, stop tokens,
+attention kernels, eval mode).
 
 Saving and loading fine-tuned model directories is `captune.model_dir`; their model card `captune.card`.
 """

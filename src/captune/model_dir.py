@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 from transformers import Blip2Processor
 
 from captune.card import CARD_FILE, model_card
-from captune.config import ADAPTER_FILE, TRAINED_FILE, Config, config_from_dict, load_config, to_dict, training_mode
+from captune.config import Config, to_dict, training_mode
+from captune.config_loading import config_from_dict, load_config
 from captune.errors import CaptuneError
 from captune.files import read_utf8
 from captune.model import (
@@ -38,6 +39,7 @@ from captune.model import (
     stop_token_ids,
     trainable_weights,
 )
+from captune.training_modes import ADAPTER_FILE, TRAINED_FILE
 
 END_KEY = "caption_end_id"
 """The captune.json key of the token a run ended its training captions with (see `caption_end_id`)."""

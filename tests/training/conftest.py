@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from captune.config import load_config
+from captune.config_loading import load_config
 from captune.model import LoadedModel, apply_lora
 
 

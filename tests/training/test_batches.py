@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from captune.config import load_config
+from captune.config_loading import load_config
 from captune.errors import CaptuneError
 from captune.model import LoadedModel, build_tiny
 from captune.training.batches import (

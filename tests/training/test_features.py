@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from captune.config import load_config
+from captune.config_loading import load_config
 from captune.data import read
 from captune.data.synthetic import generate_synthetic
 from captune.errors import CaptuneError

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from captune.config import load_config
+from captune.config_loading import load_config
 from captune.data import read
 from captune.model import TINY_T5, LoadedModel, apply_lora, blip_of, build_tiny
 from captune.training.batches import CaptionCollator, CaptionPairs, ImageCaptions, PackedCaptionCollator

@@ -13,12 +13,14 @@ import torch
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
-from captune.config import TRAINED_FILE, TRAINING_MODES, Config, load_config
+from captune.config import Config
+from captune.config_loading import load_config
 from captune.data import read
 from captune.errors import CaptuneError
 from captune.model import LoadedModel, build_tiny, load_base
 from captune.model_dir import load_model_dir, load_saved_weights, save_model_dir
 from captune.training import recipe
+from captune.training_modes import TRAINED_FILE, TRAINING_MODES
 
 from ..conftest import write_image, write_truncated_jpeg
 

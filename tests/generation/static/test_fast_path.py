@@ -21,7 +21,7 @@ from .conftest import _traced_compiles
 
 
 def test_a_model_and_its_peft_wrapper_share_one_fast_path_with_the_default_options(tiny: LoadedModel) -> None:
-    from captune.config import load_config
+    from captune.config_loading import load_config
     from captune.model import apply_lora
 
     path = fast_path(tiny.model)

@@ -39,7 +39,7 @@ def test_captunes_static_loops_give_generates_captions(
 
 @pytest.mark.parametrize("beams", [1, 3])
 def test_captunes_static_loops_run_the_adapter(tiny: LoadedModel, beams: int) -> None:
-    from captune.config import load_config
+    from captune.config_loading import load_config
     from captune.model import apply_lora
 
     model = apply_lora(tiny.model, load_config(None, []).lora)

@@ -1,0 +1,62 @@
+"""The training modes: one `TrainingMode` per `train.mode`, the one place the modes differ, and the files a run of
+each saves."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ADAPTER_FILE = "adapter_model.safetensors"
+"""What a LoRA mode's run saves: the PEFT adapter (beside PEFT's adapter_config.json)."""
+TRAINED_FILE = "trained.safetensors"
+"""What a run of a mode without LoRA saves: the weights trained in full, by their names in
+Blip2ForConditionalGeneration."""
+QFORMER_LORA_DEFAULT = ["query", "value"]
+
+
+@dataclass(frozen=True)
+class TrainingMode:
+    """What one `train.mode` trains and how: the one place the modes differ, read by the config checks, by applying
+    the mode (`captune.model.apply_train_mode`), by saving and loading model directories, the model card and the
+    merge."""
+
+    lora: bool
+    """Trained through PEFT LoRA on the `lora.*` layers (the lora keys apply): a run saves the adapter
+    (`ADAPTER_FILE`), loading wraps the base in a PeftModel, the card's library is peft and merging folds the adapter
+    into the base weights. False: the parameters under `in_full` train in full (`lora.*` is not used), a run saves
+    them (`TRAINED_FILE`), loading puts them over the base and merging has nothing left to fold."""
+    lora_on_qformer: bool = False
+    """The Q-Former gets LoRA too (`lora.qformer_target_modules`, `QFORMER_LORA_DEFAULT` when empty); a LoRA mode
+    without it refuses Q-Former targets."""
+    in_full: tuple[str, ...] = ()
+    """Parameter name prefixes trained in full (the rest frozen), when not `lora`."""
+    card: str = ""
+    """What the model card says a saved directory of this mode holds."""
+
+    @property
+    def saves(self) -> str:
+        """The weights file a run's model directories hold."""
+        return ADAPTER_FILE if self.lora else TRAINED_FILE
+
+
+_ADAPTER_CARD = (
+    "This directory holds a LoRA adapter (PEFT) for the base model below, its processor and `captune.json` (base "
+    "model and the run's config). Load it with the base model, or make a standalone model with `captune merge "
+    "--model-dir MODEL_DIR --output MERGED_DIR`."
+)
+
+TRAINING_MODES = {
+    "lora-lm": TrainingMode(lora=True, card=_ADAPTER_CARD),
+    "lora-lm+qformer": TrainingMode(lora=True, lora_on_qformer=True, card=_ADAPTER_CARD),
+    "qformer": TrainingMode(
+        lora=False,
+        in_full=("qformer.", "query_tokens", "language_projection."),
+        card=(
+            "This directory holds the Q-Former, its query tokens and the language projection, trained in full (the "
+            f"LAVIS caption fine-tune, `train.mode=qformer`), as `{TRAINED_FILE}`, with the processor and "
+            "`captune.json` (base model and the run's config). They replace the base model's own weights of those "
+            "names; `captune merge --model-dir MODEL_DIR --output MERGED_DIR` writes a standalone model."
+        ),
+    ),
+}
+"""Every `train.mode`, by name (see `TrainConfig.mode`). A new mode is a row here, plus its apply function in
+captune.model when it is neither LoRA nor trains named parameters in full."""
