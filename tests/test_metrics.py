@@ -24,13 +24,12 @@ from pycocotools.coco import COCO
 
 from captune import metrics, scorers
 from captune.errors import CaptuneError
+from captune.metric_inputs import load_predictions, load_references
 from captune.metrics import (
     FAST_METRICS,
     METRIC_NAMES,
     EvalResult,
     evaluate_files,
-    load_predictions,
-    load_references,
     per_image_rows,
     score_captions,
     write_metrics,

@@ -173,14 +173,8 @@ def _captioned_images(path: Path) -> set[str]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from captune.metrics import (
-        load_predictions,
-        load_references,
-        per_image_rows,
-        score_captions,
-        write_metrics,
-        write_per_image,
-    )
+    from captune.metric_inputs import load_predictions, load_references
+    from captune.metrics import per_image_rows, score_captions, write_metrics, write_per_image
 
     # Output paths are checked before the scorers run, not after.
     output = _output_path(args.output) if args.output else None

@@ -24,7 +24,8 @@ from matplotlib.figure import Figure
 
 from captune.data.images import ImageError, load_rgb
 from captune.errors import CaptuneError
-from captune.metrics import PerImageRow, load_references, per_image_rows, score_captions
+from captune.metric_inputs import load_references
+from captune.metrics import PerImageRow, per_image_rows, score_captions
 
 REPORT_NAME = "report.html"
 THUMBNAIL_PX = 160
