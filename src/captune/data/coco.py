@@ -14,7 +14,6 @@ from pathlib import Path
 
 from captune.data import (
     CaptionSet,
-    Listing,
     Problem,
     ReadOptions,
     find_images_dir,
@@ -22,8 +21,8 @@ from captune.data import (
     read_json,
     resolve,
     seeded_split,
-    usable,
 )
+from captune.data.listings import Listing, usable
 from captune.errors import CaptuneError
 
 ANNOTATION_DIRS = (".", "annotations")

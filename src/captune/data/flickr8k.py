@@ -15,7 +15,6 @@ from captune.data import (
     SPLITS,
     CaptionSet,
     ImageNames,
-    Listing,
     Problem,
     ReadOptions,
     find_images_dir,
@@ -23,9 +22,9 @@ from captune.data import (
     read_text,
     resolve,
     seeded_split,
-    usable,
 )
 from captune.data.lines import csv_table, numbered_lines
+from captune.data.listings import Listing, usable
 from captune.errors import CaptuneError
 
 TOKEN_FILE = "Flickr8k.token.txt"

@@ -28,14 +28,13 @@ from captune.data import (
     SPLIT_ALIASES,
     SPLITS,
     CaptionSet,
-    Listing,
     Problem,
     ReadOptions,
     resolve,
     seeded_split,
-    usable,
 )
 from captune.data.lines import OPEN_QUOTE, csv_table
+from captune.data.listings import Listing, usable
 from captune.errors import CaptuneError
 from captune.files import cache_dir, write_atomically
 

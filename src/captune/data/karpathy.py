@@ -10,16 +10,15 @@ from pathlib import Path
 
 from captune.data import (
     CaptionSet,
-    Listing,
     Problem,
     ReadOptions,
     find_images_dir,
     missing_annotations,
     read_json,
     resolve,
-    usable,
 )
 from captune.data.flickr8k import IMAGE_DIRS as FLICKR8K_IMAGE_DIRS
+from captune.data.listings import Listing, usable
 from captune.errors import CaptuneError
 
 IMAGE_DIRS = (*FLICKR8K_IMAGE_DIRS, "Images", "images", "flickr30k-images", ".")

@@ -26,7 +26,6 @@ from captune.data import (
     SPLITS,
     CaptionSet,
     ImageNames,
-    Listing,
     Problem,
     ReadOptions,
     Record,
@@ -35,9 +34,9 @@ from captune.data import (
     read_text,
     resolve,
     seeded_split,
-    usable,
 )
 from captune.data.lines import csv_table, numbered_lines
+from captune.data.listings import Listing, usable
 from captune.errors import CaptuneError
 from captune.files import atomic_open
 
