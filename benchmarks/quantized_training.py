@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from multi_gpu import read_run  # noqa: E402
 from train_throughput import _environment, make_data  # noqa: E402
 
-from captune.model import TINY_WORDS  # noqa: E402
+from captune.tiny import TINY_WORDS  # noqa: E402
 
 # A `captune train` with PyTorch's allocations capped at argv[1] GiB (0: no cap).
 CAPPED = """import sys, torch

@@ -50,7 +50,7 @@ from PIL import Image
 
 from captune.config_loading import load_config
 from captune.data import read
-from captune.model import TINY_WORDS
+from captune.tiny import TINY_WORDS
 from captune.training.batches import (
     CaptionCollator,
     CaptionPairs,

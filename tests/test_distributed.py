@@ -21,8 +21,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import Blip2ForConditionalGeneration
 
-from captune.model import LoadedModel, build_tiny_processor, tiny_config
+from captune.model import LoadedModel
 from captune.model_dir import save_base
+from captune.tiny import build_tiny_processor, tiny_config
 
 STEPS = 4
 

@@ -17,8 +17,9 @@ from captune.config_loading import load_config
 from captune.data import read
 from captune.export import merge_model_dir
 from captune.generation.files import caption_paths
-from captune.model import TINY_T5, LoadedModel, apply_lora, build_tiny
+from captune.model import LoadedModel, apply_lora, build_tiny
 from captune.model_dir import load_model_dir
+from captune.tiny import TINY_T5
 from captune.training.batches import CaptionCollator, CaptionPairs
 from captune.training.features import image_features
 from captune.training.loss import IGNORE, CaptionLoss

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from captune.config import Config, training_mode
-from captune.model import BUILT_IN, TINY_MODELS, LoadedModel
+from captune.model import BUILT_IN, LoadedModel
+from captune.tiny import TINY_MODELS
 from captune.twins import TWINS
 
 CARD_FILE = "README.md"

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from captune.config_loading import load_config
 from captune.data import read
-from captune.model import TINY_T5, LoadedModel, apply_lora, blip_of, build_tiny
+from captune.model import LoadedModel, apply_lora, blip_of, build_tiny
+from captune.tiny import TINY_T5
 from captune.training.batches import CaptionCollator, CaptionPairs, ImageCaptions, PackedCaptionCollator
 from captune.training.features import image_features
 from captune.training.loss import CaptionLoss, chunked_cross_entropy, label_tokens

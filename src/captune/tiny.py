@@ -1,0 +1,93 @@
+"""The built-in tiny BLIP-2s, `tiny` (OPT) and `tiny-t5` (T5): their word-level tokenizer and processor, and a
+`Blip2Config` of the real architecture at hidden sizes 32-64, built in code, nothing to download
+(`captune.model.build_tiny` gives them random weights)."""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import Blip2Config, Blip2Processor, BlipImageProcessorPil, PreTrainedTokenizerFast
+
+TINY = "tiny"
+TINY_T5 = "tiny-t5"
+TINY_MODELS = (TINY, TINY_T5)
+"""Built-in random BLIP-2s for tests and the demo: `tiny` (OPT language model, as blip2-opt) and `tiny-t5` (T5
+encoder-decoder, as blip2-flan-t5), with small word-level tokenizers whose special tokens are self-consistent."""
+
+# The tiny tokenizer's words: exactly those of the built-in synthetic captions. The tiny model's output layer is
+# frozen and random, so every extra word is one more logit LoRA has to learn to push down; other text maps to <unk>.
+TINY_WORDS = (
+    "a at bottom blue circle green in is large left of on picture red right small square the there top triangle yellow"
+).split()
+
+
+def build_tiny_processor(num_query_tokens: int = 8, image_size: int = 32, t5: bool = False) -> Blip2Processor:
+    """A word-level tokenizer built locally with `tokenizers` and a PIL image processor; `Blip2Processor` adds the
+    `<image>` token itself. OPT-like: `</s>` is BOS and EOS and starts every text; T5-like (`t5`): pad 0, `</s>` 1
+    ends every text, no BOS."""
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} if t5 else {"<pad>": 0, "<unk>": 1, "</s>": 2}
+    for word in TINY_WORDS:
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    template = "$A </s>" if t5 else "</s> $A"
+    backend.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("</s>", vocab["</s>"])])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=None if t5 else "</s>", eos_token="</s>", pad_token="<pad>",
+        unk_token="<unk>",
+    )  # fmt: skip
+    image_processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
+    return Blip2Processor(image_processor, tokenizer, num_query_tokens=num_query_tokens)
+
+
+def tiny_config(processor: Blip2Processor, image_size: int = 32, t5: bool = False) -> Blip2Config:
+    """A BLIP-2 of the real architecture (ViT, Q-Former, OPT or T5) at hidden sizes 32-64: ~0.1 M parameters."""
+    tokenizer = processor.tokenizer
+    opt = {
+        "model_type": "opt",
+        "hidden_size": 64,
+        "ffn_dim": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "word_embed_proj_dim": 64,
+        "max_position_embeddings": 128,
+        "bos_token_id": tokenizer.bos_token_id,
+    }
+    t5_text = {
+        "model_type": "t5",
+        "d_model": 64,
+        "d_kv": 16,
+        "d_ff": 128,
+        "num_layers": 2,
+        "num_decoder_layers": 2,
+        "num_heads": 4,
+        "relative_attention_num_buckets": 8,
+        "decoder_start_token_id": tokenizer.pad_token_id,
+        "tie_word_embeddings": False,
+    }
+    return Blip2Config(
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": image_size,
+            "patch_size": 8,
+        },
+        qformer_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "encoder_hidden_size": 32,
+            "vocab_size": 64,
+            "max_position_embeddings": 64,
+        },
+        text_config={
+            **(t5_text if t5 else opt),
+            "vocab_size": len(tokenizer),
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        num_query_tokens=processor.num_query_tokens,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
