@@ -19,7 +19,7 @@ from PIL import Image
 
 from captune.serve import ServeSettings, create_app, listen, uvicorn_server
 
-from .. import test_cli
+from ..cli import test_caption as test_cli
 
 # The saved tiny run directory (greedy, 1-5 new tokens).
 model_dir = test_cli.model_dir

@@ -1,24 +1,21 @@
-"""The `captune` command, called in-process: caption output formats and failures, evaluate, data check, errors."""
+"""`captune caption`, called in-process: output formats, files and folders, bad images, --resume, the generation
+flags, which path captioning takes, and the errors a user can fix."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from captune import metrics
 from captune.cli import main
-from captune.config import describe
-from captune.metrics import METRIC_NAMES
 from captune.model_dir import save_tiny_model_dir
 
-from .conftest import write_image, write_truncated_jpeg
+from ..conftest import write_image, write_truncated_jpeg
+from .conftest import assert_user_error
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +34,6 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 def _caption(model_dir: Path, *args: str) -> int:
     return main(["caption", *args, "--model-dir", str(model_dir)])
-
-
-# --- caption ---------------------------------------------------------------------------------------------------
 
 
 def test_caption_jsonl_prints_one_object_per_image(
@@ -142,16 +136,6 @@ def test_caption_of_a_name_that_matches_nothing_fails_and_names_it(
     assert f"error: {absent}: the pattern matches no file" in err
 
 
-# --- errors a user can fix: status 2, `error:` on stderr, no traceback -----------------------------------------
-
-
-def _assert_user_error(code: int, err: str, *fragments: str) -> None:
-    assert code == 2
-    assert err.startswith("error: "), err
-    assert [fragment for fragment in fragments if fragment not in err] == []
-    assert "Traceback" not in err
-
-
 def test_caption_resume_appends_only_the_images_not_yet_captioned(
     model_dir: Path, images: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -200,129 +184,14 @@ def test_caption_with_a_missing_model_dir_is_a_user_error(
     images: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code = main(["caption", str(images[1]), "--model-dir", str(tmp_path / "no-such-run")])
-    _assert_user_error(code, capsys.readouterr().err, str(tmp_path / "no-such-run"))
+    assert_user_error(code, capsys.readouterr().err, str(tmp_path / "no-such-run"))
 
 
 def test_caption_with_a_folder_as_output_is_a_user_error(
     model_dir: Path, images: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code = _caption(model_dir, str(images[1]), "--output", str(tmp_path))
-    _assert_user_error(code, capsys.readouterr().err, f"--output {tmp_path} is a folder")
-
-
-def test_data_check_of_an_unknown_format_is_a_user_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["data", "check", "--format", "flickr30k", "--data-dir", str(tmp_path)])
-    _assert_user_error(code, capsys.readouterr().err, "unknown data format 'flickr30k'", "synthetic")
-
-
-def test_train_with_a_bad_override_is_a_user_error(capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["train", "train.lrr=1"])
-    _assert_user_error(code, capsys.readouterr().err, "unknown config key 'train.lrr'", "train.lr")
-
-
-def test_train_help_config_prints_every_key(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["train", "--help-config"]) == 0
-    assert capsys.readouterr().out == describe() + "\n"
-
-
-# --- data check ------------------------------------------------------------------------------------------------
-
-
-def test_data_check_writes_the_summary(synthetic_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    output = tmp_path / "summary.json"
-    args = ["data", "check", "--format", "synthetic", "--data-dir", str(synthetic_dir), "--output", str(output)]
-    assert main([*args, "--workers", "1"]) == 0
-    assert json.loads(output.read_text()) == {
-        "images": 36,
-        "captions": 180,
-        "splits": {"train": 24, "val": 6, "test": 6},
-        "problems": [],
-        "unassigned": 0,
-        "notes": [],
-    }
-    assert capsys.readouterr().out == f"36 usable images, 0 problem(s); summary in {output}\n"
-
-
-def test_data_check_without_output_prints_the_summary(synthetic_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["data", "check", "--format", "synthetic", "--data-dir", str(synthetic_dir), "--sample", "3"]) == 0
-    summary = json.loads(capsys.readouterr().out)
-    assert summary["images"] == 36
-    assert summary["notes"] == ["image check: decoded a random sample of 3 of 36 images (seed 0); the other 33 were "
-                                "not checked"]  # fmt: skip
-
-
-# --- evaluate (METEOR's JVM starts once for the module) --------------------------------------------------------
-
-
-@dataclass
-class Evaluated:
-    code: int
-    out: str
-    metrics_file: Path
-
-
-@pytest.fixture(scope="module")
-def evaluated(tmp_path_factory: pytest.TempPathFactory) -> Evaluated:
-    folder = tmp_path_factory.mktemp("evaluate")
-    references = {
-        "images": [{"id": "1.jpg"}, {"id": "2.jpg"}],
-        "annotations": [
-            {"image_id": "1.jpg", "caption": "a red circle on the left"},
-            {"image_id": "1.jpg", "caption": "a small red circle at the left"},
-            {"image_id": "2.jpg", "caption": "a blue square at the top"},
-            {"image_id": "2.jpg", "caption": "there is a large blue square on the top"},
-        ],
-    }
-    predictions = [{"image_id": "1.jpg", "caption": "a red circle on the left"},
-                   {"image_id": "2.jpg", "caption": "a green triangle, bottom"}]  # fmt: skip
-    (folder / "refs.json").write_text(json.dumps(references))
-    (folder / "preds.json").write_text(json.dumps(predictions))
-    output = folder / "out" / "metrics.json"
-    stdout = io.StringIO()
-    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout):
-        # SPICE would run for minutes where its CoreNLP jars exist; an empty lib folder skips it on every machine.
-        patch.setattr(metrics, "_SPICE_LIB", folder / "no-spice")
-        code = main(["evaluate", "--predictions", str(folder / "preds.json"), "--references",
-                     str(folder / "refs.json"), "--output", str(output)])  # fmt: skip
-    return Evaluated(code, stdout.getvalue(), output)
-
-
-def test_evaluate_succeeds(evaluated: Evaluated) -> None:
-    assert evaluated.code == 0
-
-
-def test_evaluate_writes_flat_metrics_with_exactly_the_coco_keys(evaluated: Evaluated) -> None:
-    scores = json.loads(evaluated.metrics_file.read_text())
-    assert list(scores) == ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]
-    assert all(isinstance(v, float) and v > 0 for v in scores.values())
-
-
-def test_evaluate_prints_each_metric_and_why_spice_was_skipped(evaluated: Evaluated) -> None:
-    lines = evaluated.out.splitlines()
-    assert [line.split()[0] for line in lines] == [*METRIC_NAMES, "SPICE"]
-    assert lines[-1].startswith("SPICE    skipped: Stanford CoreNLP jars not found")
-
-
-def test_evaluate_with_a_missing_predictions_file_is_a_user_error(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    references = tmp_path / "refs.json"
-    references.write_text(json.dumps({"annotations": [{"image_id": 1, "caption": "a red circle"}]}))
-    code = main(["evaluate", "--predictions", str(tmp_path / "preds.json"), "--references", str(references)])
-    _assert_user_error(code, capsys.readouterr().err, str(tmp_path / "preds.json"))
-
-
-def test_train_refuses_bad_images_until_told_to_skip_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from .training.test_recipe import _kaggle_with_a_bad_image
-
-    data = _kaggle_with_a_bad_image(tmp_path / "kaggle")
-    args = ["train", "data=flickr8k-kaggle", f"data_dir={data}", f"output_dir={tmp_path / 'run'}", "max_steps=1",
-            "train.validate=false", "warmup_steps=0"]  # fmt: skip
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert "\nerror: " in err and "3.jpg" in err and "--skip-bad-images" in err and "Traceback" not in err
-    assert main([*args, "--skip-bad-images"]) == 0
-    assert "done: 1 steps" in capsys.readouterr().out
+    assert_user_error(code, capsys.readouterr().err, f"--output {tmp_path} is a folder")
 
 
 def test_caption_says_which_path_it_takes_and_why(

@@ -1,0 +1,67 @@
+"""`captune serve`: the REST server of a saved model, with its limits, batching and connection flags."""
+
+from __future__ import annotations
+
+import argparse
+
+from captune.errors import CaptuneError
+
+# The flags of `captune serve` that set the `ServeSettings` field of the same name (None keeps its default).
+_SERVE_SETTINGS = ("device", "merge_adapter", "max_upload_bytes", "max_images", "max_image_pixels", "max_new_tokens",
+                   "max_num_beams", "max_batch", "max_wait_ms", "max_queue", "retry_after_s", "idle_timeout_s",
+                   "header_timeout_s", "body_timeout_s", "max_connections", "max_connections_per_client",
+                   "warm_up")  # fmt: skip
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from captune.serve import ServeSettings, run_server
+    except ImportError as err:
+        raise CaptuneError(f"captune serve needs the serve extra ({err.name} is not installed): "
+                           "pip install 'captune[serve]'") from None  # fmt: skip
+    given = {name: getattr(args, name) for name in _SERVE_SETTINGS if getattr(args, name) is not None}
+    run_server(args.model_dir, host=args.host, port=args.port, settings=ServeSettings(**given))
+    return 0
+
+
+def add_serve_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`captune serve` and its flags."""
+    p = sub.add_parser("serve", help="serve captions over a REST API and a web page",
+                       description="captune serve --model-dir RUN/best [--host 127.0.0.1] [--port 8000]; "
+                       "page at /, API POST /v1/captions, OpenAPI at /openapi.json")  # fmt: skip
+    p.add_argument(
+        "--model-dir", required=True, help="RUN/best, RUN/final, a checkpoint, or a plain BLIP-2 directory or hub id"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; the server has no "
+                   "authentication, so expose it only behind one)")  # fmt: skip
+    p.add_argument("--port", type=int, default=8000, help="1-65535 (default 8000)")
+    p.add_argument("--device", help="auto (default: a GPU when there is one), cpu, cuda, cuda:1, ...")
+    p.add_argument("--merge-adapter", action="store_true", default=None,
+                   help="merge the LoRA adapter into the base weights at load (as captune caption)")  # fmt: skip
+    group = p.add_argument_group("limits and batching")
+    group.add_argument("--max-upload-bytes", type=int, help="largest request body (default 20 MiB); 413 beyond")
+    group.add_argument("--max-images", type=int, help="images per request (default 16); 422 beyond")
+    group.add_argument("--max-image-pixels", type=int, help="width x height of one image, checked before decoding "
+                       "(default 40,000,000); 413 beyond")  # fmt: skip
+    group.add_argument("--max-new-tokens", type=int, help="highest max_new_tokens a request may ask (default 100)")
+    group.add_argument("--max-num-beams", type=int, help="widest beam a request may ask (default 10)")
+    group.add_argument("--max-batch", type=int, help="images per generate call (default 16)")
+    group.add_argument("--max-wait-ms", type=float, help="wait after the first queued image to fill a batch "
+                       "(default 10)")  # fmt: skip
+    group.add_argument("--max-queue", type=int, help="images admitted at once (default 64); 503 with Retry-After "
+                       "beyond")  # fmt: skip
+    group.add_argument("--retry-after-s", type=int, help="Retry-After of a 503, in seconds (default 1)")
+    group = p.add_argument_group("connections (beyond a limit: 503 and closed; past a timeout: closed, 408 for a "
+                                 "request under way)")  # fmt: skip
+    group.add_argument("--idle-timeout-s", type=float, help="close a connection after this long without a byte "
+                       "between requests or after it opens (default 5)")  # fmt: skip
+    group.add_argument("--header-timeout-s", type=float, help="a request's headers must all come within this long "
+                       "of its first byte (default 10)")  # fmt: skip
+    group.add_argument("--body-timeout-s", type=float, help="a request's body must all come within this long of its "
+                       "headers (default 60)")  # fmt: skip
+    group.add_argument("--max-connections", type=int, help="open connections in all (default 256)")
+    group.add_argument("--max-connections-per-client", type=int, help="open connections from one IP address "
+                       "(default 32; behind a proxy, set it to --max-connections)")  # fmt: skip
+    p.add_argument("--warm-up", action="store_true", default=None,
+                   help="with a static-cache model: compile every batch size before taking requests")  # fmt: skip
+    p.set_defaults(func=cmd_serve)
