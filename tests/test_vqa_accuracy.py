@@ -11,14 +11,8 @@ from pathlib import Path
 import pytest
 
 from captune.errors import CaptuneError
-from captune.vqa_accuracy import (
-    AnnotatedQuestion,
-    evaluate_vqa_files,
-    normalize_answer,
-    question_accuracy,
-    vqa_accuracy,
-    write_vqa_metrics,
-)
+from captune.vqa_accuracy import AnnotatedQuestion, normalize_answer, question_accuracy, vqa_accuracy
+from captune.vqa_files import evaluate_vqa_files, write_vqa_metrics
 from tests.official.vqa import VQA
 
 with warnings.catch_warnings():

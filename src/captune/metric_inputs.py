@@ -193,7 +193,7 @@ def _shape(value: object) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def some_ids(ids: Sequence[str]) -> str:
+def some_ids(ids: Sequence[object]) -> str:
     """Formats the first few ids of a list for an error message."""
-    shown = ", ".join(repr(image_id) for image_id in ids[:_MAX_IDS_SHOWN])
+    shown = ", ".join(repr(some_id) for some_id in ids[:_MAX_IDS_SHOWN])
     return shown if len(ids) <= _MAX_IDS_SHOWN else f"{shown}, ... ({len(ids)} in all)"
