@@ -46,6 +46,24 @@ def test_yaml_data_shorthand_sets_data_format(tmp_path: Path) -> None:
     assert load_config(_yaml(tmp_path, "data: karpathy\n")).data.format == "karpathy"
 
 
+def test_yaml_task_at_the_top_level_sets_the_data_task(tmp_path: Path) -> None:
+    config = load_config(_yaml(tmp_path, "task: vqa\ndata:\n  format: vqav2\n"))
+    assert (config.data.task, config.data.format) == ("vqa", "vqav2")
+    assert load_config(None, ["task=vqa"]).data.task == "vqa"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("task=retrieve", "data.task is 'retrieve'; use one of caption, vqa"),
+     ("question_template=Q: A:", "it must hold the question's place, {}, once")],
+)  # fmt: skip
+def test_a_task_or_template_no_run_can_use_is_refused(override: str, message: str) -> None:
+    from captune.config import validate
+
+    with pytest.raises(CaptuneError, match=re.escape(message)):
+        validate(load_config(None, [override]))
+
+
 def test_empty_yaml_file_gives_the_defaults(tmp_path: Path) -> None:
     assert load_config(_yaml(tmp_path, "# nothing yet\n")) == Config()
 

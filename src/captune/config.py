@@ -60,8 +60,15 @@ class LoraConfig:
     """Modules trained in full and saved with the adapter (e.g. `language_projection`)."""
 
 
+TASKS = ("caption", "vqa")
+"""What a run's rows are and what its model learns: `caption` (image -> caption), `vqa` (image + question ->
+answer)."""
+
+
 @dataclass
 class DataConfig:
+    task: str = "caption"
+    """`caption` or `vqa` (`TASKS`); a YAML file may write it at the top level (`task: vqa`)."""
     format: str = "synthetic"
     """Dataset layout: `flickr8k`, `flickr8k-kaggle`, `karpathy`, `coco`, `manifest`, `hf` or `synthetic` (built in,
     generated on first use)."""
@@ -91,6 +98,9 @@ class DataConfig:
     """Train on the usable images when some are missing or unreadable (they are counted and reported)."""
     prompt: str = ""
     """Text put before every caption (e.g. `a photo of`); masked out of the loss and stripped from outputs."""
+    question_template: str = "Question: {} Answer:"
+    """With `task: vqa`, the text before each answer, `{}` the question: the BLIP-2 paper's by default; its
+    zero-shot protocol's is `Question: {} Short answer:`. Masked out of the loss like `prompt`."""
     max_caption_tokens: int = 40
     """Longer captions are cut to this many tokens before the end-of-sequence token."""
     num_workers: int = 0
@@ -295,6 +305,11 @@ def _check_data(config: Config) -> list[tuple[bool, str]]:
     except CaptuneError as err:
         options_error = f"data.{err}"
     return [
+        (data.task in TASKS, f"data.task is {data.task!r}; use one of {', '.join(TASKS)}"),
+        (
+            data.question_template.count("{}") == 1,
+            f"data.question_template is {data.question_template!r}; it must hold the question's place, {{}}, once",
+        ),
         (not options_error, options_error),
         (data.max_caption_tokens >= 1, "data.max_caption_tokens must be >= 1"),
         (data.num_workers >= 0, "data.num_workers must be >= 0"),

@@ -22,7 +22,7 @@ from captune.errors import CaptuneError
 from captune.files import read_utf8
 from captune.training_modes import QFORMER_LORA_DEFAULT, TRAINING_MODES
 
-SHORTHANDS = {"model": ("model", "name"), "data": ("data", "format")}
+SHORTHANDS = {"model": ("model", "name"), "data": ("data", "format"), "task": ("data", "task")}
 
 
 def _sections(config: Config) -> dict[str, Any]:

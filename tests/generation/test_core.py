@@ -39,6 +39,21 @@ def test_an_image_gets_the_same_caption_alone_and_in_a_batch(tiny: LoadedModel, 
     assert batched == alone
 
 
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_one_prompt_per_image_gives_each_image_its_own_prompts_answer(tiny: LoadedModel, num_beams: int) -> None:
+    """Prompts of different lengths in one batch (left-padded): each row gets what it gets alone with its prompt."""
+    options = GenerateConfig(num_beams=num_beams, min_new_tokens=1, max_new_tokens=6)
+    images = _images()
+    prompts = ["a", "a picture of", "Question: what colour is the large shape? Answer:"]
+    batched = generate_captions(tiny.model, tiny.processor, images, options, prompt=prompts)
+    pairs = zip(images, prompts, strict=True)
+    alone = [generate_captions(tiny.model, tiny.processor, [im], options, prompt=p)[0] for im, p in pairs]
+    assert batched == alone
+    assert len(set(batched)) > 1
+    with pytest.raises(ValueError, match="2 prompts for 3 rows"):
+        generate_captions(tiny.model, tiny.processor, images, options, prompt=prompts[:2])
+
+
 def test_min_and_max_new_tokens_bound_the_caption_length(tiny: LoadedModel) -> None:
     options = GenerateConfig(num_beams=1, min_new_tokens=4, max_new_tokens=4)
     captions = generate_captions(tiny.model, tiny.processor, _images(), options)

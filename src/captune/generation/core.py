@@ -15,7 +15,7 @@ from transformers import Blip2Processor
 
 from captune.config import GenerateConfig
 from captune.data.images import device_pixels
-from captune.generation.inputs import is_encoder_decoder, text_inputs
+from captune.generation.inputs import Prompt, is_encoder_decoder, row_prompts, text_inputs
 from captune.generation.static import StaticCaches, static_tokens, uses_static_loops
 from captune.model import Blip2Like, attention_kernels, evaluating
 
@@ -37,7 +37,7 @@ def generate_captions(
     processor: Blip2Processor,
     images: Sequence[Image.Image],
     options: GenerateConfig,
-    prompt: str = "",
+    prompt: Prompt = "",
 ) -> list[str]:
     """Captions one batch of RGB images (preprocessed here, rescaled and normalised on the model's device:
     `device_pixels`; `caption_paths` preprocesses in worker processes)."""
@@ -51,7 +51,7 @@ def generate_from_pixels(
     processor: Blip2Processor,
     pixel_values: torch.Tensor,
     options: GenerateConfig,
-    prompt: str = "",
+    prompt: Prompt = "",
     caches: StaticCaches | None = None,
     image_features: torch.Tensor | None = None,
 ) -> list[str]:
@@ -60,19 +60,20 @@ def generate_from_pixels(
     Q-Former output when already computed (captune's static loops then skip the image side).
 
     The text input is what `Blip2Processor(images=..., text=prompt)` builds: the image tokens, then the tokenized
-    prompt. Decoder-only models get left padding, so every row's prompt ends right where generation starts. The
-    prompt is fed to the model and stripped from the output, which holds only the new tokens.
+    prompt, one for every image or one per image (a question each: `captune.generation.inputs.Prompt`). Decoder-only
+    models get left padding, so every row's prompt ends right where generation starts. The prompt is fed to the
+    model and stripped from the output, which holds only the new tokens.
     """
     device = next(model.parameters()).device
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     pixel_values = pixel_values.to(device, dtype, non_blocking=True)
     with evaluating(model), attention_kernels(options.cudnn_attention):
-        if takes_static_loops(model, options):
+        if takes_static_loops(model, options) and isinstance(prompt, str):
             output = static_tokens(model, processor, pixel_values, options, prompt, caches, image_features)
         else:
             output = _generated_tokens(model, processor, pixel_values, options, prompt)
     texts = processor.tokenizer.batch_decode(output, skip_special_tokens=True)
-    return [_clean(t, prompt) for t in texts]
+    return [_clean(t, p) for t, p in zip(texts, row_prompts(prompt, len(texts)), strict=True)]
 
 
 def takes_static_loops(model: Blip2Like, options: GenerateConfig) -> bool:
@@ -107,7 +108,7 @@ def filled(items: list[T], size: int) -> list[T]:
 
 
 def _generated_tokens(
-    model: Blip2Like, processor: Blip2Processor, pixel_values: torch.Tensor, options: GenerateConfig, prompt: str
+    model: Blip2Like, processor: Blip2Processor, pixel_values: torch.Tensor, options: GenerateConfig, prompt: Prompt
 ) -> torch.Tensor:
     """The new tokens of transformers' `generate` (with its static cache when `generate.static_cache` is on)."""
     inputs = text_inputs(model, processor, len(pixel_values), prompt)

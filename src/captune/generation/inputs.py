@@ -1,6 +1,8 @@
-"""The text side of a captioning batch, as `Blip2Processor(images=..., text=prompt)` builds it."""
+"""The text side of a generation batch, as `Blip2Processor(images=..., text=prompt)` builds it."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from transformers import Blip2Processor
@@ -12,12 +14,27 @@ def is_encoder_decoder(model: Blip2Like) -> bool:
     return bool(getattr(model.config, "text_config", model.config).is_encoder_decoder)
 
 
-def text_inputs(model: Blip2Like, processor: Blip2Processor, rows: int, prompt: str = "") -> dict[str, torch.Tensor]:
+Prompt = str | Sequence[str]
+"""The text a batch's generation starts from: one prompt for every row, or one per row (a question each)."""
+
+
+def row_prompts(prompt: Prompt, rows: int) -> list[str]:
+    """`prompt` as one text per row: a single prompt repeated, or the per-row prompts (checked to be `rows`)."""
+    if isinstance(prompt, str):
+        return [prompt] * rows
+    if len(prompt) != rows:
+        raise ValueError(f"{len(prompt)} prompts for {rows} rows; give one prompt, or one per row")
+    return list(prompt)
+
+
+def text_inputs(model: Blip2Like, processor: Blip2Processor, rows: int, prompt: Prompt = "") -> dict[str, torch.Tensor]:
     """`input_ids` and `attention_mask` of `rows` images on the model's device, as `Blip2Processor(images=...,
-    text=prompt)` builds them: the image tokens, then the tokenized prompt (left-padded for decoder-only models)."""
+    text=prompt)` builds them: the image tokens, then the tokenized prompt (one for every row, or one per row),
+    left-padded for decoder-only models (so that every row's prompt ends where generation starts), right-padded for
+    encoder-decoders."""
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "right" if is_encoder_decoder(model) else "left"
-    text = tokenizer([prompt] * rows, padding=True)
+    text = tokenizer(row_prompts(prompt, rows), padding=True)
     image_tokens = tokenizer(processor.image_token.content * processor.num_query_tokens, add_special_tokens=False)
     device = next(model.parameters()).device
     # non_blocking: copied from pageable memory through a staging buffer at once, without waiting for the GPU's queue
