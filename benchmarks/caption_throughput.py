@@ -553,6 +553,9 @@ def apply_experiments(args: argparse.Namespace) -> tuple[dict[str, Any], StaticO
     if args.compiled_prefill_up_to is not None:
         static = replace(static, compiled_prefill_up_to=args.compiled_prefill_up_to)
         changed["compiled_prefill_up_to"] = args.compiled_prefill_up_to
+    if args.compiled_step_up_to is not None:
+        static = replace(static, compiled_step_up_to=args.compiled_step_up_to)
+        changed["compiled_step_up_to"] = args.compiled_step_up_to
     candidates = {
         "bmm": one_query(_batched_products),
         "reduction": reduction_attention,
@@ -669,6 +672,8 @@ def main(argv: list[str] | None = None) -> None:
         metavar="IMAGES",
         help="StaticOptions.compiled_prefill_up_to for this process (0: the prefill always eager)",
     )
+    parser.add_argument("--compiled-step-up-to", type=int, metavar="ROWS",
+                        help="StaticOptions.compiled_step_up_to for this process (more rows: GraphedStep)")  # fmt: skip
     parser.add_argument("--ab-gemv", action="store_true",
                         help="only the single-image latency, gemv_up_to 0 and 1 in alternate calls")  # fmt: skip
     parser.add_argument("--gemv-up-to", type=int, metavar="ROWS",

@@ -7,10 +7,11 @@ caption-bulk-h200-dynamic.json and issue 23's table):
 
 - The plain path (transformers' `generate`) on a CPU, for models or options the static loops do not cover (Flan-T5,
   a repetition penalty), and for runs too short to earn the static loops' compiling warm-up.
-- The static loops on a GPU from `PAYS_FROM_*` images: greedy 503 captions/s after a ~35 s warm-up against 183 for
-  `generate` at batch 256, so they pay from ~10,000 images cold; beam 5, 115 against 33.5 (batch 64) after up to
-  ~130 s, from ~6,000. With the compiled code on disk from an earlier process (`compile_cache`) the warm-up is
-  mostly cache reads and they pay from far fewer (`PAYS_FROM_WARM`, an estimate until measured).
+- The static loops on a GPU from `PAYS_FROM_*` images: greedy 503 captions/s against 183 for `generate` at batch
+  256; their warm-up at batch 512 is ~4 s in any process (a large batch's decode step is the eager step recorded
+  as a CUDA graph: nothing to trace or compile; results/caption-warm-up-h200-graphed-step.json), so they pay from
+  ~1,000 images. Beam 5, 136 against 33.5 (batch 64): its cache reorder is compiled, ~50 s in a machine's first
+  process and ~4 s once it is on disk (`compile_cache`), so from ~2,500 images cold and ~200 warm.
 - Batch size: 512 images greedy and 128 with beams on the static loops, 256 and 64 on the plain path on a GPU, 16
   on a CPU; never more than the KV caches and image side fit in half the free GPU memory, and never more than the
   run's images (rounded up to a power of two, the shapes the static loops compile).
@@ -38,9 +39,9 @@ STATIC_BATCH = {True: 512, False: 128}
 PLAIN_BATCH = {True: 256, False: 64}
 """transformers' `generate` on a GPU: images per batch, greedy and with beams."""
 CPU_BATCH = 16
-PAYS_FROM_COLD = {True: 10_000, False: 6_000}
+PAYS_FROM_COLD = {True: 1_000, False: 2_500}
 """Images from which the static loops, compiled in this process, beat `generate`: greedy and with beams."""
-PAYS_FROM_WARM = {True: 2_500, False: 500}
+PAYS_FROM_WARM = {True: 1_000, False: 200}
 """The same with the compiled code already on disk."""
 MEMORY_SHARE = 0.5
 """The share of the free GPU memory a batch's KV caches and image side may take."""

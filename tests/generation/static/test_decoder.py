@@ -111,3 +111,33 @@ def test_emptying_a_static_cache_in_one_launch_is_its_reset(tiny: LoadedModel) -
     for reset, ours in zip(caches[0].layers, caches[1].layers, strict=True):
         assert ours.keys.abs().sum() == 0 and ours.values.abs().sum() == 0 and int(ours.cumulative_length) == 0
         assert torch.equal(reset.keys, ours.keys) and int(reset.cumulative_length) == 0
+
+
+@pytest.mark.parametrize("copies", [1, 3])
+def test_the_graphed_steps_forward_gives_the_compiled_steps_logits(tiny: LoadedModel, copies: int) -> None:
+    """A large batch's decode step is `GraphedStep`: the eager step recorded as a CUDA graph, with its own input
+    tensors and the not-yet-written slots hidden by a mask made from the position. Run eagerly here (no CUDA graph on
+    a CPU), its forward must give the usual step's logits, step after step, and write the same cache."""
+    from captune.generation.static.attention import static_attention
+    from captune.model import blip_of
+
+    inputs = text_inputs(tiny.model, tiny.processor, 2, prompt="a picture of")
+    size = tiny.processor.image_processor.size
+    pixels = torch.randn(2, 3, size["height"], size["width"], generator=torch.Generator().manual_seed(0))
+    new = 5
+    with torch.no_grad(), static_attention(tiny.model):
+        usual = decoder.StaticDecoder(tiny.model, inputs["input_ids"], pixels, new, copies=copies)
+        other = decoder.StaticDecoder(tiny.model, inputs["input_ids"], pixels, new, copies=copies)
+        name = next(iter(other.cached))
+        lm = blip_of(tiny.model).language_model
+        graphed = decoder.GraphedStep(lm, other.cache, name, other.rows, other.prefix + new, torch.device("cpu"))
+        tokens = usual.first_logits.argmax(-1)
+        for index in range(new - 1):
+            expected = usual.step(tokens, index)
+            graphed.tokens.copy_(tokens[:, None])
+            graphed.at.copy_(other.positions[other.prefix + index : other.prefix + index + 1])
+            assert torch.equal(graphed.forward(), expected), index
+            tokens = expected.argmax(-1)
+    for layer, other_layer in zip(usual.cache.layers, other.cache.layers, strict=True):
+        assert torch.equal(layer.keys, other_layer.keys) and torch.equal(layer.values, other_layer.values)
+        assert torch.equal(layer.cumulative_length, other_layer.cumulative_length)

@@ -71,6 +71,10 @@ class StaticDecoder:
             _repeat_rows(prefilled, self.cache, copies, self.prefix)
         self.cached = {name: self.cache}
         self.call = lm.get_compiled_call(CompileConfig()) if compiled else lm.__call__
+        self.graphed: GraphedStep | None = None
+        if compiled and self.rows > settings.compiled_step_up_to:
+            role = "prefill" if copies == 1 else "beams"
+            self.graphed = _graphed_step(held, role, (self.rows, total, embeds.dtype, device), lm, self.cache, name)
         # A step of `_gemv` rows is compiled with the compiler's coordinate descent tuning: its reductions' own
         # configurations read the weights slower than cuBLAS (results/caption-single-latency-h100-gemv-default-configs
         # .json). (Compiling it without the compile caches on disk, so that each process tunes it anew, did not help: a
@@ -89,6 +93,8 @@ class StaticDecoder:
     def step(self, tokens: torch.Tensor, index: int) -> torch.Tensor:
         """The next-token logits after feeding `tokens` (one per row) as new token number `index`."""
         at = self.positions[self.prefix + index : self.prefix + index + 1]
+        if self.graphed is not None:
+            return self.graphed(tokens, at)
         with self.tuning:
             return self.call(input_ids=tokens[:, None], attention_mask=self.mask, use_cache=True, cache_position=at,
                              position_ids=at.expand(self.rows, 1), **self.cached).logits[:, -1]  # fmt: skip
@@ -111,6 +117,69 @@ class StaticDecoder:
         if index < min_new_tokens:
             scores.index_fill_(1, self.eos, -float("inf"))
         return scores
+
+
+class GraphedStep:
+    """The language model's decode step over one static cache, run eagerly and recorded as one CUDA graph at its first
+    call, then replayed: the step of a large batch (`StaticOptions.compiled_step_up_to`) without dynamo's tracing or
+    Inductor's compile, whose warm-up costs tens of seconds a process. Its inputs live in tensors of its own (the
+    tokens, the position) that each call fills; the mask that hides the slots not written yet is made inside the
+    graph from the position, as transformers' own mask hides them from `cache_position`; the cache is read and written
+    at the addresses it was recorded with, so it lives as long as its cache (`_graphed_step`). Its output is the
+    graph's: the next replay overwrites it (`logits_after_ban` copies it first)."""
+
+    def __init__(self, lm: Any, cache: Any, name: str, rows: int, total: int, device: torch.device) -> None:
+        self.lm, self.cache, self.name, self.rows = lm, cache, name, rows
+        self.tokens = torch.zeros((rows, 1), dtype=torch.long, device=device)
+        self.at = torch.zeros(1, dtype=torch.long, device=device)
+        self.slots = torch.arange(total, device=device)
+        self.graph: Any = None
+        self.logits: torch.Tensor | None = None
+
+    def forward(self) -> torch.Tensor:
+        """The step on the held inputs: the next-token logits, (rows, vocabulary)."""
+        visible = (self.slots <= self.at)[None, None, None, :].expand(self.rows, 1, 1, -1)
+        return self.lm(input_ids=self.tokens, attention_mask=visible, use_cache=True, cache_position=self.at,
+                       position_ids=self.at.expand(self.rows, 1), **{self.name: self.cache}).logits[:, -1]  # fmt: skip
+
+    def __call__(self, tokens: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens[:, None])
+        self.at.copy_(at)
+        if self.graph is None:
+            self._record()
+        self.graph.replay()
+        assert self.logits is not None
+        return self.logits
+
+    def _record(self) -> None:
+        """One eager run on a side stream (CUDA graphs need the libraries' lazy set-up done before they record), with
+        the layers' write positions put back after it (the replay writes the same keys and values at the same
+        position again), then the recording."""
+        from transformers.cache_utils import StaticLayer
+
+        lengths = [layer.cumulative_length for layer in self.cache.layers if type(layer) is StaticLayer]
+        kept = [length.clone() for length in lengths]
+        main = torch.cuda.current_stream()
+        side = torch.cuda.Stream()
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            self.forward()
+            for length, value in zip(lengths, kept, strict=True):
+                length.copy_(value)
+        main.wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.logits = self.forward()
+
+
+def _graphed_step(held: StaticCaches, role: str, shape: tuple, lm: Any, cache: Any, name: str) -> GraphedStep:
+    """The `GraphedStep` over the cache of `held` for this role and shape, or a new one (a new cache: a new step)."""
+    key = f"{role}-step"
+    if key in held and held[key][0] == shape and held[key][1].cache is cache:
+        return held[key][1]
+    step = GraphedStep(lm, cache, name, shape[0], shape[1], shape[3])
+    held[key] = (shape, step)
+    return step
 
 
 def compiles(blip: Any, device: torch.device) -> bool:

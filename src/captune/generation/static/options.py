@@ -31,6 +31,11 @@ class StaticOptions:
     took 119.3 ms against 132.2 (results/caption-single-latency-h100-compiled-prefill.json against -eager-prefill.json).
     At large batches its GEMMs are long and launches do not matter. Default 32."""
 
+    compiled_step_up_to: int = 32
+    """The most rows (images x beams) whose decode step runs compiled (transformers' compiled call: dynamo, Inductor,
+    CUDA graph trees); more rows run `decoder.GraphedStep`, the eager step recorded as one CUDA graph, which needs no
+    tracing or compiling. Default 32."""
+
     gemv_up_to: int = 1
     """The most rows (tokens in a call) whose linear layers the compiled static loops compute as `linears._gemv`
     reductions (`linears.gemv_linears`), tuned by the compiler's coordinate descent; more rows go to cuBLAS
