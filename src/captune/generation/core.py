@@ -54,22 +54,27 @@ def generate_from_pixels(
     prompt: Prompt = "",
     caches: StaticCaches | None = None,
     image_features: torch.Tensor | None = None,
+    prompt_length: int | None = None,
 ) -> list[str]:
     """Captions one batch of preprocessed images (the image processor's `pixel_values`). `caches`: static KV caches
     to reuse from an earlier batch of the same run (see StaticCaches); `image_features`: the batch's projected
-    Q-Former output when already computed (captune's static loops then skip the image side).
+    Q-Former output when already computed (captune's static loops then skip the image side); `prompt_length`: the
+    static loops pad per-row prompts to this many tokens at least (`inputs.prompt_tokens` of the run's prompts, so
+    that its batches share one cache shape; `generate` pads to the batch's longest).
 
     The text input is what `Blip2Processor(images=..., text=prompt)` builds: the image tokens, then the tokenized
     prompt, one for every image or one per image (a question each: `captune.generation.inputs.Prompt`). Decoder-only
-    models get left padding, so every row's prompt ends right where generation starts. The prompt is fed to the
-    model and stripped from the output, which holds only the new tokens.
+    models get left padding, so every row's prompt ends right where generation starts (the static loops mask the
+    pads and position each row as `generate` does: the same tokens). The prompt is fed to the model and stripped
+    from the output, which holds only the new tokens.
     """
     device = next(model.parameters()).device
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     pixel_values = pixel_values.to(device, dtype, non_blocking=True)
     with evaluating(model), attention_kernels(options.cudnn_attention):
-        if takes_static_loops(model, options) and isinstance(prompt, str):
-            output = static_tokens(model, processor, pixel_values, options, prompt, caches, image_features)
+        if takes_static_loops(model, options):
+            output = static_tokens(model, processor, pixel_values, options, prompt, caches, image_features,
+                                   prompt_length)  # fmt: skip
         else:
             output = _generated_tokens(model, processor, pixel_values, options, prompt)
     texts = processor.tokenizer.batch_decode(output, skip_special_tokens=True)

@@ -27,14 +27,18 @@ def row_prompts(prompt: Prompt, rows: int) -> list[str]:
     return list(prompt)
 
 
-def text_inputs(model: Blip2Like, processor: Blip2Processor, rows: int, prompt: Prompt = "") -> dict[str, torch.Tensor]:
+def text_inputs(
+    model: Blip2Like, processor: Blip2Processor, rows: int, prompt: Prompt = "", length: int | None = None
+) -> dict[str, torch.Tensor]:
     """`input_ids` and `attention_mask` of `rows` images on the model's device, as `Blip2Processor(images=...,
     text=prompt)` builds them: the image tokens, then the tokenized prompt (one for every row, or one per row),
     left-padded for decoder-only models (so that every row's prompt ends where generation starts), right-padded for
-    encoder-decoders."""
+    encoder-decoders; to `length` tokens at least when given (`prompt_tokens` of a run's prompts: its batches then
+    have one shape)."""
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "right" if is_encoder_decoder(model) else "left"
-    text = tokenizer(row_prompts(prompt, rows), padding=True)
+    padding = {"padding": True} if length is None else {"padding": "max_length", "max_length": length}
+    text = tokenizer(row_prompts(prompt, rows), **padding)
     image_tokens = tokenizer(processor.image_token.content * processor.num_query_tokens, add_special_tokens=False)
     device = next(model.parameters()).device
     # non_blocking: copied from pageable memory through a staging buffer at once, without waiting for the GPU's queue
@@ -42,3 +46,11 @@ def text_inputs(model: Blip2Like, processor: Blip2Processor, rows: int, prompt: 
         key: torch.tensor([image_tokens[key] + row for row in text[key]]).to(device, non_blocking=True)
         for key in ("input_ids", "attention_mask")
     }
+
+
+def prompt_tokens(processor: Blip2Processor, prompts: Sequence[str]) -> int:
+    """The most tokens any of `prompts` takes (image tokens not counted): the length `text_inputs` pads every batch
+    of a run to, so that the static loops see one cache shape for the whole run (a new shape means new caches, a
+    new CUDA graph recording and, for a compiled step, a new compile)."""
+    distinct = list(dict.fromkeys(prompts))
+    return max((len(ids) for ids in processor.tokenizer(distinct)["input_ids"]), default=0)

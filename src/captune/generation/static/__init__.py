@@ -8,7 +8,7 @@ import torch
 from transformers import Blip2Processor
 
 from captune.config import GenerateConfig
-from captune.generation.inputs import is_encoder_decoder, text_inputs
+from captune.generation.inputs import Prompt, is_encoder_decoder, text_inputs
 from captune.generation.static import decoder
 from captune.generation.static.attention import static_attention
 from captune.generation.static.fast_path import FastPath, StaticCaches, fast_path
@@ -30,13 +30,15 @@ def static_tokens(
     processor: Blip2Processor,
     pixel_values: torch.Tensor,
     options: GenerateConfig,
-    prompt: str = "",
+    prompt: Prompt = "",
     caches: StaticCaches | None = None,
     image_features: torch.Tensor | None = None,
+    prompt_length: int | None = None,
 ) -> torch.Tensor:
     """The new tokens of captune's static loops for a batch of preprocessed images on the model's device, in its
-    dtype (`static_greedy`, or `static_beam` for beam search); `caches` and `image_features` as
-    `captune.generation.core.generate_from_pixels` takes them."""
+    dtype (`static_greedy`, or `static_beam` for beam search); `prompt`, `caches`, `image_features` and
+    `prompt_length` as `captune.generation.core.generate_from_pixels` takes them. Per-row prompts are left-padded
+    (`text_inputs`) and their attention mask goes to the loops; one prompt for every row needs none."""
     blip = blip_of(model)
     path = fast_path(blip)
     device = pixel_values.device
@@ -46,7 +48,8 @@ def static_tokens(
     if image_features is None and small and decoder.compiles(blip, device):
         # first, so that the GPU works while the host sets up the rest; a copy: the graph's output is reused
         image_features = decoder.compiled_image_side(blip)(pixel_values).clone()
-    input_ids = text_inputs(model, processor, len(pixel_values), prompt)["input_ids"]
+    inputs = text_inputs(model, processor, len(pixel_values), prompt, prompt_length)
+    mask = None if isinstance(prompt, str) else inputs["attention_mask"]
     loop = static_greedy if options.num_beams == 1 else static_beam
     with static_attention(model):
-        return loop(model, input_ids, pixel_values, options, caches, image_features)
+        return loop(model, inputs["input_ids"], pixel_values, options, caches, image_features, mask)

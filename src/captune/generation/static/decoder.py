@@ -18,11 +18,14 @@ class StaticDecoder:
     """The language model of a BLIP-2 over a static KV cache, as captune's own loops use it: the prompt rows
     (image features in the prompt's embeddings, each row repeated `copies` times, as `generate` expands a batch for
     beam search) are prefilled once, then `step` feeds one token per row through the language model's compiled call
-    (transformers' `get_compiled_call`: CUDA graphs on a GPU) with one constant mask, so every step has the same input
-    shapes; causality comes from `cache_position`, which also hides the cache slots not written yet.
+    (transformers' `get_compiled_call`: CUDA graphs on a GPU) with one mask for all steps, so every step has the same
+    input shapes; causality comes from `cache_position`, which also hides the cache slots not written yet.
 
-    Every row holds the same image tokens and prompt (no padding), as `generate_from_pixels` builds them. What runs
-    compiled follows the model's `StaticOptions` (`fast_path(model).options`).
+    Rows with prompts of different lengths (a question each) come left-padded with their `attention_mask`, as
+    `text_inputs` builds them: the pad slots stay masked in the prefill and in every step, and each row's positions
+    count its own tokens only, as `generate` computes them from the mask (`_padding`), so the tokens are `generate`'s.
+    Without a mask every row holds the same prompt. What runs compiled follows the model's `StaticOptions`
+    (`fast_path(model).options`).
     """
 
     def __init__(
@@ -34,6 +37,7 @@ class StaticDecoder:
         copies: int = 1,
         caches: StaticCaches | None = None,
         image_features: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> None:
         from transformers import CompileConfig
 
@@ -50,8 +54,11 @@ class StaticDecoder:
         self.rows = images * copies
         total = self.prefix + new_tokens
         device = embeds.device
-        self.mask = torch.ones((self.rows, total), dtype=torch.long, device=device)
         self.positions = torch.arange(total, device=device)
+        image_mask, prefill_positions, self.shift = _padding(attention_mask, images, total, device)
+        self.mask = image_mask.repeat_interleave(copies, dim=0) if copies > 1 else image_mask
+        if self.shift is not None:
+            self.shift = self.shift.repeat_interleave(copies, dim=0)
         # transformers 5.24 renamed the cache argument (`past_key_values` still works there, with a warning, until 5.40)
         name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
         # The prefill runs once per image; with copies (beams) its cache rows are then repeated into the big cache.
@@ -61,7 +68,7 @@ class StaticDecoder:
         if compiled and images <= settings.compiled_prefill_up_to:
             prefill = _compiled_prefill()
             _initialize(prefilled, lm.config, images, embeds.dtype, device)  # the graph writes into its tensors
-        logits = prefill(lm, embeds, self.mask[:images], self.positions[: self.prefix], name, prefilled)
+        logits = prefill(lm, embeds, image_mask, self.positions[: self.prefix], name, prefilled, prefill_positions)
         # a copy (repeat_interleave always makes one): a CUDA graph's output is overwritten by its next replay
         self.first_logits = logits.repeat_interleave(copies, dim=0)
         if copies == 1:
@@ -75,6 +82,7 @@ class StaticDecoder:
         if compiled and self.rows > settings.compiled_step_up_to:
             role = "prefill" if copies == 1 else "beams"
             self.graphed = _graphed_step(held, role, (self.rows, total, embeds.dtype, device), lm, self.cache, name)
+            self.graphed.pad(self.mask, self.shift)
         # A step of `_gemv` rows is compiled with the compiler's coordinate descent tuning: its reductions' own
         # configurations read the weights slower than cuBLAS (results/caption-single-latency-h100-gemv-default-configs
         # .json). (Compiling it without the compile caches on disk, so that each process tunes it anew, did not help: a
@@ -95,9 +103,10 @@ class StaticDecoder:
         at = self.positions[self.prefix + index : self.prefix + index + 1]
         if self.graphed is not None:
             return self.graphed(tokens, at)
+        positions = at.expand(self.rows, 1) if self.shift is None else at + self.shift
         with self.tuning:
             return self.call(input_ids=tokens[:, None], attention_mask=self.mask, use_cache=True, cache_position=at,
-                             position_ids=at.expand(self.rows, 1), **self.cached).logits[:, -1]  # fmt: skip
+                             position_ids=positions, **self.cached).logits[:, -1]  # fmt: skip
 
     def reorder(self, sources: torch.Tensor, new_tokens: int) -> None:
         """Row r's cached new tokens become those of row sources[r] (beam search), in place: the compiled step reads
@@ -123,8 +132,9 @@ class GraphedStep:
     """The language model's decode step over one static cache, run eagerly and recorded as one CUDA graph at its first
     call, then replayed: the step of a large batch (`StaticOptions.compiled_step_up_to`) without dynamo's tracing or
     Inductor's compile, whose warm-up costs tens of seconds a process. Its inputs live in tensors of its own (the
-    tokens, the position) that each call fills; the mask that hides the slots not written yet is made inside the
-    graph from the position, as transformers' own mask hides them from `cache_position`; the cache is read and written
+    tokens, the position) that each call fills, and so does a batch's padding (`pad`: the pad slots of left-padded
+    rows, each row's position shift); the mask that hides the slots not written yet is made inside the graph from the
+    position, as transformers' own mask hides them from `cache_position`; the cache is read and written
     at the addresses it was recorded with, so it lives as long as its cache (`_graphed_step`). Its output is the
     graph's: the next replay overwrites it (`logits_after_ban` copies it first)."""
 
@@ -133,14 +143,25 @@ class GraphedStep:
         self.tokens = torch.zeros((rows, 1), dtype=torch.long, device=device)
         self.at = torch.zeros(1, dtype=torch.long, device=device)
         self.slots = torch.arange(total, device=device)
+        self.kept = torch.ones((rows, total), dtype=torch.bool, device=device)
+        self.shift = torch.zeros((rows, 1), dtype=torch.long, device=device)
         self.graph: Any = None
         self.logits: torch.Tensor | None = None
 
+    def pad(self, mask: torch.Tensor, shift: torch.Tensor | None) -> None:
+        """The next steps' padding: `mask` (rows, slots), 0 at pad slots; `shift` (rows, 1), each row's position
+        minus its slot (None: no padding)."""
+        self.kept.copy_(mask)
+        if shift is None:
+            self.shift.zero_()
+        else:
+            self.shift.copy_(shift)
+
     def forward(self) -> torch.Tensor:
         """The step on the held inputs: the next-token logits, (rows, vocabulary)."""
-        visible = (self.slots <= self.at)[None, None, None, :].expand(self.rows, 1, 1, -1)
+        visible = ((self.slots <= self.at)[None, :] & self.kept)[:, None, None, :]
         return self.lm(input_ids=self.tokens, attention_mask=visible, use_cache=True, cache_position=self.at,
-                       position_ids=self.at.expand(self.rows, 1), **{self.name: self.cache}).logits[:, -1]  # fmt: skip
+                       position_ids=self.at + self.shift, **{self.name: self.cache}).logits[:, -1]  # fmt: skip
 
     def __call__(self, tokens: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
         self.tokens.copy_(tokens[:, None])
@@ -202,12 +223,30 @@ def compiled_image_side(blip: Any) -> Any:
 
 
 def _prefill_logits(lm: Any, embeds: torch.Tensor, mask: torch.Tensor, start: torch.Tensor, name: str,
-                    cache: Any) -> torch.Tensor:  # fmt: skip
+                    cache: Any, positions: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """The language model's prefill of the prompt rows `embeds` into the static `cache` (passed as argument `name`):
-    the next-token logits, (rows, vocabulary). The LM head runs on the last position only (`generate` runs it on
-    every prompt position: 1.7 GB of logits and ~4 TFLOP at batch 512 with the 33-token prompt)."""
+    the next-token logits, (rows, vocabulary). `positions`: each row's position ids, (rows, prompt), for left-padded
+    rows (None: the slots `start`). The LM head runs on the last position only (`generate` runs it on every prompt
+    position: 1.7 GB of logits and ~4 TFLOP at batch 512 with the 33-token prompt)."""
+    positions = start.expand(len(embeds), -1) if positions is None else positions
     return lm(inputs_embeds=embeds, attention_mask=mask, use_cache=True, cache_position=start,
-              position_ids=start.expand(len(embeds), -1), logits_to_keep=1, **{name: cache}).logits[:, -1]  # fmt: skip
+              position_ids=positions, logits_to_keep=1, **{name: cache}).logits[:, -1]  # fmt: skip
+
+
+def _padding(
+    attention_mask: torch.Tensor | None, images: int, total: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The mask over a static cache's `total` slots of each image's row (0 at its prompt's pad slots, 1 elsewhere),
+    and for padded rows their prefill position ids and their shift, (images, 1): a new token's position is its slot
+    plus the shift. Positions are what `generate` gives left-padded rows (`_prepare_position_ids_for_generation`): the
+    count of real tokens before, 0 at the pads; each new token's follows its row's last. None, None without a mask."""
+    mask = torch.ones((images, total), dtype=torch.long, device=device)
+    if attention_mask is None:
+        return mask, None, None
+    prompt = attention_mask.shape[1]
+    mask[:, :prompt] = attention_mask
+    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    return mask, positions, positions[:, -1:] + 1 - prompt
 
 
 @functools.cache

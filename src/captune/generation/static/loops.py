@@ -26,14 +26,17 @@ def static_greedy(
     options: GenerateConfig,
     caches: StaticCaches | None = None,
     image_features: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Greedy captions as `generate` makes them (min/max new tokens; a row that emitted EOS gets padding after it),
     over `StaticDecoder`, without waiting for the GPU at every token: `generate` reads its stopping criteria from the
     GPU after each step, so the host cannot queue the next one. Here the host looks only every
-    `StaticOptions.check_every` steps. Returns the new tokens only, (rows, up to max_new_tokens)."""
+    `StaticOptions.check_every` steps. `attention_mask`: that of left-padded rows (prompts of different lengths), as
+    `text_inputs` makes it; None: every row has the same prompt. Returns the new tokens only, (rows, up to
+    max_new_tokens)."""
     every = fast_path(model).options.check_every
     decoder = StaticDecoder(model, input_ids, pixel_values, options.max_new_tokens, caches=caches,
-                             image_features=image_features)  # fmt: skip
+                             image_features=image_features, attention_mask=attention_mask)  # fmt: skip
     rows, eos, pad = decoder.rows, decoder.eos, decoder.pad
     tokens = torch.full((rows, options.max_new_tokens), pad, dtype=torch.long, device=input_ids.device)
     unfinished = torch.ones(rows, dtype=torch.bool, device=input_ids.device)
@@ -57,6 +60,7 @@ def static_beam(
     options: GenerateConfig,
     caches: StaticCaches | None = None,
     image_features: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Beam search as transformers' `generate` does it (its vectorised beam search of 4.50+: the top 2 x beams
     continuations of each image, EOS-ended ones scored with `length_penalty` into the finished set, `early_stopping`
@@ -64,12 +68,12 @@ def static_beam(
     prompt is prefilled once per image (its cache rows repeated for the beams), the cache reordered in place after
     each step (only the new tokens' keys and values move), and the host checks whether to stop only every
     `StaticOptions.check_every` steps (steps past the point where `generate` stops change nothing: no candidate can
-    enter a finished set then). Returns the best finished beam's new tokens per image, (images, max_new_tokens),
-    padded after EOS."""
+    enter a finished set then). `attention_mask` as `static_greedy` takes it. Returns the best finished beam's new
+    tokens per image, (images, max_new_tokens), padded after EOS."""
     beams, new = options.num_beams, options.max_new_tokens
     every = fast_path(model).options.check_every
     decoder = StaticDecoder(model, input_ids, pixel_values, new, copies=beams, caches=caches,
-                             image_features=image_features)  # fmt: skip
+                             image_features=image_features, attention_mask=attention_mask)  # fmt: skip
     images, device = input_ids.shape[0], input_ids.device
     config = decoder.lm.generation_config
     # What generate takes: the language model's generation config, unset fields at transformers' defaults.
