@@ -9,8 +9,8 @@ caption-bulk-h200-dynamic.json and issue 23's table):
   a repetition penalty), and for runs too short to earn the static loops' compiling warm-up.
 - The static loops on a GPU from `PAYS_FROM_*` images: greedy 503 captions/s against 183 for `generate` at batch
   256; their warm-up at batch 512 is ~4 s in any process (a large batch's decode step is the eager step recorded
-  as a CUDA graph: nothing to trace or compile; results/caption-warm-up-h200-graphed-step.json), so they pay from
-  ~1,000 images. Beam 5, 136 against 33.5 (batch 64): its cache reorder is compiled, ~50 s in a machine's first
+  as a CUDA graph: nothing to trace or compile; results/caption-warm-up-h200-graphed-step-*.json), so they pay from
+  ~1,000 images. Beam 5, 136 against 33.5 (batch 64): its cache reorder is compiled, ~58 s in a machine's first
   process and ~4 s once it is on disk (`compile_cache`), so from ~2,500 images cold and ~200 warm.
 - Batch size: 512 images greedy and 128 with beams on the static loops, 256 and 64 on the plain path on a GPU, 16
   on a CPU; never more than the KV caches and image side fit in half the free GPU memory, and never more than the
@@ -70,23 +70,33 @@ class Choice:
     line: str
 
 
-def choose(options: GenerateConfig, facts: Facts, images: int | None) -> Choice:
+DOING = {"images": "captioning", "questions": "answering"}
+"""What a run does, by what it counts (`choose`'s `unit`)."""
+
+
+def choose(options: GenerateConfig, facts: Facts, images: int | None, unit: str = "images") -> Choice:
     """Fills in what the user left to captune (`static_cache`, `batch_size` None); keeps what they set.
 
     Args:
         options: The generation options, as configured.
         facts: The model and the machine.
-        images: Images the run will caption; None for a server (an open-ended run).
+        images: Rows the run will generate for (images, or questions: one row each); None for a server (an
+            open-ended run).
+        unit: What the rows are, `images` or `questions` (`DOING`), for the line. A question's answer is a row as a
+            caption is: the same thresholds (measured for 30-token captions; short answers earn the warm-up later).
     """
     greedy = options.num_beams == 1
-    warm = _batch(options, facts, images, greedy, static=True)[0] in facts.compiled
-    static, why = _static(options, facts, images, greedy, warm)
-    batch, batch_why = _batch(options, facts, images, greedy, static)
-    line = f"captioning: {'static loops' if static else 'transformers generate'} ({why}), batch {batch} ({batch_why})"
+    warm = _batch(options, facts, images, greedy, static=True, unit=unit)[0] in facts.compiled
+    static, why = _static(options, facts, images, greedy, warm, unit)
+    batch, batch_why = _batch(options, facts, images, greedy, static, unit)
+    path = "static loops" if static else "transformers generate"
+    line = f"{DOING[unit]}: {path} ({why}), batch {batch} ({batch_why})"
     return Choice(dataclasses.replace(options, static_cache=static, batch_size=batch), line)
 
 
-def _static(options: GenerateConfig, facts: Facts, images: int | None, greedy: bool, warm: bool) -> tuple[bool, str]:
+def _static(
+    options: GenerateConfig, facts: Facts, images: int | None, greedy: bool, warm: bool, unit: str
+) -> tuple[bool, str]:
     if options.static_cache is not None:
         return options.static_cache, "generate.static_cache set"
     if facts.device_type != "cuda":
@@ -98,11 +108,13 @@ def _static(options: GenerateConfig, facts: Facts, images: int | None, greedy: b
     pays_from = (PAYS_FROM_WARM if warm else PAYS_FROM_COLD)[greedy]
     state = "compiled code on disk" if warm else "compiling first"
     if images < pays_from:
-        return False, f"{images} images, fewer than the {pays_from} from which the static loops pay ({state})"
-    return True, f"{images} images, from {pays_from} the static loops pay ({state})"
+        return False, f"{images} {unit}, fewer than the {pays_from} from which the static loops pay ({state})"
+    return True, f"{images} {unit}, from {pays_from} the static loops pay ({state})"
 
 
-def _batch(options: GenerateConfig, facts: Facts, images: int | None, greedy: bool, static: bool) -> tuple[int, str]:
+def _batch(
+    options: GenerateConfig, facts: Facts, images: int | None, greedy: bool, static: bool, unit: str
+) -> tuple[int, str]:
     if options.batch_size is not None:
         return options.batch_size, "generate.batch_size set"
     if facts.device_type != "cuda":
@@ -110,7 +122,7 @@ def _batch(options: GenerateConfig, facts: Facts, images: int | None, greedy: bo
     wanted = (STATIC_BATCH if static else PLAIN_BATCH)[greedy]
     why = "the fastest measured"
     if images is not None and images < wanted:
-        wanted, why = filled_size(images, wanted, powers_of_two=True), f"{images} images"
+        wanted, why = filled_size(images, wanted, powers_of_two=True), f"{images} {unit}"
     if facts.free_bytes is not None:
         rows = int(facts.free_bytes * MEMORY_SHARE) // max(1, facts.bytes_per_row * options.num_beams)
         fits = _power_of_two_below(max(1, rows))
