@@ -17,9 +17,10 @@ import io
 import os
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
@@ -41,6 +42,9 @@ from captune.files import cache_dir, write_atomically
 if TYPE_CHECKING:
     import pyarrow as pa
     from datasets import Dataset, DatasetDict
+
+Options = TypeVar("Options", bound=ReadOptions)
+"""A reader's options: the caption `ReadOptions` or the VQA reader's."""
 
 SAVED_FILES = ("dataset_info.json", "dataset_dict.json")
 """Files `save_to_disk` writes: a folder with one of them is opened with `load_from_disk`."""
@@ -101,16 +105,8 @@ def read_hf(data_dir: Path, options: ReadOptions) -> CaptionSet:
     Raises:
         CaptuneError: The dataset does not load, or lacks the image or caption column.
     """
-    name = str(data_dir)
-    local = data_dir if data_dir.is_dir() else None
-    sources = _sources(_load(data_dir, local is not None))
-    for source, dataset in sources:
-        _check_columns(name, source, dataset, options)
-    by_column = all(options.split_column in dataset.column_names for _, dataset in sources)
+    sources, by_column, scan = opened(data_dir, options, _check_columns)
     seeded = not by_column and len(sources) == 1
-    images_dir = resolve(local or Path.cwd(), options.images_dir) if options.images_dir else None
-    fingerprint = hashlib.sha256(" ".join(f"{s}={d._fingerprint}" for s, d in sources).encode()).hexdigest()[:16]
-    scan = _Scan(name, images_dir or local, cache_dir() / "hf-images" / fingerprint, local)
     for source, dataset in sources:
         # Every row's split: a placeholder until the seeded split, the split's name, or None to read it per row.
         fixed = "train" if seeded else None if by_column else source
@@ -125,6 +121,23 @@ def read_hf(data_dir: Path, options: ReadOptions) -> CaptionSet:
     )
     unassigned = len(scan.unused.keys() - scan.images.keys())
     return CaptionSet(found.records, scan.problems + found.problems, unassigned, notes + found.notes)
+
+
+def opened(
+    data_dir: Path, options: Options, check_columns: Callable[[str, str, Dataset, Options], None]
+) -> tuple[list[tuple[str, Dataset]], bool, _Scan]:
+    """A dataset loaded (`_load`) and its splits' columns checked, for the caption reader and the VQA reader: its
+    splits as (name, dataset), whether every split has the split column, and an empty scan whose extracted images go
+    to `<captune cache>/hf-images/<the splits' fingerprints>`."""
+    name = str(data_dir)
+    local = data_dir if data_dir.is_dir() else None
+    sources = _sources(_load(data_dir, local is not None))
+    for source, dataset in sources:
+        check_columns(name, source, dataset, options)
+    by_column = all(options.split_column in dataset.column_names for _, dataset in sources)
+    images_dir = resolve(local or Path.cwd(), options.images_dir) if options.images_dir else None
+    fingerprint = hashlib.sha256(" ".join(f"{s}={d._fingerprint}" for s, d in sources).encode()).hexdigest()[:16]
+    return sources, by_column, _Scan(name, images_dir or local, cache_dir() / "hf-images" / fingerprint, local)
 
 
 def _load(data_dir: Path, is_folder: bool) -> Dataset | DatasetDict:

@@ -9,19 +9,16 @@ embed the same `path` in a split share one image. `answers` may be a list of str
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from captune.data import resolve
-from captune.data.hf import BATCH_ROWS, _image_column, _key, _load, _new_image, _notes, _Row, _Scan, _sources
+from captune.data.hf import BATCH_ROWS, _image_column, _key, _new_image, _notes, _Row, _Scan, opened
 from captune.data.vqa import VqaReadOptions, VqaSet
 from captune.data.vqa.rows import RowQuestions, row_of_cells
 from captune.errors import CaptuneError
-from captune.files import cache_dir
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -43,16 +40,8 @@ def read_vqa_hf(data_dir: Path, options: VqaReadOptions) -> VqaSet:
     Raises:
         CaptuneError: The dataset does not load, or lacks the image, question or answer columns.
     """
-    name = str(data_dir)
-    local = data_dir if data_dir.is_dir() else None
-    sources = _sources(_load(data_dir, local is not None))
-    for source, dataset in sources:
-        _check_columns(name, source, dataset, options)
-    by_column = all(options.split_column in dataset.column_names for _, dataset in sources)
-    images_dir = resolve(local or Path.cwd(), options.images_dir) if options.images_dir else None
-    fingerprint = hashlib.sha256(" ".join(f"{s}={d._fingerprint}" for s, d in sources).encode()).hexdigest()[:16]
-    scan = _Scan(name, images_dir or local, cache_dir() / "hf-images" / fingerprint, local)
-    collected = RowQuestions(name, options)
+    sources, by_column, scan = opened(data_dir, options, _check_columns)
+    collected = RowQuestions(scan.name, options)
     for source, dataset in sources:
         # Each row's split: its column, the split's name, or none (seeded) for a dataset of one split.
         fixed = None if by_column or len(sources) == 1 else source
