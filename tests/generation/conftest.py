@@ -40,9 +40,9 @@ def sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     seen: list[int] = []
     real = core.generate_from_pixels
 
-    def recording(model: Any, processor: Any, pixels: torch.Tensor, *rest: Any) -> list[str]:
+    def recording(model: Any, processor: Any, pixels: torch.Tensor, *rest: Any, **named: Any) -> list[str]:
         seen.append(len(pixels))
-        return real(model, processor, pixels, *rest)
+        return real(model, processor, pixels, *rest, **named)
 
     monkeypatch.setattr(files, "generate_from_pixels", recording)
     return seen

@@ -72,10 +72,10 @@ def test_a_static_run_makes_each_batchs_image_features_once_ahead_of_its_decodin
                         lambda **kwargs: events.append("features") or real_features(**kwargs))  # fmt: skip
     real_generate = core.generate_from_pixels
 
-    def decoding(model: Any, processor: Any, pixels: torch.Tensor, *rest: Any) -> list[str]:
+    def decoding(model: Any, processor: Any, pixels: torch.Tensor, *rest: Any, **named: Any) -> list[str]:
         assert rest[-1] is not None  # the features made ahead
         events.append("decode")
-        return real_generate(model, processor, pixels, *rest)
+        return real_generate(model, processor, pixels, *rest, **named)
 
     monkeypatch.setattr(files, "generate_from_pixels", decoding)
     was_training = tiny.model.training
