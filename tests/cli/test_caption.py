@@ -212,3 +212,45 @@ def test_caption_keeps_a_forced_path_and_batch(
     assert "captioning: transformers generate (generate.static_cache set), batch 2 (generate.batch_size set)" in [
         r.message for r in caplog.records
     ]
+
+
+@pytest.fixture(scope="module")
+def vqa_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from captune.data.synthetic import generate_synthetic
+
+    from ..conftest import SMALL_SPEC
+
+    folder = tmp_path_factory.mktemp("vqa")
+    generate_synthetic(folder, SMALL_SPEC)
+    return folder
+
+
+def test_eval_task_vqa_answers_the_splits_questions_and_writes_the_official_files(
+    model_dir: Path, vqa_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from captune.data.vqa import read_vqa
+    from captune.vqa_accuracy import vqa_accuracy
+
+    output = tmp_path / "eval"
+    assert main(["eval", "--task", "vqa", "--model-dir", str(model_dir), "--data", "synthetic", "--data-dir",
+                 str(vqa_dir), "--output-dir", str(output), "--device", "cpu", "--workers", "0"]) == 0  # fmt: skip
+    questions = read_vqa("synthetic", vqa_dir).split("test")
+    results = json.loads((output / "results.json").read_text())
+    assert [r["question_id"] for r in results] == [q.question_id for q in questions]
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert set(metrics) == {"overall", "perAnswerType", "perQuestionType"}
+    answers = {r["question_id"]: r["answer"] for r in results}
+    assert metrics == vqa_accuracy(answers, questions).as_json()
+    rows = [json.loads(line) for line in (output / "per_question.jsonl").read_text().splitlines()]
+    assert sorted(r["question_id"] for r in rows) == sorted(q.question_id for q in questions)
+    out = capsys.readouterr().out
+    assert f"overall  {metrics['overall']:.4f}  ({len(questions)} questions)" in out
+    assert all(f"{kind:8s} {value:.4f}" in out for kind, value in metrics["perAnswerType"].items())
+
+
+def test_eval_task_vqa_with_a_caption_data_format_is_a_user_error(
+    model_dir: Path, vqa_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["eval", "--task", "vqa", "--model-dir", str(model_dir), "--data", "flickr8k", "--data-dir",
+                 str(vqa_dir), "--device", "cpu"])  # fmt: skip
+    assert_user_error(code, capsys.readouterr().err, "--data flickr8k: not a VQA data format", "synthetic")

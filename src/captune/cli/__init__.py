@@ -1,9 +1,9 @@
-"""The `captune` command: train, caption, evaluate, eval, report, data check, data convert, merge, serve, demo.
+"""The `captune` command: train, caption, ask, evaluate, eval, report, data check, data convert, merge, serve, demo.
 
 Every subcommand is a thin shell over the Python API; `main(argv)` is called directly by the tests.
 
 Each module holds a group of subcommands, their flags and what they run: `train` (train, report, demo), `caption`
-(caption, eval), `evaluate`, `data` (check, convert), `merge` and `serve`; `output` what they share for their
+(caption, eval), `ask`, `evaluate`, `data` (check, convert), `merge` and `serve`; `output` what they share for their
 results.
 """
 
@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from captune.cli.ask import add_ask_command
 from captune.cli.caption import add_caption_command, add_eval_command
 from captune.cli.data import add_data_command
 from captune.cli.evaluate import add_evaluate_command
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_command(sub)
     add_caption_command(sub)
+    add_ask_command(sub)
     add_evaluate_command(sub)
     add_report_command(sub)
     add_eval_command(sub)

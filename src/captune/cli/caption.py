@@ -17,7 +17,8 @@ from captune.config import Config
 from captune.errors import CaptuneError
 
 
-def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+def add_generation_options(parser: argparse.ArgumentParser, prompt: bool = True) -> None:
+    """The generation flags of `caption`, `eval` and `ask` (`ask` has `--template` instead of `--prompt`)."""
     group = parser.add_argument_group("generation (defaults: the model's training config, else beam 5, 8-30 tokens)")
     group.add_argument("--num-beams", type=int, help="beam width; 1 is greedy")
     group.add_argument("--min-new-tokens", type=int, help="shortest caption in tokens")
@@ -27,7 +28,10 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--static-cache", action=argparse.BooleanOptionalAction, default=None,
                        help="force the static KV cache on or off (default: captune decides: on for long GPU runs; "
                        "on a GPU the decode step is compiled, faster in bulk)")  # fmt: skip
-    group.add_argument("--prompt", help="text the caption continues (default: the training prompt)")
+    if prompt:
+        group.add_argument("--prompt", help="text the caption continues (default: the training prompt)")
+    else:
+        parser.set_defaults(prompt=None)
     group.add_argument("--merge-adapter", action="store_true",
                        help="merge the LoRA adapter into the base weights at load: no adapter layers per token "
                        "(generate 1.95x faster at batch 256 on an H100; in bf16 a caption can now and then differ "
@@ -37,7 +41,7 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, ...")
 
 
-def _run_config(args: argparse.Namespace) -> Config:
+def run_config(args: argparse.Namespace) -> Config:
     """The config a model was trained with (defaults for a plain BLIP-2), command-line generation options on top."""
     from captune.config import validate
     from captune.model_dir import saved_config
@@ -61,7 +65,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     from captune.generation.files import caption_paths, expand_inputs
     from captune.model_dir import load_model_dir
 
-    config = _run_config(args)
+    config = run_config(args)
     output = output_path(args.output) if args.output else None
     paths, failures = expand_inputs(args.paths)
     skipped = 0
@@ -69,7 +73,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
         if output is None or args.format != "jsonl":
             raise CaptuneError("--resume needs --output FILE and --format jsonl: it skips the images that file holds")
         # An image is its resolved file: a relative, absolute or linked spelling of one captioned before is done.
-        done = {Path(image).expanduser().resolve() for image in _captioned_images(output)}
+        done = {Path(image).expanduser().resolve() for image in written_values(output, "image", "captune caption")}
         skipped = sum(1 for p in paths if p.resolve() in done)
         paths = [p for p in paths if p.resolve() not in done]
     loaded = load_model_dir(args.model_dir, device=args.device, merge=args.merge_adapter)
@@ -105,23 +109,29 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _captioned_images(path: Path) -> set[str]:
-    """The images a `--format jsonl` output already holds; a line cut by a kill is removed so appending is safe."""
+def written_values(path: Path, key: str, command: str) -> set:
+    """The values of `key` in the lines a `--format jsonl` output of `command` already holds (the images `captune
+    caption` captioned, the question ids `captune ask` answered); a line cut by a kill is removed so appending is
+    safe.
+
+    Raises:
+        CaptuneError: a line that is not JSON holding `key`, naming the file and line.
+    """
     if not path.exists():
         return set()
     data = path.read_bytes()
     complete = data[: data.rfind(b"\n") + 1]
     if len(complete) != len(data):
         path.write_bytes(complete)
-    images = set()
+    values = set()
     for number, line in enumerate(complete.decode("utf-8", errors="replace").splitlines(), 1):
         try:
-            images.add(json.loads(line)["image"])
+            values.add(json.loads(line)[key])
         except (json.JSONDecodeError, KeyError, TypeError):
             raise CaptuneError(
-                f"{path}:{number}: not a line of `captune caption --format jsonl`; --resume appends only to such a file"
+                f"{path}:{number}: not a line of `{command} --format jsonl`; --resume appends only to such a file"
             ) from None
-    return images
+    return values
 
 
 def add_caption_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -135,7 +145,7 @@ def add_caption_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--output", help="write here instead of standard output")
     p.add_argument("--resume", action="store_true",
                    help="append to --output (jsonl), skipping the images it already holds")  # fmt: skip
-    _add_generation_options(p)
+    add_generation_options(p)
     p.set_defaults(func=cmd_caption)
 
 
@@ -146,11 +156,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from captune.model_dir import load_model_dir
 
     # Split seed and folders default to the training run's, so "test" means the images the run held out.
-    config = _run_config(args)
+    config = run_config(args)
     if args.split_seed is not None:
         config.data.split_seed = args.split_seed
     config.data.images_dir = args.images_dir or config.data.images_dir
     config.data.annotations = args.annotations or config.data.annotations
+    if (args.task or config.data.task) == "vqa":
+        return _eval_vqa(args, config)
     captions = check_images(read(args.data, args.data_dir, read_options(config.data)))
     records = captions.split(args.split)[: args.max_images]
     if captions.problems:
@@ -168,17 +180,58 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_vqa(args: argparse.Namespace, config: Config) -> int:
+    """`captune eval --task vqa`: answer a split's questions (the run's `data.question_template`), score them with
+    the VQA accuracy, write metrics.json (the official shape), results.json (the official results list) and
+    per_question.jsonl, and print the overall and per answer type accuracy."""
+    import dataclasses
+
+    from captune.config import read_options
+    from captune.data.vqa import VQA_FORMATS, VqaReadOptions, check_vqa_images, read_vqa
+    from captune.evaluation import evaluate_questions, write_vqa_evaluation
+    from captune.model_dir import load_model_dir
+
+    if args.data not in VQA_FORMATS:
+        raise CaptuneError(f"--data {args.data}: not a VQA data format; choose one of: {', '.join(VQA_FORMATS)}")
+    base = read_options(config.data)  # the run's split seed, fractions and folders; VQA columns at their defaults
+    options = VqaReadOptions(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
+    data = check_vqa_images(read_vqa(args.data, args.data_dir, options))
+    questions = data.split(args.split)
+    if args.max_images is not None:  # the questions of the split's first N images
+        kept = list(dict.fromkeys(q.image_path for q in questions))[: args.max_images]
+        questions = [q for q in questions if q.image_path in set(kept)]
+    if data.problems:
+        print(f"warning: {len(data.problems)} problem(s) in the data (captune data check lists them)", file=sys.stderr)
+    if not questions:
+        raise CaptuneError(f"{args.data_dir}: the {args.split} split has no usable questions")
+    loaded = load_model_dir(args.model_dir, device=args.device, merge=args.merge_adapter)
+    evaluation = evaluate_questions(loaded.model, loaded.processor, questions, config.generate,
+                                    config.data.question_template, args.workers)  # fmt: skip
+    output_dir = Path(args.output_dir or Path(args.model_dir) / f"eval-{args.split}")
+    write_vqa_evaluation(output_dir, evaluation, questions)
+    accuracy = evaluation.accuracy
+    print(f"{'overall':8s} {accuracy.overall:.4f}  ({len(questions)} questions)")
+    for kind, value in accuracy.per_answer_type.items():
+        print(f"{kind:8s} {value:.4f}")
+    print(f"metrics, results and per-question answers in {output_dir}")
+    return 0
+
+
 def add_eval_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """`captune eval` and its flags."""
     p = sub.add_parser("eval", help="caption a dataset split with a model and score it")
     p.add_argument("--model-dir", required=True)
+    p.add_argument("--task", choices=["caption", "vqa"],
+                   help="caption (COCO metrics) or vqa (answer the split's questions, VQA accuracy); default: the "
+                   "run's data.task")  # fmt: skip
     p.add_argument("--data", required=True, help="dataset format, as for data check --format")
     p.add_argument("--data-dir", required=True)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--split-seed", type=int, help="split seed for layouts without split files (default: the run's)")
     p.add_argument("--images-dir", help="image folder, if not the layout's usual one (default: the run's)")
     p.add_argument("--annotations", help="annotation file name, if not the layout's usual one (default: the run's)")
-    p.add_argument("--max-images", type=int, help="score the first N images of the split only")
+    p.add_argument("--max-images", type=int,
+                   help="score the first N images of the split only (vqa: their questions)")  # fmt: skip
     p.add_argument("--output-dir", help="default: MODEL_DIR/eval-SPLIT")
-    _add_generation_options(p)
+    add_generation_options(p)
     p.set_defaults(func=cmd_eval)
