@@ -156,3 +156,17 @@ def test_evaluate_questions_refuses_questions_without_answers(
     unanswered = [dataclasses.replace(q, answers=()) for q in synthetic_questions[:2]]
     with pytest.raises(CaptuneError, match="2 question\\(s\\) have no annotator answers"):
         evaluate_questions(tiny.model, tiny.processor, unanswered, ANSWER, TEMPLATE)
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_the_opt_twin_answers_in_bulk_through_the_static_loops_as_through_generate(tmp_path: Path, beams: int) -> None:
+    """The real checkpoint's tokenizer and ids: static batches of mixed-length questions, images asked twice."""
+    from captune.model import load_base
+
+    twin = load_base("twin-blip2-opt-2.7b")
+    paths, prompts = _items(tmp_path)
+    options = GenerateConfig(num_beams=beams, min_new_tokens=1, max_new_tokens=5, batch_size=3)
+    plain = [r.caption for r in caption_paths(twin.model, twin.processor, paths, options, prompts)]
+    static = GenerateConfig(**{**vars(options), "static_cache": True})
+    assert [r.caption for r in caption_paths(twin.model, twin.processor, paths, static, prompts)] == plain
+    assert len(set(plain)) > 1
