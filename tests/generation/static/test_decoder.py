@@ -113,24 +113,31 @@ def test_emptying_a_static_cache_in_one_launch_is_its_reset(tiny: LoadedModel) -
         assert torch.equal(reset.keys, ours.keys) and int(reset.cumulative_length) == 0
 
 
+@pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("copies", [1, 3])
-def test_the_graphed_steps_forward_gives_the_compiled_steps_logits(tiny: LoadedModel, copies: int) -> None:
+def test_the_graphed_steps_forward_gives_the_compiled_steps_logits(
+    tiny: LoadedModel, copies: int, padded: bool
+) -> None:
     """A large batch's decode step is `GraphedStep`: the eager step recorded as a CUDA graph, with its own input
     tensors and the not-yet-written slots hidden by a mask made from the position. Run eagerly here (no CUDA graph on
-    a CPU), its forward must give the usual step's logits, step after step, and write the same cache."""
+    a CPU), its forward must give the usual step's logits, step after step, and write the same cache; `padded`: a
+    question per row, left-padded, the pads taken into its own tensors (`GraphedStep.pad`)."""
     from captune.generation.static.attention import static_attention
     from captune.model import blip_of
 
-    inputs = text_inputs(tiny.model, tiny.processor, 2, prompt="a picture of")
+    prompt = ["Question: what colour is the large shape? Answer:", "a"] if padded else "a picture of"
+    inputs = text_inputs(tiny.model, tiny.processor, 2, prompt=prompt)
+    mask = inputs["attention_mask"] if padded else None
     size = tiny.processor.image_processor.size
     pixels = torch.randn(2, 3, size["height"], size["width"], generator=torch.Generator().manual_seed(0))
     new = 5
     with torch.no_grad(), static_attention(tiny.model):
-        usual = decoder.StaticDecoder(tiny.model, inputs["input_ids"], pixels, new, copies=copies)
-        other = decoder.StaticDecoder(tiny.model, inputs["input_ids"], pixels, new, copies=copies)
+        usual = decoder.StaticDecoder(tiny.model, inputs["input_ids"], pixels, new, copies=copies, attention_mask=mask)
+        other = decoder.StaticDecoder(tiny.model, inputs["input_ids"], pixels, new, copies=copies, attention_mask=mask)
         name = next(iter(other.cached))
         lm = blip_of(tiny.model).language_model
         graphed = decoder.GraphedStep(lm, other.cache, name, other.rows, other.prefix + new, torch.device("cpu"))
+        graphed.pad(other.mask, other.shift)
         tokens = usual.first_logits.argmax(-1)
         for index in range(new - 1):
             expected = usual.step(tokens, index)

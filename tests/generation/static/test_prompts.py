@@ -8,7 +8,7 @@ import torch
 
 from captune.config import GenerateConfig
 from captune.generation import core
-from captune.generation.inputs import prompt_tokens, text_inputs
+from captune.generation.inputs import prompt_tokens
 from captune.generation.static import decoder, static_tokens
 from captune.model import LoadedModel, evaluating, load_base
 
@@ -82,30 +82,3 @@ def test_without_generates_positions_the_padded_rows_answer_otherwise(
     monkeypatch.setattr(decoder, "_padding", lambda *args: (*real(*args)[:1], None, None))
     expected, ours = _both(opt_twin, 1)
     assert not torch.equal(ours[:, : expected.shape[1]], expected)
-
-
-@pytest.mark.parametrize("copies", [1, 3])
-def test_the_graphed_step_masks_the_pads_as_the_usual_step_does(tiny: LoadedModel, copies: int) -> None:
-    """`GraphedStep` (a large batch's step on a GPU) takes a batch's padding into its own tensors (`pad`); run
-    eagerly here, its forward gives the usual step's logits for left-padded rows, step after step."""
-    from captune.generation.static.attention import static_attention
-    from captune.model import blip_of
-
-    inputs = text_inputs(tiny.model, tiny.processor, len(QUESTIONS), QUESTIONS)
-    assert not inputs["attention_mask"].all()
-    pixels, new = _pixels(tiny, len(QUESTIONS)), 5
-    args = (tiny.model, inputs["input_ids"], pixels, new, copies)
-    with torch.no_grad(), static_attention(tiny.model):
-        usual = decoder.StaticDecoder(*args, attention_mask=inputs["attention_mask"])
-        other = decoder.StaticDecoder(*args, attention_mask=inputs["attention_mask"])
-        lm = blip_of(tiny.model).language_model
-        name = next(iter(other.cached))
-        graphed = decoder.GraphedStep(lm, other.cache, name, other.rows, other.prefix + new, torch.device("cpu"))
-        graphed.pad(other.mask, other.shift)
-        tokens = usual.first_logits.argmax(-1)
-        for index in range(new - 1):
-            expected = usual.step(tokens, index)
-            graphed.tokens.copy_(tokens[:, None])
-            graphed.at.copy_(other.positions[other.prefix + index : other.prefix + index + 1])
-            assert torch.equal(graphed.forward(), expected), index
-            tokens = expected.argmax(-1)
