@@ -234,6 +234,21 @@ def test_page_shows_errors_in_words(live_url: str, browser: webdriver.Chrome, tm
     assert "max_new_tokens: Input should be less than or equal to 8" in browser.find_element(By.ID, "error").text
 
 
+def test_page_answers_a_typed_question_in_chromium(live_url: str, browser: webdriver.Chrome, tmp_path: Path) -> None:
+    photo = write_image(tmp_path / "blue.png", (30, 40, 220), size=32, fmt="PNG")
+    question = "what colour is the shape?"
+    expected = httpx2.post(f"{live_url}/v1/answers", files=[("image", ("blue.png", photo.read_bytes(), "image/png"))],
+                           data={"question": question}).json()["answer"]  # fmt: skip
+    browser.get(live_url)
+    assert _page_state(browser, ("ready", "error")) == "ready"
+    assert "trained for: caption" in browser.find_element(By.ID, "model").text
+    browser.find_element(By.ID, "question").send_keys(question)
+    assert browser.find_element(By.ID, "submit").text == "Ask"
+    browser.find_element(By.ID, "file").send_keys(str(photo))
+    assert _page_state(browser, ("done", "error")) == "done"
+    assert browser.find_element(By.ID, "caption").text == (expected or "(the model gave an empty answer)")
+
+
 # --- a static cache: filled batches, warm-up -----------------------------------------------------------------------
 
 

@@ -91,3 +91,25 @@ def test_concurrent_requests_are_captioned_in_one_generate_call(model_dir: Path)
     assert [r.status_code for r in responses] == [200] * 4
     assert [r.json()["timing"]["batch_images"] for r in responses] == [4] * 4
     assert responses[0].json()["captions"] == responses[2].json()["captions"]
+
+
+def test_batcher_answers_questions_in_one_call_apart_from_captions_with_a_prompt_per_image() -> None:
+    calls: list[tuple[int, list[str] | None]] = []
+
+    def generate(images: list[Image.Image], options: GenerateConfig, prompts: list[str] | None = None) -> list[str]:
+        calls.append((len(images), prompts))
+        return [f"w{image.width} {prompt}" if prompts else f"w{image.width}" for image, prompt in
+                zip(images, prompts or [None] * len(images), strict=True)]  # fmt: skip
+
+    # max_batch 3 splits the four questions into calls of 3 and 1, each image with its own prompt.
+    batcher = MicroBatcher(generate, max_batch=3, max_wait_s=10)
+    batcher.start()
+    options = GenerateConfig()
+    futures = [batcher.submit(_images(1), options, ["Q: a?"]), batcher.submit(_images(2), options),
+               batcher.submit(_images(3, 4, 5), options, ["Q: b?", "Q: c?", "Q: d?"])]  # fmt: skip
+    results = [future.result(timeout=10) for future in futures]
+    batcher.close()
+    assert sorted(calls, key=str) == sorted([(3, ["Q: a?", "Q: b?", "Q: c?"]), (1, ["Q: d?"]), (1, None)], key=str)
+    assert [r.captions for r in results] == [["w1 Q: a?"], ["w2"], ["w3 Q: b?", "w4 Q: c?", "w5 Q: d?"]]
+    with pytest.raises(ValueError, match="2 prompts for 1 images"):
+        MicroBatcher(generate, 1, 0).submit(_images(1), options, ["a", "b"])

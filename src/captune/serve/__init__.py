@@ -1,4 +1,4 @@
-"""The caption server behind `captune serve`: a REST API and a web page over the one captioning path.
+"""The caption (and answer) server behind `captune serve`: a REST API and a web page over the one captioning path.
 
     captune serve --model-dir runs/blip2-opt-2.7b-flickr8k/best --port 8000
 
@@ -6,7 +6,12 @@
 
 - `POST /v1/captions`: images as multipart uploads (field `images`, repeated) or JSON with base64 images, plus the
   generation options; answers the captions with timings. URLs are refused, never fetched.
-- `GET /health`, `GET /v1/model` (base model, adapter, generation defaults, limits, metrics saved beside the model),
+- `POST /v1/answers`: one image (multipart field `image`, or JSON `image` in base64) and a `question`, with the same
+  options and limits; answers `{"answer": ..., "question", "filename", "options", "timing"}`. The prompt is the run's
+  `data.question_template` with the question in it; questions are batched together (a prompt per row, left-padded),
+  apart from captions.
+- `GET /health`, `GET /v1/model` (base model, adapter, the tasks it was trained for, generation defaults, limits,
+  metrics saved beside the model),
   `GET /openapi.json`, and the page at `/`.
 
 How a request flows, and why each step is where it is:
@@ -23,7 +28,7 @@ How a request flows, and why each step is where it is:
    decodes it with captune's checks; non-images get 415, damaged images 422, in a worker thread off the event loop.
 4. The decoded images go to `MicroBatcher`: one thread that gathers queued requests up to `max_batch` images
    (waiting at most `max_wait_ms` after the first) and captions each group of identical options with one
-   `generate_captions` call, so throughput rises with load.
+   `generate_captions` call (questions: one call per group too, a prompt per row), so throughput rises with load.
 
 Every error is JSON, `{"error": {"code": ..., "message": ...}}`, with a message that names the image, field or limit.
 

@@ -1,6 +1,6 @@
-"""The caption server's app: `create_app` loads the model, decides the generation path once and routes
-`POST /v1/captions`, `GET /health`, `GET /v1/model` and the page to one `_Server`; beside it the model information
-(`GET /v1/model`) and a request's options resolved over the model's defaults."""
+"""The server's app: `create_app` loads the model, decides the generation path once and routes `POST /v1/captions`,
+`POST /v1/answers`, `GET /health`, `GET /v1/model` and the page to one `_Server`; beside it the model information
+(`GET /v1/model`), a request's options resolved over the model's defaults, and its question checked."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, replace
 from importlib import resources
@@ -23,17 +23,19 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from captune.config import Config, GenerateConfig
-from captune.data.images import decode_size
+from captune.data.images import decode_size, device_pixels
 from captune.errors import CaptuneError
 from captune.generation.choice import choose, facts_of, log_choice
-from captune.generation.core import filled, filled_size, generate_captions
+from captune.generation.core import filled, filled_size, generate_captions, generate_from_pixels
+from captune.generation.inputs import is_encoder_decoder, prompt_tokens
 from captune.model import LoadedModel
 from captune.model_dir import META_FILE, load_model_dir, saved_config
-from captune.serve.batcher import Admission, MicroBatcher
+from captune.serve.batcher import Admission, JobResult, MicroBatcher
 from captune.serve.errors import ApiError, _install_error_handlers, _validation_message
 from captune.serve.schemas import (
     OPTION_NAMES,
     AdapterInfo,
+    AnswerResponse,
     CaptionResponse,
     ErrorResponse,
     GenerationOptions,
@@ -41,16 +43,21 @@ from captune.serve.schemas import (
     ImageCaption,
     ModelInfo,
     Timing,
+    _answer_json_request_model,
+    _answer_request_body,
     _json_request_model,
     _options_model,
     _request_body,
 )
-from captune.serve.settings import DECODE_THREADS, ServeSettings, check_settings
-from captune.serve.uploads import _read_request, decode_upload
+from captune.serve.settings import DECODE_THREADS, MAX_QUESTION_CHARS, ServeSettings, check_settings
+from captune.serve.uploads import Upload, _read_request, decode_upload
 
 log = logging.getLogger(__name__)
 
 _PAGE_CSP = "default-src 'self'; img-src 'self' blob:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+_PROMPT_TOKENS_STEP = 16
+"""With a static cache, a batch of questions is padded to a multiple of this many prompt tokens: a few cache shapes
+(each one recorded, and compiled, on first use) for every question length, not one per length."""
 
 
 # -------------------------------------------------------------------------------------------------------- model ---
@@ -88,18 +95,28 @@ def _adapter_info(model: Any) -> AdapterInfo | None:
 
 def _model_info(model_dir: Path, loaded: LoadedModel, config: Config, settings: ServeSettings) -> ModelInfo:
     parameter = next(loaded.model.parameters())
-    base = config.model.name if (model_dir / META_FILE).is_file() else loaded.base_name
+    fine_tuned = (model_dir / META_FILE).is_file()
+    base = config.model.name if fine_tuned else loaded.base_name
     return ModelInfo(
         model_dir=str(model_dir),
         base_model=base,
         adapter=_adapter_info(loaded.model),
         device=str(parameter.device),
         dtype=str(parameter.dtype).removeprefix("torch."),
+        tasks=_tasks(config) if fine_tuned else ["caption", "vqa"],
+        fine_tuned=fine_tuned,
         prompt=config.data.prompt,
+        question_template=config.data.question_template,
         generation_defaults=GenerationOptions(**_options_dict(config.generate)),
         limits=settings,
         metrics=_saved_metrics(model_dir),
     )
+
+
+def _tasks(config: Config) -> list[str]:
+    """What a run was trained for: captions, or answers as well (BLIP-2 captions from its pretraining; LoRA on top
+    of it leaves that in place)."""
+    return ["caption", "vqa"] if config.data.task == "vqa" else ["caption"]
 
 
 def _options_dict(options: GenerateConfig) -> dict[str, Any]:
@@ -123,6 +140,37 @@ def _resolve_options(defaults: GenerateConfig, given: dict[str, Any], options_mo
     return options
 
 
+def _question(given: dict[str, Any]) -> str:
+    """The request's question (taken out of `given`, so that the options remain), stripped.
+
+    Raises:
+        ApiError: 422 no question, one that is not text or is empty, or one over `MAX_QUESTION_CHARS`.
+    """
+    if "question" not in given:
+        raise ApiError(422, "no_question", "no question: send the field `question` (multipart) or JSON `question`, "
+                       "the text to answer about the image")  # fmt: skip
+    value = given.pop("question")
+    if not isinstance(value, str):
+        raise ApiError(422, "invalid_question", "question: must be a text field, not a file")
+    question = value.strip()
+    if not question:
+        raise ApiError(422, "invalid_question", "question: empty; ask something about the image")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise ApiError(422, "invalid_question", f"question: {len(question)} characters; this server takes at most "
+                       f"{MAX_QUESTION_CHARS}")  # fmt: skip
+    return question
+
+
+def _timing(arrived: float, decoded: float, result: JobResult) -> Timing:
+    return Timing(
+        decode_ms=1000 * (decoded - arrived),
+        queue_ms=1000 * result.queue_s,
+        generate_ms=1000 * result.generate_s,
+        total_ms=1000 * (time.monotonic() - arrived),
+        batch_images=result.batch_images,
+    )
+
+
 def _check_defaults(defaults: GenerateConfig, options_model: type[BaseModel], model_dir: Path) -> None:
     """A model whose own generation settings break the server's limits is refused at start, not per request."""
     try:
@@ -140,7 +188,8 @@ _ERROR_STATUSES = {
     408: "the body did not all come within --body-timeout-s (the headers: --header-timeout-s)",
     413: "body over --max-upload-bytes, or an image over --max-image-pixels (refused from its header)",
     415: "a part that is not an image, or a body that is neither multipart/form-data nor JSON",
-    422: "invalid options, JSON or base64; damaged image; no images or more than --max-images; a URL",
+    422: "invalid options, JSON or base64; damaged image; no images or more than --max-images (answers: not one "
+    "image, or no question or an empty or too long one); a URL",
     500: "the generate call failed",
     503: "at capacity (--max-queue), over --max-connections or --max-connections-per-client, or stopping; see "
     "Retry-After",
@@ -156,10 +205,16 @@ class _Server:
     settings: ServeSettings
     options_model: type[BaseModel]
     json_request: type[BaseModel]
+    answer_request: type[BaseModel]
+    """The JSON request of /v1/answers."""
     info: ModelInfo
     batcher: MicroBatcher
     admission: Admission
     page: str
+    processor: Any = None
+    """The model's processor, which counts a question's tokens."""
+    max_positions: int | None = None
+    """Positions of the decoder-only LM (image tokens, prompt and answer must fit); None for an encoder-decoder."""
     decode_size: tuple[int, int] | None = None
     """`load_rgb`'s min_size for uploads (large JPEGs decode at a reduced scale the image processor still resizes)."""
     decode_limiter: anyio.CapacityLimiter | None = None
@@ -201,29 +256,67 @@ class _Server:
                 raise ApiError(422, "too_many_images", f"{len(uploads)} images in one request; this server takes at "
                                f"most {limits.max_images} (--max-images)")  # fmt: skip
             options = _resolve_options(self.config.generate, given, self.options_model)
-            take(len(uploads) - 1)
-            images = await anyio.to_thread.run_sync(
-                lambda: [decode_upload(u, limits.max_image_pixels, self.decode_size) for u in uploads],
-                limiter=self.decode_limiter,
-            )
-            decoded = time.monotonic()
-            try:
-                result = await asyncio.wrap_future(self.batcher.submit(images, options))
-            except Exception as exc:  # the generate call failed; the log has its traceback
-                raise ApiError(500, "generation_failed", f"captioning failed ({type(exc).__name__}); the server log "
-                               "has the details") from None  # fmt: skip
+            result, decoded = await self._generate(uploads, options, None, take, "captioning")
         captions = zip(uploads, result.captions, strict=True)
         return CaptionResponse(
             captions=[ImageCaption(index=i, filename=u.filename, caption=c) for i, (u, c) in enumerate(captions)],
             options=GenerationOptions(**_options_dict(options)),
-            timing=Timing(
-                decode_ms=1000 * (decoded - arrived),
-                queue_ms=1000 * result.queue_s,
-                generate_ms=1000 * result.generate_s,
-                total_ms=1000 * (time.monotonic() - arrived),
-                batch_images=result.batch_images,
-            ),
+            timing=_timing(arrived, decoded, result),
         )
+
+    async def answers(self, request: Request) -> AnswerResponse:
+        """Answers a question about one image: multipart (file field `image`, text field `question`) or JSON
+        `{"image": base64, "question": ...}`, with the options of /v1/captions; the prompt is the run's
+        `data.question_template` with the question in it, and the request is batched with others' questions."""
+        arrived = time.monotonic()
+        with self.admission.slot() as take:
+            uploads, given = await _read_request(request, self.settings, self.answer_request, "image")
+            if len(uploads) != 1:
+                raise ApiError(422, "too_many_images" if uploads else "no_images", f"{len(uploads)} images: a "
+                               "question is about one image; send it once (multipart field `image`, or JSON `image`: "
+                               "base64), and ask about other images in requests of their own")  # fmt: skip
+            question = _question(given)
+            options = _resolve_options(self.config.generate, given, self.options_model)
+            prompt = self.config.data.question_template.format(question)
+            self._check_fits(prompt, options)
+            result, decoded = await self._generate(uploads, options, [prompt], take, "answering")
+        return AnswerResponse(answer=result.captions[0], question=question, filename=uploads[0].filename,
+                              options=GenerationOptions(**_options_dict(options)),
+                              timing=_timing(arrived, decoded, result))  # fmt: skip
+
+    def _check_fits(self, prompt: str, options: GenerateConfig) -> None:
+        """A question whose prompt, image tokens and longest answer exceed the LM's positions gets 422, not a 500."""
+        if self.max_positions is None:
+            return
+        image = self.processor.num_query_tokens
+        tokens = prompt_tokens(self.processor, [prompt])
+        if image + tokens + options.max_new_tokens > self.max_positions:
+            raise ApiError(422, "question_too_long", f"question: {tokens} prompt tokens (with the template), "
+                           f"{image} image tokens and up to {options.max_new_tokens} answer tokens (max_new_tokens) "
+                           f"exceed this model's {self.max_positions} positions; ask a shorter question")  # fmt: skip
+
+    async def _generate(
+        self,
+        uploads: list[Upload],
+        options: GenerateConfig,
+        prompts: list[str] | None,
+        take: Callable[[int], None],
+        doing: str,
+    ) -> tuple[JobResult, float]:
+        """Admits the uploads' other images (the request holds one slot), decodes them off the event loop and queues
+        them for the batcher (with a prompt each, or None for captions); the result, and when decoding ended."""
+        limits = self.settings
+        take(len(uploads) - 1)
+        images = await anyio.to_thread.run_sync(
+            lambda: [decode_upload(u, limits.max_image_pixels, self.decode_size) for u in uploads],
+            limiter=self.decode_limiter,
+        )
+        decoded = time.monotonic()
+        try:
+            return await asyncio.wrap_future(self.batcher.submit(images, options, prompts)), decoded
+        except Exception as exc:  # the generate call failed; the log has its traceback
+            raise ApiError(500, "generation_failed", f"{doing} failed ({type(exc).__name__}); the server log has "
+                           "the details") from None  # fmt: skip
 
     async def health(self) -> Health | JSONResponse:
         """`ok` while the generation worker runs, else 503."""
@@ -245,7 +338,8 @@ def static_batch_sizes(max_batch: int) -> list[int]:
 
 
 def create_app(model_dir: str | Path, settings: ServeSettings | None = None) -> FastAPI:
-    """Loads the model once and returns the caption server's app; its lifespan starts and stops the batcher.
+    """Loads the model once and returns the server's app (captions and answers); its lifespan starts and stops the
+    batcher.
 
     Args:
         model_dir: What `captune caption --model-dir` takes: RUN/best, RUN/final, a checkpoint, or a plain BLIP-2.
@@ -267,11 +361,19 @@ def create_app(model_dir: str | Path, settings: ServeSettings | None = None) -> 
     log_choice(decided)
     config.generate = decided.options
 
-    def generate(images: list[Image.Image], options: GenerateConfig) -> list[str]:
+    def generate(images: list[Image.Image], options: GenerateConfig, prompts: list[str] | None = None) -> list[str]:
         count = len(images)
         if options.static_cache:  # a compiled step per batch size: fill up to a power of two (few compilations)
-            images = filled(images, filled_size(count, settings.max_batch, powers_of_two=True))
-        return generate_captions(loaded.model, loaded.processor, images, options, config.data.prompt)[:count]
+            size = filled_size(count, settings.max_batch, powers_of_two=True)
+            images, prompts = filled(images, size), None if prompts is None else filled(prompts, size)
+        if prompts is None:
+            return generate_captions(loaded.model, loaded.processor, images, options, config.data.prompt)[:count]
+        # Questions: one prompt a row; with a static cache padded to a few lengths, as the batches to a few sizes.
+        step = _PROMPT_TOKENS_STEP
+        length = -(-prompt_tokens(loaded.processor, prompts) // step) * step if options.static_cache else None
+        pixels = device_pixels(loaded.processor.image_processor, images, next(loaded.model.parameters()).device)
+        return generate_from_pixels(loaded.model, loaded.processor, pixels, options, prompts,
+                                    prompt_length=length)[:count]  # fmt: skip
 
     server = _Server(
         model_dir=model_dir,
@@ -279,15 +381,21 @@ def create_app(model_dir: str | Path, settings: ServeSettings | None = None) -> 
         settings=settings,
         options_model=options_model,
         json_request=_json_request_model(options_model, settings),
+        answer_request=_answer_json_request_model(options_model),
         info=_model_info(model_dir, loaded, config, settings),
         batcher=MicroBatcher(generate, settings.max_batch, settings.max_wait_ms / 1000),
         admission=Admission(settings.max_queue, settings.retry_after_s),
         page=(resources.files("captune") / "static" / "serve.html").read_text(encoding="utf-8"),
+        processor=loaded.processor,
+        max_positions=None
+        if is_encoder_decoder(loaded.model)
+        else loaded.model.config.text_config.max_position_embeddings,
         decode_size=decode_size(loaded.processor.image_processor),
     )
     # Swagger UI and ReDoc load their scripts from a CDN: off, so that nothing the server sends reaches outside.
-    app = FastAPI(title="captune caption server", summary="Captions images with a fine-tuned BLIP-2", version="1",
-                  lifespan=server.lifespan, docs_url=None, redoc_url=None)  # fmt: skip
+    app = FastAPI(title="captune caption server", summary="Captions images and answers questions about them with a "
+                  "fine-tuned BLIP-2", version="1", lifespan=server.lifespan, docs_url=None,
+                  redoc_url=None)  # fmt: skip
     _install_error_handlers(app)
     errors: dict[int | str, dict[str, Any]] = {
         status: {"model": ErrorResponse, "description": why} for status, why in _ERROR_STATUSES.items()
@@ -295,6 +403,9 @@ def create_app(model_dir: str | Path, settings: ServeSettings | None = None) -> 
     app.add_api_route("/v1/captions", server.captions, methods=["POST"], response_model=CaptionResponse,
                       summary="Caption images", responses=errors,
                       openapi_extra=_request_body(options_model, server.json_request, settings))  # fmt: skip
+    app.add_api_route("/v1/answers", server.answers, methods=["POST"], response_model=AnswerResponse,
+                      summary="Answer a question about an image", responses=errors,
+                      openapi_extra=_answer_request_body(options_model, server.answer_request))  # fmt: skip
     app.add_api_route("/health", server.health, response_model=Health, responses={503: {"model": Health}})
     app.add_api_route("/v1/model", server.model, response_model=ModelInfo, summary="Model information")
     app.add_api_route("/", server.index, response_class=HTMLResponse, include_in_schema=False)

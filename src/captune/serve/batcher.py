@@ -1,5 +1,5 @@
 """Admission and batching: `Admission` counts the images admitted (503 beyond `max_queue`), and `MicroBatcher`
-captions the queued requests from one worker thread, in batches of identical options."""
+captions (or answers about) the queued requests from one worker thread, in batches of identical options."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 from PIL import Image
 
@@ -54,12 +55,18 @@ class Admission:
 
 
 # ------------------------------------------------------------------------------------------------- the batcher ---
-GenerateFn = Callable[[list[Image.Image], GenerateConfig], list[str]]
+class GenerateFn(Protocol):
+    """Generates for one batch: `generate(images, options)` captions with the model's prompt; `generate(images,
+    options, prompts)` continues one prompt per image (a question each)."""
+
+    def __call__(
+        self, images: list[Image.Image], options: GenerateConfig, prompts: list[str] | None = None
+    ) -> list[str]: ...
 
 
 @dataclass
 class JobResult:
-    """A request's captions and what the batcher measured for it."""
+    """A request's texts (captions, or answers) and what the batcher measured for it."""
 
     captions: list[str]
     queue_s: float
@@ -73,10 +80,19 @@ class _Job:
     options: GenerateConfig
     future: Future[JobResult]
     queued_at: float
+    prompts: list[str] | None = None
+    """One prompt per image (questions), or None: the model's caption prompt."""
 
 
-def _options_key(options: GenerateConfig) -> tuple[int, int, int, float]:
-    return options.num_beams, options.min_new_tokens, options.max_new_tokens, options.repetition_penalty
+_GroupKey = tuple[int, int, int, float, bool]
+
+
+def _group_key(job: _Job) -> _GroupKey:
+    """Jobs of one key share generate calls: the same options, and captions apart from per-row prompts (so that a
+    caption is made exactly as without questions in the server)."""
+    options = job.options
+    return options.num_beams, options.min_new_tokens, options.max_new_tokens, options.repetition_penalty, \
+        job.prompts is None  # fmt: skip
 
 
 class MicroBatcher:
@@ -84,8 +100,9 @@ class MicroBatcher:
 
     The worker takes the first queued request, then more until `max_batch` images are gathered or `max_wait_s` has
     passed since the first; requests with identical options are captioned by one `generate` call (several when they
-    hold more than `max_batch` images). Under load the queue refills while a batch runs, so batches fill at once.
-    A failed generate call fails only its requests.
+    hold more than `max_batch` images), and so are questions with identical options, each row with its own prompt
+    (captions and questions go to separate calls). Under load the queue refills while a batch runs, so batches fill
+    at once. A failed generate call fails only its requests.
     """
 
     def __init__(self, generate: GenerateFn, max_batch: int, max_wait_s: float) -> None:
@@ -103,13 +120,18 @@ class MicroBatcher:
         self._thread.start()
         self._accepting = True
 
-    def submit(self, images: list[Image.Image], options: GenerateConfig) -> Future[JobResult]:
-        """Queues one request's images; its future gets the captions in order."""
+    def submit(
+        self, images: list[Image.Image], options: GenerateConfig, prompts: list[str] | None = None
+    ) -> Future[JobResult]:
+        """Queues one request's images (with one prompt each, or None for captions); its future gets the texts in
+        order."""
+        if prompts is not None and len(prompts) != len(images):
+            raise ValueError(f"{len(prompts)} prompts for {len(images)} images; give one per image")
         if not self.alive:
             raise ApiError(503, "unavailable", "the generation worker is not running (the server is starting or "
                            "stopping); retry in a moment", {"Retry-After": "1"})  # fmt: skip
         future: Future[JobResult] = Future()
-        self._queue.put(_Job(images, options, future, time.monotonic()))
+        self._queue.put(_Job(images, options, future, time.monotonic(), prompts))
         return future
 
     def close(self) -> None:
@@ -123,10 +145,10 @@ class MicroBatcher:
         stop = False
         while not stop:
             jobs, stop = self._gather()
-            groups: dict[tuple[int, int, int, float], list[_Job]] = {}
+            groups: dict[_GroupKey, list[_Job]] = {}
             for job in jobs:
                 if job.future.set_running_or_notify_cancel():
-                    groups.setdefault(_options_key(job.options), []).append(job)
+                    groups.setdefault(_group_key(job), []).append(job)
             for group in groups.values():
                 self._caption(group)
 
@@ -151,9 +173,13 @@ class MicroBatcher:
     def _caption(self, group: list[_Job]) -> None:
         images = [image for job in group for image in job.images]
         chunks = [images[start : start + self.max_batch] for start in range(0, len(images), self.max_batch)]
+        prompts = None if group[0].prompts is None else [prompt for job in group for prompt in job.prompts or ()]
         started = time.monotonic()
         try:
-            captions = [caption for chunk in chunks for caption in self.generate(chunk, group[0].options)]
+            captions = []
+            for k, chunk in enumerate(chunks):
+                rows = None if prompts is None else prompts[k * self.max_batch : (k + 1) * self.max_batch]
+                captions += self._generate(chunk, group[0].options, rows)
         except Exception as exc:  # a failed batch fails its requests, never the worker
             log.exception("generate failed for %d image(s)", len(images))
             for job in group:
@@ -166,3 +192,7 @@ class MicroBatcher:
             batch = len(chunks[offset // self.max_batch])
             job.future.set_result(JobResult(captions[offset : offset + count], started - job.queued_at, elapsed, batch))
             offset += count
+
+    def _generate(self, images: list[Image.Image], options: GenerateConfig, prompts: list[str] | None) -> list[str]:
+        # Captions keep the two-argument call: the model's own prompt, made as before there were questions.
+        return self.generate(images, options) if prompts is None else self.generate(images, options, prompts)

@@ -1,5 +1,6 @@
-"""The caption server's request and response models, which FastAPI validates and the OpenAPI document shows; the
-request's options model and the JSON request are built per server, with its limits (`_options_model`)."""
+"""The server's request and response models, which FastAPI validates and the OpenAPI document shows; the request's
+options model and the JSON requests (captions: `images`, answers: `image` and `question`) are built per server, with
+its limits (`_options_model`)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from captune.serve.settings import MAX_REPETITION_PENALTY, ServeSettings
+from captune.serve.settings import MAX_QUESTION_CHARS, MAX_REPETITION_PENALTY, ServeSettings
 
 OPTION_NAMES = ("num_beams", "min_new_tokens", "max_new_tokens", "repetition_penalty")
 
 
 class GenerationOptions(BaseModel):
-    """The generation options a caption was made with (the model's defaults where the request gave none)."""
+    """The generation options a caption or answer was made with (the model's defaults where the request gave none)."""
 
     num_beams: int
     min_new_tokens: int
@@ -30,13 +31,21 @@ class ImageCaption(BaseModel):
 class Timing(BaseModel):
     decode_ms: float = Field(description="reading and decoding this request's images")
     queue_ms: float = Field(description="waiting for the generation worker")
-    generate_ms: float = Field(description="the generate call(s) that captioned these images")
+    generate_ms: float = Field(description="the generate call(s) that captioned (or answered about) these images")
     total_ms: float = Field(description="from the request's arrival to its answer")
     batch_images: int = Field(description="images in the generate call, other requests' included")
 
 
 class CaptionResponse(BaseModel):
     captions: list[ImageCaption]
+    options: GenerationOptions
+    timing: Timing
+
+
+class AnswerResponse(BaseModel):
+    answer: str
+    question: str = Field(description="the question as answered (stripped)")
+    filename: str | None = Field(description="the upload's file name (multipart), else null")
     options: GenerationOptions
     timing: Timing
 
@@ -69,7 +78,14 @@ class ModelInfo(BaseModel):
     adapter: AdapterInfo | None = Field(description="the LoRA adapter, or null for a plain BLIP-2")
     device: str
     dtype: str
+    tasks: list[str] = Field(
+        description='what the model was trained to do: `["caption"]` for a caption run; `["caption", "vqa"]` for a '
+        "VQA run (fine-tuned to answer, on BLIP-2's captioning pretraining) and for a plain BLIP-2 (both zero-shot: "
+        "`fine_tuned` is false)"
+    )
+    fine_tuned: bool = Field(description="whether the model is a captune run (false: a plain BLIP-2, zero-shot)")
     prompt: str = Field(description="text every caption continues (the training prompt)")
+    question_template: str = Field(description="the prompt of `/v1/answers`, `{}` the question (the run's)")
     generation_defaults: GenerationOptions = Field(description="options used where a request gives none")
     limits: ServeSettings
     metrics: dict[str, dict[str, float]] = Field(
@@ -101,6 +117,15 @@ def _json_request_model(options: type[BaseModel], settings: ServeSettings) -> ty
     return create_model("CaptionJsonRequest", __base__=options, images=(list[str], images))
 
 
+_QUESTION = Field(min_length=1, max_length=MAX_QUESTION_CHARS, description=f"the question about the image, 1 to "
+                  f"{MAX_QUESTION_CHARS} characters")  # fmt: skip
+
+
+def _answer_json_request_model(options: type[BaseModel]) -> type[BaseModel]:
+    image = Field(description="one image, base64 (a `data:image/...;base64,` prefix is allowed); URLs are refused")
+    return create_model("AnswerJsonRequest", __base__=options, image=(str, image), question=(str, _QUESTION))
+
+
 def _request_body(options: type[BaseModel], json_request: type[BaseModel], settings: ServeSettings) -> dict[str, Any]:
     """The OpenAPI requestBody of POST /v1/captions: one route, two content types."""
     images = {
@@ -108,10 +133,24 @@ def _request_body(options: type[BaseModel], json_request: type[BaseModel], setti
         "items": {"type": "string", "format": "binary"},
         "description": f"1 to {settings.max_images} image files (repeat the field)",
     }
+    return _body({"images": images}, options, json_request)
+
+
+def _answer_request_body(options: type[BaseModel], json_request: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI requestBody of POST /v1/answers: an image file and a question, or the JSON request."""
+    fields = {
+        "image": {"type": "string", "format": "binary", "description": "one image file"},
+        "question": json_request.model_json_schema()["properties"]["question"],
+    }
+    return _body(fields, options, json_request)
+
+
+def _body(fields: dict[str, Any], options: type[BaseModel], json_request: type[BaseModel]) -> dict[str, Any]:
+    """A requestBody of multipart `fields` (all required) with the options, or the JSON request."""
     multipart = {
         "type": "object",
-        "required": ["images"],
-        "properties": {"images": images, **options.model_json_schema()["properties"]},
+        "required": list(fields),
+        "properties": {**fields, **options.model_json_schema()["properties"]},
     }
     content = {
         "multipart/form-data": {"schema": multipart},

@@ -1,5 +1,5 @@
-"""The caption server's settings: `ServeSettings` (one field per flag of `captune serve`), `check_settings`, and the
-limits no flag sets."""
+"""The server's settings: `ServeSettings` (one field per flag of `captune serve`), `check_settings`, and the limits
+no flag sets."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ from captune.errors import CaptuneError
 
 MAX_REPETITION_PENALTY = 5.0
 """Highest `repetition_penalty` a request may ask for (1.0 is none)."""
+MAX_QUESTION_CHARS = 500
+"""Longest question a `/v1/answers` request may ask, in characters (VQAv2's longest are about 100): a question is
+tokens of the prompt every step attends to, so it is bounded as the images are."""
 GRACEFUL_SHUTDOWN_S = 60
 """How long `run_server` lets requests in flight finish after SIGTERM or Ctrl-C before cancelling them."""
 DECODE_THREADS = min(8, os.cpu_count() or 1)

@@ -1,6 +1,7 @@
-"""Reading a caption request: its body through a counter that stops at `max_upload_bytes` and within
-`body_timeout_s` (`_limited`), as multipart (a cut-off body refused) or JSON with base64 images (URLs refused,
-never fetched), and each image decoded after its size is checked from its header (`decode_upload`)."""
+"""Reading a request (captions: `images`, answers: one `image` and a question): its body through a counter that
+stops at `max_upload_bytes` and within `body_timeout_s` (`_limited`), as multipart (a cut-off body refused) or JSON
+with base64 images (URLs refused, never fetched), and each image decoded after its size is checked from its header
+(`decode_upload`)."""
 
 from __future__ import annotations
 
@@ -83,22 +84,21 @@ def decode_upload(upload: Upload, max_pixels: int, min_size: tuple[int, int] | N
         raise ApiError(422, "bad_image", str(err)) from None
 
 
-def _image_bytes(text: str, index: int) -> bytes:
-    """The bytes of one base64 image of a JSON request; URLs are refused, never fetched."""
+def _image_bytes(text: str, where: str) -> bytes:
+    """The bytes of one base64 image of a JSON request (`where` names it: `images.0`, `image`); URLs are refused,
+    never fetched."""
     text = text.strip()
     if text.lower().startswith(("http:", "https:", "ftp:", "file:", "//")):
-        raise ApiError(422, "url_not_fetched", f"images.{index}: this server never fetches URLs; send the image "
-                       "bytes base64-encoded")  # fmt: skip
+        raise ApiError(422, "url_not_fetched", f"{where}: this server never fetches URLs; send the image bytes "
+                       "base64-encoded")  # fmt: skip
     if text.startswith("data:"):
         header, _, text = text.partition(",")
         if not header.endswith(";base64"):
-            raise ApiError(
-                422, "invalid_base64", f"images.{index}: a data URL must be base64 (data:image/png;base64,...)"
-            )
+            raise ApiError(422, "invalid_base64", f"{where}: a data URL must be base64 (data:image/png;base64,...)")
     try:
         return base64.b64decode(text, validate=True)
     except ValueError as exc:  # binascii.Error, or characters outside ASCII
-        raise ApiError(422, "invalid_base64", f"images.{index}: not valid base64 ({exc})") from None
+        raise ApiError(422, "invalid_base64", f"{where}: not valid base64 ({exc})") from None
 
 
 # ------------------------------------------------------------------------------------------------ request body ---
@@ -156,15 +156,16 @@ async def _read_form(request: Request) -> FormData:
     return form
 
 
-async def _read_multipart(request: Request) -> tuple[list[Upload], dict[str, Any]]:
+async def _read_multipart(request: Request, field: str) -> tuple[list[Upload], dict[str, Any]]:
+    """The file parts of `field` as uploads, and every other part's text by name (the options, a question)."""
     form = await _read_form(request)
     try:
         uploads: list[Upload] = []
         options: dict[str, Any] = {}
         for key, value in form.multi_items():
-            if key == "images":
+            if key == field:
                 if not isinstance(value, UploadFile):
-                    raise ApiError(422, "invalid_request", "images: must be file parts (curl -F images=@photo.jpg)")
+                    raise ApiError(422, "invalid_request", f"{field}: must be file parts (curl -F {field}=@photo.jpg)")
                 name = (value.filename or f"image {len(uploads)}")[:200]
                 uploads.append(Upload(name, await value.read(), value.filename))
             elif key in options:
@@ -176,7 +177,10 @@ async def _read_multipart(request: Request) -> tuple[list[Upload], dict[str, Any
         await form.close()
 
 
-async def _read_json(request: Request, json_request: type[BaseModel]) -> tuple[list[Upload], dict[str, Any]]:
+async def _read_json(
+    request: Request, json_request: type[BaseModel], field: str
+) -> tuple[list[Upload], dict[str, Any]]:
+    """The base64 images of `field` (a list, or one image) as uploads, and the other fields by name."""
     try:
         payload = json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -190,19 +194,22 @@ async def _read_json(request: Request, json_request: type[BaseModel]) -> tuple[l
     except ValidationError as err:
         raise ApiError(422, "invalid_request", _validation_message(err)) from None
     values = parsed.model_dump()
-    images = values.pop("images")
-    return [Upload(f"image {i}", _image_bytes(text, i), None) for i, text in enumerate(images)], values
+    found = values.pop(field)
+    if isinstance(found, str):  # one image (answers): named by its field
+        return [Upload(field, _image_bytes(found, field), None)], values
+    return [Upload(f"image {i}", _image_bytes(text, f"{field}.{i}"), None) for i, text in enumerate(found)], values
 
 
 async def _read_request(
-    request: Request, settings: ServeSettings, json_request: type[BaseModel]
+    request: Request, settings: ServeSettings, json_request: type[BaseModel], field: str = "images"
 ) -> tuple[list[Upload], dict[str, Any]]:
-    """The uploads and the raw options of a multipart or JSON request, its body limited to `max_upload_bytes`."""
+    """The uploads (of the image `field`) and the raw other fields of a multipart or JSON request, its body limited
+    to `max_upload_bytes`."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     limited = _limited(request, settings.max_upload_bytes, settings.body_timeout_s)
     if content_type == "multipart/form-data":
-        return await _read_multipart(limited)
+        return await _read_multipart(limited, field)
     if content_type == "application/json":
-        return await _read_json(limited, json_request)
+        return await _read_json(limited, json_request, field)
     raise ApiError(415, "unsupported_media_type", f"content type {content_type or '(none)'!r}: send "
-                   "multipart/form-data (field `images`) or application/json")  # fmt: skip
+                   f"multipart/form-data (field `{field}`) or application/json")  # fmt: skip
