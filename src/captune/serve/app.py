@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 import time
@@ -212,7 +213,8 @@ class _Server:
     admission: Admission
     page: str
     processor: Any = None
-    """The model's processor, which counts a question's tokens."""
+    """A copy of the model's processor that counts a question's tokens on the event loop (its own tokenizer: the
+    worker's changes its padding as it encodes, and a fast tokenizer refuses two threads at once)."""
     max_positions: int | None = None
     """Positions of the decoder-only LM (image tokens, prompt and answer must fit); None for an encoder-decoder."""
     decode_size: tuple[int, int] | None = None
@@ -332,6 +334,12 @@ class _Server:
         return HTMLResponse(self.page, headers={"Content-Security-Policy": _PAGE_CSP})
 
 
+def _counting_copy(processor: Any) -> Any:
+    counting = copy.copy(processor)
+    counting.tokenizer = copy.deepcopy(processor.tokenizer)
+    return counting
+
+
 def static_batch_sizes(max_batch: int) -> list[int]:
     """Every batch size a static-cache server compiles for: the powers of two below `max_batch`, and `max_batch`."""
     return sorted({filled_size(count, max_batch, powers_of_two=True) for count in range(1, max_batch + 1)})
@@ -386,7 +394,7 @@ def create_app(model_dir: str | Path, settings: ServeSettings | None = None) -> 
         batcher=MicroBatcher(generate, settings.max_batch, settings.max_wait_ms / 1000),
         admission=Admission(settings.max_queue, settings.retry_after_s),
         page=(resources.files("captune") / "static" / "serve.html").read_text(encoding="utf-8"),
-        processor=loaded.processor,
+        processor=_counting_copy(loaded.processor),
         max_positions=None
         if is_encoder_decoder(loaded.model)
         else loaded.model.config.text_config.max_position_embeddings,
