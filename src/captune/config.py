@@ -20,6 +20,7 @@ from captune.training_modes import TRAINING_MODES, TrainingMode
 
 if TYPE_CHECKING:
     from captune.data import ReadOptions
+    from captune.data.vqa import VqaReadOptions
 
 
 @dataclass
@@ -64,6 +65,16 @@ TASKS = ("caption", "vqa")
 """What a run's rows are and what its model learns: `caption` (image -> caption), `vqa` (image + question ->
 answer)."""
 
+VQA_ANSWERS = ("most-frequent", "weighted")
+"""How a VQA question's annotator answers become training rows (`data.vqa_answers`)."""
+
+VQA_FORMATS = ("vqav2", "okvqa", "aokvqa", "manifest", "hf", "synthetic")
+"""`data.format` values with `task: vqa` (the readers of `captune.data.vqa.VQA_FORMATS`)."""
+
+VQA_GENERATE = {"min_new_tokens": 1, "max_new_tokens": 10}
+"""The `generate` values a `task: vqa` run takes where its config does not set them: answers are a few words (LAVIS
+answers VQAv2 with 1 to 10 tokens), not captions of 8 to 30."""
+
 
 @dataclass
 class DataConfig:
@@ -71,7 +82,8 @@ class DataConfig:
     """`caption` or `vqa` (`TASKS`); a YAML file may write it at the top level (`task: vqa`)."""
     format: str = "synthetic"
     """Dataset layout: `flickr8k`, `flickr8k-kaggle`, `karpathy`, `coco`, `manifest`, `hf` or `synthetic` (built in,
-    generated on first use)."""
+    generated on first use); with `task: vqa`: `vqav2`, `okvqa`, `aokvqa`, `manifest`, `hf` or `synthetic` (its
+    five questions an image)."""
     data_dir: str = "data/synthetic"
     """Folder holding the dataset (`~` is expanded); `manifest` also takes the manifest file, `hf` a dataset name."""
     images_dir: str | None = None
@@ -94,6 +106,22 @@ class DataConfig:
     """Caption column of a `manifest` or `hf` dataset (a string, or a list of strings)."""
     split_column: str = "split"
     """Split column of a `manifest` or `hf` dataset, used when present."""
+    question_column: str = "question"
+    """With `task: vqa`: the question column of a `manifest` or `hf` dataset."""
+    answers_column: str = "answers"
+    """With `task: vqa`: the column of a question's annotator answers in a `manifest` or `hf` dataset (a list, or
+    one string of answers separated by `answer_separator`)."""
+    answer_column: str = "answer"
+    """With `task: vqa`: the column of one answer a row, for `manifest` or `hf` data with one answer per row (the
+    rows of one question add up)."""
+    answer_separator: str = "|"
+    """With `task: vqa`: what separates the answers in a string of `answers_column`; empty: the string is one
+    answer."""
+    vqa_answers: str = "most-frequent"
+    """With `task: vqa`, what a question trains on: `most-frequent`, its most frequent annotator answer (ties: the
+    one given first), one row a question; `weighted`, each distinct answer a row, weighted in the loss by its VQA
+    soft score min(1, annotators who gave it / 3), the loss the weighted mean of the rows' losses (as LAVIS and
+    BLIP weight VQAv2's answers)."""
     skip_bad_images: bool = False
     """Train on the usable images when some are missing or unreadable (they are counted and reported)."""
     prompt: str = ""
@@ -102,7 +130,7 @@ class DataConfig:
     """With `task: vqa`, the text before each answer, `{}` the question: the BLIP-2 paper's by default; its
     zero-shot protocol's is `Question: {} Short answer:`. Masked out of the loss like `prompt`."""
     max_caption_tokens: int = 40
-    """Longer captions are cut to this many tokens before the end-of-sequence token."""
+    """Longer captions (with `task: vqa`, answers) are cut to this many tokens before the end-of-sequence token."""
     num_workers: int = 0
     """DataLoader worker processes that decode images (0 decodes in the training process)."""
     feature_workers: int | None = None
@@ -149,9 +177,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """Most recent step checkpoints kept on disk (best/ and final/ are kept apart)."""
     validate: bool = True
-    """Caption and score the val split at each epoch end, and keep best/ by CIDEr."""
+    """Caption and score the val split at each epoch end, and keep best/ by CIDEr (with `task: vqa`: answer its
+    questions and keep best/ by VQA accuracy)."""
     val_max_images: int | None = None
-    """Validate on the first N val images only (None: all)."""
+    """Validate on the first N val images only (with `task: vqa`, their questions; None: all)."""
     val_num_beams: int | None = None
     """Beams of the validation at each epoch end, which picks best/; None: `generate.num_beams`. Fewer (1: greedy,
     1.7x the captions/s of beam 5 at batch 64 on an H200) make each validation faster; best/ is then captioned once
@@ -202,9 +231,9 @@ class GenerateConfig:
     num_beams: int = 5
     """Beam width (1 is greedy)."""
     min_new_tokens: int = 8
-    """Shortest caption in tokens."""
+    """Shortest caption in tokens (`task: vqa` runs: 1 unless set, see `VQA_GENERATE`)."""
     max_new_tokens: int = 30
-    """Longest caption in tokens."""
+    """Longest caption in tokens (`task: vqa` runs: 10 unless set: answers are short)."""
     repetition_penalty: float = 1.0
     """Penalty on repeated tokens (1.0 is none)."""
     batch_size: int | None = None
@@ -297,6 +326,20 @@ def read_options(data: DataConfig) -> ReadOptions:
     )
 
 
+def vqa_read_options(data: DataConfig) -> VqaReadOptions:
+    """The VQA reader options a `task: vqa` run's `data` section asks for: `read_options` and the question and answer
+    columns."""
+    from captune.data.vqa import VqaReadOptions
+
+    return VqaReadOptions(
+        **dataclasses.asdict(read_options(data)),
+        question_column=data.question_column,
+        answers_column=data.answers_column,
+        answer_column=data.answer_column,
+        answer_separator=data.answer_separator,
+    )
+
+
 def _check_data(config: Config) -> list[tuple[bool, str]]:
     data = config.data
     try:
@@ -304,8 +347,23 @@ def _check_data(config: Config) -> list[tuple[bool, str]]:
         options_error = ""
     except CaptuneError as err:
         options_error = f"data.{err}"
+    vqa = data.task == "vqa"
+    vqa_only = [name for name in VQA_FORMATS if name not in ("manifest", "hf", "synthetic")]
     return [
         (data.task in TASKS, f"data.task is {data.task!r}; use one of {', '.join(TASKS)}"),
+        (
+            not vqa or data.format in VQA_FORMATS,
+            f"data.format={data.format} is a caption layout, but task is vqa; use one of {', '.join(VQA_FORMATS)} "
+            "(or task: caption)",
+        ),
+        (
+            vqa or data.format not in vqa_only,
+            f"data.format={data.format} is a VQA layout, but task is {data.task}; set task: vqa (task=vqa)",
+        ),
+        (
+            data.vqa_answers in VQA_ANSWERS,
+            f"data.vqa_answers is {data.vqa_answers!r}; use one of {', '.join(VQA_ANSWERS)}",
+        ),
         (
             data.question_template.count("{}") == 1,
             f"data.question_template is {data.question_template!r}; it must hold the question's place, {{}}, once",

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from captune.config import Config, validate
+from captune.config import VQA_GENERATE, Config, validate
 from captune.errors import CaptuneError
 from captune.files import read_utf8
 from captune.training_modes import QFORMER_LORA_DEFAULT, TRAINING_MODES
@@ -87,10 +87,12 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
         raise CaptuneError(f"{where}: {value!r} is not a valid {name}") from None
 
 
-def _set(config: Config, key: str, value: Any, source: str) -> None:
+def _set(config: Config, key: str, value: Any, source: str) -> str:
+    """Sets one key; returns it as `section.field`."""
     owner, name = _field_owner(config, key, source)
     annotation = next(f.type for f in dataclasses.fields(owner) if f.name == name)
     setattr(owner, name, _convert(value, annotation, f"{source}: {key}"))
+    return next(f"{section}.{name}" for section, obj in _sections(config).items() if obj is owner)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -105,6 +107,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         CaptuneError: missing file, invalid YAML, unknown key or a value of the wrong type; the message names it.
     """
     config = Config()
+    given: set[str] = set()  # the keys the file and the overrides set, for the defaults that depend on another key
     if path is not None:
         path = Path(path).expanduser()
         if path.is_dir():
@@ -124,19 +127,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 continue  # a section whose keys are all commented out
             if isinstance(values, dict):
                 for key, value in values.items():
-                    _set(config, f"{section}.{key}", value, str(path))
+                    given.add(_set(config, f"{section}.{key}", value, str(path)))
             elif section in sections and section not in SHORTHANDS:
                 keys = ", ".join(f.name for f in dataclasses.fields(sections[section])[:3])
                 raise CaptuneError(f"{path}: section {section!r} is {values!r}; it must hold keys, e.g. "
                                    f"`{section}:` then indented `key: value` lines ({keys}, ...)")  # fmt: skip
             else:
-                _set(config, str(section), values, str(path))
+                given.add(_set(config, str(section), values, str(path)))
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise CaptuneError(f"override {item!r} is not of the form key=value (e.g. lr=3e-4)")
-        _set(config, key.strip(), value.strip(), "command line")
-    _fill_defaults(config)
+        given.add(_set(config, key.strip(), value.strip(), "command line"))
+    _fill_defaults(config, given)
     validate(config)
     return config
 
@@ -144,16 +147,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def config_from_dict(values: dict[str, Any], source: str) -> Config:
     """A Config from `to_dict` output (e.g. the copy saved in a model directory's captune.json)."""
     config = Config()
+    given: set[str] = set()
     for section, fields in values.items():
         for key, value in fields.items():
-            _set(config, f"{section}.{key}", value, source)
-    _fill_defaults(config)
+            given.add(_set(config, f"{section}.{key}", value, source))
+    _fill_defaults(config, given)
     validate(config)
     return config
 
 
-def _fill_defaults(config: Config) -> None:
-    """Defaults that depend on another key: a mode with Q-Former LoRA and no Q-Former targets gets query and value."""
+def _fill_defaults(config: Config, given: set[str]) -> None:
+    """Defaults that depend on another key: a mode with Q-Former LoRA and no Q-Former targets gets query and value;
+    a `task: vqa` run gets answer lengths (`VQA_GENERATE`) for the `generate` keys not `given` (set by the file or
+    the overrides)."""
     mode = TRAINING_MODES.get(config.train.mode)
     if mode is not None and mode.lora_on_qformer and not config.lora.qformer_target_modules:
         config.lora.qformer_target_modules = list(QFORMER_LORA_DEFAULT)
+    if config.data.task == "vqa":
+        for name, value in VQA_GENERATE.items():
+            if f"generate.{name}" not in given:
+                setattr(config.generate, name, value)

@@ -1,5 +1,6 @@
-"""The training data as batches: the dataset read and checked, every (image, caption) pair by caption or by image,
-the collators that make model inputs and labels of them, the samplers that order an epoch, and the loader."""
+"""The training data as batches: the dataset read and checked, every (image, caption) pair by caption or by image
+(with `task: vqa`, every (image, question prompt, answer) row), the collators that make model inputs and labels of
+them, the samplers that order an epoch, and the loader."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import Blip2Processor
 
 from captune import data as datasets
-from captune.config import Config, read_options
-from captune.data import CaptionSet, Record
+from captune.config import Config, read_options, vqa_read_options
+from captune.data import CaptionSet, Problem, Record
 from captune.data.images import processed_pixels
+from captune.data.vqa import Question, VqaSet, check_vqa_images, read_vqa
 from captune.errors import CaptuneError
 from captune.model import blip_of, caption_end_id
 from captune.training.loss import IGNORE, PACKING_ATTENTION
@@ -37,29 +39,70 @@ class CaptionPairs(Dataset):
 
     With `with_pixels=False` (image features cached, see captune.training.features) an item carries its image's index in
     `records` instead of pixels, and no image is decoded.
+
+    VQA rows (`from_questions`) are the same pairs with the answer as the caption, and each row carries its own prompt
+    (the question in `data.question_template`) and, with `data.vqa_answers: weighted`, its weight in the loss.
     """
 
+    prompts: _Texts | None = None
+    """Each row's prompt (VQA), or None: every row takes the collator's one prompt (captions)."""
+    weights: np.ndarray | None = None
+    """Each row's weight in the loss (VQA with weighted answers), or None: rows count by their tokens."""
+
     def __init__(self, records: list[Record], processor: Blip2Processor, with_pixels: bool = True):
-        self.paths = _Texts([str(r.image_path) for r in records])
-        self.captions = _Texts([caption for r in records for caption in r.captions])
-        counts = [len(r.captions) for r in records]
-        self.image_of = np.repeat(np.arange(len(records), dtype=np.int64), counts)
+        self._rows([str(r.image_path) for r in records], [r.captions for r in records], processor, with_pixels)
+
+    def _rows(
+        self, paths: list[str], texts: list[tuple[str, ...]], processor: Blip2Processor, with_pixels: bool
+    ) -> None:
+        """Image i is paths[i]; its rows (captions or answers) are texts[i], kept together in this order."""
+        self.paths = _Texts(paths)
+        self.captions = _Texts([text for rows in texts for text in rows])
+        counts = [len(rows) for rows in texts]
+        self.image_of = np.repeat(np.arange(len(paths), dtype=np.int64), counts)
         self.first_caption = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])  # image i: [i] to [i + 1]
         self.image_processor = processor.image_processor
         self.with_pixels = with_pixels
+
+    @classmethod
+    def from_questions(
+        cls, questions: list[Question], processor: Blip2Processor, template: str, answers: str, with_pixels: bool = True
+    ) -> CaptionPairs:
+        """The training rows of VQA questions: per question its answer rows (`answer_rows`), prompt
+        `template.format(question)`; grouped by image (in the order images first appear), so that an image's
+        questions share its pixels and, cached, its features (`image_index` is the image's index in `paths`)."""
+        by_image: dict[Path, list[Question]] = {}
+        for question in questions:
+            by_image.setdefault(question.image_path, []).append(question)
+        rows = [[(template.format(q.question), answer, weight)
+                 for q in asked for answer, weight in answer_rows(q, answers)]
+                for asked in by_image.values()]  # fmt: skip
+        pairs = cls.__new__(cls)
+        pairs._rows([str(path) for path in by_image], [tuple(a for _, a, _ in r) for r in rows], processor, with_pixels)
+        pairs.prompts = _Texts([prompt for image in rows for prompt, _, _ in image])
+        if answers == "weighted":
+            pairs.weights = np.array([weight for image in rows for _, _, weight in image], dtype=np.float32)
+        return pairs
 
     def __len__(self) -> int:
         return len(self.captions)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_index = int(self.image_of[index])
+        item: dict[str, Any] = {"caption": self.captions[index]}
+        if self.prompts is not None:
+            item["prompt"] = self.prompts[index]
+        if self.weights is not None:
+            item["weight"] = float(self.weights[index])
         if not self.with_pixels:
-            return {"image_index": image_index, "caption": self.captions[index]}
-        return {"pixel_values": self.pixels(image_index), "caption": self.captions[index]}
+            return {"image_index": image_index, **item}
+        return {"pixel_values": self.pixels(image_index), **item}
 
     def caption_lengths(self) -> np.ndarray:
-        """Each caption's length in UTF-8 bytes: a cheap stand-in for its token count when grouping by length."""
-        return np.diff(self.captions.ends, prepend=0)
+        """Each caption's length in UTF-8 bytes (VQA: the answer's and its prompt's): a cheap stand-in for its token
+        count when grouping by length."""
+        lengths = np.diff(self.captions.ends, prepend=0)
+        return lengths if self.prompts is None else lengths + np.diff(self.prompts.ends, prepend=0)
 
     def pixels(self, image_index: int) -> torch.Tensor:
         return processed_pixels(Path(self.paths[image_index]), self.image_processor)
@@ -141,13 +184,14 @@ class CaptionCollator:
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.processor.image_token.content)
         self.prefix = [self.image_token_id] * self.num_query_tokens + tokenizer(self.prompt).input_ids
 
-    def caption_ids(self, texts: list[str]) -> list[list[int]]:
+    def caption_ids(self, texts: list[str], prompts: list[str] | None = None) -> list[list[int]]:
         """Each caption's token ids (its whitespace collapsed: blip2-opt's END is "\\n"), cut to max_caption_tokens,
-        then END."""
+        then END. `prompts`: each row's own prompt (VQA), else the collator's one."""
         tokenizer = self.processor.tokenizer
         # A prompt joins the caption with a space, so BPE tokenizers see the caption's first word as a new word.
-        space = "" if self.encoder_decoder or not self.prompt else " "
-        texts = [space + " ".join(text.split()) for text in texts]
+        prompts = prompts or [self.prompt] * len(texts)
+        texts = [("" if self.encoder_decoder or not prompt else " ") + " ".join(text.split())
+                 for text, prompt in zip(texts, prompts, strict=True)]  # fmt: skip
         captions = [ids[: self.max_caption_tokens] + [self.end_token_id]
                     for ids in tokenizer(texts, add_special_tokens=False).input_ids]  # fmt: skip
         for text, ids in zip(texts, captions, strict=True):
@@ -162,6 +206,16 @@ class CaptionCollator:
             )
         return captions
 
+    def prompt_ids(self, prompts: list[str]) -> list[list[int]]:
+        """Each row's own prompt as the generation path tokenizes it (OPT: BOS + prompt; T5: prompt + EOS)."""
+        rows = self.processor.tokenizer(prompts).input_ids
+        for prompt, ids in zip(prompts, rows, strict=True):
+            if self.image_token_id in ids:
+                raise CaptuneError(f"question prompt {prompt!r} holds the image token "
+                                   f"{self.processor.image_token.content}; it must not appear in a "
+                                   "question")  # fmt: skip
+        return rows
+
     @staticmethod
     def images(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if "pixel_values" in batch[0]:
@@ -169,6 +223,8 @@ class CaptionCollator:
         return {"image_index": torch.tensor([item["image_index"] for item in batch])}
 
     def __call__(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        if "prompt" in batch[0]:
+            return self.question_rows(batch)
         tokenizer = self.processor.tokenizer
         captions = self.caption_ids([item["caption"] for item in batch])
         if self.encoder_decoder:
@@ -186,6 +242,41 @@ class CaptionCollator:
             "attention_mask": attention_mask,
             "labels": labels,
         }
+
+    def question_rows(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        """A batch of VQA rows, each with its own prompt, laid out as generation lays out a batch of questions
+        (`captune.generation.inputs.text_inputs`), so the model trains on the positions and padding it answers with.
+
+        Decoder-only: `[<image>] * num_query_tokens`, left padding, BOS + prompt, then answer + END and right padding;
+        every answer starts in one column (`caption_start`), and OPT's positions, counted over the attention mask,
+        skip the left padding as in generation. Encoder-decoder: `[<image>] * num_query_tokens + prompt + EOS`,
+        right-padded, in the encoder; labels answer + END. Labels are -100 but for answer and END. With weighted
+        answers `weights` holds each row's weight.
+        """
+        pad = self.processor.tokenizer.pad_token_id
+        images = [self.image_token_id] * self.num_query_tokens
+        prompts = [item["prompt"] for item in batch]
+        texts, answers = self.prompt_ids(prompts), self.caption_ids([item["caption"] for item in batch], prompts)
+        longest = max(map(len, texts))
+        rows: dict[str, Any] = {**self.images(batch)}
+        if self.encoder_decoder:
+            rows |= {"caption_start": 0,
+                     "input_ids": _padded([images + ids for ids in texts], pad),
+                     "attention_mask": _padded([[1] * (len(images) + len(ids)) for ids in texts], 0),
+                     "labels": _padded(answers, IGNORE)}  # fmt: skip
+        else:
+            rows_ids, masks = [], []
+            for text, answer in zip(texts, answers, strict=True):
+                left = longest - len(text)
+                rows_ids.append(images + [pad] * left + text + answer)
+                masks.append([1] * len(images) + [0] * left + [1] * (len(text) + len(answer)))
+            rows |= {"caption_start": len(images) + longest,
+                     "input_ids": _padded(rows_ids, pad),
+                     "attention_mask": _padded(masks, 0),
+                     "labels": _padded([[IGNORE] * (len(images) + longest) + a for a in answers], IGNORE)}  # fmt: skip
+        if "weight" in batch[0]:
+            rows["weights"] = torch.tensor([item["weight"] for item in batch], dtype=torch.float32)
+        return rows
 
 
 class PackedCaptionCollator(CaptionCollator):
@@ -258,9 +349,24 @@ def _padded(rows: list[list[int]], value: int) -> torch.Tensor:
     return out
 
 
+def answer_rows(question: Question, answers: str) -> list[tuple[str, float]]:
+    """What one question trains on, as (answer, weight in the loss): `most-frequent`, its most frequent annotator
+    answer (ties: the one given first) with weight 1; `weighted`, each distinct answer with its VQA soft score
+    min(1, count / 3) (VQAv2's ten annotators: an answer three of them gave scores 1)."""
+    counts = question.answer_counts()
+    if answers == "most-frequent":
+        return [(counts[0][0], 1.0)]
+    return [(answer, min(1.0, count / 3)) for answer, count in counts]
+
+
 def use_packing(config: Config, model: nn.Module) -> bool:
     """Whether batches hold whole images with their captions packed (train.pack_captions); says why not."""
     if not config.train.pack_captions:
+        return False
+    if config.data.task == "vqa":
+        log.info("train.pack_captions: off for task vqa: each question has a prompt of its own, so an image's rows "
+                 "share only its image tokens (and, with cached features, those are computed once an image anyway); "
+                 "one row per question and answer")  # fmt: skip
         return False
     lm = blip_of(model).language_model
     implementation = lm.config._attn_implementation
@@ -353,20 +459,48 @@ def load_training_data(config: Config, main: bool) -> CaptionSet:
     with PartialState().main_process_first():  # the synthetic set is generated once, by rank 0
         captions = datasets.read(config.data.format, config.data.data_dir, read_options(config.data))
     captions = datasets.check_images(captions, progress=main)
-    if captions.problems:
-        listing = "\n".join(f"  {p.image}: {p.problem}" for p in captions.problems[:10])
-        more = f"\n  ... and {len(captions.problems) - 10} more" if len(captions.problems) > 10 else ""
-        if not config.data.skip_bad_images:
-            raise CaptuneError(
-                f"{config.data.data_dir}: {len(captions.problems)} problem(s) in the dataset:\n{listing}{more}\n"
-                "Fix them, or pass --skip-bad-images (data.skip_bad_images=true) to train on the "
-                f"{len(captions.records)} usable images; `captune data check` writes the full list."
-            )
-        if main:
-            log.warning("skipping %d unusable image(s) (%d problem(s) in the data):\n%s%s", captions.left_out(),
-                        len(captions.problems), listing, more)  # fmt: skip
+    _refuse_problems(config, captions.problems, f"{len(captions.records)} usable images", captions.left_out(), main)
     for note in captions.notes:
         log.info("data: %s", note)
     if not captions.split("train"):
         raise CaptuneError(f"{config.data.data_dir}: the train split has no usable images")
     return captions
+
+
+def load_vqa_training_data(config: Config, main: bool) -> VqaSet:
+    """`load_training_data` for `task: vqa`: the questions read with `data.format`'s VQA reader, every image decoded
+    once; train and val questions must have answers (a test split's need not)."""
+    with PartialState().main_process_first():  # the synthetic set is generated once, by rank 0
+        vs = read_vqa(config.data.format, config.data.data_dir, vqa_read_options(config.data))
+    vs = check_vqa_images(vs, progress=main)
+    images = len({p.image for p in vs.problems})
+    _refuse_problems(config, vs.problems, f"{len(vs.questions)} usable questions", images, main)
+    for note in vs.notes:
+        log.info("data: %s", note)
+    if not vs.split("train"):
+        raise CaptuneError(f"{config.data.data_dir}: the train split has no usable questions")
+    for split in ("train", "val"):
+        unanswered = [q for q in vs.split(split) if not q.answers]
+        if unanswered:
+            first = unanswered[0]
+            raise CaptuneError(f"{config.data.data_dir}: {len(unanswered)} {split} question(s) have no answers (the "
+                               f"first: question_id {first.question_id!r}, image {first.image_id}); training and "
+                               "validation need each question's annotator answers")  # fmt: skip
+    return vs
+
+
+def _refuse_problems(config: Config, problems: list[Problem], usable: str, left_out: int, main: bool) -> None:
+    """Stops over the dataset's problems, unless `data.skip_bad_images` (then says what is left out)."""
+    if not problems:
+        return
+    listing = "\n".join(f"  {p.image}: {p.problem}" for p in problems[:10])
+    more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+    if not config.data.skip_bad_images:
+        raise CaptuneError(
+            f"{config.data.data_dir}: {len(problems)} problem(s) in the dataset:\n{listing}{more}\n"
+            f"Fix them, or pass --skip-bad-images (data.skip_bad_images=true) to train on the {usable}; "
+            "`captune data check` writes the full list."
+        )
+    if main:
+        log.warning("skipping %d unusable image(s) (%d problem(s) in the data):\n%s%s", left_out, len(problems),
+                    listing, more)  # fmt: skip

@@ -12,7 +12,8 @@ x 50k) float32 logits of a batch never exist at once. Encoder-decoder language m
 model's own loss on the same embedded input (image features into the encoder's image-token positions), with pixels or
 cached features. Packed batches (`train.pack_captions`, see captune.training.batches.PackedCaptionCollator) hold one
 row per image with its captions behind one copy of the image tokens and prompt; a block mask and restarting position
-ids make the result that of a row per caption.
+ids make the result that of a row per caption. VQA rows with weighted answers (`weights`, one a row) take the weighted
+mean of the rows' losses (each row's loss the mean over its answer tokens) instead of the mean over tokens.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class CaptionLoss(nn.Module):
         position_ids: torch.Tensor | None = None,
         predict_from: torch.Tensor | None = None,
         caption_image: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The loss of a batch as `CaptionCollator` makes it (`caption_start`: the first caption column, the same in
         every row since image tokens and prompt come first and padding last), or as `PackedCaptionCollator` makes it
@@ -86,10 +88,22 @@ class CaptionLoss(nn.Module):
         `caption_image` the image row of each caption's labels), with pixels or cached features.
         `token_count`, when given, divides the summed loss instead of this batch's own caption-token count
         (captune.training.recipe passes the mean over processes, so that DDP's gradient average is the
-        global batch's)."""
+        global batch's). `weights` (VQA, one a row of an unpacked batch): the loss is sum(weight x row loss) /
+        `token_count` or the weights' sum (`label_tokens` gives either)."""
         blip = blip_of(self.model)
         embeds = embedded_inputs(blip, input_ids, pixel_values, image_features)
         lm = blip.language_model
+        if weights is not None:
+            divisor = token_count if token_count is not None else weights.sum()
+            if not blip.config.use_decoder_only_language_model:
+                logits = lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels).logits
+                return _weighted_cross_entropy(logits, labels, weights, divisor)
+            assert caption_start is not None
+            hidden = lm.base_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+            targets = labels[:, caption_start:]
+            token_weights = row_token_weights(targets, weights)
+            return chunked_cross_entropy(hidden[:, caption_start - 1 : -1].flatten(0, 1), targets.flatten(),
+                                         lm.get_output_embeddings(), divisor, token_weights.flatten())  # fmt: skip
         if not blip.config.use_decoder_only_language_model:  # T5: the encoder reads images + prompt, labels decode
             if caption_image is None:
                 loss = lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels).loss
@@ -135,8 +149,27 @@ def block_mask_for(lm: nn.Module, allowed: torch.Tensor, dtype: torch.dtype) -> 
     )
 
 
+def row_token_weights(labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Each label token's weight: its row's weight over the row's label tokens (0 for -100), so that the weighted sum
+    of the tokens' losses is the weighted sum of the rows' mean losses."""
+    counted = (labels != IGNORE).float()
+    return counted * (weights / counted.sum(dim=1).clamp(min=1))[:, None]
+
+
+def _weighted_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, divisor: torch.Tensor
+) -> torch.Tensor:
+    """sum(weight x each row's mean cross-entropy over its labels) / divisor, from (rows, length, vocab) logits
+    aligned with (rows, length) labels (T5's decoder: logits t predict labels t)."""
+    losses = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="none")
+    return (losses * row_token_weights(labels, weights).flatten()).sum() / divisor
+
+
 def label_tokens(batch: dict[str, Any]) -> torch.Tensor:
-    """The number of caption tokens the loss of a collated batch (packed or not) averages over."""
+    """The number of caption tokens the loss of a collated batch (packed or not) averages over; with weighted VQA
+    rows, the sum of their weights (which the loss divides by instead)."""
+    if "weights" in batch:
+        return batch["weights"].sum()
     labels = batch["labels"]
     if "caption_start" in batch:
         labels = labels[:, batch["caption_start"] :]
@@ -144,10 +177,14 @@ def label_tokens(batch: dict[str, Any]) -> torch.Tensor:
 
 
 def chunked_cross_entropy(
-    hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, divisor: torch.Tensor | None = None
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    head: nn.Module,
+    divisor: torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of head(hidden) against targets (-100 skipped), CE_CHUNK_TOKENS rows at a time, logits in
-    float32.
+    float32; with `token_weights`, the weighted sum of the tokens' cross-entropies over `divisor`.
 
     Each chunk's logits are recomputed in the backward pass (activation checkpointing), so only one chunk's
     float32 logits exist at any moment.
@@ -155,9 +192,16 @@ def chunked_cross_entropy(
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, len(targets), CE_CHUNK_TOKENS):
         rows = slice(start, start + CE_CHUNK_TOKENS)
-        total = total + checkpoint(_summed_cross_entropy, hidden[rows], targets[rows], head, use_reentrant=False)
+        weights = None if token_weights is None else token_weights[rows]
+        total = total + checkpoint(_summed_cross_entropy, hidden[rows], targets[rows], head, weights,
+                                   use_reentrant=False)  # fmt: skip
     return total / (divisor if divisor is not None else (targets != IGNORE).sum().clamp(min=1))
 
 
-def _summed_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE, reduction="sum")
+def _summed_cross_entropy(
+    hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, weights: torch.Tensor | None
+) -> torch.Tensor:
+    if weights is None:
+        return F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE, reduction="sum")
+    losses = F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE, reduction="none")
+    return (losses * weights).sum()

@@ -25,8 +25,10 @@ from transformers import get_cosine_schedule_with_warmup
 
 from captune.card import CARD_FILE, model_card
 from captune.config import Config, save_config, to_dict
+from captune.data import Record
+from captune.data.vqa import Question
 from captune.errors import CaptuneError
-from captune.evaluation import predict_records, references_of, write_references
+from captune.evaluation import answer_questions, predict_records, references_of, write_references
 from captune.files import check_writable, write_json
 from captune.metrics import FAST_METRICS, METRIC_NAMES, score_captions
 from captune.model import (
@@ -49,6 +51,7 @@ from captune.training.batches import (
     LengthGroupedShuffle,
     PackedCaptionCollator,
     load_training_data,
+    load_vqa_training_data,
     training_loader,
     use_packing,
 )
@@ -64,6 +67,7 @@ from captune.training.state import (
     results,
     stop_if_diverged,
 )
+from captune.vqa_accuracy import VqaAccuracy, vqa_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +105,18 @@ def setup(config: Config) -> Run:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # results.json reports this run's peak, not an earlier one's
 
-    # 2. Data first: a bad dataset should fail before minutes of model loading.
-    captions = load_training_data(config, main)
-    val_records = captions.split("val")[: config.train.val_max_images]
+    # 2. Data first: a bad dataset should fail before minutes of model loading. VQA: questions, validated by the
+    # questions of the first val_max_images val images.
+    vqa = config.data.task == "vqa"
+    val_questions: list[Question] = []
+    if vqa:
+        questions = load_vqa_training_data(config, main)
+        val_images = list(dict.fromkeys(q.image_path for q in questions.split("val")))[: config.train.val_max_images]
+        val_questions = [q for q in questions.split("val") if q.image_path in set(val_images)]
+        val_records: list[Record] = []
+    else:
+        captions = load_training_data(config, main)
+        val_records = captions.split("val")[: config.train.val_max_images]
 
     # 3. The base model, then LoRA on the configured layers only.
     loaded = load_base(config.model.name, dtype, config.train.seed, config.model.quantization)
@@ -125,10 +138,17 @@ def setup(config: Config) -> Run:
     if main:
         log.info("model %s: %s", config.model.name, trainable_summary(loaded.model))
 
-    # 4. Loader: every caption is a sample, batched by caption or (packed) by image; the sampler's order depends
-    # only on (seed, epoch).
+    # 4. Loader: every caption (VQA: every question's answer rows) is a sample, batched by caption or (packed) by
+    # image; the sampler's order depends only on (seed, epoch).
     cached = use_feature_cache(config, loaded.model)
-    pairs = CaptionPairs(captions.split("train"), loaded.processor, with_pixels=not cached)
+    if vqa:
+        pairs = CaptionPairs.from_questions(questions.split("train"), loaded.processor, config.data.question_template,
+                                            config.data.vqa_answers, with_pixels=not cached)  # fmt: skip
+        if main:
+            log.info("train rows: %d answers to %d questions about %d images (data.vqa_answers=%s)", len(pairs),
+                     len(questions.split("train")), len(pairs.paths), config.data.vqa_answers)  # fmt: skip
+    else:
+        pairs = CaptionPairs(captions.split("train"), loaded.processor, with_pixels=not cached)
     items: CaptionPairs | ImageCaptions = pairs
     collator, batch_size = CaptionCollator, config.train.batch_size
     if use_packing(config, loaded.model):
@@ -180,7 +200,7 @@ def setup(config: Config) -> Run:
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(config.train.warmup_steps, total_steps), total_steps)
     run = Run(
         config, accelerator, loaded, optimizer, scheduler, loader, sampler, step, features, val_records, output_dir,
-        base_dir, steps_per_epoch, total_steps, feature_seconds,
+        base_dir, steps_per_epoch, total_steps, feature_seconds, val_questions,
     )  # fmt: skip
     if config.train.resume_from:
         load_checkpoint(run, resolve_checkpoint(config.train.resume_from, output_dir))
@@ -199,8 +219,8 @@ def _compile_decoder_layers(model: nn.Module) -> None:
 
 def fit(run: Run) -> TrainState:
     """The loop: epochs of accumulated steps, a checkpoint every `save_every` steps and at each epoch end, validation
-    at each epoch end, best/ by CIDEr, final/ at the end. Forward and backward run under one choice of attention
-    kernels (`model.cudnn_attention`; validation's generation makes its own)."""
+    at each epoch end, best/ by CIDEr (VQA: by accuracy), final/ at the end. Forward and backward run under one
+    choice of attention kernels (`model.cudnn_attention`; validation's generation makes its own)."""
     with attention_kernels(run.config.model.cudnn_attention):
         return _fit(run)
 
@@ -318,7 +338,7 @@ def _fit(run: Run) -> TrainState:
             "image_features_cached": run.features is not None,
             "feature_pass_seconds": run.feature_pass_seconds,
         }
-        write_json(run.output_dir / "results.json", summary | results(state))
+        write_json(run.output_dir / "results.json", summary | results(state, config.data.task))
         _write_report(run.output_dir)
     accelerator.end_training()
     return state
@@ -346,33 +366,58 @@ def _write_report(run_dir: Path) -> None:
 
 
 def validate_and_keep_best(run: Run) -> dict[str, float] | None:
-    """Captions the val images (sharded over processes, gathered once), scores them on rank 0, logs, keeps best/."""
-    if not run.config.train.validate or not run.val_records:
+    """Captions the val images (sharded over processes, gathered once), scores them on rank 0, logs, keeps best/
+    (by CIDEr; with `task: vqa` answers the val questions and keeps best/ by VQA accuracy)."""
+    if not run.config.train.validate or not (run.val_records or run.val_questions):
         return None
     accelerator, state = run.accelerator, run.state
     model = accelerator.unwrap_model(run.loaded.model)
-    mine = run.val_records[accelerator.process_index :: accelerator.num_processes]
     options = run.config.generate
     if run.config.train.val_num_beams is not None:
         options = dataclasses.replace(options, num_beams=run.config.train.val_num_beams)
-    predictions = predict_records(model, run.loaded.processor, mine, options, run.config.data.prompt,
-                                  run.config.data.num_workers)  # fmt: skip
+    if run.val_questions:
+        mine_questions = run.val_questions[accelerator.process_index :: accelerator.num_processes]
+        predictions: dict[Any, str] = answer_questions(
+            model,
+            run.loaded.processor,
+            mine_questions,
+            options,
+            run.config.data.question_template,
+            run.config.data.num_workers,
+        )
+    else:
+        mine = run.val_records[accelerator.process_index :: accelerator.num_processes]
+        predictions = predict_records(model, run.loaded.processor, mine, options, run.config.data.prompt,
+                                      run.config.data.num_workers)  # fmt: skip
     gathered = dict(gather_object(list(predictions.items())))
     metrics = None
     if accelerator.is_main_process:
-        references = references_of(run.val_records)
-        names = FAST_METRICS if run.config.train.val_metrics == "fast" else METRIC_NAMES
-        metrics = score_captions(references, gathered, metrics=names).metrics
+        if run.val_questions:
+            metrics = vqa_metrics(vqa_accuracy(gathered, run.val_questions))
+        else:
+            names = FAST_METRICS if run.config.train.val_metrics == "fast" else METRIC_NAMES
+            metrics = score_captions(references_of(run.val_records), gathered, metrics=names).metrics
         accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=state.global_step)
         state.history.append({"epoch": state.epoch, "step": state.global_step, "metrics": metrics})
         write_json(run.output_dir / "val" / f"step-{state.global_step:06d}.json",
                    {"metrics": metrics, "predictions": gathered})  # fmt: skip
         log.info("step %d val: %s", state.global_step, " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    best = _broadcast_float(accelerator, metrics["CIDEr"] if metrics else 0.0)
+    best = _broadcast_float(accelerator, metrics[_BEST_BY[run.config.data.task]] if metrics else 0.0)
     if state.best_cider is None or best > state.best_cider:
         state.best_cider, state.best_step = best, state.global_step
         save_model(run, run.output_dir / "best")
     return metrics
+
+
+_BEST_BY = {"caption": "CIDEr", "vqa": "vqa_accuracy"}
+"""The val metric that picks best/, by task."""
+
+
+def vqa_metrics(accuracy: VqaAccuracy) -> dict[str, float]:
+    """A validation's VQA numbers in percent: `vqa_accuracy` overall and `vqa_accuracy_<answer type>` (yes/no as
+    yes_no), logged and kept like caption metrics."""
+    per_type = {f"vqa_accuracy_{kind.replace('/', '_')}": value for kind, value in accuracy.per_answer_type.items()}
+    return {"vqa_accuracy": accuracy.overall, **per_type}
 
 
 def finish_validation(run: Run) -> None:
@@ -386,15 +431,22 @@ def finish_validation(run: Run) -> None:
     regenerate = config.train.val_num_beams not in (None, config.generate.num_beams)
     if not run.accelerator.is_main_process or state.best_step is None:
         return
-    if not regenerate and config.train.val_metrics == "full":
+    # VQA accuracy has no slow metric to add: only answering again with other beams changes best/'s numbers.
+    if not regenerate and (config.train.val_metrics == "full" or run.val_questions):
         return
     model = run.accelerator.unwrap_model(run.loaded.model)
     if regenerate:
         if state.best_step != state.global_step:  # the live model holds the last step's weights; final/ is saved
             load_saved_weights(model, run.output_dir / "best")
-        predictions = predict_records(model, run.loaded.processor, run.val_records, config.generate,
-                                      config.data.prompt, config.data.num_workers)  # fmt: skip
-        metrics = score_captions(references_of(run.val_records), predictions).metrics
+        predictions: dict[Any, str]
+        if run.val_questions:
+            predictions = answer_questions(model, run.loaded.processor, run.val_questions, config.generate,
+                                           config.data.question_template, config.data.num_workers)  # fmt: skip
+            metrics = vqa_metrics(vqa_accuracy(predictions, run.val_questions))
+        else:
+            predictions = predict_records(model, run.loaded.processor, run.val_records, config.generate,
+                                          config.data.prompt, config.data.num_workers)  # fmt: skip
+            metrics = score_captions(references_of(run.val_records), predictions).metrics
         val_file = run.output_dir / "val" / "best-final.json"
         write_json(val_file, {"step": state.best_step, "generate": to_dict(config)["generate"],
                               "metrics": metrics, "predictions": predictions})  # fmt: skip

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from captune.config import Config
 from captune.data import Record
+from captune.data.vqa import Question
 from captune.errors import TrainingDiverged
 from captune.model import LoadedModel
 from captune.training.batches import EpochShuffle
@@ -27,6 +28,7 @@ class TrainState:
     global_step: int = 0
     epoch: int = 0
     best_cider: float | None = None
+    """The best val score: CIDEr, or with `task: vqa` VQA accuracy in percent (results.json: `best_vqa_accuracy`)."""
     best_step: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     train_samples: int = 0
@@ -99,6 +101,8 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     feature_pass_seconds: float = 0.0
+    val_questions: list[Question] = field(default_factory=list)
+    """With `task: vqa`, the val questions validation answers (`val_records` is then empty)."""
     state: TrainState = field(default_factory=TrainState)
     first_nonfinite: torch.Tensor | None = None
     """On the device: the first optimizer step whose loss or gradient norm was NaN or inf, else `NO_STEP`."""
@@ -107,8 +111,10 @@ class Run:
 NO_STEP = 2**62
 
 
-def results(state: TrainState) -> dict[str, Any]:
-    return {"best_cider": state.best_cider, "best_step": state.best_step, "history": state.history}
+def results(state: TrainState, task: str = "caption") -> dict[str, Any]:
+    """The validation record for results.json and checkpoints; the best score named by what it is."""
+    best = "best_vqa_accuracy" if task == "vqa" else "best_cider"
+    return {best: state.best_cider, "best_step": state.best_step, "history": state.history}
 
 
 def mark_nonfinite(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor | None, step: int) -> None:
