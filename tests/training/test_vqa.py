@@ -207,3 +207,22 @@ def test_every_training_mode_trains_on_questions_and_keeps_best_by_vqa_accuracy(
     assert metrics["metrics"]["vqa_accuracy"] == results["best_vqa_accuracy"]
     assert json.loads((tmp_path / "run" / "best" / "metrics.json").read_text()) == metrics["metrics"]
     assert state.train_samples == 40  # 4 steps of 10 questions
+
+
+CONFIGS = Path(__file__).parents[2] / "configs"
+
+
+@pytest.mark.parametrize(
+    ("file", "twin"),
+    [("blip2-opt-2.7b-vqav2.yaml", "twin-blip2-opt-2.7b"), ("blip2-flan-t5-xl-vqav2.yaml", "twin-blip2-flan-t5-xl")],
+)
+def test_the_shipped_vqa_configs_train_their_checkpoints_twin_on_questions(
+    synthetic_dir: Path, tmp_path: Path, file: str, twin: str
+) -> None:
+    overrides = [f"model.name={twin}", "data.format=synthetic", f"data.data_dir={synthetic_dir}",
+                 f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.grad_accum=1",
+                 "train.batch_size=4", "data.num_workers=0", "train.validate=false"]  # fmt: skip
+    config = load_config(CONFIGS / file, overrides)
+    assert (config.data.task, config.data.vqa_answers, config.generate.max_new_tokens) == ("vqa", "weighted", 10)
+    state = recipe.train(config)
+    assert state.global_step == 2 and (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
