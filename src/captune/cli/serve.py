@@ -26,9 +26,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def add_serve_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """`captune serve` and its flags."""
-    p = sub.add_parser("serve", help="serve captions over a REST API and a web page",
+    p = sub.add_parser("serve", help="serve captions and answers over a REST API and a web page",
                        description="captune serve --model-dir RUN/best [--host 127.0.0.1] [--port 8000]; "
-                       "page at /, API POST /v1/captions, OpenAPI at /openapi.json")  # fmt: skip
+                       "page at /, API POST /v1/captions and /v1/answers, OpenAPI at /openapi.json")  # fmt: skip
     p.add_argument(
         "--model-dir", required=True, help="RUN/best, RUN/final, a checkpoint, or a plain BLIP-2 directory or hub id"
     )
