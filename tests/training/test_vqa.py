@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from captune.cli import main
 from captune.config import Config
 from captune.config_loading import load_config
 from captune.data.vqa import Question, read_vqa
@@ -226,3 +227,14 @@ def test_the_shipped_vqa_configs_train_their_checkpoints_twin_on_questions(
     assert (config.data.task, config.data.vqa_answers, config.generate.max_new_tokens) == ("vqa", "weighted", 10)
     state = recipe.train(config)
     assert state.global_step == 2 and (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_captune_train_with_task_vqa_trains_validates_and_says_the_best_accuracy(
+    synthetic_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["train", "task=vqa", f"data.data_dir={synthetic_dir}", f"train.output_dir={tmp_path / 'run'}",
+                 "train.max_steps=3", "train.batch_size=8", "model.dtype=fp32", "generate.num_beams=1"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and "done: 3 steps; best model (val VQA accuracy" in out
+    saved = load_config(tmp_path / "run" / "config.yaml")
+    assert (saved.data.task, saved.generate.min_new_tokens, saved.generate.max_new_tokens) == ("vqa", 1, 10)

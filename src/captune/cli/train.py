@@ -21,8 +21,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     state = train(config)
     if int(os.environ.get("RANK", "0")) == 0:
         out = Path(config.train.output_dir)
+        metric = "VQA accuracy" if config.data.task == "vqa" else "CIDEr"
         kept = (
-            f"best model (val CIDEr {state.best_cider:.4f}) in {out / 'best'}" if state.best_cider is not None else ""
+            f"best model (val {metric} {state.best_cider:.4f}) in {out / 'best'}"
+            if state.best_cider is not None
+            else ""
         )
         print(f"done: {state.global_step} steps; {kept or 'no validation'}; last model in {out / 'final'}")
     return 0
@@ -57,8 +60,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from captune.demo import run_demo
 
     spec = SyntheticSpec(train=args.train_images) if args.train_images else SyntheticSpec()
-    result = run_demo(Path(args.output_dir), spec, args.overrides)
-    print(f"CIDEr before fine-tuning {result.before['CIDEr']:.3f}, after {result.after['CIDEr']:.3f}")
+    result = run_demo(Path(args.output_dir), spec, args.overrides, args.task)
+    if args.task == "vqa":
+        print(f"held-out VQA accuracy before fine-tuning {result.before['vqa_accuracy']:.1f}%, after "
+              f"{result.after['vqa_accuracy']:.1f}%")  # fmt: skip
+    else:
+        print(f"CIDEr before fine-tuning {result.before['CIDEr']:.3f}, after {result.after['CIDEr']:.3f}")
     for image, caption in result.samples:
         print(f"  {image}: {caption}")
     print(f"metrics in {args.output_dir}/metrics.json; model in {args.output_dir}/model "
@@ -68,8 +75,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def add_demo_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """`captune demo` and its flags."""
-    p = sub.add_parser("demo", help="train, evaluate and caption on the built-in synthetic data")
+    p = sub.add_parser("demo", help="train, evaluate and caption (or answer) on the built-in synthetic data")
+    p.add_argument("--task", choices=["caption", "vqa"], default="caption",
+                   help="caption (configs/demo.yaml, the default) or vqa: answer the synthetic questions, VQA accuracy "
+                   "before and after (configs/demo-vqa.yaml)")  # fmt: skip
     p.add_argument("--output-dir", default="demo-out")
     p.add_argument("--train-images", type=int, help="synthetic training images (default 1200)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of configs/demo.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of configs/demo.yaml (demo-vqa.yaml)")
     p.set_defaults(func=cmd_demo)
