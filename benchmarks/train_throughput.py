@@ -55,11 +55,11 @@ from captune.training.batches import (
     CaptionCollator,
     CaptionPairs,
     ImageCaptions,
-    LengthGroupedShuffle,
     PackedCaptionCollator,
 )
 from captune.training.loss import CaptionLoss
 from captune.training.recipe import train
+from captune.training.sampling import LengthGroupedShuffle
 from captune.twins import write_checkpoint
 
 USUAL_CAPTION_TOKENS = 20

@@ -25,7 +25,8 @@ from PIL import Image
 
 from captune.config_loading import load_config
 from captune.data import read
-from captune.training.batches import CaptionCollator, CaptionPairs, EpochShuffle, training_loader
+from captune.training.batches import CaptionCollator, CaptionPairs, training_loader
+from captune.training.sampling import EpochShuffle
 
 ROWS = 100_000
 LINKS_PER_FILE = 50_000  # below ext4's 65,000 hard links per file

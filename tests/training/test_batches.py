@@ -14,11 +14,10 @@ from captune.model import LoadedModel, build_tiny
 from captune.training.batches import (
     CaptionCollator,
     CaptionPairs,
-    EpochShuffle,
-    LengthGroupedShuffle,
     use_packing,
 )
 from captune.training.loss import IGNORE
+from captune.training.sampling import EpochShuffle, LengthGroupedShuffle
 
 from .test_loss import _packed_and_plain
 

@@ -46,9 +46,7 @@ from captune.model_dir import load_saved_weights, save_base
 from captune.training.batches import (
     CaptionCollator,
     CaptionPairs,
-    EpochShuffle,
     ImageCaptions,
-    LengthGroupedShuffle,
     PackedCaptionCollator,
     load_training_data,
     load_vqa_training_data,
@@ -58,6 +56,7 @@ from captune.training.batches import (
 from captune.training.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint, save_model
 from captune.training.features import train_image_features, use_feature_cache
 from captune.training.loss import CaptionLoss, label_tokens
+from captune.training.sampling import EpochShuffle, LengthGroupedShuffle
 from captune.training.state import (
     NO_STEP,
     Run,

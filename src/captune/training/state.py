@@ -18,7 +18,7 @@ from captune.data import Record
 from captune.data.vqa import Question
 from captune.errors import TrainingDiverged
 from captune.model import LoadedModel
-from captune.training.batches import EpochShuffle
+from captune.training.sampling import EpochShuffle
 
 
 @dataclass
