@@ -41,8 +41,8 @@ import torch
 from answer_throughput import QUESTIONS, TEMPLATE
 from train_throughput import _environment, is_t5, make_data, time_usual, usual_model
 
-from captune.config_loading import load_config
 from captune.config import vqa_read_options
+from captune.config_loading import load_config
 from captune.data.vqa import read_vqa
 from captune.tiny import TINY_WORDS
 from captune.training.batches import CaptionCollator, CaptionPairs
@@ -76,7 +76,12 @@ def make_questions(folder: Path, images: int, seed: int = 0) -> Path:
 
 
 def usual_question_batches(
-    model: torch.nn.Module, model_dir: Path, data_dir: Path, batch_size: int, count: int, device: torch.device,
+    model: torch.nn.Module,
+    model_dir: Path,
+    data_dir: Path,
+    batch_size: int,
+    count: int,
+    device: torch.device,
     keep_start: bool = False,
 ) -> list[dict]:
     """`count` batches of the usual recipe: captune's question rows (the same tokens and labels), a row per question
@@ -96,7 +101,8 @@ def usual_question_batches(
         batch = collate([pairs[(b * batch_size + i) % len(pairs)] for i in range(batch_size)])
         start = batch.pop("caption_start")
         if width is not None:
-            for key, value in (("input_ids", processor.tokenizer.pad_token_id), ("attention_mask", 0), ("labels", -100)):
+            pads = (("input_ids", processor.tokenizer.pad_token_id), ("attention_mask", 0), ("labels", -100))
+            for key, value in pads:
                 batch[key] = torch.nn.functional.pad(batch[key], (0, width - batch[key].shape[1]), value=value)
         batches.append({k: v.to(device) for k, v in batch.items()} | ({"caption_start": start} if keep_start else {}))
     return batches
@@ -107,9 +113,11 @@ def loss_check(model: torch.nn.Module, batch: dict) -> dict[str, float]:
     model.eval()
     with torch.no_grad():
         usual = model(**{k: v for k, v in batch.items() if k != "caption_start"}).loss.item()
-        features = model.get_base_model().get_image_features(
-            pixel_values=batch["pixel_values"], return_dict=True
-        ).pooler_output
+        features = (
+            model.get_base_model()
+            .get_image_features(pixel_values=batch["pixel_values"], return_dict=True)
+            .pooler_output
+        )
         rest = {k: v for k, v in batch.items() if k != "pixel_values"}
         ours = CaptionLoss(model).eval()(**rest, image_features=features).item()
     return {"usual": usual, "captune_cached_features": ours, "relative_difference": abs(ours - usual) / abs(usual)}
