@@ -20,7 +20,9 @@ What runs, in order:
 4. captune: `captune.training.recipe.train(config)` with `data.task=vqa`, the real path (data check, the feature pass
    over the images, each image's features serving its five questions, the loader with workers, answer-only logits,
    fused AdamW, checkpoint at the end), one epoch at `--batch-size`; its results.json gives samples (questions) per
-   second of the training steps, the feature pass's time and peak memory.
+   second of the training steps, the feature pass's time and peak memory. An image's questions are packed into one
+   row (its image tokens once, then each question; `train.pack_captions`); `--ablations` runs the last batch size
+   again with each override (default: one row per question).
 
 The speed and memory of a random-weight model are those of the real one (the compute does not depend on the values).
 Writes `--output` (JSON: every number, the software versions, the GPU, this command) and prints a table.
@@ -161,6 +163,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--usual-batch-sizes", default="32,64,128")
     parser.add_argument("--batch-sizes", default="64,256", help="captune's batch sizes, one epoch each")
     parser.add_argument("--steps", type=int, default=20, help="timed steps of the usual recipe per batch size")
+    parser.add_argument(
+        "--ablations",
+        nargs="*",
+        default=["train.pack_captions=false"],
+        metavar="KEY=VALUE",
+        help="one more captune epoch at the last batch size per override (default: rows unpacked)",
+    )
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -202,6 +211,11 @@ def main(argv: list[str] | None = None) -> None:
     for batch_size in map(int, args.batch_sizes.split(",")):
         result["captune"].append(run_captune(model_dir, data_dir, args.work / f"run-{batch_size}", batch_size, []))
         print(f"captune, batch {batch_size}: {result['captune'][-1]}", flush=True)
+        save()
+    result["ablations"] = []
+    for override in args.ablations:
+        result["ablations"].append(run_captune(model_dir, data_dir, args.work / "run-ablation", batch_size, [override]))
+        print(f"captune, batch {batch_size}, {override}: {result['ablations'][-1]}", flush=True)
         save()
     usual_best = max((r["samples_per_s"] for r in result["usual"].values() if "samples_per_s" in r), default=0.0)
     ours_best = max(r["samples_per_s"] for r in result["captune"])

@@ -210,7 +210,9 @@ class TrainConfig:
     earlier tokens only (a block mask; position ids restart after the prefix). The same loss and gradients as one row
     per caption, with ~2.3x fewer tokens on Flickr8k (33 prefix tokens once instead of 5 times); the only difference
     is that LoRA dropout draws one mask for the shared prefix. Flan-T5: each image's prompt is encoded once for all
-    its captions. `false`: one row per caption, batches of captions of different images."""
+    its captions. `task: vqa` with OPT: a row per image holds its image tokens once and then each question as
+    BOS + prompt + answer + END, each attending to the image tokens and to itself (T5 encodes each question with its
+    image, so its VQA rows are not packed). `false`: one row per caption, batches of captions of different images."""
     group_by_length: bool = True
     """Batch captions (packed: images, by their captions' total length) of similar length together (shuffled in
     groups of 50 batches), so padding wastes little."""

@@ -15,9 +15,9 @@ from captune.config import Config
 from captune.config_loading import load_config
 from captune.data.vqa import Question, read_vqa
 from captune.generation.inputs import text_inputs
-from captune.model import LoadedModel, build_tiny, load_base
+from captune.model import LoadedModel, apply_lora, blip_of, build_tiny, load_base
 from captune.training import recipe
-from captune.training.batches import CaptionCollator, CaptionPairs, answer_rows
+from captune.training.batches import CaptionCollator, CaptionPairs, ImageCaptions, PackedCaptionCollator, answer_rows
 from captune.training.loss import IGNORE, CaptionLoss, label_tokens
 
 from .test_recipe import _adapter
@@ -152,11 +152,72 @@ def test_left_padding_leaves_each_rows_loss_as_alone(tiny: LoadedModel) -> None:
     assert together == pytest.approx(sum(v * n for v, n in alone) / sum(n for _, n in alone), rel=1e-5)
 
 
+# --- packed rows: an image's questions share its image tokens ----------------------------------------------------
+
+
+def _packed_and_rows(loaded: LoadedModel, synthetic_dir: Path, answers: str) -> tuple[dict, dict]:
+    """Three images' 15 questions, packed (a row per image) and as `question_rows` (a row per answer)."""
+    questions = read_vqa("synthetic", synthetic_dir).split("train")[:15]
+    if answers == "weighted":  # two distinct answers a question, of one and of three words
+        questions = [Question(q.question_id, q.question, q.image_id, q.image_path,
+                              (q.answers[0],) * 4 + ("a large red",) * 2, "train") for q in questions]  # fmt: skip
+    pairs = CaptionPairs.from_questions(questions, loaded.processor, TEMPLATE, answers)
+    images = ImageCaptions(pairs)
+    packed = PackedCaptionCollator.for_model(loaded.model, loaded.processor)([images[i] for i in range(len(images))])
+    rows = CaptionCollator.for_model(loaded.model, loaded.processor)([pairs[i] for i in range(len(pairs))])
+    return packed, rows
+
+
+def _loss_and_grads(model: torch.nn.Module, batch: dict) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    loss = CaptionLoss(model).eval()(**batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.item(), grads
+
+
+@pytest.mark.parametrize("answers", ["most-frequent", "weighted"])
+@pytest.mark.parametrize(("name", "attention"), [("tiny", "sdpa"), ("tiny", "eager"), ("twin-blip2-opt-2.7b", "sdpa")])
+def test_packed_questions_give_the_loss_and_gradients_of_a_row_per_answer(
+    synthetic_dir: Path, name: str, attention: str, answers: str
+) -> None:
+    loaded = load_base(name)
+    model = apply_lora(loaded.model, load_config(None, ["lora.modules_to_save=language_projection"]).lora)
+    loaded = LoadedModel(model, loaded.processor, name)
+    blip_of(model).language_model.config._attn_implementation = attention
+    model.eval()
+    packed, rows = _packed_and_rows(loaded, synthetic_dir, answers)
+    samples = packed.pop("samples")
+    assert len(packed["input_ids"]) == 3 and samples == len(rows["input_ids"]) == (
+        15 if answers == "most-frequent" else 30
+    )
+    assert label_tokens(packed).item() == pytest.approx(label_tokens(rows).item())
+    loss, grads = _loss_and_grads(model, packed)
+    reference, reference_grads = _loss_and_grads(model, rows)
+    assert loss == pytest.approx(reference, rel=1e-5)
+    assert len(grads) > 0 and grads.keys() == reference_grads.keys()
+    for key, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[key], rtol=1e-4, atol=1e-6, msg=key)
+    # The image tokens once an image instead of once a question.
+    assert packed["input_ids"].numel() < rows["input_ids"].numel()
+    if name.startswith("twin"):  # blip2-opt: every answer ends at "\n", where generation stops
+        ends = [i for i, t in enumerate(packed["labels"].tolist()) if t == OPT_END]
+        assert len(ends) == samples
+
+
+def test_vqa_runs_pack_an_images_questions_for_opt_and_not_for_t5(synthetic_dir: Path, tmp_path: Path) -> None:
+    opt = recipe.setup(_vqa_config(synthetic_dir, tmp_path / "opt", "train.max_steps=1"))
+    assert isinstance(opt.loader.dataset, ImageCaptions) and len(opt.loader.dataset) == 24
+    t5 = recipe.setup(_vqa_config(synthetic_dir, tmp_path / "t5", "train.max_steps=1", "model.name=tiny-t5"))
+    assert isinstance(t5.loader.dataset, CaptionPairs) and len(t5.loader.dataset) == 120
+
+
 # --- the feature cache, a resume and whole runs -----------------------------------------------------------------
 
 
 def test_the_feature_cache_computes_each_image_once_for_all_its_questions(synthetic_dir: Path, tmp_path: Path) -> None:
-    config = _vqa_config(synthetic_dir, tmp_path / "run", "train.max_steps=1", "lora.modules_to_save=")
+    config = _vqa_config(synthetic_dir, tmp_path / "run", "train.max_steps=1", "lora.modules_to_save=",
+                         "train.pack_captions=false")  # fmt: skip
     run = recipe.setup(config)  # LoRA on the language model only: nothing upstream of it trains
     pairs = run.loader.dataset
     assert isinstance(pairs, CaptionPairs) and run.features is not None

@@ -118,10 +118,14 @@ class ImageCaptions(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         first, end = int(self.pairs.first_caption[index]), int(self.pairs.first_caption[index + 1])
-        captions = [self.pairs.captions[i] for i in range(first, end)]
+        item: dict[str, Any] = {"captions": [self.pairs.captions[i] for i in range(first, end)]}
+        if self.pairs.prompts is not None:  # VQA: each row's question prompt (and weight)
+            item["prompts"] = [self.pairs.prompts[i] for i in range(first, end)]
+        if self.pairs.weights is not None:
+            item["weights"] = [float(w) for w in self.pairs.weights[first:end]]
         if not self.pairs.with_pixels:
-            return {"image_index": index, "captions": captions}
-        return {"pixel_values": self.pairs.pixels(index), "captions": captions}
+            return {"image_index": index, **item}
+        return {"pixel_values": self.pairs.pixels(index), **item}
 
     def caption_lengths(self) -> np.ndarray:
         """Each image's captions' total length in UTF-8 bytes, for grouping images by length."""
@@ -292,6 +296,8 @@ class PackedCaptionCollator(CaptionCollator):
     """
 
     def __call__(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        if "prompts" in batch[0]:
+            return self.question_images(batch)
         per_image = [self.caption_ids(item["captions"]) for item in batch]
         samples = sum(map(len, per_image))
         if self.encoder_decoder:
@@ -338,6 +344,64 @@ class PackedCaptionCollator(CaptionCollator):
             "labels": torch.tensor(labels),
         }
 
+    def question_images(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        """VQA, decoder-only: a row per image, `[<image>] * num_query_tokens`, then each of its questions in turn as
+        BOS + prompt + answer + END (one segment each), right-padded. Each segment attends to the image tokens and
+        causally to itself, and its positions restart after the image tokens: every token has the position, and
+        sees the tokens, that it has in a row of its own (`question_rows`, whose left padding generation and OPT's
+        positions skip). `labels` are the answer tokens, flat, `predict_from` the flat index of the hidden state
+        that predicts each (the prompt's last token for an answer's first), and with weighted answers
+        `token_weights` each label's weight (its row's weight over the row's answer tokens) and `weights` the rows'
+        (whose sum the loss divides by)."""
+        assert not self.encoder_decoder, "T5's questions are encoded with their image: no rows to share"
+        segments = [
+            list(
+                zip(self.prompt_ids(item["prompts"]), self.caption_ids(item["captions"], item["prompts"]), strict=True)
+            )
+            for item in batch
+        ]
+        start = self.num_query_tokens
+        length = max(start + sum(len(t) + len(a) for t, a in rows) for rows in segments)
+        input_ids = torch.full((len(batch), length), self.processor.tokenizer.pad_token_id, dtype=torch.long)
+        position_ids = torch.zeros((len(batch), length), dtype=torch.long)
+        segment = torch.full((len(batch), length), -1, dtype=torch.long)  # 0 image tokens, j question j, -1 padding
+        input_ids[:, :start] = self.image_token_id
+        position_ids[:, :start] = torch.arange(start)
+        segment[:, :start] = 0
+        predict_from: list[int] = []
+        labels: list[int] = []
+        for row, rows in enumerate(segments):
+            at = start
+            for j, (text, answer) in enumerate(rows, start=1):
+                n = len(text) + len(answer)
+                input_ids[row, at : at + n] = torch.tensor(text + answer)
+                position_ids[row, at : at + n] = torch.arange(start, start + n)
+                segment[row, at : at + n] = j
+                first = row * length + at + len(text) - 1  # the prompt's last token predicts the answer's first
+                predict_from += range(first, first + len(answer))
+                labels += answer
+                at += n
+        query, key = segment[:, :, None], segment[:, None, :]
+        causal = torch.ones((length, length), dtype=torch.bool).tril()
+        allowed = causal & ((key == 0) | (key == query))
+        allowed = torch.where(query >= 0, allowed, torch.eye(length, dtype=torch.bool))
+        out = {
+            **self.images(batch),
+            "samples": sum(map(len, segments)),
+            "input_ids": input_ids,
+            "attention_mask": allowed.unsqueeze(1),
+            "position_ids": position_ids,
+            "predict_from": torch.tensor(predict_from),
+            "labels": torch.tensor(labels),
+        }
+        if "weights" in batch[0]:
+            weights = [w for item in batch for w in item["weights"]]
+            answers = [len(a) for rows in segments for _, a in rows]
+            out["weights"] = torch.tensor(weights, dtype=torch.float32)
+            per_token = [w / n for w, n in zip(weights, answers, strict=True) for _ in range(n)]
+            out["token_weights"] = torch.tensor(per_token, dtype=torch.float32)
+        return out
+
 
 def _padded(rows: list[list[int]], value: int) -> torch.Tensor:
     """Rows of different lengths as one tensor, right-padded with value."""
@@ -361,12 +425,11 @@ def use_packing(config: Config, model: nn.Module) -> bool:
     """Whether batches hold whole images with their captions packed (train.pack_captions); says why not."""
     if not config.train.pack_captions:
         return False
-    if config.data.task == "vqa":
-        log.info("train.pack_captions: off for task vqa: each question has a prompt of its own, so an image's rows "
-                 "share only its image tokens (and, with cached features, those are computed once an image anyway); "
-                 "one row per question and answer")  # fmt: skip
-        return False
     lm = blip_of(model).language_model
+    if config.data.task == "vqa" and lm.config.is_encoder_decoder:
+        log.info("train.pack_captions: off for task vqa with an encoder-decoder language model: each question is "
+                 "encoded with its image, so an image's questions share no work; a row per answer")  # fmt: skip
+        return False
     implementation = lm.config._attn_implementation
     if lm.config.is_encoder_decoder or implementation in PACKING_ATTENTION:
         return True

@@ -10,10 +10,11 @@ positions whose next token is a caption label (not on the 32 image positions, th
 cross-entropy runs in chunks whose float32 logits are recomputed in the backward pass instead of kept, so the (tokens
 x 50k) float32 logits of a batch never exist at once. Encoder-decoder language models (Flan-T5) take the language
 model's own loss on the same embedded input (image features into the encoder's image-token positions), with pixels or
-cached features. Packed batches (`train.pack_captions`, see captune.training.batches.PackedCaptionCollator) hold one
-row per image with its captions behind one copy of the image tokens and prompt; a block mask and restarting position
-ids make the result that of a row per caption. VQA rows with weighted answers (`weights`, one a row) take the weighted
-mean of the rows' losses (each row's loss the mean over its answer tokens) instead of the mean over tokens.
+cached features. Packed batches (`train.pack_captions`, see captune.training.batches.PackedCaptionCollator) hold one row
+per image with its captions behind one copy of the image tokens and prompt; a block mask and restarting position ids
+make the result that of a row per caption. VQA rows with weighted answers (`weights`, one a row; packed, also
+`token_weights`, one a label) take the weighted mean of the rows' losses (each row's loss the mean over its answer
+tokens) instead of the mean over tokens.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class CaptionLoss(nn.Module):
         predict_from: torch.Tensor | None = None,
         caption_image: torch.Tensor | None = None,
         weights: torch.Tensor | None = None,
+        token_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The loss of a batch as `CaptionCollator` makes it (`caption_start`: the first caption column, the same in
         every row since image tokens and prompt come first and padding last), or as `PackedCaptionCollator` makes it
@@ -87,12 +89,20 @@ class CaptionLoss(nn.Module):
         `predict_from` the flat row x length index of the hidden state that predicts each of the flat `labels`; T5:
         `caption_image` the image row of each caption's labels), with pixels or cached features.
         `token_count`, when given, divides the summed loss instead of this batch's own caption-token count
-        (captune.training.recipe passes the mean over processes, so that DDP's gradient average is the
-        global batch's). `weights` (VQA, one a row of an unpacked batch): the loss is sum(weight x row loss) /
-        `token_count` or the weights' sum (`label_tokens` gives either)."""
+        (captune.training.recipe passes the mean over processes, so that DDP's gradient average is the global
+        batch's). `weights` (VQA, one a row; packed, with `token_weights`, one a label): the loss is sum(weight
+        x row loss) / `token_count` or the weights' sum (`label_tokens` gives either)."""
         blip = blip_of(self.model)
         embeds = embedded_inputs(blip, input_ids, pixel_values, image_features)
         lm = blip.language_model
+        if predict_from is not None:  # packed decoder-only: a row per image, its captions after one shared prefix
+            mask = block_mask_for(lm, attention_mask, embeds.dtype)
+            hidden = lm.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids)
+            hidden = hidden.last_hidden_state.flatten(0, 1)[predict_from]
+            if weights is not None:  # VQA's weighted answers: each row's mean over its tokens, weighted
+                divisor = token_count if token_count is not None else weights.sum()
+                return chunked_cross_entropy(hidden, labels, lm.get_output_embeddings(), divisor, token_weights)
+            return chunked_cross_entropy(hidden, labels, lm.get_output_embeddings(), token_count)
         if weights is not None:
             divisor = token_count if token_count is not None else weights.sum()
             if not blip.config.use_decoder_only_language_model:
@@ -113,11 +123,6 @@ class CaptionLoss(nn.Module):
                           attention_mask=attention_mask[caption_image], labels=labels).loss  # fmt: skip
             # T5's loss is the mean over this batch's label tokens; as a sum over token_count it is DDP-exact too.
             return loss if token_count is None else loss * (labels != IGNORE).sum() / token_count
-        if predict_from is not None:  # packed decoder-only: a row per image, its captions after one shared prefix
-            mask = block_mask_for(lm, attention_mask, embeds.dtype)
-            hidden = lm.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids)
-            hidden = hidden.last_hidden_state.flatten(0, 1)[predict_from]
-            return chunked_cross_entropy(hidden, labels, lm.get_output_embeddings(), token_count)
         assert caption_start is not None
         if not self.caption_logits_only:
             logits = lm(inputs_embeds=embeds, attention_mask=attention_mask).logits

@@ -154,9 +154,9 @@ def setup(config: Config) -> Run:
         items, collator = ImageCaptions(pairs), PackedCaptionCollator
         batch_size = items.images_per_batch(config.train.batch_size)
         if main:
-            log.info("batches: %d whole images (~%d captions), each image's captions sharing its image tokens "
-                     "and prompt (train.pack_captions)", batch_size,
-                     round(batch_size * len(pairs) / len(items)))  # fmt: skip
+            shared = "questions sharing its image tokens" if vqa else "captions sharing its image tokens and prompt"
+            log.info("batches: %d whole images (~%d %s), each image's %s (train.pack_captions)", batch_size,
+                     round(batch_size * len(pairs) / len(items)), "answers" if vqa else "captions", shared)  # fmt: skip
     sampler: EpochShuffle = (
         LengthGroupedShuffle(items.caption_lengths(), batch_size, config.train.seed, accelerator.num_processes)
         if config.train.group_by_length
@@ -232,6 +232,8 @@ def _fit(run: Run) -> TrainState:
         save_config(config, run.output_dir / "config.yaml")
         if run.val_records:
             write_references(run.output_dir / "val" / "references.json", run.val_records)
+        if run.val_questions:
+            write_val_questions(run.output_dir / "val" / "questions.json", run.val_questions)
     accelerator.init_trackers("tensorboard", config=_flat_hparams(config))
     # A terminal gets a live bar; a log file (CI, nohup) gets a line every 30 s instead of thousands of redraws.
     interval = 0.5 if sys.stderr.isatty() else 30.0
@@ -417,6 +419,16 @@ def vqa_metrics(accuracy: VqaAccuracy) -> dict[str, float]:
     yes_no), logged and kept like caption metrics."""
     per_type = {f"vqa_accuracy_{kind.replace('/', '_')}": value for kind, value in accuracy.per_answer_type.items()}
     return {"vqa_accuracy": accuracy.overall, **per_type}
+
+
+def write_val_questions(path: Path, questions: list[Question]) -> None:
+    """What the run report's gallery shows of each val question (`captune.report` reads it): question id, as the
+    val/step-*.json predictions key it -> question, image (its absolute path), annotators' answers, answer and
+    question type. Written atomically (`write_json`): a kill leaves the old file or the new one."""
+    write_json(path, {str(q.question_id): {"question": q.question, "image_id": q.image_id,
+                                           "image_path": str(q.image_path), "answers": list(q.answers),
+                                           "answer_type": q.answer_type, "question_type": q.question_type}
+                      for q in questions})  # fmt: skip
 
 
 def finish_validation(run: Run) -> None:
