@@ -1,20 +1,28 @@
-"""The model card: what it says of an adapter, a merged model and a `qformer` run, and how it says to load them."""
+"""The model card: what it says of an adapter, a merged model, a `qformer` run and a VQA run, and how it says to load
+them."""
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import io
+import re
+import shlex
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 from transformers import Blip2ForConditionalGeneration
 
-from captune.card import model_card
+from captune.card import QUESTION, model_card
+from captune.cli import main
 from captune.config import Config
 from captune.export import merge_model_dir
 from captune.generation.core import generate_captions
 from captune.model import LoadedModel
 from captune.model_dir import META_FILE
 
-from .conftest import METRICS, save_run
+from .conftest import METRICS, save_run, write_image
 from .test_export import GREEDY, _images
 
 
@@ -59,3 +67,43 @@ def test_qformer_mode_directory_has_a_card_and_loads_with_plain_transformers(tmp
     assert generate_captions(model, tuned.processor, images, GREEDY) == generate_captions(
         tuned.model, tuned.processor, images, GREEDY
     )
+
+
+VQA_METRICS = {"vqa_accuracy": 31.4286, "vqa_accuracy_other": 20.0, "vqa_accuracy_yes_no": 75.0}
+
+
+def _block(card: str, language: str) -> str:
+    """The one fenced code block of `language` in a card."""
+    (block,) = re.findall(rf"```{language}\n(.*?)```", card, re.DOTALL)
+    return block
+
+
+def test_vqa_card_says_best_is_chosen_by_vqa_accuracy_and_shows_captune_ask(tmp_path: Path) -> None:
+    loaded, config, _ = save_run(tmp_path / "run", ["task=vqa"])
+    card = model_card(loaded, config, VQA_METRICS)
+    assert "pipeline_tag: visual-question-answering" in card and "image-captioning" not in card
+    assert "# BLIP-2 visual question answering fine-tuned with captune" in card
+    assert "| vqa_accuracy | 31.4286 |" in card and "| vqa_accuracy_yes_no | 75.0000 |" in card
+    assert "best/ is chosen by val VQA accuracy (the official VQA evaluation's, in percent" in card
+    assert "CIDEr" not in card and "captune caption" not in card and "| prompt |" not in card
+    assert '| question_template | `"Question: {} Answer:"` |' in card and "| vqa_answers | `most-frequent` |" in card
+    assert "Generation (validation and `captune ask` defaults)" in card
+    assert _block(card, "bash") == f'captune ask photo.jpg --question "{QUESTION}" --model-dir MODEL_DIR\n'
+    assert "It answers like its training data" in card and "It is not a usable VQA model." in card
+
+
+def test_vqa_card_usage_lines_answer_as_captune_ask_does(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Both of the card's ways, run as written (MODEL_DIR and photo.jpg replaced), give the same answer.
+    _, _, best = save_run(tmp_path / "run", ["task=vqa"])
+    card = (best / "README.md").read_text()
+    photo = write_image(tmp_path / "photo.jpg", (30, 60, 220), size=64)
+    command = _block(card, "bash").replace("MODEL_DIR", str(best)).replace("photo.jpg", str(photo))
+    argv = shlex.split(command)
+    assert argv[:2] == ["captune", "ask"] and main(argv[1:]) == 0
+    asked = capsys.readouterr().out.splitlines()
+    python = _block(card, "python").replace("MODEL_DIR", str(best)).replace("photo.jpg", str(photo))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(python, {})  # noqa: S102 - the card's own code, on this test's files
+    (answer,) = ast.literal_eval(printed.getvalue())
+    assert asked == [answer.strip()] and answer.strip()

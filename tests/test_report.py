@@ -1,5 +1,5 @@
-"""The run report: a real tiny training run, looked at in headless Chromium, and hand-built run directories for the
-parts a run may lack."""
+"""The run report: real tiny training runs (captions, and VQA), looked at in headless Chromium, and hand-built run
+directories for the parts a run may lack."""
 
 from __future__ import annotations
 
@@ -16,11 +16,14 @@ from selenium import webdriver
 
 from captune.config import save_config
 from captune.config_loading import load_config
+from captune.data.vqa import Question, read_vqa
 from captune.errors import CaptuneError
 from captune.report import write_report
+from captune.training.recipe import write_val_questions
 
 from .conftest import write_image
 from .training.test_recipe import _config, recipe
+from .training.test_vqa import _vqa_config
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -42,6 +45,13 @@ REFERENCES = {
     "green": ["a green triangle on the top", "a green triangle at the top"],
 }
 PREDICTIONS = {"red": "a red circle on the left", "blue": "zebra zebra zebra", "green": "a green circle on the right"}
+# Three val questions, listed best answered first: all ten annotators say "red" and so does the prediction (100%); two
+# of ten say "blue" (in each set of nine: one or two matches, so 60%); the prediction "zebra" matches none (0%).
+ASKED = {
+    "1": ("what colour is the circle?", ("red",) * 10, "red"),
+    "2": ("what colour is the square?", ("blue",) * 2 + ("navy",) * 8, "blue"),
+    "3": ("which shape is it?", ("triangle",) * 10, "zebra"),
+}
 
 
 @dataclass
@@ -107,8 +117,38 @@ def _hand_built_run(
     return run_dir
 
 
+def _hand_built_vqa_run(
+    root: Path, validations: dict[int, dict[str, Any]] | None = None, results: dict[str, Any] | None = None
+) -> Path:
+    """A `task: vqa` run directory: config.yaml, val/questions.json of ASKED (written by the recipe's own writer), a
+    val/step-NNNNNN.json for each step of `validations` ({"metrics", "predictions"}; default: step 4 with ASKED's
+    predictions) and, when given, results.json."""
+    run_dir = root / "run"
+    run_dir.mkdir(parents=True)
+    save_config(load_config(None, ["task=vqa"]), run_dir / "config.yaml")
+    image = write_image(root / "images" / "shapes.jpg")
+    questions = [Question(qid, text, image.name, image, answers, "val", "other") for qid, (text, answers, _) in
+                 ASKED.items()]  # fmt: skip
+    write_val_questions(run_dir / "val" / "questions.json", questions)
+    predictions = {qid: predicted for qid, (_, _, predicted) in ASKED.items()}
+    validations = validations or {4: {"metrics": {"vqa_accuracy": 53.3}, "predictions": predictions}}
+    for step, validation in validations.items():
+        (run_dir / "val" / f"step-{step:06d}.json").write_text(json.dumps(validation))
+    if results is not None:
+        (run_dir / "results.json").write_text(json.dumps(results))
+    return run_dir
+
+
 def _gallery_ids(page: str) -> list[str]:
     return re.findall(r'class="card" data-image-id="([^"]*)"', page)
+
+
+def _question_ids(page: str) -> list[str]:
+    return re.findall(r'class="card" data-question-id="([^"]*)"', page)
+
+
+def _plot_titles(page: str) -> list[str]:
+    return re.findall(r'<img class="plot" alt="([^"]*)"', page)
 
 
 def test_training_writes_the_report_without_being_asked(trained_run: TrainedRun) -> None:
@@ -186,3 +226,112 @@ def test_gallery_size_limits_the_images_shown(tmp_path: Path) -> None:
     page = write_report(_hand_built_run(tmp_path, PREDICTIONS), gallery_size=1).read_text()
     assert _gallery_ids(page) == ["blue"]
     assert "1 of 3 images" in page
+
+
+# --- VQA runs ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vqa_run(synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four steps of `task: vqa` on the small synthetic set's questions, validated at the end (30 val questions)."""
+    run_dir = tmp_path_factory.mktemp("report-vqa") / "run"
+    recipe.train(_vqa_config(synthetic_dir, run_dir, "train.max_steps=4", "train.validate=true", "train.log_every=1"))
+    return run_dir
+
+
+def test_vqa_training_writes_the_val_questions_the_gallery_needs(vqa_run: Path, synthetic_dir: Path) -> None:
+    written = json.loads((vqa_run / "val" / "questions.json").read_text())
+    val = {str(q.question_id): q for q in read_vqa("synthetic", synthetic_dir).split("val")}
+    assert len(written) == len(val) == 30
+    predicted = json.loads((vqa_run / "val" / "step-000004.json").read_text())["predictions"]
+    assert written.keys() == val.keys() == predicted.keys()  # keyed as the predictions are
+    for question_id, entry in written.items():
+        question = val[question_id]
+        assert entry == {"question": question.question, "image_id": question.image_id,
+                         "image_path": str(question.image_path), "answers": list(question.answers),
+                         "answer_type": question.answer_type, "question_type": question.question_type}  # fmt: skip
+
+
+def test_vqa_report_shows_the_best_vqa_accuracy_curves_and_every_question(vqa_run: Path) -> None:
+    page = (vqa_run / "report.html").read_text()  # as `captune train` wrote it
+    results = json.loads((vqa_run / "results.json").read_text())
+    best = f"{results['best_vqa_accuracy']:.4f}% at step {results['best_step']}"
+    assert f"<th>best VQA accuracy</th><td>{best}</td>" in page
+    assert "no validation" not in page and "best CIDEr" not in page
+    assert _plot_titles(page) == ["training loss", "learning rate", "validation VQA accuracy"]
+    shown = _question_ids(page)
+    assert sorted(shown) == sorted(json.loads((vqa_run / "val" / "questions.json").read_text()))
+    assert page.count('class="thumb"') == 30 and 'class="missing-image"' not in page
+    assert "<th>vqa_accuracy</th>" in page and "VQA accuracy in percent" in page
+
+
+def test_vqa_report_renders_in_headless_chromium(vqa_run: Path, browser: webdriver.Chrome) -> None:
+    browser.get(write_report(vqa_run).as_uri())
+    images = browser.execute_script(
+        "return Array.from(document.images, i => ({cls: i.className, ok: i.complete && i.naturalWidth > 0}))"
+    )
+    assert [i["cls"] for i in images].count("thumb") == 30 and all(i["ok"] for i in images)
+    shown = browser.execute_script(
+        "return Array.from(document.querySelectorAll('.gallery .card'), c => [c.dataset.questionId, "
+        "c.querySelector('.question').textContent])"
+    )
+    written = json.loads((vqa_run / "val" / "questions.json").read_text())
+    assert sorted(shown) == sorted([question_id, entry["question"]] for question_id, entry in written.items())
+
+
+def test_vqa_gallery_shows_the_lowest_accuracy_first_with_question_answer_and_annotators(tmp_path: Path) -> None:
+    page = write_report(_hand_built_vqa_run(tmp_path)).read_text()
+    assert _question_ids(page) == ["3", "2", "1"]
+    assert re.findall(r'class="accuracy">([^<]*)<', page) == ["0.0%", "60.0%", "100.0%"]
+    worst = page[page.index('data-question-id="3"') : page.index('data-question-id="2"')]
+    assert '<div class="question">which shape is it?</div>' in worst
+    assert '<div class="pred">zebra</div>' in worst and "<li>triangle ×10</li>" in worst
+    assert "<li>navy ×8</li><li>blue ×2</li>" in page
+    assert "3 of 3 questions" in page and "references.json" not in page
+
+
+def test_vqa_gallery_size_limits_the_questions_shown(tmp_path: Path) -> None:
+    page = write_report(_hand_built_vqa_run(tmp_path), gallery_size=1).read_text()
+    assert _question_ids(page) == ["3"] and "1 of 3 questions" in page
+
+
+def test_vqa_summary_reads_best_vqa_accuracy_from_results(tmp_path: Path) -> None:
+    results = {"total_steps": 8, "train_samples": 80, "train_seconds": 2.0, "samples_per_second": 40.0,
+               "peak_gpu_memory_gib": None, "best_vqa_accuracy": 42.5, "best_step": 4, "history": []}  # fmt: skip
+    page = write_report(_hand_built_vqa_run(tmp_path, results=results)).read_text()
+    assert "<th>best VQA accuracy</th><td>42.5000% at step 4</td>" in page
+
+
+def test_vqa_best_validation_without_results_is_the_highest_vqa_accuracy(tmp_path: Path) -> None:
+    # Without results.json the best step is the one with the highest vqa_accuracy: step 8 here, not the first.
+    right = {qid: answers[0] for qid, (_, answers, _) in ASKED.items()}
+    wrong = {qid: "zebra" for qid in ASKED}
+    validations = {4: {"metrics": {"vqa_accuracy": 0.0}, "predictions": wrong},
+                   8: {"metrics": {"vqa_accuracy": 86.7}, "predictions": right}}  # fmt: skip
+    page = write_report(_hand_built_vqa_run(tmp_path, validations)).read_text()
+    assert "Step 8, lowest VQA accuracy first" in page
+    assert "zebra" not in page
+
+
+def test_vqa_curves_plot_the_accuracies_together_in_percent(tmp_path: Path) -> None:
+    metrics = {"vqa_accuracy": 20.0, "vqa_accuracy_other": 10.0, "vqa_accuracy_yes_no": 50.0}
+    predictions = {qid: "zebra" for qid in ASKED}
+    validations = {step: {"metrics": metrics, "predictions": predictions} for step in (4, 8)}
+    assert _plot_titles(write_report(_hand_built_vqa_run(tmp_path, validations)).read_text()) == [
+        "validation VQA accuracy"
+    ]
+
+
+def test_vqa_run_without_questions_json_names_it_as_absent(tmp_path: Path) -> None:
+    run_dir = _hand_built_vqa_run(tmp_path)
+    (run_dir / "val" / "questions.json").unlink()
+    page = write_report(run_dir).read_text()
+    assert f"{run_dir / 'val' / 'questions.json'} is absent" in page and 'class="card"' not in page
+
+
+def test_questions_and_answers_are_html_escaped(tmp_path: Path) -> None:
+    run_dir = _hand_built_vqa_run(tmp_path)
+    predictions = {"1": "<b>red</b>", "2": "blue", "3": "<script>alert(1)</script>"}
+    (run_dir / "val" / "step-000004.json").write_text(json.dumps({"metrics": {}, "predictions": predictions}))
+    page = write_report(run_dir).read_text()
+    assert "<script" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&lt;b&gt;red" in page

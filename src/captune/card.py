@@ -1,9 +1,11 @@
 """The model card: the README.md beside a saved or merged model, in Hugging Face model-card form (base, data,
-hyperparameters, metrics, how to load it, limitations)."""
+hyperparameters, metrics, how to load it, limitations), of a captioner or, after a `data.task: vqa` run, of a model
+that answers questions about images."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,75 @@ from captune.tiny import TINY_MODELS
 from captune.twins import TWINS
 
 CARD_FILE = "README.md"
+QUESTION = "what is in the picture?"
+"""The example question of a VQA model's usage lines."""
+
+
+@dataclass(frozen=True)
+class TaskWords:
+    """What a card says that depends on the run's `data.task`."""
+
+    title: str
+    pipeline_tag: str
+    """Hugging Face's names: the pipeline and the task's tag."""
+    tag: str
+    verb: str
+    """What the model does to an image: `captions`, `answers`."""
+    output: str
+    """What it writes: `caption`, `answer`."""
+    article: str
+    """The output's indefinite article."""
+    model: str
+    """What it is: `captioner`, `VQA model`."""
+    trained_on: str
+    cli: str
+    """The captune command that uses it."""
+    arguments: str
+    """That command's arguments in the usage section, before `--model-dir`."""
+    best_by: str
+    """The val metric best/ is chosen by."""
+    held_out: str
+    """What `captune eval --split test` does."""
+    prompt: str
+    """What the run's text before the output is called."""
+
+
+TASK_WORDS = {
+    "caption": TaskWords(
+        title="BLIP-2 image captioner fine-tuned with captune",
+        pipeline_tag="image-to-text",
+        tag="image-captioning",
+        verb="captions",
+        output="caption",
+        article="a",
+        model="captioner",
+        trained_on="image-caption pairs",
+        cli="captune caption",
+        arguments="photo.jpg",
+        best_by="CIDEr",
+        held_out="scores held-out images",
+        prompt="prompt",
+    ),
+    "vqa": TaskWords(
+        title="BLIP-2 visual question answering fine-tuned with captune",
+        pipeline_tag="visual-question-answering",
+        tag="visual-question-answering",
+        verb="answers",
+        output="answer",
+        article="an",
+        model="VQA model",
+        trained_on="questions about images and their annotators' answers",
+        cli="captune ask",
+        arguments=f"photo.jpg --question {json.dumps(QUESTION)}",
+        best_by=(
+            "VQA accuracy (the official VQA evaluation's, in percent: `vqa_accuracy` overall, "
+            "`vqa_accuracy_<answer type>` per answer type)"
+        ),
+        held_out="answers held-out questions",
+        prompt="question template",
+    ),
+}
+"""By `data.task`."""
 
 
 def model_card(
@@ -35,13 +106,14 @@ def model_card(
         val_images: Number of val images the metrics were computed on, if known.
     """
     mode = training_mode(config)
+    words = TASK_WORDS[config.data.task]
     is_adapter = mode.lora and merged_from is None
     in_full = not mode.lora and merged_from is None  # weights trained in full, beside a named base
     base = config.model.name
     front = ["---", f"library_name: {'peft' if is_adapter else 'transformers'}"]
     if base not in BUILT_IN and not Path(base).expanduser().exists():
         front.append(f"base_model: {base}")  # a hub id; local paths and the tiny model mean nothing on the Hub
-    front += ["pipeline_tag: image-to-text", "tags: [captune, blip-2, image-captioning, lora]", "---", ""]
+    front += [f"pipeline_tag: {words.pipeline_tag}", f"tags: [captune, blip-2, {words.tag}, lora]", "---", ""]
     if merged_from is None:
         what = mode.card
     else:
@@ -50,16 +122,16 @@ def model_card(
             "weights (a LoRA adapter through PEFT's `merge_and_unload`, no adapter layers at inference; or the "
             f"weights it trained in full), weights in {str(loaded.model.dtype).removeprefix('torch.')}. "
             "`generation_config.json` holds the run's generation settings; `captune.json` the provenance. In fp32 it "
-            "captions exactly as the directory it was made from; in bf16 or fp16 the merged weights are rounded "
-            "once, so a caption can now and then differ."
+            f"{words.verb} exactly as the directory it was made from; in bf16 or fp16 the merged weights are rounded "
+            f"once, so {words.article} {words.output} can now and then differ."
         )
-    lines = [*front, "# BLIP-2 image captioner fine-tuned with captune", "", what, ""]
+    lines = [*front, f"# {words.title}", "", what, ""]
     lines += _base_section(loaded, config, is_adapter, in_full)
-    lines += _data_section(config, val_images)
-    lines += _hyperparameter_section(config)
-    lines += _metrics_section(metrics, metrics_source)
-    lines += _usage_section(config, is_adapter, in_full)
-    lines += _limitations_section(config)
+    lines += _data_section(config, words, val_images)
+    lines += _hyperparameter_section(config, words)
+    lines += _metrics_section(metrics, metrics_source, words)
+    lines += _usage_section(config, words, is_adapter, in_full)
+    lines += _limitations_section(config, words)
     return "\n".join(lines)
 
 
@@ -89,21 +161,25 @@ def _base_section(loaded: LoadedModel, config: Config, is_adapter: bool, in_full
     return ["## Base model", "", f"{base} {size}. Weight dtype in training: `{config.model.dtype}`.", ""]
 
 
-def _data_section(config: Config, val_images: int | None) -> list[str]:
+def _data_section(config: Config, words: TaskWords, val_images: int | None) -> list[str]:
     data = config.data
     rows: list[tuple[str, Any]] = [("format", data.format), ("data_dir", data.data_dir)]
     rows += [(name, getattr(data, name)) for name in ("images_dir", "annotations") if getattr(data, name)]
-    rows += [
-        ("split_seed", data.split_seed),
-        ("prompt", json.dumps(data.prompt)),
-        ("max_caption_tokens", data.max_caption_tokens),
-    ]
+    rows.append(("split_seed", data.split_seed))
+    if data.task == "vqa":
+        rows += [
+            ("question_template", json.dumps(data.question_template)),
+            ("vqa_answers", data.vqa_answers),
+            ("max_caption_tokens (answer tokens)", data.max_caption_tokens),
+        ]
+    else:
+        rows += [("prompt", json.dumps(data.prompt)), ("max_caption_tokens", data.max_caption_tokens)]
     if val_images is not None:
         rows.append(("val images (scored in training)", val_images))
-    return ["## Data", "", "Fine-tuned on image-caption pairs of the train split of:", "", *_table(rows)]
+    return ["## Data", "", f"Fine-tuned on {words.trained_on} of the train split of:", "", *_table(rows)]
 
 
-def _hyperparameter_section(config: Config) -> list[str]:
+def _hyperparameter_section(config: Config, words: TaskWords) -> list[str]:
     lora, train = config.lora, config.train
     rows: list[tuple[str, Any]] = [("train.mode", train.mode)]
     if training_mode(config).lora:  # LoRA settings mean nothing when nothing has LoRA
@@ -133,12 +209,12 @@ def _hyperparameter_section(config: Config) -> list[str]:
         "AdamW with linear warm-up and cosine decay; the vision encoder is frozen.",
         "",
         *_table(rows),
-        f"Generation (validation and `captune caption` defaults): {generation}.",
+        f"Generation (validation and `{words.cli}` defaults): {generation}.",
         "",
     ]
 
 
-def _metrics_section(metrics: dict[str, float] | None, source: str | None) -> list[str]:
+def _metrics_section(metrics: dict[str, float] | None, source: str | None, words: TaskWords) -> list[str]:
     if not metrics:
         absent = (
             "No validation metrics were recorded with this model when this card was written (see `metrics.json` "
@@ -147,15 +223,18 @@ def _metrics_section(metrics: dict[str, float] | None, source: str | None) -> li
         return ["## Metrics", "", absent, ""]
     rows = ["| metric | value |", "|---|---|", *(f"| {name} | {value:.4f} |" for name, value in metrics.items())]
     note = (
-        f"From {source or 'the val split, scored during training'}. best/ is chosen by val CIDEr, so val scores are "
-        "optimistic; `captune eval --split test` scores held-out images."
+        f"From {source or 'the val split, scored during training'}. best/ is chosen by val {words.best_by}, so val "
+        f"scores are optimistic; `captune eval --split test` {words.held_out}."
     )
     return ["## Metrics", "", *rows, "", note, ""]
 
 
-def _usage_section(config: Config, is_adapter: bool, in_full: bool) -> list[str]:
-    prompt = config.data.prompt
-    captune = ["```bash", "captune caption photo.jpg --model-dir MODEL_DIR", "```", ""]
+def _usage_section(config: Config, words: TaskWords, is_adapter: bool, in_full: bool) -> list[str]:
+    captune = ["```bash", f"{words.cli} {words.arguments} --model-dir MODEL_DIR", "```", ""]
+    # The text as captune builds it: for a VQA model the run's question template around the question.
+    text = json.dumps(config.data.prompt)
+    if config.data.task == "vqa":
+        text = f"{json.dumps(config.data.question_template)}.format({json.dumps(QUESTION)})"
     if is_adapter or in_full:
         base = "MODEL_DIR/base" if config.model.name in BUILT_IN else config.model.name
         load = [f'model = Blip2ForConditionalGeneration.from_pretrained("{base}").eval()']
@@ -185,7 +264,7 @@ def _usage_section(config: Config, is_adapter: bool, in_full: bool) -> list[str]
         'processor = Blip2Processor.from_pretrained("MODEL_DIR")',
         *load,
         'image = Image.open("photo.jpg").convert("RGB")',
-        f'inputs = processor(images=[image], text=[{json.dumps(prompt)}], return_tensors="pt")',
+        f'inputs = processor(images=[image], text=[{text}], return_tensors="pt")',
         call,
         'print(processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
         "```",
@@ -194,7 +273,8 @@ def _usage_section(config: Config, is_adapter: bool, in_full: bool) -> list[str]
     return [
         "## How to load",
         "",
-        "`MODEL_DIR` is this directory. With captune (the run's prompt and generation settings are the defaults):",
+        f"`MODEL_DIR` is this directory. With captune (the run's {words.prompt} and generation settings are the "
+        "defaults):",
         "",
         *captune,
         "With transformers alone:",
@@ -203,16 +283,25 @@ def _usage_section(config: Config, is_adapter: bool, in_full: bool) -> list[str]
     ]
 
 
-def _limitations_section(config: Config) -> list[str]:
+def _limitations_section(config: Config, words: TaskWords) -> list[str]:
     items = []
     if config.model.name in BUILT_IN:
         items.append(
             f"The base is captune's built-in `{config.model.name}` with **random weights**: it demonstrates the "
-            "training path, not caption quality. It is not a usable captioner."
+            f"training path, not {words.output} quality. It is not a usable {words.model}."
         )
-    items += [
-        f"It captions like its training data (`{config.data.format}`); on other kinds of images expect the base "
-        "model's behaviour or worse, and the biases of both the base model's pre-training data and these captions.",
-        "Captions are in the language of the training captions, at most `generate.max_new_tokens` tokens long.",
-    ]
+    if config.data.task == "vqa":
+        items += [
+            f"It answers like its training data (`{config.data.format}`): short answers to the kinds of questions "
+            "asked there; on other images or questions expect the base model's behaviour or worse, and the biases "
+            "of both the base model's pre-training data and these questions and answers.",
+            "Answers are in the language of the training answers, at most `generate.max_new_tokens` tokens long.",
+        ]
+    else:
+        items += [
+            f"It captions like its training data (`{config.data.format}`); on other kinds of images expect the base "
+            "model's behaviour or worse, and the biases of both the base model's pre-training data and these "
+            "captions.",
+            "Captions are in the language of the training captions, at most `generate.max_new_tokens` tokens long.",
+        ]
     return ["## Limitations", "", *(f"- {item}" for item in items), ""]

@@ -2,9 +2,9 @@
 
 `write_report` reads what `captune train` left in a run directory (config, training log, validation files, results)
 and writes `report.html` beside them: a summary, the metric table, plots, a gallery of validation captions with the
-worst CIDEr first, and the config. Plots and thumbnails are embedded as base64 data URIs and the CSS is inline, so
-the one file can be moved, mailed and viewed offline. Whatever the run did not write is named as absent, never
-silently left out.
+worst CIDEr first (a `task: vqa` run: of validation questions with the lowest VQA accuracy first), and the config.
+Plots and thumbnails are embedded as base64 data URIs and the CSS is inline, so the one file can be moved, mailed and
+viewed offline. Whatever the run did not write is named as absent, never silently left out.
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from captune.data.images import ImageError, load_rgb
+from captune.data.vqa import Question
 from captune.errors import CaptuneError
 from captune.metric_inputs import load_references
 from captune.metrics import PerImageRow, per_image_rows, score_captions
+from captune.vqa_accuracy import QuestionId, vqa_accuracy
 
 REPORT_NAME = "report.html"
 THUMBNAIL_PX = 160
@@ -44,10 +46,30 @@ th { background: #f4f4f4; text-align: left; } td.num { text-align: right; font-v
 .card ul { margin: 4px 0 0; padding-left: 18px; color: #555; } .card .id { color: #777; font-size: 12px; }
 .scores { font-variant-numeric: tabular-nums; color: #444; } .rank { font-weight: 700; margin-right: 6px; }
 .thumb { width: 160px; height: auto; flex: none; image-rendering: pixelated; align-self: flex-start; }
-.pred { font-weight: 600; margin-top: 2px; }
+.pred { font-weight: 600; margin-top: 2px; } .question { margin-top: 2px; }
 .missing-image { width: 160px; flex: none; color: #a00; font-size: 12px; word-break: break-all; }
 pre { background: #f7f7f7; padding: 10px; overflow-x: auto; font-size: 12px; }
 """
+
+
+@dataclass(frozen=True)
+class TaskView:
+    """What the report names and ranks by for one `data.task`."""
+
+    name: str
+    best_key: str
+    """The best val score's key in results.json."""
+    metric: str
+    """The val metric best/ is chosen by (a key of a val/step-*.json file's metrics)."""
+    label: str
+    unit: str
+    """Printed after the best score (VQA accuracy is in percent)."""
+
+
+TASK_VIEWS = {
+    "caption": TaskView("caption", "best_cider", "CIDEr", "CIDEr", ""),
+    "vqa": TaskView("vqa", "best_vqa_accuracy", "vqa_accuracy", "VQA accuracy", "%"),
+}
 
 
 @dataclass
@@ -82,15 +104,24 @@ class RunFiles:
     results: dict[str, Any] | None
     best_metrics: dict[str, float] | None
 
+    @property
+    def task(self) -> TaskView:
+        """The view of the run's `data.task` (a config without one is a caption run, the default)."""
+        task = self.config.get("data", {}).get("task", "caption")
+        if task not in TASK_VIEWS:
+            raise CaptuneError(f"{self.run_dir / 'config.yaml'}: data.task is {task!r}; expected caption or vqa")
+        return TASK_VIEWS[task]
+
 
 def write_report(run_dir: Path, *, gallery_size: int = 48) -> Path:
     """Writes `run_dir/report.html`, a single self-contained page about a training run.
 
-    Scoring the gallery's captions one image at a time runs the COCO-caption toolkit, so Java is needed.
+    Scoring the gallery's captions one image at a time runs the COCO-caption toolkit, so Java is needed (not for a
+    `task: vqa` run, whose gallery is scored by `captune.vqa_accuracy`).
 
     Args:
         run_dir: The `train.output_dir` of a `captune train` run (it holds config.yaml).
-        gallery_size: How many validation images the gallery shows, worst CIDEr first.
+        gallery_size: How many validation images (VQA: questions) the gallery shows, the worst scored first.
 
     Returns:
         The path of the written report.
@@ -103,7 +134,7 @@ def write_report(run_dir: Path, *, gallery_size: int = 48) -> Path:
         _summary(run),
         _metric_table(run),
         _plots(run),
-        _gallery(run, gallery_size),
+        _vqa_gallery(run, gallery_size) if run.task.name == "vqa" else _gallery(run, gallery_size),
         _config(run),
     ]
     page = _page(f"captune run report: {run.run_dir.name}", _header(run), sections)
@@ -175,16 +206,34 @@ def _read_validations(val_dir: Path) -> list[Validation]:
     return validations
 
 
+def _read_questions(path: Path) -> list[Question]:
+    """The val questions of a `task: vqa` run, as `captune train` writes val/questions.json (question id, as the
+    val/step-*.json predictions key it -> question, image, annotators' answers, answer and question type)."""
+    questions = []
+    for question_id, entry in (_read_json(path) or {}).items():
+        try:
+            questions.append(Question(question_id, entry["question"], entry["image_id"], Path(entry["image_path"]),
+                                      tuple(entry["answers"]), "val", entry.get("answer_type"),
+                                      entry.get("question_type")))  # fmt: skip
+        except (KeyError, TypeError) as err:
+            raise CaptuneError(
+                f"{path}: question {question_id!r}: expected an object with question, image_id, image_path and "
+                f"answers ({err!r}); delete the file and train again to rewrite it"
+            ) from err
+    return questions
+
+
 def _best_validation(run: RunFiles) -> Validation | None:
-    """The validation of results.json's best_step, else the one with the highest CIDEr (the first of equals, as
-    training keeps best/)."""
+    """The validation of results.json's best_step, else the one with the highest score best/ is chosen by (CIDEr,
+    VQA accuracy; the first of equals, as training keeps best/)."""
     best_step = (run.results or {}).get("best_step")
     for validation in run.validations:
         if validation.step == best_step:
             return validation
     if not run.validations:
         return None
-    return max(run.validations, key=lambda v: (v.metrics.get("CIDEr", float("-inf")), -v.step))
+    metric = run.task.metric
+    return max(run.validations, key=lambda v: (v.metrics.get(metric, float("-inf")), -v.step))
 
 
 # ----------------------------------------------------------------------------------------------------- sections ---
@@ -199,6 +248,7 @@ def _header(run: RunFiles) -> str:
     rows = {
         "run directory": str(run.run_dir.resolve()),
         "base model": model.get("name", "?"),
+        "task": run.task.name,
         "data": f"{data.get('format', '?')} from {data.get('data_dir', '?')}",
         "run finished": finished,
         "report written": datetime.now().strftime("%Y-%m-%d %H:%M"),
@@ -211,15 +261,15 @@ def _summary(run: RunFiles) -> str:
         return _section("Run summary", _absent("results.json is absent: the run has not finished (or it crashed)."))
     results = run.results
     peak = results.get("peak_gpu_memory_gib")
-    best = _best_validation(run)
-    best_cider = results.get("best_cider")
-    best_text = "no validation" if best_cider is None else f"{best_cider:.4f} at step {best.step if best else '?'}"
+    best, task = _best_validation(run), run.task
+    score = results.get(task.best_key)
+    best_text = "no validation" if score is None else f"{score:.4f}{task.unit} at step {best.step if best else '?'}"
     rows = {
         "optimizer steps": str(results.get("total_steps", "?")),
         "training samples": f"{results.get('train_samples', '?')} in {results.get('train_seconds', 0):.1f} s",
         "samples/s": f"{results.get('samples_per_second', 0):.2f}",
         "peak GPU memory": "CPU run" if peak is None else f"{peak:.2f} GiB",
-        "best CIDEr": best_text,
+        f"best {task.label}": best_text,
     }
     return _section("Run summary", _facts(rows))
 
@@ -234,7 +284,8 @@ def _metric_table(run: RunFiles) -> str:
         return _section("Final metrics", _absent("No best/metrics.json and no val/ files: validation did not run."))
     head = "".join(f"<th>{html.escape(name)}</th>" for name in metrics)
     cells = "".join(f'<td class="num">{value:.4f}</td>' for value in metrics.values())
-    body = f"<p>From {html.escape(source)}.</p><table><tr>{head}</tr><tr>{cells}</tr></table>"
+    unit = " VQA accuracy in percent, overall and per answer type." if run.task.name == "vqa" else ""
+    body = f"<p>From {html.escape(source)}.{unit}</p><table><tr>{head}</tr><tr>{cells}</tr></table>"
     return _section("Final metrics", body)
 
 
@@ -277,6 +328,35 @@ def _gallery(run: RunFiles, size: int) -> str:
     return _section(title, f'{intro}<div class="gallery">{cards}</div>')
 
 
+def _vqa_gallery(run: RunFiles, size: int) -> str:
+    """The best validation's questions, the lowest VQA accuracy first (ties in val/questions.json's order)."""
+    title = "Validation answers"
+    chosen = _best_validation(run)
+    questions_path = run.run_dir / "val" / "questions.json"
+    if chosen is None:
+        return _section(title, _absent("No val/step-*.json files: there are no validation answers to show."))
+    if not questions_path.is_file():
+        return _section(title, _absent(f"{questions_path} is absent: the questions and images are unknown."))
+    questions = _read_questions(questions_path)
+    predictions_file = run.run_dir / "val" / f"step-{chosen.step:06d}.json"
+    # The ids are text on both sides: JSON keys, in the predictions and in questions.json.
+    answers: dict[QuestionId, str] = {key: answer for key, answer in chosen.predictions.items()}
+    scores = vqa_accuracy(answers, questions, source=str(predictions_file)).per_question
+    ranked = sorted(questions, key=lambda q: scores[q.question_id])
+    intro = (
+        f"<p>Step {chosen.step}, lowest VQA accuracy first: {min(size, len(ranked))} of {len(ranked)} questions. "
+        "Accuracy is per question, in percent (the official VQA evaluation's: min(1, matches / 3) over each set of "
+        "all annotators but one, averaged).</p>"
+    )
+    shown = ranked[:size]
+    thumbnails = {path: _thumbnail_tag(path) for path in dict.fromkeys(q.image_path for q in shown)}  # once an image
+    cards = "".join(
+        _answer_card(rank, q, answers[q.question_id], scores[q.question_id], thumbnails[q.image_path])
+        for rank, q in enumerate(shown, 1)
+    )
+    return _section(title, f'{intro}<div class="gallery">{cards}</div>')
+
+
 def _config(run: RunFiles) -> str:
     return _section("Config (config.yaml)", f"<pre>{html.escape(run.config_text)}</pre>")
 
@@ -300,6 +380,21 @@ def _gallery_card(rank: int, row: PerImageRow, image: Path | None) -> str:
     )
 
 
+def _answer_card(rank: int, question: Question, answer: str, accuracy: float, thumbnail: str) -> str:
+    """A question's card: its image, the question, the predicted answer and each distinct annotator answer with how
+    many gave it."""
+    given = "".join(f"<li>{html.escape(text)} ×{count}</li>" for text, count in question.answer_counts())
+    question_id = html.escape(str(question.question_id))
+    kind = f" · {html.escape(question.answer_type)}" if question.answer_type else ""
+    return (
+        f'<div class="card" data-question-id="{question_id}">{thumbnail}<div>'
+        f'<div class="scores"><span class="rank">#{rank}</span>VQA accuracy <b class="accuracy">{accuracy:.1f}%</b>'
+        f'{kind}</div><div class="id">{question_id} · {html.escape(question.image_id)}</div>'
+        f'<div class="question">{html.escape(question.question)}</div>'
+        f'<div class="pred">{html.escape(answer) or "<i>(empty answer)</i>"}</div><ul>{given}</ul></div></div>'
+    )
+
+
 def _thumbnail_tag(image: Path | None) -> str:
     """An embedded JPEG thumbnail, or a visible note saying why there is none."""
     if image is None:
@@ -314,14 +409,17 @@ def _thumbnail_tag(image: Path | None) -> str:
     return f'<img class="thumb" alt="{html.escape(image.name)}" src="{_data_uri("image/jpeg", buffer.getvalue())}">'
 
 
-def _line_plot(title: str, steps: list[int], series: dict[str, list[float]], ticks: list[str] | None = None
-               ) -> tuple[str, str]:  # fmt: skip
-    """(title, PNG data URI) of a plot of one or more curves over optimizer steps; `ticks` labels each step."""
+def _line_plot(title: str, steps: list[int], series: dict[str, list[float]], ticks: list[str] | None = None,
+               percent: bool = False) -> tuple[str, str]:  # fmt: skip
+    """(title, PNG data URI) of a plot of one or more curves over optimizer steps; `ticks` labels each step;
+    `percent` puts the y axis on 0-100 (a little past, so that points at 0 and 100 show whole)."""
     figure = Figure(figsize=(5.6, 3.2), dpi=110, layout="constrained")
     axes = figure.add_subplot()
     for name, values in series.items():
         axes.plot(steps, values, marker="o" if ticks else ".", label=name)
     axes.set(title=title, xlabel="optimizer step")
+    if percent:
+        axes.set(ylabel="percent", ylim=(-4, 104))
     if ticks:
         axes.set_xticks(steps, ticks)
     axes.grid(alpha=0.3)
@@ -331,13 +429,18 @@ def _line_plot(title: str, steps: list[int], series: dict[str, list[float]], tic
 
 
 def _validation_plots(run: RunFiles) -> list[tuple[str, str]]:
-    """CIDEr alone (its scale reaches past 1) and the other metrics together, one point per validation."""
+    """CIDEr alone (its scale reaches past 1) and the other metrics together, one point per validation; for a VQA
+    run the accuracies (overall and per answer type, all in percent) together."""
     epochs = {entry["step"]: entry["epoch"] for entry in (run.results or {}).get("history", [])}
     steps = [v.step for v in run.validations]
     ticks = [f"{step}\n(epoch {epochs[step]})" if step in epochs else str(step) for step in steps]
     # The best step's file holds every metric, the others the fast subset: plot what all of them have.
     names = [name for name in run.validations[0].metrics if all(name in v.metrics for v in run.validations)]
     curves = {name: [v.metrics[name] for v in run.validations] for name in names}
+    if run.task.name == "vqa":
+        # vqa_accuracy_yes_no -> "yes_no"; the overall number first, as the val files list it.
+        named = {name.removeprefix("vqa_accuracy").lstrip("_") or "overall": values for name, values in curves.items()}
+        return [_line_plot("validation VQA accuracy", steps, named, ticks, percent=True)] if named else []
     others = {name: values for name, values in curves.items() if name != "CIDEr"}
     plots = [_line_plot("validation CIDEr", steps, {"CIDEr": curves["CIDEr"]}, ticks)] if "CIDEr" in curves else []
     return plots + ([_line_plot("validation BLEU / ROUGE-L", steps, others, ticks)] if others else [])
