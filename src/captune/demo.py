@@ -8,7 +8,6 @@ It runs the same code a user's fine-tune runs (`training.recipe.train`, `evaluat
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from captune.evaluation import (
     write_evaluation,
     write_vqa_evaluation,
 )
+from captune.files import write_json
 from captune.generation.files import caption_paths
 from captune.model import LoadedModel, load_base
 from captune.model_dir import load_model_dir
@@ -84,7 +84,7 @@ def run_demo(
     after = evaluate_records(tuned.model, tuned.processor, test, config.generate, config.data.prompt)
     write_evaluation(output_dir / "eval-after", after, test)
     metrics = {"before": before.result.metrics, "after": after.result.metrics}
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json(output_dir / "metrics.json", metrics)
 
     paths = [r.image_path for r in test[:4]]
     samples = [(Path(r.image).name, r.caption or "") for r in caption_paths(tuned.model, tuned.processor, paths,
@@ -115,6 +115,6 @@ def _run_vqa_demo(output_dir: Path, config: Config) -> DemoResult:
     # 3. After: reload the saved model from disk and answer the same questions.
     answered = evaluated(load_model_dir(model_dir), "eval-after")
     after = vqa_metrics(answered.accuracy)
-    (output_dir / "metrics.json").write_text(json.dumps({"before": before, "after": after}, indent=2))
+    write_json(output_dir / "metrics.json", {"before": before, "after": after})
     samples = [(f"{q.image_id}: {q.question}", answered.answers[q.question_id]) for q in test[:5]]
     return DemoResult(before, after, samples)

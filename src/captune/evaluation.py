@@ -77,7 +77,7 @@ def write_evaluation(output_dir: Path, evaluation: ModelEvaluation, records: lis
     rows = per_image_rows(references_of(records), evaluation.predictions, evaluation.result)
     write_per_image(output_dir / "per_image.jsonl", rows)
     predictions = [{"image_id": k, "caption": v} for k, v in evaluation.predictions.items()]
-    (output_dir / "predictions.json").write_text(json.dumps(predictions, indent=2))
+    write_json(output_dir / "predictions.json", predictions)
     write_references(output_dir / "references.json", records)
 
 
@@ -88,7 +88,7 @@ def write_references(path: Path, records: list[Record]) -> None:
         "annotations": [{"image_id": r.image_id, "caption": c} for r in records for c in r.captions],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(references, indent=2))
+    write_json(path, references)
 
 
 def answer_questions(
