@@ -1,0 +1,244 @@
+"""Image-text retrieval with BLIP-2's Q-Former (`Blip2ForImageTextRetrieval`, the stage-1 model: ViT + Q-Former, no
+language model): image and text embeddings, their similarity, and the two training losses transformers does not
+have, image-text contrastive (ITC) and image-text matching (ITM) on hard negatives, as the BLIP-2 paper and LAVIS's
+`blip2_qformer.py` compute them.
+
+An image's embedding is its 32 query outputs projected to `image_text_hidden_size` (256) and L2-normalised; a text's
+is its `[CLS]` output projected and normalised; their similarity is the best of the 32 query-text cosines (what the
+model's own forward returns as `logits_per_image` without the matching head). The contrastive loss divides the
+similarities by a learnable temperature (LAVIS: initialised at 0.07, clamped to [0.001, 0.5]); every caption of the
+same image counts as a positive (LAVIS's `image_ids` targets), and under several processes the embeddings of every
+process are gathered, so the negatives are the global batch and the gradients flow back to each process's own.
+The matching loss takes, for each image, one negative caption sampled in proportion to its contrastive similarity
+(the same image's captions excluded), and for each caption one negative image alike; the matching head scores the
+positive pairs and both sets of negatives, two-way cross-entropy.
+
+The tiny retrieval model (`build_tiny_retrieval`) is the real architecture at hidden sizes 32, with a word-level
+BERT-like tokenizer built here whose last id is `[DEC]`, as blip2-itm-vit-g's Q-Former vocabulary (30,522 BERT ids +
+`[DEC]` = 30522) ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from torch import nn
+from transformers import Blip2Config, Blip2ForImageTextRetrieval, BlipImageProcessorPil, PreTrainedTokenizerFast
+
+from captune.errors import CaptuneError
+from captune.tiny import TINY_WORDS
+
+TEMPERATURE_INIT = 0.07
+TEMPERATURE_RANGE = (0.001, 0.5)
+"""LAVIS's `temp` (`blip2_qformer.py`): initial value and the clamp applied at every step."""
+
+
+class Temperature(nn.Module):
+    """The contrastive loss's learnable temperature, clamped to `TEMPERATURE_RANGE` where it is read."""
+
+    def __init__(self, value: float = TEMPERATURE_INIT) -> None:
+        super().__init__()
+        self.value = nn.Parameter(torch.tensor(float(value)))
+
+    def forward(self) -> torch.Tensor:
+        return self.value.clamp(*TEMPERATURE_RANGE)
+
+
+def image_embeddings(model: Blip2ForImageTextRetrieval, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(images, queries, dim): each image's query outputs, projected and L2-normalised."""
+    vision = model.vision_model(pixel_values=pixel_values).last_hidden_state
+    queries = model.query_tokens.expand(vision.shape[0], -1, -1)
+    mask = torch.ones(vision.shape[:-1], dtype=torch.long, device=vision.device)
+    out = model.qformer(query_embeds=queries, encoder_hidden_states=vision, encoder_attention_mask=mask)
+    projected = model.vision_projection(out.last_hidden_state.to(model.vision_projection.weight.dtype))
+    return F.normalize(projected, dim=-1)
+
+
+def image_side(model: Blip2ForImageTextRetrieval, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(images, patches + 1, width): the vision encoder's output, which the matching head's Q-Former pass reads."""
+    return model.vision_model(pixel_values=pixel_values).last_hidden_state
+
+
+def text_embeddings(
+    model: Blip2ForImageTextRetrieval, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """(texts, dim): each text's first ([CLS]) output of the Q-Former's text pass, projected and L2-normalised."""
+    embeds = model.embeddings(input_ids=input_ids)
+    out = model.qformer(query_embeds=embeds, query_length=0, attention_mask=attention_mask)
+    first = out.last_hidden_state[:, 0, :].to(model.text_projection.weight.dtype)
+    return F.normalize(model.text_projection(first), dim=-1)
+
+
+def similarity(images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+    """(images, texts): the best of each image's query-text cosines, as the model's `logits_per_image`."""
+    return torch.einsum("iqd,td->iqt", images, texts).amax(dim=1)
+
+
+def matching_logits(
+    model: Blip2ForImageTextRetrieval,
+    vision: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+) -> torch.Tensor:
+    """(pairs, 2): the matching head's logits (no match, match) for pair k = (vision[k], text k), the mean over the
+    query outputs of the Q-Former's joint pass, as the model's forward with `use_image_text_matching_head`."""
+    queries = model.query_tokens.expand(vision.shape[0], -1, -1)
+    embeds = model.embeddings(input_ids=input_ids, query_embeds=queries)
+    query_mask = torch.ones(queries.shape[:-1], dtype=attention_mask.dtype, device=attention_mask.device)
+    image_mask = torch.ones(vision.shape[:-1], dtype=torch.long, device=vision.device)
+    out = model.qformer(query_embeds=embeds, query_length=queries.shape[1],
+                        attention_mask=torch.cat([query_mask, attention_mask], dim=1),
+                        encoder_hidden_states=vision, encoder_attention_mask=image_mask)  # fmt: skip
+    hidden = out.last_hidden_state[:, : queries.shape[1], :].to(model.itm_head.weight.dtype)
+    return model.itm_head(hidden).mean(dim=1)
+
+
+def gathered(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every process's rows, in rank order, and where this process's rows start; the gradient of the result flows
+    back to the local rows, summed over the processes that used them (`all_gather_tensor_autograd`, whose backward
+    is a reduce-scatter; `torch.distributed.nn.all_gather` gave only the local loss's share, tested). Every process
+    must hold as many rows (accelerate's `even_batches`). One process: itself."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return tensor, 0
+    from torch.distributed._functional_collectives import all_gather_tensor_autograd
+
+    world = torch.distributed.group.WORLD
+    assert world is not None
+    every = all_gather_tensor_autograd(tensor.contiguous(), gather_dim=0, group=world)
+    return every, torch.distributed.get_rank() * len(tensor)
+
+
+@dataclass(frozen=True)
+class RetrievalLosses:
+    """One batch's losses; `loss` is what training steps on."""
+
+    contrastive: torch.Tensor
+    matching: torch.Tensor | None
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.contrastive if self.matching is None else self.contrastive + self.matching
+
+
+def contrastive_loss(
+    images: torch.Tensor, texts: torch.Tensor, image_ids: torch.Tensor, temperature: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ITC over the global batch: (loss, the local images x local texts similarities over the temperature,
+    detached, from which the matching loss samples its negatives).
+
+    `images` (local images, queries, dim) and `texts` (local texts, dim) are row k = pair k; `image_ids` (local) name
+    each pair's image, so two captions of one image are both positives (their targets share the mass evenly). The
+    loss is the mean of image->text and text->image cross-entropies of similarity / temperature."""
+    if not (len(images) == len(texts) == len(image_ids)):
+        raise CaptuneError(f"contrastive loss: {len(images)} images, {len(texts)} texts and {len(image_ids)} image "
+                           "ids: a batch holds one image, one text and one image id per pair")  # fmt: skip
+    all_images, start = gathered(images)
+    all_texts, _ = gathered(texts)
+    all_ids, _ = gathered(image_ids)
+    image_to_text = similarity(images, all_texts) / temperature  # (local, global)
+    text_to_image = similarity(all_images, texts).t() / temperature  # (local, global)
+    positives = (image_ids[:, None] == all_ids[None, :]).float()
+    targets = positives / positives.sum(dim=1, keepdim=True)
+    loss_i2t = -(F.log_softmax(image_to_text, dim=1) * targets).sum(dim=1).mean()
+    loss_t2i = -(F.log_softmax(text_to_image, dim=1) * targets).sum(dim=1).mean()
+    local = image_to_text[:, start : start + len(images)]  # LAVIS samples negatives from sim / temperature
+    return (loss_i2t + loss_t2i) / 2, local.detach()
+
+
+def hard_negatives(scores: torch.Tensor, same_image: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """For each row one column sampled in proportion to softmax(scores) over the columns that are not the row's own
+    image's (`same_image` True); LAVIS's sampling of ITM negatives. A row whose every column is its own image's
+    cannot have a negative: refused (batches need at least two images)."""
+    weights = F.softmax(scores.float(), dim=1).masked_fill(same_image, 0.0)
+    if bool((weights.sum(dim=1) <= 0).any()):
+        raise CaptuneError("image-text matching needs a negative for every pair: a batch holds captions of one image "
+                           "only; use a batch of at least two images")  # fmt: skip
+    weights = torch.nan_to_num(weights, nan=0.0)
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
+def matching_loss(
+    model: Blip2ForImageTextRetrieval,
+    vision: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_ids: torch.Tensor,
+    local_scores: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """ITM on the local batch: its positive pairs, each image with a hard negative caption and each caption with a
+    hard negative image (sampled from `local_scores`, the local pairs' contrastive similarities), two-way
+    cross-entropy."""
+    n = len(image_ids)
+    same = image_ids[:, None] == image_ids[None, :]
+    negative_text = hard_negatives(local_scores, same, generator)  # for each image
+    negative_image = hard_negatives(local_scores.t(), same, generator)  # for each caption
+    vision_rows = torch.cat([vision, vision, vision[negative_image]])
+    ids = torch.cat([input_ids, input_ids[negative_text], input_ids])
+    mask = torch.cat([attention_mask, attention_mask[negative_text], attention_mask])
+    logits = matching_logits(model, vision_rows, ids, mask)
+    labels = torch.cat([torch.ones(n, dtype=torch.long), torch.zeros(2 * n, dtype=torch.long)]).to(logits.device)
+    return F.cross_entropy(logits.float(), labels)
+
+
+# --- the tiny retrieval model ------------------------------------------------------------------------------------
+
+TINY_RETRIEVAL = "tiny-retrieval"
+BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def build_retrieval_tokenizer(words: tuple[str, ...] = tuple(TINY_WORDS)) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer laid out as BERT's (`[PAD]` 0, `[CLS]` text `[SEP]`, lower case) with `[DEC]` as its
+    last id and BOS, as blip2-itm-vit-g's Q-Former tokenizer (bert-base-uncased + `[DEC]` = 30522)."""
+    vocab = {token: i for i, token in enumerate(BERT_SPECIALS)}
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    vocab["[DEC]"] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", bos_token="[DEC]")  # fmt: skip
+
+
+def tiny_retrieval_config(vocab_size: int, image_size: int = 32) -> Blip2Config:
+    """blip2-itm-vit-g's architecture (ViT, Q-Former with its text input, projections to `image_text_hidden_size`,
+    the matching head) at hidden size 32 and 8 queries."""
+    return Blip2Config(
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": image_size, "patch_size": 8, "initializer_range": 0.02},
+        qformer_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                        "encoder_hidden_size": 32, "vocab_size": vocab_size, "max_position_embeddings": 64,
+                        "use_qformer_text_input": True},
+        num_query_tokens=8,
+        image_text_hidden_size=16,
+        image_token_index=None,
+    )  # fmt: skip
+
+
+@dataclass
+class RetrievalModel:
+    """A retrieval model with what it reads text and images with, and the contrastive temperature."""
+
+    model: Blip2ForImageTextRetrieval
+    tokenizer: PreTrainedTokenizerFast
+    image_processor: BlipImageProcessorPil
+    temperature: Temperature
+
+
+def build_tiny_retrieval(seed: int = 0, image_size: int = 32) -> RetrievalModel:
+    """The tiny retrieval model with random weights (query tokens drawn too: transformers starts them at zero, which
+    makes every query the same), deterministic for a seed."""
+    tokenizer = build_retrieval_tokenizer()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Blip2ForImageTextRetrieval(tiny_retrieval_config(len(tokenizer), image_size))
+        with torch.no_grad():
+            model.query_tokens.normal_(std=0.02)
+    processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
+    return RetrievalModel(model.eval(), tokenizer, processor, Temperature())
