@@ -330,10 +330,7 @@ class PackedCaptionCollator(CaptionCollator):
                 predict_from += [base + start - 1, *range(base + at, base + at + n - 1)]
                 labels += ids
                 at += n
-        query, key = segment[:, :, None], segment[:, None, :]
-        causal = torch.ones((length, length), dtype=torch.bool).tril()
-        allowed = causal & ((key == 0) | (key == query))
-        allowed = torch.where(query >= 0, allowed, torch.eye(length, dtype=torch.bool))
+        allowed = _block_mask(segment)
         return {
             **self.images(batch),
             "samples": samples,
@@ -381,10 +378,7 @@ class PackedCaptionCollator(CaptionCollator):
                 predict_from += range(first, first + len(answer))
                 labels += answer
                 at += n
-        query, key = segment[:, :, None], segment[:, None, :]
-        causal = torch.ones((length, length), dtype=torch.bool).tril()
-        allowed = causal & ((key == 0) | (key == query))
-        allowed = torch.where(query >= 0, allowed, torch.eye(length, dtype=torch.bool))
+        allowed = _block_mask(segment)
         out = {
             **self.images(batch),
             "samples": sum(map(len, segments)),
@@ -401,6 +395,17 @@ class PackedCaptionCollator(CaptionCollator):
             per_token = [w / n for w, n in zip(weights, answers, strict=True) for _ in range(n)]
             out["token_weights"] = torch.tensor(per_token, dtype=torch.float32)
         return out
+
+
+def _block_mask(segment: torch.Tensor) -> torch.Tensor:
+    """(rows, length, length), True where a packed row's token may attend: `segment` (rows, length) is 0 for the
+    shared prefix, j for the j-th caption or question and -1 for padding; a token sees the prefix and its own
+    segment's earlier tokens, the prefix sees itself causally, padding only itself."""
+    length = segment.shape[1]
+    query, key = segment[:, :, None], segment[:, None, :]
+    causal = torch.ones((length, length), dtype=torch.bool).tril()
+    allowed = causal & ((key == 0) | (key == query))
+    return torch.where(query >= 0, allowed, torch.eye(length, dtype=torch.bool))
 
 
 def _padded(rows: list[list[int]], value: int) -> torch.Tensor:
