@@ -5,10 +5,12 @@
 
 1. N seeded standard-normal vectors are streamed into a `captune.vector_index` folder in chunks of 50,000, as
    `captune index` stores embeddings (normalised there, so the inner product is the cosine).
-2. For each kind (flat: exact `IndexFlatIP`; hnsw, ivf: the approximate ones at `BuildOptions`' defaults) `build`,
-   timed; memory is the size of the written FAISS index file, and the process's peak resident set is recorded.
-3. `--queries` random queries (another seed), one `VectorIndex.search(query, top=10)` call each: p50 and p95
-   milliseconds; then `recall_against_exact` at k=10 over the same queries.
+2. For each kind (flat: exact `IndexFlatIP`; hnsw, ivf: the approximate ones, `BuildOptions`' defaults unless
+   `--hnsw-m` / `--hnsw-ef-construction` say otherwise) `build`, timed; memory is the size of the written FAISS index
+   file, and the process's peak resident set is recorded.
+3. For each search effort (`--ef-search` for HNSW, `--nprobe` for IVF, set on the built index), `--queries` random
+   queries (another seed), one `VectorIndex.search(query, top=10)` call each: p50 and p95 milliseconds; then
+   `recall_against_exact` at k=10 over the same queries.
 
 Random vectors are the hard case for approximate search (no clusters to exploit), so recall on real embeddings is at
 least as good at the same settings. Results go to benchmarks/results/search-scale-cpu<cores>-<N>.json with the
@@ -62,26 +64,39 @@ def store(folder: Path, n: int, dim: int) -> VectorIndex:
     return index
 
 
-def measure(index: VectorIndex, kind: str, queries: np.ndarray, k: int) -> dict[str, Any]:
-    """Build `kind`, then its size, single-query latency and recall@k against exact search."""
-    options = BuildOptions() if kind == "flat" else BuildOptions(approximate_above=0, approximate=kind)
+def measure(index: VectorIndex, kind: str, options: BuildOptions, queries: np.ndarray, k: int,
+            efforts: list[int]) -> dict[str, Any]:  # fmt: skip
+    """Build `kind`, then its size and, per search effort (HNSW efSearch, IVF nprobe; none for flat), single-query
+    latency and recall@k against exact search."""
     start = time.perf_counter()
     index.build(options)
     build_s = time.perf_counter() - start
-    latencies = []
-    for query in queries:
-        start = time.perf_counter()
-        index.search(query, top=k)
-        latencies.append((time.perf_counter() - start) * 1000)
-    return {
+    entry: dict[str, Any] = {
         "build_s": round(build_s, 2),
         "index_bytes": (index.folder / FAISS_FILE).stat().st_size,
         "build": index.manifest["build"],
-        "p50_ms": round(float(np.percentile(latencies, 50)), 3),
-        "p95_ms": round(float(np.percentile(latencies, 95)), 3),
-        f"recall_at_{k}": round(recall_against_exact(index, queries, k), 4),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "searches": [],
     }
+    built = index.faiss_index()
+    for effort in efforts if kind != "flat" else [0]:
+        if kind == "hnsw":
+            built.hnsw.efSearch = effort
+        elif kind == "ivf":
+            built.nprobe = effort
+        latencies = []
+        for query in queries:
+            start = time.perf_counter()
+            index.search(query, top=k)
+            latencies.append((time.perf_counter() - start) * 1000)
+        entry["searches"].append({
+            "effort": effort or None,
+            "p50_ms": round(float(np.percentile(latencies, 50)), 3),
+            "p95_ms": round(float(np.percentile(latencies, 95)), 3),
+            f"recall_at_{k}": round(recall_against_exact(index, queries, k), 4),
+        })  # fmt: skip
+        print(f"{kind} effort {effort}: {entry['searches'][-1]}", flush=True)
+    return entry
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,6 +106,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--kinds", default="flat,hnsw", help="comma-separated: flat, hnsw, ivf")
+    parser.add_argument("--hnsw-m", type=int, default=BuildOptions.hnsw_m)
+    parser.add_argument("--hnsw-ef-construction", type=int, default=BuildOptions.hnsw_ef_construction)
+    parser.add_argument(
+        "--ef-search", default=str(BuildOptions.hnsw_ef_search), help="HNSW efSearch values, e.g. 256,1024"
+    )
+    parser.add_argument("--nprobe", default=str(BuildOptions.ivf_nprobe), help="IVF nprobe values, e.g. 64,256")
     parser.add_argument("--work", type=Path, default=None, help="the index folder's parent (default: a temp dir)")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -104,8 +125,11 @@ def main(argv: list[str] | None = None) -> None:
         result["store_s"] = round(time.perf_counter() - start, 2)
         print(f"stored {args.n:,} x {args.dim} in {result['store_s']} s", flush=True)
         for kind in args.kinds.split(","):
-            result["kinds"][kind] = measure(index, kind, queries, args.k)
-            print(f"{kind}: {result['kinds'][kind]}", flush=True)
+            options = BuildOptions(hnsw_m=args.hnsw_m, hnsw_ef_construction=args.hnsw_ef_construction)
+            if kind != "flat":
+                options.approximate_above, options.approximate = 0, kind
+            efforts = [int(e) for e in (args.nprobe if kind == "ivf" else args.ef_search).split(",")]
+            result["kinds"][kind] = measure(index, kind, options, queries, args.k, efforts)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {output}")
