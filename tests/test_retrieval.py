@@ -154,3 +154,40 @@ def test_two_processes_give_the_loss_and_gradients_of_one_on_the_whole_batch(tmp
     for r in range(2):
         torch.testing.assert_close(ranks[r]["images"] / 2, images.grad[r * 3 : r * 3 + 3], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(ranks[r]["texts"] / 2, texts.grad[r * 3 : r * 3 + 3], rtol=1e-5, atol=1e-7)
+
+
+def test_evaluation_scores_every_pair_as_the_model_does_and_reranks_its_top_k(
+    tiny: RetrievalModel, synthetic_dir: object
+) -> None:
+    from pathlib import Path
+
+    from captune.data import read
+    from captune.data.images import processed_pixels
+    from captune.retrieval import evaluate_retrieval
+    from captune.retrieval_metrics import rerank, retrieval_recall
+
+    records = read("synthetic", Path(str(synthetic_dir))).split("test")  # 6 images, 30 captions
+    result = evaluate_retrieval(tiny, records, batch_size=4, k_test=3)
+    pixels = torch.stack([processed_pixels(r.image_path, tiny.image_processor) for r in records])
+    texts = [c for r in records for c in r.captions]
+    tokens = tiny.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        direct = tiny.model(pixel_values=pixels, input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                            use_image_text_matching_head=False).logits_per_image  # fmt: skip
+    torch.testing.assert_close(result.scores, direct, rtol=1e-5, atol=1e-6)
+    assert result.text_image == [i for i in range(6) for _ in range(5)]
+    assert result.contrastive == retrieval_recall(direct, result.text_image)
+
+    def matching(image_index: torch.Tensor, text_index: torch.Tensor) -> torch.Tensor:  # the model's own ITM forward
+        with torch.no_grad():
+            logits = tiny.model(pixel_values=pixels[image_index], input_ids=tokens.input_ids[text_index],
+                                attention_mask=tokens.attention_mask[text_index],
+                                use_image_text_matching_head=True).logits_per_image  # fmt: skip
+        return logits.softmax(dim=-1)[:, 1]
+
+    expected = rerank(direct, matching, 3)
+    assert result.reranked is not None
+    reranked = retrieval_recall(expected.i2t, result.text_image, scores_t2i=expected.t2i)
+    for ours, theirs in zip(result.reranked.as_dict().values(), reranked.as_dict().values(), strict=True):
+        assert ours == pytest.approx(theirs)
+    assert evaluate_retrieval(tiny, records, k_test=None).reranked is None
