@@ -20,7 +20,9 @@ BERT-like tokenizer built here whose last id is `[DEC]`, as blip2-itm-vit-g's Q-
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -317,3 +319,53 @@ def _image_embeddings_from(model: Blip2ForImageTextRetrieval, vision: torch.Tens
     out = model.qformer(query_embeds=queries, encoder_hidden_states=vision, encoder_attention_mask=mask)
     projected = model.vision_projection(out.last_hidden_state.to(model.vision_projection.weight.dtype))
     return F.normalize(projected, dim=-1)
+
+
+# --- loading and saving ------------------------------------------------------------------------------------------
+
+
+def load_retrieval(name: str, device: str | torch.device | None = None) -> RetrievalModel:
+    """A retrieval model by name: `tiny-retrieval` (built here, random weights), or a directory or hub id holding a
+    `Blip2ForImageTextRetrieval` with its tokenizer and image processor (`from_pretrained`, as blip2-itm-vit-g's
+    repository holds them).
+
+    Raises:
+        CaptuneError: the directory holds another BLIP-2 (a captioning model has no text projection or matching
+            head, and loading it as a retrieval model would leave them random)."""
+    if name == TINY_RETRIEVAL:
+        loaded = build_tiny_retrieval()
+    else:
+        from transformers import AutoTokenizer
+
+        config = Blip2Config.from_pretrained(name)
+        text_input = bool(getattr(config.qformer_config, "use_qformer_text_input", False))
+        architectures = config.architectures or ["Blip2ForImageTextRetrieval"]
+        if not text_input or "Blip2ForImageTextRetrieval" not in architectures:
+            raise CaptuneError(
+                f"{name}: not an image-text retrieval BLIP-2 (its config's architectures are {config.architectures}, "
+                f"use_qformer_text_input is {text_input}); retrieval takes a Blip2ForImageTextRetrieval such as "
+                "Salesforce/blip2-itm-vit-g, or tiny-retrieval"
+            )
+        model = Blip2ForImageTextRetrieval.from_pretrained(name, config=config)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        processor = BlipImageProcessorPil.from_pretrained(name)
+        loaded = RetrievalModel(model.eval(), tokenizer, processor, Temperature())  # type: ignore[arg-type]
+    if device is not None:
+        from captune.model import resolve_device
+
+        target = resolve_device(device) if isinstance(device, str) else device
+        loaded.model.to(target)  # type: ignore[arg-type]  # transformers' stubs of .to
+    return loaded
+
+
+def save_retrieval(loaded: RetrievalModel, path: Path) -> None:
+    """Writes a directory `load_retrieval` reads: the model's weights and config, the tokenizer and the image
+    processor, into a temporary folder put in place whole."""
+    from captune.files import replace_dir
+
+    tmp = path.with_name(f".tmp-{path.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    loaded.model.save_pretrained(tmp)
+    loaded.tokenizer.save_pretrained(tmp)
+    loaded.image_processor.save_pretrained(tmp)
+    replace_dir(tmp, path)

@@ -163,6 +163,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config.data.annotations = args.annotations or config.data.annotations
     if (args.task or config.data.task) == "vqa":
         return _eval_vqa(args, config)
+    if args.task == "retrieval":
+        return _eval_retrieval(args, config)
     captions = check_images(read(args.data, args.data_dir, read_options(config.data)))
     records = captions.split(args.split)[: args.max_images]
     if captions.problems:
@@ -217,13 +219,51 @@ def _eval_vqa(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _eval_retrieval(args: argparse.Namespace, config: Config) -> int:
+    """`captune eval --task retrieval`: Recall@1/5/10 image->text and text->image on a split's images and captions
+    (every caption of an image a match), contrastive alone and after the matching head re-ranked each query's top
+    `--k-test`; writes metrics.json and prints both."""
+    from captune.config import read_options
+    from captune.data import check_images, read
+    from captune.files import write_json
+    from captune.retrieval import evaluate_retrieval, load_retrieval
+
+    captions = check_images(read(args.data, args.data_dir, read_options(config.data)))
+    records = captions.split(args.split)[: args.max_images]
+    if captions.problems:
+        print(f"warning: {len(captions.problems)} problem(s) in the data; {captions.left_out()} image(s) left out "
+              "(captune data check lists them)", file=sys.stderr)  # fmt: skip
+    if not records:
+        raise CaptuneError(f"{args.data_dir}: the {args.split} split has no usable images")
+    if args.k_test is not None and args.k_test < 0:
+        raise CaptuneError(f"--k-test {args.k_test}: give the candidates to re-rank (128, as LAVIS), or 0 for none")
+    loaded = load_retrieval(args.model_dir, device=args.device)
+    k_test = args.k_test if args.k_test is not None else 128
+    result = evaluate_retrieval(loaded, records, batch_size=config.generate.batch_size or 64, k_test=k_test or None)
+    recalls = {"contrastive": result.contrastive.as_dict()}
+    if result.reranked is not None:
+        recalls["reranked"] = result.reranked.as_dict()
+    metrics = {"images": len(records), "texts": len(result.text_image), "k_test": k_test,
+               "reranked": None, **recalls}  # fmt: skip
+    output_dir = Path(args.output_dir or Path(args.model_dir) / f"eval-{args.split}")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_json(output_dir / "metrics.json", metrics)
+    for name, values in recalls.items():
+        print(f"{name:11s} " + "  ".join(f"{key} {value:.2f}" for key, value in values.items()))
+    print(f"metrics in {output_dir / 'metrics.json'} ({len(records)} images, {len(result.text_image)} captions)")
+    return 0
+
+
 def add_eval_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """`captune eval` and its flags."""
     p = sub.add_parser("eval", help="caption a dataset split with a model and score it")
     p.add_argument("--model-dir", required=True)
-    p.add_argument("--task", choices=["caption", "vqa"],
-                   help="caption (COCO metrics) or vqa (answer the split's questions, VQA accuracy); default: the "
-                   "run's data.task")  # fmt: skip
+    p.add_argument("--task", choices=["caption", "vqa", "retrieval"],
+                   help="caption (COCO metrics), vqa (answer the split's questions, VQA accuracy) or retrieval "
+                   "(Recall@K of a Blip2ForImageTextRetrieval or tiny-retrieval); default: the run's task")  # fmt: skip
+    p.add_argument("--k-test", type=int,
+                   help="--task retrieval: each query's top candidates re-ranked by the matching head (default 128, "
+                   "as LAVIS; 0: contrastive only)")  # fmt: skip
     p.add_argument("--data", required=True, help="dataset format, as for data check --format")
     p.add_argument("--data-dir", required=True)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
