@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     output = args.output or Path(__file__).parent / "results" / name
     result: dict[str, Any] = {**_environment(argv), "n": args.n, "dim": args.dim, "queries": args.queries, "kinds": {}}
     queries = np.random.default_rng(1).standard_normal((args.queries, args.dim), dtype=np.float32)
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.work) as work:
         start = time.perf_counter()
         index = store(Path(work) / "index", args.n, args.dim)
