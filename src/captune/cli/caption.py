@@ -11,10 +11,14 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from captune.cli.output import output_path, print_metrics
 from captune.config import Config
 from captune.errors import CaptuneError
+
+if TYPE_CHECKING:
+    from captune.data import Record
 
 
 def add_generation_options(parser: argparse.ArgumentParser, prompt: bool = True) -> None:
@@ -150,8 +154,6 @@ def add_caption_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from captune.config import read_options
-    from captune.data import check_images, read
     from captune.evaluation import evaluate_records, write_evaluation
     from captune.model_dir import load_model_dir
 
@@ -165,13 +167,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _eval_vqa(args, config)
     if args.task == "retrieval":
         return _eval_retrieval(args, config)
-    captions = check_images(read(args.data, args.data_dir, read_options(config.data)))
-    records = captions.split(args.split)[: args.max_images]
-    if captions.problems:
-        print(f"warning: {len(captions.problems)} problem(s) in the data; {captions.left_out()} image(s) left out "
-              "(captune data check lists them)", file=sys.stderr)  # fmt: skip
-    if not records:
-        raise CaptuneError(f"{args.data_dir}: the {args.split} split has no usable images")
+    records = _split_records(args, config)
     loaded = load_model_dir(args.model_dir, device=args.device, merge=args.merge_adapter)
     evaluation = evaluate_records(loaded.model, loaded.processor, records, config.generate, config.data.prompt,
                                   args.workers)  # fmt: skip
@@ -219,14 +215,10 @@ def _eval_vqa(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def _eval_retrieval(args: argparse.Namespace, config: Config) -> int:
-    """`captune eval --task retrieval`: Recall@1/5/10 image->text and text->image on a split's images and captions
-    (every caption of an image a match), contrastive alone and after the matching head re-ranked each query's top
-    `--k-test`; writes metrics.json and prints both."""
+def _split_records(args: argparse.Namespace, config: Config) -> list[Record]:
+    """The usable images of `--split` (the first `--max-images`), with a warning for what the data check left out."""
     from captune.config import read_options
     from captune.data import check_images, read
-    from captune.files import write_json
-    from captune.retrieval import evaluate_retrieval, load_retrieval
 
     captions = check_images(read(args.data, args.data_dir, read_options(config.data)))
     records = captions.split(args.split)[: args.max_images]
@@ -235,6 +227,17 @@ def _eval_retrieval(args: argparse.Namespace, config: Config) -> int:
               "(captune data check lists them)", file=sys.stderr)  # fmt: skip
     if not records:
         raise CaptuneError(f"{args.data_dir}: the {args.split} split has no usable images")
+    return records
+
+
+def _eval_retrieval(args: argparse.Namespace, config: Config) -> int:
+    """`captune eval --task retrieval`: Recall@1/5/10 image->text and text->image on a split's images and captions
+    (every caption of an image a match), contrastive alone and after the matching head re-ranked each query's top
+    `--k-test`; writes metrics.json and prints both."""
+    from captune.files import write_json
+    from captune.retrieval import evaluate_retrieval, load_retrieval
+
+    records = _split_records(args, config)
     if args.k_test is not None and args.k_test < 0:
         raise CaptuneError(f"--k-test {args.k_test}: give the candidates to re-rank (128, as LAVIS), or 0 for none")
     loaded = load_retrieval(args.model_dir, device=args.device)
