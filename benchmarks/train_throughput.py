@@ -436,7 +436,8 @@ def _environment(device: torch.device, argv: list[str] | None) -> dict[str, Any]
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
                      "accelerate": accelerate.__version__, "python": platform.python_version()},
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        "command": shlex.join(["python", "benchmarks/train_throughput.py", *(argv or sys.argv[1:])]),
+        # the script that runs (train_throughput.py, or one that imports this: vqa_train_throughput.py, ...)
+        "command": shlex.join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *(argv or sys.argv[1:])]),
         "date": datetime.date.today().isoformat(),
     }  # fmt: skip
 

@@ -96,8 +96,12 @@ def usual_question_batches(
     questions = read_vqa("manifest", data_dir, options).questions
     pairs = CaptionPairs.from_questions(questions, processor, TEMPLATE, "most-frequent")
     collate = CaptionCollator.for_model(model, processor, "", max_caption_tokens=8)
-    every = collate([pairs[i] for i in range(min(len(pairs), 2000))])
-    width = every["input_ids"].shape[1] if not is_t5(model_dir) else None
+    # The longest row: image tokens, the longest prompt (BOS + question) and the longest answer + END, from the
+    # texts alone (no image decoded).
+    prompts = [pairs.prompts[i] for i in range(len(pairs))] if pairs.prompts is not None else []
+    answers = [pairs.captions[i] for i in range(len(pairs))]
+    longest = max(map(len, collate.prompt_ids(prompts))) + max(map(len, collate.caption_ids(answers, prompts)))
+    width = None if is_t5(model_dir) else processor.num_query_tokens + longest
     batches = []
     for b in range(count):
         batch = collate([pairs[(b * batch_size + i) % len(pairs)] for i in range(batch_size)])
@@ -182,7 +186,6 @@ def main(argv: list[str] | None = None) -> None:
     result: dict[str, Any] = {"what": __doc__.splitlines()[0],
                               "data": {"images": args.images, "questions": args.images * len(QUESTIONS)}}  # fmt: skip
     result.update(_environment(device, argv))
-    result["command"] = result["command"].replace("train_throughput.py", "vqa_train_throughput.py")
 
     def save() -> None:  # after every stage, so that a run cut short keeps what it measured
         args.output.parent.mkdir(parents=True, exist_ok=True)

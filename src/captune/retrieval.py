@@ -111,18 +111,6 @@ def gathered(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     return every, torch.distributed.get_rank() * len(tensor)
 
 
-@dataclass(frozen=True)
-class RetrievalLosses:
-    """One batch's losses; `loss` is what training steps on."""
-
-    contrastive: torch.Tensor
-    matching: torch.Tensor | None
-
-    @property
-    def loss(self) -> torch.Tensor:
-        return self.contrastive if self.matching is None else self.contrastive + self.matching
-
-
 def contrastive_loss(
     images: torch.Tensor, texts: torch.Tensor, image_ids: torch.Tensor, temperature: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,7 +144,6 @@ def hard_negatives(scores: torch.Tensor, same_image: torch.Tensor, generator: to
     if bool((weights.sum(dim=1) <= 0).any()):
         raise CaptuneError("image-text matching needs a negative for every pair: a batch holds captions of one image "
                            "only; use a batch of at least two images")  # fmt: skip
-    weights = torch.nan_to_num(weights, nan=0.0)
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
 
@@ -302,8 +289,8 @@ def evaluate_retrieval(
     all_vision = torch.cat(vision)
 
     def matching(image_index: torch.Tensor, text_index: torch.Tensor) -> torch.Tensor:
-        logits = matching_logits(model, all_vision[image_index.to(device)], tokens.input_ids[text_index.to(device)],
-                                 tokens.attention_mask[text_index.to(device)])  # fmt: skip
+        images, texts = image_index.to(device), text_index.to(device)
+        logits = matching_logits(model, all_vision[images], tokens.input_ids[texts], tokens.attention_mask[texts])
         return logits.float().softmax(dim=-1)[:, 1].cpu()  # the probability of a match
 
     reranked = rerank(scores, matching, k_test)

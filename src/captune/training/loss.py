@@ -95,25 +95,24 @@ class CaptionLoss(nn.Module):
         blip = blip_of(self.model)
         embeds = embedded_inputs(blip, input_ids, pixel_values, image_features)
         lm = blip.language_model
+        if weights is not None:  # VQA's weighted answers: each row's mean over its tokens, weighted
+            token_count = token_count if token_count is not None else weights.sum()
         if predict_from is not None:  # packed decoder-only: a row per image, its captions after one shared prefix
             mask = block_mask_for(lm, attention_mask, embeds.dtype)
             hidden = lm.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids)
             hidden = hidden.last_hidden_state.flatten(0, 1)[predict_from]
-            if weights is not None:  # VQA's weighted answers: each row's mean over its tokens, weighted
-                divisor = token_count if token_count is not None else weights.sum()
-                return chunked_cross_entropy(hidden, labels, lm.get_output_embeddings(), divisor, token_weights)
-            return chunked_cross_entropy(hidden, labels, lm.get_output_embeddings(), token_count)
+            return chunked_cross_entropy(hidden, labels, lm.get_output_embeddings(), token_count, token_weights)
         if weights is not None:
-            divisor = token_count if token_count is not None else weights.sum()
+            assert token_count is not None
             if not blip.config.use_decoder_only_language_model:
                 logits = lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels).logits
-                return _weighted_cross_entropy(logits, labels, weights, divisor)
+                return _weighted_cross_entropy(logits, labels, weights, token_count)
             assert caption_start is not None
             hidden = lm.base_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
             targets = labels[:, caption_start:]
             token_weights = row_token_weights(targets, weights)
             return chunked_cross_entropy(hidden[:, caption_start - 1 : -1].flatten(0, 1), targets.flatten(),
-                                         lm.get_output_embeddings(), divisor, token_weights.flatten())  # fmt: skip
+                                         lm.get_output_embeddings(), token_count, token_weights.flatten())  # fmt: skip
         if not blip.config.use_decoder_only_language_model:  # T5: the encoder reads images + prompt, labels decode
             if caption_image is None:
                 loss = lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels).loss
