@@ -8,10 +8,16 @@ before BOS. A twin keeps every such id and setting and changes only the hidden s
 twin is right for the checkpoint (except for caption quality: the weights are random).
 
 `captune/checkpoints/` holds the recorded files of `Salesforce/blip2-opt-2.7b` and `Salesforce/blip2-flan-t5-xl`
-byte for byte. The other checkpoints differ from those in ways their hub configs show, applied by `CHECKPOINTS`:
-sizes (6.7b, xxl), the old-style files of snapshots not updated for current transformers (no `image_token_index` or
-`vocab_size` in the config, no `<image>` in the tokenizer, no processor, added-tokens or generation config files),
-and 364 px images (`*-coco`).
+byte for byte. The other captioning checkpoints differ from those in ways their hub configs show, applied by
+`CHECKPOINTS`: sizes (6.7b, xxl), the old-style files of snapshots not updated for current transformers (no
+`image_token_index` or `vocab_size` in the config, no `<image>` in the tokenizer, no processor, added-tokens or
+generation config files), and 364 px images (`*-coco`).
+
+`Salesforce/blip2-itm-vit-g`, the image-text retrieval model (`Blip2ForImageTextRetrieval`: ViT-g and a Q-Former
+with text input, no language model), has no recorded files: its folder is **reconstructed** from what is known of it
+(the Q-Former tokenizer's special ids and `[DEC]` = 30522, Q-Former vocabulary 30,523, 32 queries, 256-d
+projections; what is known and what assumed: `checkpoints/README.md`), with a placeholder vocabulary. Its twin is in
+`RETRIEVAL_TWINS`, not in `TWINS`, which holds the captioning twins every captioning path takes.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Blip2Config, Blip2ForConditionalGeneration
+from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
 
 RECORDED = Path(__file__).parent / "checkpoints"
 """The recorded hub files, one folder per checkpoint (where each was recorded from: its README.md)."""
@@ -46,6 +52,9 @@ class Checkpoint:
     (OPT's default 50,272 applies) in the config, no `<image>` token, no `OLD_STYLE_DROPPED` files."""
     image_size: int | None = None
     """Image side in pixels when it is not the recorded 224 (the `coco` fine-tunes: 364)."""
+    retrieval: bool = False
+    """An image-text retrieval model (`Blip2ForImageTextRetrieval`, no language model) rather than a captioning one
+    (`Blip2ForConditionalGeneration`)."""
 
 
 _OPT_6_7B = {"hidden_size": 4096, "ffn_dim": 16384, "word_embed_proj_dim": 4096, "_name_or_path": "facebook/opt-6.7b"}
@@ -56,11 +65,15 @@ CHECKPOINTS = {
     "Salesforce/blip2-opt-2.7b-coco": Checkpoint("blip2-opt-2.7b", old_style=True, image_size=364),
     "Salesforce/blip2-flan-t5-xl": Checkpoint("blip2-flan-t5-xl"),
     "Salesforce/blip2-flan-t5-xxl": Checkpoint("blip2-flan-t5-xl", text=_FLAN_T5_XXL),
+    "Salesforce/blip2-itm-vit-g": Checkpoint("blip2-itm-vit-g", retrieval=True),
 }
 
 TWIN_PREFIX = "twin-"
-TWINS = {TWIN_PREFIX + hub_id.split("/")[1]: hub_id for hub_id in CHECKPOINTS}
-"""`model.name` values that build a twin (`twin-blip2-opt-2.7b`, ...), by the hub id it is the twin of."""
+TWINS = {TWIN_PREFIX + hub_id.split("/")[1]: hub_id for hub_id, c in CHECKPOINTS.items() if not c.retrieval}
+"""`model.name` values that build a captioning twin (`twin-blip2-opt-2.7b`, ...), by the hub id it is the twin of."""
+RETRIEVAL_TWINS = {TWIN_PREFIX + hub_id.split("/")[1]: hub_id for hub_id, c in CHECKPOINTS.items() if c.retrieval}
+"""The retrieval twins (`twin-blip2-itm-vit-g`), by hub id: `Blip2ForImageTextRetrieval`s, which no captioning path
+takes."""
 
 TWIN_SIZES = {
     "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2},
@@ -81,7 +94,8 @@ TWIN_SIZES = {
     "t5": {"d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_decoder_layers": 2, "num_heads": 4},
 }
 """The hidden sizes of a twin (a few hundred thousand parameters besides the embeddings); patch size, vocabulary,
-query tokens, ids and every other field stay the checkpoint's."""
+query tokens, ids and every other field stay the checkpoint's. A retrieval twin takes the vision and Q-Former sizes
+(it has no language model)."""
 
 
 def learning_overrides(name: str) -> list[str]:
@@ -105,7 +119,10 @@ def write_checkpoint(
     device: str = "cpu",
 ) -> Path:
     """Writes `folder` as the hub has `hub_id`, with random weights: the twin (tiny hidden sizes) or, with
-    `full_size`, the real architecture. It loads through `from_pretrained` like the checkpoint itself.
+    `full_size`, the real architecture. It loads through `from_pretrained` like the checkpoint itself
+    (`Blip2ForConditionalGeneration`, or `Blip2ForImageTextRetrieval` for a retrieval checkpoint; its query tokens
+    drawn at the initializer range (0.02) as LAVIS starts them: transformers starts them at zero, which makes
+    every query the same and the best-of-32 similarity one query's).
 
     Raises:
         KeyError: `hub_id` is not one of CHECKPOINTS.
@@ -127,8 +144,14 @@ def write_checkpoint(
     # weight files move.
     with torch.random.fork_rng(), tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
         torch.manual_seed(seed)
+        config = Blip2Config.from_pretrained(folder)
         with torch.device(device):
-            model: Any = Blip2ForConditionalGeneration(Blip2Config.from_pretrained(folder))
+            if checkpoint.retrieval:
+                model: Any = Blip2ForImageTextRetrieval(config)
+                with torch.no_grad():
+                    model.query_tokens.normal_(std=config.initializer_range)
+            else:
+                model = Blip2ForConditionalGeneration(config)
         model.to(dtype)  # (Any: mypy takes transformers' `to` wrapper for a method of another class)
         model.save_pretrained(tmp, safe_serialization=True)
         for file in Path(tmp).glob("model*.safetensors*"):
@@ -139,15 +162,18 @@ def write_checkpoint(
 def _config(config: dict[str, Any], checkpoint: Checkpoint, full_size: bool) -> dict[str, Any]:
     """The checkpoint's config.json as a dictionary: the recorded one with the checkpoint's differences, and the twin's
     sizes unless `full_size`."""
-    text = config["text_config"] | checkpoint.text
-    if checkpoint.old_style:
-        config.pop("image_token_index")
-        text.pop("vocab_size")
     if checkpoint.image_size:
         config["vision_config"] = config["vision_config"] | {"image_size": checkpoint.image_size}
     if not full_size:
         for section in ("vision_config", "qformer_config"):
             config[section] = config[section] | TWIN_SIZES[section]
+    if checkpoint.retrieval:  # no language model
+        return config
+    text = config["text_config"] | checkpoint.text
+    if checkpoint.old_style:
+        config.pop("image_token_index")
+        text.pop("vocab_size")
+    if not full_size:
         text |= TWIN_SIZES[text["model_type"]]
     return config | {"text_config": text}
 
