@@ -8,6 +8,14 @@ the weights' values, so speed and memory measured on this model are those of the
 (captune.twins: its config.json, generation_config.json, tokenizer and processor files as the hub has them), so the
 numbers are taken on the real ids: the GPT-2 BPE tokenizer, 50,304 embedding rows, captions ending at token 50118.
 The directory loads through captune's normal path: `captune train model.name=/tmp/blip2-opt-2.7b-random`.
+
+    python benchmarks/random_blip2.py --arch itm-vit-g --output /tmp/itm
+
+builds the image-text retrieval model (`Blip2ForImageTextRetrieval`: ViT-g, the Q-Former with its text input, the
+projections and matching head; 1.17 B parameters, no language model) from the files captune **reconstructed** for
+`Salesforce/blip2-itm-vit-g` (none were recorded; captune/checkpoints/README.md says what is known and what assumed:
+the architecture and ids are the checkpoint's, its vocabulary placeholders), for `captune train task=retrieval
+model.name=/tmp/itm` and `captune.retrieval.load_retrieval`.
 """
 
 from __future__ import annotations
@@ -21,7 +29,8 @@ import torch
 from captune.twins import CHECKPOINTS, write_checkpoint
 
 ARCHITECTURES = {hub_id.removeprefix("Salesforce/blip2-"): hub_id for hub_id in CHECKPOINTS}
-"""`--arch` values (opt-2.7b, opt-6.7b, flan-t5-xl, ...) by the hub id whose files the model is built from."""
+"""`--arch` values (opt-2.7b, opt-6.7b, flan-t5-xl, ..., itm-vit-g) by the hub id whose files the model is built
+from."""
 
 
 def main() -> None:
