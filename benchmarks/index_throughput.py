@@ -1,0 +1,150 @@
+"""Bulk image indexing throughput (issue 25): images/s of `captune.search.index_images` (files -> embeddings -> an
+on-disk vector index) beside the vision side alone on preloaded pixels (the ceiling), one process, one GPU.
+
+    PYTHONPATH=src:benchmarks:.gpu/site python benchmarks/index_throughput.py --model-dir DIR --output OUT.json
+    (DIR from `python benchmarks/random_blip2.py --arch itm-vit-g --output DIR`; --tiny for a CPU dry run on the twin)
+
+What runs, in order:
+1. Data: `--images` generated JPEGs (500 x 375, `train_throughput.make_data`).
+2. The ceiling, per `--batch-sizes`: one batch of pixels preprocessed once and kept on the GPU, then `--steps` timed
+   forwards (after 3 warm-up ones) in bf16 under `torch.inference_mode()`: the ViT-g alone, and the whole image side
+   of an embedding (ViT-g, the Q-Former's 32 queries, the projection, `captune.retrieval.image_embeddings`). No
+   decoding, no preprocessing, no copy to the GPU, nothing written: what the GPU allows.
+3. captune, per `--batch-sizes`: `index_images(paths, loaded, output, batch_size=..., workers=...)` over every image
+   into a fresh index folder (decoding and preprocessing in `--workers` processes while the GPU works, the embeddings
+   written as the index's chunks), timed whole, first batch included; the index must then hold every image.
+
+The model is `captune.retrieval.load_retrieval(DIR)` in bf16 on the GPU (float32 on the CPU); the speed of a
+random-weight model is that of the real one. Goal (issue 25): >= 800 images/s on an H200 at 224 px, where the vision
+side alone ran ~920/s. Writes `--output` (JSON: every number, the software versions, the GPU, this command) and prints
+a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from train_throughput import _environment, _sync, make_data
+
+from captune.data.images import processed_pixels
+from captune.retrieval import RetrievalModel, image_embeddings, image_side, load_retrieval
+from captune.twins import write_checkpoint
+
+
+def time_forward(forward: Callable[[], Any], images: int, steps: int, device: torch.device) -> dict[str, float]:
+    """images/s of `steps` calls of `forward` (each on `images` images), after 3 warm-up calls."""
+    with torch.inference_mode():
+        for _ in range(3):
+            forward()
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            forward()
+        _sync(device)
+    seconds = time.perf_counter() - start
+    return {"images_per_s": images * steps / seconds, "seconds": seconds, "steps": steps}
+
+
+def ceiling(
+    loaded: RetrievalModel, paths: list[Path], batch_size: int, steps: int, device: torch.device
+) -> dict[str, Any]:
+    """The vision side on one batch of preloaded pixels: the ViT alone, and ViT + Q-Former + projection."""
+    model = loaded.model
+    batch = [paths[i % len(paths)] for i in range(batch_size)]
+    pixels = torch.stack([processed_pixels(p, loaded.image_processor) for p in batch]).to(device, model.dtype)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    vit = time_forward(lambda: image_side(model, pixels), batch_size, steps, device)
+    embed = time_forward(lambda: image_embeddings(model, pixels), batch_size, steps, device)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return {"vit_alone": vit, "image_embeddings": embed, "peak_gib": peak}
+
+
+def run_captune(
+    loaded: RetrievalModel, paths: list[Path], output: Path, batch_size: int, workers: int, device: torch.device
+) -> dict[str, Any]:
+    """`index_images` over every path into a fresh index folder, timed whole."""
+    try:
+        from captune.search import index_images
+    except ImportError as err:
+        raise SystemExit(f"captune.search.index_images is not in this checkout ({err}): the captune side cannot run; "
+                         "the ceiling's numbers are in --output") from err  # fmt: skip
+    from captune.vector_index import VectorIndex
+
+    shutil.rmtree(output, ignore_errors=True)  # a fresh index, never a resumed one
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    _sync(device)
+    start = time.perf_counter()
+    index_images(paths, loaded, output, batch_size=batch_size, workers=workers)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    indexed = VectorIndex.open(output).count
+    if indexed != len(paths):
+        raise SystemExit(f"{output}: the index holds {indexed} vectors after index_images of {len(paths)} images")
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return {"batch_size": batch_size, "workers": workers, "images": len(paths), "seconds": seconds,
+            "images_per_s": len(paths) / seconds, "peak_gib": peak}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, help="a Blip2ForImageTextRetrieval directory")
+    parser.add_argument("--tiny", action="store_true", help="CPU dry run on the twin of blip2-itm-vit-g, 64 images")
+    parser.add_argument("--work", type=Path, default=Path(".bench"))
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--images", type=int, default=10000)
+    parser.add_argument("--batch-sizes", default="128,256")
+    parser.add_argument("--steps", type=int, default=20, help="timed forwards of the ceiling per batch size")
+    parser.add_argument("--workers", type=int, default=12, help="index_images' decoding processes")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.work.mkdir(parents=True, exist_ok=True)
+    model_dir = args.model_dir
+    if args.tiny:  # the twin: blip2-itm-vit-g's config at tiny sizes, 224 px
+        model_dir = write_checkpoint("Salesforce/blip2-itm-vit-g", args.work / "twin-itm")
+        args.images, args.batch_sizes, args.steps, args.workers = 64, "16", 3, 0
+    assert model_dir is not None, "--model-dir or --tiny"
+    manifest = make_data(args.work / "data", args.images)
+    paths = [manifest.parent / json.loads(line)["image"] for line in manifest.read_text().splitlines()]
+    loaded = load_retrieval(str(model_dir), device=device)
+    if device.type == "cuda":
+        loaded.model.to(torch.bfloat16)
+    result: dict[str, Any] = {"what": __doc__.splitlines()[0], "images": len(paths), "dtype": str(loaded.model.dtype)}
+    result.update(_environment(device, argv))
+
+    def save() -> None:  # after every stage, so that a run cut short keeps what it measured
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(result, indent=2) + "\n")
+
+    batch_sizes = list(map(int, args.batch_sizes.split(",")))
+    result["ceiling"] = {}
+    for batch_size in batch_sizes:
+        result["ceiling"][batch_size] = ceiling(loaded, paths, batch_size, args.steps, device)
+        print(f"vision side alone, batch {batch_size}: {result['ceiling'][batch_size]}", flush=True)
+        save()
+    result["captune"] = []
+    for batch_size in batch_sizes:
+        run = run_captune(loaded, paths, args.work / f"index-{batch_size}", batch_size, args.workers, device)
+        result["captune"].append(run)
+        print(f"index_images, batch {batch_size}: {run}", flush=True)
+        save()
+    best = max(result["captune"], key=lambda r: r["images_per_s"])
+    vit = result["ceiling"][best["batch_size"]]["vit_alone"]["images_per_s"]
+    result["best_images_per_s"] = best["images_per_s"]
+    result["share_of_vit_alone"] = best["images_per_s"] / vit
+    save()
+    print(f"index_images best {best['images_per_s']:.1f} images/s at batch {best['batch_size']} "
+          f"({result['share_of_vit_alone']:.0%} of the ViT alone at that batch, {vit:.1f}); written to "
+          f"{args.output}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
