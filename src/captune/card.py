@@ -11,7 +11,6 @@ from typing import Any
 
 from captune.config import Config, training_mode
 from captune.model import BUILT_IN, LoadedModel
-from captune.tiny import TINY_MODELS
 from captune.twins import TWINS
 
 CARD_FILE = "README.md"
@@ -82,6 +81,21 @@ TASK_WORDS = {
         held_out="answers held-out questions",
         prompt="question template",
     ),
+    "retrieval": TaskWords(
+        title="BLIP-2 image-text retrieval model fine-tuned with captune",
+        pipeline_tag="zero-shot-image-classification",
+        tag="image-text-retrieval",
+        verb="embeds",
+        output="ranking",
+        article="a",
+        model="retrieval model",
+        trained_on="image-caption pairs (contrastive and matching losses)",
+        cli="captune eval --task retrieval",
+        arguments="--data synthetic --split test",
+        best_by="r_mean (the mean of R@1, R@5 and R@10, image->text and text->image, in percent)",
+        held_out="scores held-out images and captions",
+        prompt="settings",
+    ),
 }
 """By `data.task`."""
 
@@ -147,7 +161,7 @@ def _base_section(loaded: LoadedModel, config: Config, is_adapter: bool, in_full
         where = "merged into the weights in this directory"
         if is_adapter or in_full:
             where = f"stored in `base/` beside the {'adapter' if is_adapter else 'trained weights'}"
-        what = "BLIP-2" if name in TINY_MODELS else f"twin of `{TWINS[name]}` (its tokenizer, ids and config)"
+        what = f"twin of `{TWINS[name]}` (its tokenizer, ids and config)" if name in TWINS else "BLIP-2"
         base = f"`{name}`: captune's built-in {what} at hidden sizes 32-64 with **random weights**, {where}."
     else:
         base = f"`{config.model.name}` (loaded with `from_pretrained`)."
@@ -200,16 +214,22 @@ def _hyperparameter_section(config: Config, words: TaskWords) -> list[str]:
     ]
     gen = config.generate
     generation = (
-        f"num_beams {gen.num_beams}, {gen.min_new_tokens}-{gen.max_new_tokens} new tokens, "
-        f"repetition_penalty {gen.repetition_penalty}"
+        f"Generation (validation and `{words.cli}` defaults): num_beams {gen.num_beams}, {gen.min_new_tokens}-"
+        f"{gen.max_new_tokens} new tokens, repetition_penalty {gen.repetition_penalty}."
     )
+    if config.data.task == "retrieval":
+        rows.append(("train.val_k_test (candidates the matching head re-ranks)", train.val_k_test))
+        generation = (
+            "Losses: image-text contrastive (learnable temperature, every caption of an image a positive) plus "
+            "image-text matching on hard negatives sampled from the contrastive similarities."
+        )
     return [
         "## Training",
         "",
         "AdamW with linear warm-up and cosine decay; the vision encoder is frozen.",
         "",
         *_table(rows),
-        f"Generation (validation and `{words.cli}` defaults): {generation}.",
+        generation,
         "",
     ]
 
@@ -231,6 +251,8 @@ def _metrics_section(metrics: dict[str, float] | None, source: str | None, words
 
 def _usage_section(config: Config, words: TaskWords, is_adapter: bool, in_full: bool) -> list[str]:
     captune = ["```bash", f"{words.cli} {words.arguments} --model-dir MODEL_DIR", "```", ""]
+    if config.data.task == "retrieval":
+        return _retrieval_usage(config, captune)
     # The text as captune builds it: for a VQA model the run's question template around the question.
     text = json.dumps(config.data.prompt)
     if config.data.task == "vqa":
@@ -283,6 +305,41 @@ def _usage_section(config: Config, words: TaskWords, is_adapter: bool, in_full: 
     ]
 
 
+def _retrieval_usage(config: Config, captune: list[str]) -> list[str]:
+    """How to load a retrieval model: with captune (`captune.retrieval.load_retrieval`), or transformers alone."""
+    base = "MODEL_DIR/base" if config.model.name in BUILT_IN else config.model.name
+    python = [
+        "```python",
+        "import torch",
+        "from PIL import Image",
+        "from safetensors.torch import load_file",
+        "from transformers import AutoTokenizer, Blip2ForImageTextRetrieval, BlipImageProcessor",
+        "",
+        f'model = Blip2ForImageTextRetrieval.from_pretrained("{base}").eval()',
+        f'model.load_state_dict(load_file("MODEL_DIR/{training_mode(config).saves}"), strict=False)',
+        'tokenizer = AutoTokenizer.from_pretrained("MODEL_DIR")',
+        'images = BlipImageProcessor.from_pretrained("MODEL_DIR")',
+        'pixels = images(Image.open("photo.jpg").convert("RGB"), return_tensors="pt").pixel_values',
+        'text = tokenizer(["a dog on the beach"], return_tensors="pt")',
+        "with torch.no_grad():",
+        "    out = model(pixel_values=pixels, **text, use_image_text_matching_head=False)",
+        "print(out.logits_per_image)  # the best of the 32 query-text cosines",
+        "```",
+        "",
+    ]
+    return [
+        "## How to load",
+        "",
+        "`MODEL_DIR` is this directory. With captune (`captune.retrieval.load_retrieval(MODEL_DIR)` in Python; "
+        "the weights named `temperature.value` only scale the training loss and are left out of the load below):",
+        "",
+        *captune,
+        "With transformers alone:",
+        "",
+        *python,
+    ]
+
+
 def _limitations_section(config: Config, words: TaskWords) -> list[str]:
     items = []
     if config.model.name in BUILT_IN:
@@ -290,7 +347,13 @@ def _limitations_section(config: Config, words: TaskWords) -> list[str]:
             f"The base is captune's built-in `{config.model.name}` with **random weights**: it demonstrates the "
             f"training path, not {words.output} quality. It is not a usable {words.model}."
         )
-    if config.data.task == "vqa":
+    if config.data.task == "retrieval":
+        items.append(
+            f"It ranks images and texts like its training data (`{config.data.format}`); on other kinds of images or "
+            "descriptions expect the base model's behaviour or worse, and the biases of both the base model's "
+            "pre-training data and these captions."
+        )
+    elif config.data.task == "vqa":
         items += [
             f"It answers like its training data (`{config.data.format}`): short answers to the kinds of questions "
             "asked there; on other images or questions expect the base model's behaviour or worse, and the biases "

@@ -61,9 +61,13 @@ class LoraConfig:
     """Modules trained in full and saved with the adapter (e.g. `language_projection`)."""
 
 
-TASKS = ("caption", "vqa")
+TASKS = ("caption", "vqa", "retrieval")
 """What a run's rows are and what its model learns: `caption` (image -> caption), `vqa` (image + question ->
-answer)."""
+answer), `retrieval` (image-caption pairs -> embeddings that find one from the other: BLIP-2's stage-1 model, a
+`Blip2ForImageTextRetrieval`, trained with the contrastive and matching losses; see `captune.retrieval`)."""
+
+RETRIEVAL_MODES = ("qformer",)
+"""The `train.mode`s a `task: retrieval` run takes: the model has no language model to put LoRA on."""
 
 VQA_ANSWERS = ("most-frequent", "weighted")
 """How a VQA question's annotator answers become training rows (`data.vqa_answers`)."""
@@ -79,7 +83,9 @@ answers VQAv2 with 1 to 10 tokens), not captions of 8 to 30."""
 @dataclass
 class DataConfig:
     task: str = "caption"
-    """`caption` or `vqa` (`TASKS`); a YAML file may write it at the top level (`task: vqa`)."""
+    """`caption`, `vqa` or `retrieval` (`TASKS`); a YAML file may write it at the top level (`task: vqa`). Retrieval
+    reads the caption layouts and trains a `Blip2ForImageTextRetrieval` (`model.name`: `tiny-retrieval`,
+    `twin-blip2-itm-vit-g`, `Salesforce/blip2-itm-vit-g` or a directory) with `train.mode=qformer`."""
     format: str = "synthetic"
     """Dataset layout: `flickr8k`, `flickr8k-kaggle`, `karpathy`, `coco`, `manifest`, `hf` or `synthetic` (built in,
     generated on first use); with `task: vqa`: `vqav2`, `okvqa`, `aokvqa`, `manifest`, `hf` or `synthetic` (its
@@ -186,6 +192,10 @@ class TrainConfig:
     1.7x the captions/s of beam 5 at batch 64 on an H200) make each validation faster; best/ is then captioned once
     more at the end with `generate.*` and scored with every metric, so best/metrics.json holds the numbers of the
     `generate` setting (the LAVIS protocol's beam 5 in the shipped configs)."""
+    val_k_test: int = 128
+    """With `task: retrieval`: validation re-ranks each query's top `val_k_test` candidates with the matching head
+    (LAVIS's `k_test`, 128 for COCO), after the contrastive scores ranked all; 0 ranks by the contrastive scores only.
+    best/ is kept by `r_mean`, the mean of R@1, R@5 and R@10 in both directions."""
     val_metrics: str = "fast"
     """`fast`: BLEU, ROUGE-L and CIDEr at each validation (no METEOR JVM start, ~5 s saved each time) and every
     metric for the best step at the end; `full`: every metric at each validation."""
@@ -404,6 +414,13 @@ def _check_train(config: Config) -> list[tuple[bool, str]]:
         (train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
         (train.val_max_images is None or train.val_max_images >= 1, "train.val_max_images must be >= 1"),
         (train.val_metrics in ("fast", "full"), "train.val_metrics must be fast or full"),
+        (train.val_k_test >= 0, "train.val_k_test must be >= 0 (0: the contrastive scores alone)"),
+        (
+            config.data.task != "retrieval" or train.mode in RETRIEVAL_MODES,
+            f"train.mode={train.mode} with task retrieval: a retrieval model has no language model for LoRA; use "
+            f"train.mode={' or '.join(RETRIEVAL_MODES)} (the Q-Former, its query tokens, embeddings, projections, "
+            "matching head and temperature in full, as LAVIS fine-tunes it)",
+        ),
         (train.val_num_beams is None or train.val_num_beams >= 1, "train.val_num_beams must be >= 1"),
         (train.cache_image_features in ("auto", "on", "off"), "train.cache_image_features: auto, on or off"),
         (train.feature_batch_size >= 1, "train.feature_batch_size must be >= 1"),

@@ -33,15 +33,16 @@ from transformers import (
 
 from captune.config import Config, LoraConfig, training_mode
 from captune.errors import CaptuneError
+from captune.retrieval import TINY_RETRIEVAL, load_retrieval_base, retrieval_base_name
 from captune.tiny import TINY, TINY_MODELS, TINY_T5, build_tiny_processor, tiny_config
 from captune.twins import TWINS, write_checkpoint
 
 log = logging.getLogger(__name__)
 
-BUILT_IN = (*TINY_MODELS, *TWINS)
-"""Every model built here rather than loaded: the tiny models and the twins of the real checkpoints
-(`twin-blip2-opt-2.7b`, ...: the checkpoint's tokenizer, ids and config at tiny hidden sizes, random weights; see
-captune.twins). A run saves such a base inside its model directories, so they stand alone."""
+BUILT_IN = (*TINY_MODELS, TINY_RETRIEVAL, *TWINS)
+"""Every model built here rather than loaded: the tiny models (captioning and retrieval) and the twins of the real
+checkpoints (`twin-blip2-opt-2.7b`, ...: the checkpoint's tokenizer, ids and config at tiny hidden sizes, random
+weights; see captune.twins). A run saves such a base inside its model directories, so they stand alone."""
 
 # Blip2ForConditionalGeneration, or a PeftModel / accelerate wrapper around one: these wrappers forward attributes
 # dynamically, so a precise static type would be a fiction.
@@ -53,8 +54,10 @@ class LoadedModel:
     """A BLIP-2 with its processor, ready to train or caption."""
 
     model: Blip2Like
-    """`Blip2ForConditionalGeneration`, or a `PeftModel` around one."""
-    processor: Blip2Processor
+    """`Blip2ForConditionalGeneration`, or a `PeftModel` around one; with `task: retrieval` a
+    `Blip2ForImageTextRetrieval`."""
+    processor: Any
+    """`Blip2Processor`; a retrieval model's `RetrievalProcessor` (tokenizer and image processor)."""
     base_name: str
     """What `captune.json` records as the base: a hub id, a local directory, or `tiny`."""
 
@@ -90,6 +93,10 @@ def load_base(name: str, dtype: torch.dtype = torch.float32, seed: int = 0, quan
             quantisation is asked where it cannot run.
     """
     extra = _quantization_kwargs(quantization, dtype, name)
+    if retrieval_base_name(name):  # a retrieval BLIP-2 (`task: retrieval`): no language model to quantise
+        retrieval = load_retrieval_base(name, seed)
+        retrieval.model.to(dtype)  # type: ignore[arg-type]  # transformers' stubs of .to
+        return LoadedModel(retrieval.model, retrieval.processor, name)
     if name in TINY_MODELS:
         loaded = build_tiny(seed, name)
         loaded.model.to(dtype)

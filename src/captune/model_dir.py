@@ -39,6 +39,7 @@ from captune.model import (
     stop_token_ids,
     trainable_weights,
 )
+from captune.retrieval import RetrievalProcessor, is_retrieval, without_temperature
 from captune.training_modes import ADAPTER_FILE, TRAINED_FILE
 
 END_KEY = "caption_end_id"
@@ -143,8 +144,9 @@ def save_model_dir(
     if base_dir is not None:
         shutil.copytree(base_dir, path / BASE_SUBDIR, dirs_exist_ok=True)
         base = BASE_SUBDIR
-    meta = {"base_model": base, END_KEY: caption_end_id(loaded.model, loaded.processor.tokenizer),
-            "config": to_dict(config)}  # fmt: skip
+    meta: dict[str, Any] = {"base_model": base, "config": to_dict(config)}
+    if not is_retrieval(loaded.model):  # a retrieval model generates nothing
+        meta[END_KEY] = caption_end_id(loaded.model, loaded.processor.tokenizer)
     (path / META_FILE).write_text(json.dumps(meta, indent=2))
     (path / CARD_FILE).write_text(model_card(loaded, config, metrics))
 
@@ -163,6 +165,8 @@ def save_tiny_model_dir(root: Path, overrides: Sequence[str] = ()) -> Path:
 def save_base(path: Path, loaded: LoadedModel, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Saves a model (a plain base, or just the adapter of a PeftModel) and its processor as safetensors;
     `state_dict`, when given, holds the weights to write (PEFT keeps the adapter's among them)."""
+    if state_dict is None and is_retrieval(loaded.model):  # transformers' class has no temperature to load it into
+        state_dict = without_temperature(loaded.model.state_dict())
     loaded.model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
     loaded.processor.save_pretrained(path)
 
@@ -213,9 +217,12 @@ def _load_model_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
     # A base stored inside the directory is named by its absolute path, so saving this model again finds it.
     base_name = str(base_path.resolve()) if base_path.is_dir() else meta["base_model"]
     base = load_base(base_name, dtype)
-    processor = Blip2Processor.from_pretrained(path)
-    check_image_tokens(processor, base.model.config, str(path))
-    _check_caption_end(base.model, meta.get(END_KEY), meta_file)
+    if is_retrieval(base.model):
+        processor: Any = RetrievalProcessor.from_pretrained(path)
+    else:
+        processor = Blip2Processor.from_pretrained(path)
+        check_image_tokens(processor, base.model.config, str(path))
+        _check_caption_end(base.model, meta.get(END_KEY), meta_file)
     if (path / TRAINED_FILE).is_file():
         load_saved_weights(base.model, path)
         return LoadedModel(base.model.eval(), processor, base_name)

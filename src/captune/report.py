@@ -69,6 +69,7 @@ class TaskView:
 TASK_VIEWS = {
     "caption": TaskView("caption", "best_cider", "CIDEr", "CIDEr", ""),
     "vqa": TaskView("vqa", "best_vqa_accuracy", "vqa_accuracy", "VQA accuracy", "%"),
+    "retrieval": TaskView("retrieval", "best_r_mean", "r_mean", "mean recall (R@1, 5, 10 both ways)", "%"),
 }
 
 
@@ -109,7 +110,9 @@ class RunFiles:
         """The view of the run's `data.task` (a config without one is a caption run, the default)."""
         task = self.config.get("data", {}).get("task", "caption")
         if task not in TASK_VIEWS:
-            raise CaptuneError(f"{self.run_dir / 'config.yaml'}: data.task is {task!r}; expected caption or vqa")
+            raise CaptuneError(
+                f"{self.run_dir / 'config.yaml'}: data.task is {task!r}; expected one of {', '.join(TASK_VIEWS)}"
+            )
         return TASK_VIEWS[task]
 
 
@@ -134,7 +137,7 @@ def write_report(run_dir: Path, *, gallery_size: int = 48) -> Path:
         _summary(run),
         _metric_table(run),
         _plots(run),
-        _vqa_gallery(run, gallery_size) if run.task.name == "vqa" else _gallery(run, gallery_size),
+        _GALLERIES[run.task.name](run, gallery_size),
         _config(run),
     ]
     page = _page(f"captune run report: {run.run_dir.name}", _header(run), sections)
@@ -284,7 +287,9 @@ def _metric_table(run: RunFiles) -> str:
         return _section("Final metrics", _absent("No best/metrics.json and no val/ files: validation did not run."))
     head = "".join(f"<th>{html.escape(name)}</th>" for name in metrics)
     cells = "".join(f'<td class="num">{value:.4f}</td>' for value in metrics.values())
-    unit = " VQA accuracy in percent, overall and per answer type." if run.task.name == "vqa" else ""
+    units = {"vqa": " VQA accuracy in percent, overall and per answer type.",
+             "retrieval": " Recall@K in percent; itc_*: the contrastive scores before re-ranking."}  # fmt: skip
+    unit = units.get(run.task.name, "")
     body = f"<p>From {html.escape(source)}.{unit}</p><table><tr>{head}</tr><tr>{cells}</tr></table>"
     return _section("Final metrics", body)
 
@@ -355,6 +360,18 @@ def _vqa_gallery(run: RunFiles, size: int) -> str:
         for rank, q in enumerate(shown, 1)
     )
     return _section(title, f'{intro}<div class="gallery">{cards}</div>')
+
+
+def _no_gallery(run: RunFiles, size: int) -> str:
+    """A retrieval run generates no text to show: what shows its rankings instead."""
+    return _section("Validation examples", _absent(
+        "A retrieval run writes no captions: its validation ranks every val caption against every val image "
+        "(the recall above). To see rankings, index images with `captune index` and query them with `captune search`."
+    ))  # fmt: skip
+
+
+_GALLERIES = {"caption": _gallery, "vqa": _vqa_gallery, "retrieval": _no_gallery}
+"""The report's gallery section, by task."""
 
 
 def _config(run: RunFiles) -> str:
@@ -437,6 +454,11 @@ def _validation_plots(run: RunFiles) -> list[tuple[str, str]]:
     # The best step's file holds every metric, the others the fast subset: plot what all of them have.
     names = [name for name in run.validations[0].metrics if all(name in v.metrics for v in run.validations)]
     curves = {name: [v.metrics[name] for v in run.validations] for name in names}
+    if run.task.name == "retrieval":  # the recall after re-ranking, both directions (the itc_* numbers left out)
+        recalls = {
+            name: values for name, values in curves.items() if name[:5] in ("txt_r", "img_r") and "mean" not in name
+        }
+        return [_line_plot("validation Recall@K", steps, recalls, ticks, percent=True)] if recalls else []
     if run.task.name == "vqa":
         # vqa_accuracy_yes_no -> "yes_no"; the overall number first, as the val files list it.
         named = {name.removeprefix("vqa_accuracy").lstrip("_") or "overall": values for name, values in curves.items()}

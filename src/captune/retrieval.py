@@ -28,7 +28,13 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from torch import nn
-from transformers import Blip2Config, Blip2ForImageTextRetrieval, BlipImageProcessorPil, PreTrainedTokenizerFast
+from transformers import (
+    Blip2Config,
+    Blip2ForImageTextRetrieval,
+    BlipImageProcessorPil,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 
 from captune.data import Record
 from captune.data.images import processed_pixels
@@ -171,6 +177,41 @@ def matching_loss(
     return F.cross_entropy(logits.float(), labels)
 
 
+class RetrievalLoss(nn.Module):
+    """The training forward of `task: retrieval`: the contrastive loss plus the matching loss of a batch of
+    (image, caption) pairs, from pixels or from the vision encoder's cached outputs (`image_features`, when the ViT
+    is frozen: `captune.training.features`). The image-grounded text generation loss of the BLIP-2 paper is not
+    computed.
+
+    A batch (one process's share) whose pairs all show one image has no matching negative: its matching loss is the
+    positive pairs' scored with weight 0, so every trainable parameter still gets a gradient (DDP needs them all)."""
+
+    def __init__(self, model: Blip2ForImageTextRetrieval) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        model = self.model
+        if image_features is None:
+            assert pixel_values is not None
+            image_features = image_side(model, pixel_values.to(model.query_tokens.dtype))
+        images = _image_embeddings_from(model, image_features)
+        texts = text_embeddings(model, input_ids, attention_mask)
+        temperature = model.temperature()  # type: ignore[operator]  # with_temperature attached it
+        contrastive, local = contrastive_loss(images, texts, image_ids, temperature)
+        if bool((image_ids != image_ids[0]).any()):
+            return contrastive + matching_loss(model, image_features, input_ids, attention_mask, image_ids, local)
+        logits = matching_logits(model, image_features, input_ids, attention_mask)
+        return contrastive + 0.0 * logits.float().sum()
+
+
 # --- the tiny retrieval model ------------------------------------------------------------------------------------
 
 TINY_RETRIEVAL = "tiny-retrieval"
@@ -212,14 +253,64 @@ def tiny_retrieval_config(vocab_size: int, image_size: int = 32) -> Blip2Config:
     )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class RetrievalProcessor:
+    """What a retrieval model reads text and images with: its Q-Former tokenizer (BERT's layout) and image
+    processor. Not a `Blip2Processor`, which adds an `<image>` token the Q-Former vocabulary has no row for."""
+
+    tokenizer: PreTrainedTokenizerBase
+    image_processor: BlipImageProcessorPil
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.tokenizer.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
+
+    @classmethod
+    def from_pretrained(cls, name: str | Path) -> RetrievalProcessor:
+        """The tokenizer and image processor of a directory or hub id (as blip2-itm-vit-g's repository holds them)."""
+        from transformers import AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(name), BlipImageProcessorPil.from_pretrained(name))
+
+
 @dataclass
 class RetrievalModel:
-    """A retrieval model with what it reads text and images with, and the contrastive temperature."""
+    """A retrieval model with what it reads text and images with; its contrastive temperature is the model's
+    `temperature` module (`with_temperature`)."""
 
     model: Blip2ForImageTextRetrieval
-    tokenizer: PreTrainedTokenizerFast
+    tokenizer: PreTrainedTokenizerBase
     image_processor: BlipImageProcessorPil
-    temperature: Temperature
+
+    @property
+    def temperature(self) -> Temperature:
+        return self.model.temperature  # type: ignore[return-value]  # attached by with_temperature
+
+    @property
+    def processor(self) -> RetrievalProcessor:
+        return RetrievalProcessor(self.tokenizer, self.image_processor)
+
+
+def with_temperature(model: Blip2ForImageTextRetrieval) -> Blip2ForImageTextRetrieval:
+    """The model with a `temperature` submodule (at `TEMPERATURE_INIT`) when it has none: transformers' class keeps
+    no temperature (LAVIS's `temp` is dropped by its conversion), and a run trains and checkpoints it with the rest
+    (`temperature.value`). Its weights files leave it out (`without_temperature`): it only scales the training loss,
+    and rankings do not depend on it."""
+    if not isinstance(getattr(model, "temperature", None), Temperature):
+        model.temperature = Temperature().to(model.query_tokens.device)
+    return model
+
+
+def without_temperature(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A retrieval model's state dict as transformers' class has it (for `save_pretrained`)."""
+    return {name: value for name, value in state_dict.items() if not name.startswith("temperature.")}
+
+
+def is_retrieval(model: nn.Module) -> bool:
+    """Whether the model (or the model inside a PEFT or accelerate wrapper) is a retrieval BLIP-2."""
+    get_base_model = getattr(model, "get_base_model", None)
+    inner = get_base_model() if callable(get_base_model) else getattr(model, "module", model)
+    return isinstance(inner, Blip2ForImageTextRetrieval)
 
 
 def build_tiny_retrieval(seed: int = 0, image_size: int = 32) -> RetrievalModel:
@@ -232,7 +323,7 @@ def build_tiny_retrieval(seed: int = 0, image_size: int = 32) -> RetrievalModel:
         with torch.no_grad():
             model.query_tokens.normal_(std=0.02)
     processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
-    return RetrievalModel(model.eval(), tokenizer, processor, Temperature())
+    return RetrievalModel(with_temperature(model).eval(), tokenizer, processor)
 
 
 # --- evaluation --------------------------------------------------------------------------------------------------
@@ -265,6 +356,15 @@ def evaluate_retrieval(
     vision encoder's outputs of every image are kept for the re-ranking (images x (patches + 1) x width)."""
     if not records:
         raise CaptuneError("retrieval evaluation: no images to score")
+    from captune.model import evaluating  # (captune.model imports this module)
+
+    with evaluating(loaded.model):  # (validation during training: no dropout)
+        return _evaluate_retrieval(loaded, records, batch_size, k_test, device)
+
+
+def _evaluate_retrieval(
+    loaded: RetrievalModel, records: list[Record], batch_size: int, k_test: int | None, device: torch.device | None
+) -> RetrievalEvaluation:
     model = loaded.model
     device = device or next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -311,38 +411,74 @@ def _image_embeddings_from(model: Blip2ForImageTextRetrieval, vision: torch.Tens
 # --- loading and saving ------------------------------------------------------------------------------------------
 
 
-def load_retrieval(name: str, device: str | torch.device | None = None) -> RetrievalModel:
-    """A retrieval model by name: `tiny-retrieval` (built here, random weights), or a directory or hub id holding a
-    `Blip2ForImageTextRetrieval` with its tokenizer and image processor (`from_pretrained`, as blip2-itm-vit-g's
-    repository holds them).
+def retrieval_base_name(name: str) -> bool:
+    """Whether a `model.name` names a retrieval model: `tiny-retrieval`, or a directory whose config.json is a
+    `Blip2ForImageTextRetrieval`'s (a hub id is read from the local cache only when it is there)."""
+    if name == TINY_RETRIEVAL:
+        return True
+    config_file = Path(name).expanduser() / "config.json"
+    if not config_file.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(name, "config.json")
+        except ValueError:  # not a hub id either
+            return False
+        if not isinstance(found, str):
+            return False
+        config_file = Path(found)
+    import json
+
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return False
+    return "Blip2ForImageTextRetrieval" in (config.get("architectures") or [])
+
+
+def load_retrieval_base(name: str, seed: int = 0) -> RetrievalModel:
+    """A retrieval model by name: `tiny-retrieval` (built here, random weights for `seed`), or a directory or hub id
+    holding a `Blip2ForImageTextRetrieval` with its tokenizer and image processor (`from_pretrained`, as
+    blip2-itm-vit-g's repository holds them), in float32 on the CPU.
 
     Raises:
         CaptuneError: the directory holds another BLIP-2 (a captioning model has no text projection or matching
             head, and loading it as a retrieval model would leave them random)."""
     if name == TINY_RETRIEVAL:
-        loaded = build_tiny_retrieval()
-    else:
-        from transformers import AutoTokenizer
+        return build_tiny_retrieval(seed)
+    config = Blip2Config.from_pretrained(name)
+    text_input = bool(getattr(config.qformer_config, "use_qformer_text_input", False))
+    architectures = config.architectures or ["Blip2ForImageTextRetrieval"]
+    if not text_input or "Blip2ForImageTextRetrieval" not in architectures:
+        raise CaptuneError(
+            f"{name}: not an image-text retrieval BLIP-2 (its config's architectures are {config.architectures}, "
+            f"use_qformer_text_input is {text_input}); retrieval takes a Blip2ForImageTextRetrieval such as "
+            "Salesforce/blip2-itm-vit-g, or tiny-retrieval"
+        )
+    model = Blip2ForImageTextRetrieval.from_pretrained(name, config=config)
+    processor = RetrievalProcessor.from_pretrained(name)
+    return RetrievalModel(with_temperature(model).eval(), processor.tokenizer, processor.image_processor)
 
-        config = Blip2Config.from_pretrained(name)
-        text_input = bool(getattr(config.qformer_config, "use_qformer_text_input", False))
-        architectures = config.architectures or ["Blip2ForImageTextRetrieval"]
-        if not text_input or "Blip2ForImageTextRetrieval" not in architectures:
-            raise CaptuneError(
-                f"{name}: not an image-text retrieval BLIP-2 (its config's architectures are {config.architectures}, "
-                f"use_qformer_text_input is {text_input}); retrieval takes a Blip2ForImageTextRetrieval such as "
-                "Salesforce/blip2-itm-vit-g, or tiny-retrieval"
-            )
-        model = Blip2ForImageTextRetrieval.from_pretrained(name, config=config)
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        processor = BlipImageProcessorPil.from_pretrained(name)
-        loaded = RetrievalModel(model.eval(), tokenizer, processor, Temperature())  # type: ignore[arg-type]
+
+def load_retrieval(name: str, device: str | torch.device | None = None) -> RetrievalModel:
+    """A retrieval model to embed, evaluate or search with: what `captune train` saved with `task: retrieval`
+    (RUN/best, RUN/final: base + trained weights, `captune.model_dir.load_model_dir`), or a model
+    `load_retrieval_base` loads by name. On `device` (None: where it was built, the CPU)."""
+    from captune.model_dir import META_FILE, load_model_dir
+
+    if (Path(name).expanduser() / META_FILE).is_file():
+        loaded = load_model_dir(name, dtype=torch.float32, device=str(device or "cpu"))
+        if not is_retrieval(loaded.model):
+            raise CaptuneError(f"{name}: a captune model directory of a captioning BLIP-2, not a retrieval model; "
+                               "retrieval takes a run trained with task: retrieval, or tiny-retrieval")  # fmt: skip
+        return RetrievalModel(loaded.model, loaded.processor.tokenizer, loaded.processor.image_processor)
+    retrieval = load_retrieval_base(name)
     if device is not None:
         from captune.model import resolve_device
 
         target = resolve_device(device) if isinstance(device, str) else device
-        loaded.model.to(target)  # type: ignore[arg-type]  # transformers' stubs of .to
-    return loaded
+        retrieval.model.to(target)  # type: ignore[arg-type]  # transformers' stubs of .to
+    return retrieval
 
 
 def save_retrieval(loaded: RetrievalModel, path: Path) -> None:
@@ -352,7 +488,6 @@ def save_retrieval(loaded: RetrievalModel, path: Path) -> None:
 
     tmp = path.with_name(f".tmp-{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    loaded.model.save_pretrained(tmp)
-    loaded.tokenizer.save_pretrained(tmp)
-    loaded.image_processor.save_pretrained(tmp)
+    loaded.model.save_pretrained(tmp, state_dict=without_temperature(loaded.model.state_dict()))
+    loaded.processor.save_pretrained(tmp)
     replace_dir(tmp, path)

@@ -49,12 +49,25 @@ TRAINING_MODES = {
     "lora-lm+qformer": TrainingMode(lora=True, lora_on_qformer=True, card=_ADAPTER_CARD),
     "qformer": TrainingMode(
         lora=False,
-        in_full=("qformer.", "query_tokens", "language_projection."),
+        # The last five exist in a retrieval model (Blip2ForImageTextRetrieval) only: its Q-Former's text embeddings,
+        # the two projections to the shared space, the matching head and the contrastive temperature.
+        in_full=(
+            "qformer.",
+            "query_tokens",
+            "language_projection.",
+            "embeddings.",
+            "vision_projection.",
+            "text_projection.",
+            "itm_head.",
+            "temperature.",
+        ),  # fmt: skip
         card=(
             "This directory holds the Q-Former, its query tokens and the language projection, trained in full (the "
-            f"LAVIS caption fine-tune, `train.mode=qformer`), as `{TRAINED_FILE}`, with the processor and "
-            "`captune.json` (base model and the run's config). They replace the base model's own weights of those "
-            "names; `captune merge --model-dir MODEL_DIR --output MERGED_DIR` writes a standalone model."
+            f"LAVIS caption fine-tune, `train.mode=qformer`; after a `task: retrieval` run: the Q-Former, its query "
+            "tokens and text embeddings, both projections, the matching head and the temperature), as "
+            f"`{TRAINED_FILE}`, with the processor and `captune.json` (base model and the run's config). They "
+            "replace the base model's own weights of those names; `captune merge --model-dir MODEL_DIR --output "
+            "MERGED_DIR` writes a standalone model."
         ),
     ),
 }

@@ -21,7 +21,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     state = train(config)
     if int(os.environ.get("RANK", "0")) == 0:
         out = Path(config.train.output_dir)
-        metric = "VQA accuracy" if config.data.task == "vqa" else "CIDEr"
+        metric = {"vqa": "VQA accuracy", "retrieval": "r_mean"}.get(config.data.task, "CIDEr")
         kept = (
             f"best model (val {metric} {state.best_cider:.4f}) in {out / 'best'}"
             if state.best_cider is not None
@@ -64,22 +64,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.task == "vqa":
         print(f"held-out VQA accuracy before fine-tuning {result.before['vqa_accuracy']:.1f}%, after "
               f"{result.after['vqa_accuracy']:.1f}%")  # fmt: skip
+    elif args.task == "retrieval":
+        print(f"held-out text->image R@1 before fine-tuning {result.before['img_r1']:.1f}%, after "
+              f"{result.after['img_r1']:.1f}% (image->text R@1 {result.before['txt_r1']:.1f}% -> "
+              f"{result.after['txt_r1']:.1f}%)")  # fmt: skip
     else:
         print(f"CIDEr before fine-tuning {result.before['CIDEr']:.3f}, after {result.after['CIDEr']:.3f}")
     for image, caption in result.samples:
         print(f"  {image}: {caption}")
+    use = {"vqa": "captune ask IMAGE --question Q", "retrieval": "captune eval --task retrieval"}
     print(f"metrics in {args.output_dir}/metrics.json; model in {args.output_dir}/model "
-          f"(captune caption IMAGE --model-dir {args.output_dir}/model)")  # fmt: skip
+          f"({use.get(args.task, 'captune caption IMAGE')} --model-dir {args.output_dir}/model)")  # fmt: skip
     return 0
 
 
 def add_demo_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """`captune demo` and its flags."""
-    p = sub.add_parser("demo", help="train, evaluate and caption (or answer) on the built-in synthetic data")
-    p.add_argument("--task", choices=["caption", "vqa"], default="caption",
-                   help="caption (configs/demo.yaml, the default) or vqa: answer the synthetic questions, VQA accuracy "
-                   "before and after (configs/demo-vqa.yaml)")  # fmt: skip
+    p = sub.add_parser("demo", help="train, evaluate and caption (answer, rank) on the built-in synthetic data")
+    p.add_argument("--task", choices=["caption", "vqa", "retrieval"], default="caption",
+                   help="caption (configs/demo.yaml, the default); vqa: answer the synthetic questions, VQA accuracy "
+                   "before and after (configs/demo-vqa.yaml); retrieval: rank held-out images and captions, Recall@K "
+                   "before and after (configs/demo-retrieval.yaml)")  # fmt: skip
     p.add_argument("--output-dir", default="demo-out")
     p.add_argument("--train-images", type=int, help="synthetic training images (default 1200)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of configs/demo.yaml (demo-vqa.yaml)")
+    p.add_argument("overrides", nargs="*",
+                   help="key=value overrides of configs/demo.yaml (demo-vqa.yaml, demo-retrieval.yaml)")  # fmt: skip
     p.set_defaults(func=cmd_demo)

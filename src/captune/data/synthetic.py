@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 
 from captune.data import CaptionSet, ReadOptions, Record
 from captune.data.vqa import QuestionListing, VqaReadOptions, VqaSet, usable_questions
+from captune.errors import CaptuneError
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (235, 215, 30)}
 SHAPES = ("circle", "square", "triangle")
@@ -53,6 +54,10 @@ class SyntheticSpec:
     test: int = 100
     seed: int = 0
     image_size: int = 64
+    distinct_test: bool = False
+    """Draw each test image with a colour, shape, size and position no other test image has (at most 96 test
+    images), so that a held-out caption naming all four fits one image only (the retrieval demo's test split; the
+    captions without the size fit at most two). Train and val images are the same as without it."""
 
 
 @dataclass(frozen=True)
@@ -106,10 +111,23 @@ def draw(rng: random.Random, size: int) -> tuple[Image.Image, tuple[str, ...]]:
 
 def drawings(spec: SyntheticSpec) -> Iterator[tuple[str, str, Drawing]]:
     """(file name, split, drawing) of each image of `spec`, in generation order, without rendering."""
+    kinds = len(COLOURS) * len(SHAPES) * len(SIZES) * len(POSITIONS)
+    if spec.distinct_test and spec.test > kinds:
+        raise CaptuneError(f"synthetic data: {spec.test} distinct test images asked for, but only {kinds} "
+                           "combinations of colour, shape, size and position exist")  # fmt: skip
     rng = random.Random(spec.seed)
     for split in ("train", "val", "test"):
+        seen: set[tuple[str, ...]] = set()
         for i in range(getattr(spec, split)):
-            yield f"{split}-{i:05d}.png", split, _drawing(rng, spec.image_size)
+            drawing = _drawing(rng, spec.image_size)
+            while split == "test" and spec.distinct_test and _attributes(drawing) in seen:
+                drawing = _drawing(rng, spec.image_size)
+            seen.add(_attributes(drawing))
+            yield f"{split}-{i:05d}.png", split, drawing
+
+
+def _attributes(drawing: Drawing) -> tuple[str, ...]:
+    return drawing.colour, drawing.shape, drawing.size, drawing.position
 
 
 def generate_synthetic(data_dir: Path, spec: SyntheticSpec = SyntheticSpec()) -> Path:

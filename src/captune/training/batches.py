@@ -85,9 +85,15 @@ class CaptionPairs(Dataset):
     def __len__(self) -> int:
         return len(self.captions)
 
+    image_ids: bool = False
+    """Each item names its image (`image_id`, the index in `paths`): retrieval's losses treat two captions of one
+    image as positives of each other."""
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_index = int(self.image_of[index])
         item: dict[str, Any] = {"caption": self.captions[index]}
+        if self.image_ids:
+            item["image_id"] = image_index
         if self.prompts is not None:
             item["prompt"] = self.prompts[index]
         if self.weights is not None:
@@ -397,6 +403,27 @@ class PackedCaptionCollator(CaptionCollator):
         return out
 
 
+@dataclass
+class RetrievalCollator:
+    """A batch of (image, caption) pairs for `captune.retrieval.RetrievalLoss`: the captions tokenized by the
+    Q-Former's tokenizer (`[CLS] caption [SEP]`, padded to the longest, cut at `max_caption_tokens` + 2), each
+    pair's image id, and the pixels (or, features cached, the image indices)."""
+
+    tokenizer: Any
+    max_caption_tokens: int
+
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        tokens = self.tokenizer([item["caption"] for item in batch], padding="longest", truncation=True,
+                                max_length=self.max_caption_tokens + 2, return_tensors="pt")  # fmt: skip
+        out = {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
+               "image_ids": torch.tensor([item["image_id"] for item in batch])}  # fmt: skip
+        if "pixel_values" in batch[0]:
+            out["pixel_values"] = torch.stack([item["pixel_values"] for item in batch])
+        else:
+            out["image_index"] = torch.tensor([item["image_index"] for item in batch])
+        return out
+
+
 def _block_mask(segment: torch.Tensor) -> torch.Tensor:
     """(rows, length, length), True where a packed row's token may attend: `segment` (rows, length) is 0 for the
     shared prefix, j for the j-th caption or question and -1 for padding; a token sees the prefix and its own
@@ -428,7 +455,7 @@ def answer_rows(question: Question, answers: str) -> list[tuple[str, float]]:
 
 def use_packing(config: Config, model: nn.Module) -> bool:
     """Whether batches hold whole images with their captions packed (train.pack_captions); says why not."""
-    if not config.train.pack_captions:
+    if not config.train.pack_captions or config.data.task == "retrieval":  # retrieval: no language model to pack
         return False
     lm = blip_of(model).language_model
     if config.data.task == "vqa" and lm.config.is_encoder_decoder:
@@ -443,7 +470,12 @@ def use_packing(config: Config, model: nn.Module) -> bool:
 
 
 def training_loader(
-    items: Dataset, sampler: Sampler[int], collate: CaptionCollator, config: Config, batch_size: int, pin_memory: bool
+    items: Dataset,
+    sampler: Sampler[int],
+    collate: CaptionCollator | RetrievalCollator,
+    config: Config,
+    batch_size: int,
+    pin_memory: bool,
 ) -> DataLoader:
     """The training DataLoader: `data.num_workers` persistent worker processes decoding images, each at most
     `data.prefetch_factor` batches ahead, their garbage collector kept off the inherited heap."""

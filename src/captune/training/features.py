@@ -1,6 +1,7 @@
 """The cached image side: each train image's projected Q-Former output, computed once per run (or read back from
 `train.feature_cache_dir`) when nothing upstream of the language model trains, and handed to `CaptionLoss` in place
-of pixels (see captune.training.loss)."""
+of pixels (see captune.training.loss); with `task: retrieval`, each image's vision-encoder output while the ViT is
+frozen, handed to `captune.retrieval.RetrievalLoss`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from captune.data.images import PixelFiles, PixelItem, rebatched, worker_share
 from captune.errors import CaptuneError
 from captune.files import atomic_open, cache_dir
 from captune.model import BUILT_IN, LoadedModel, blip_of, embedding_of, evaluating
+from captune.retrieval import is_retrieval
 from captune.training.batches import CaptionPairs
 from captune.training.loss import upstream_of_language_model_trains
 
@@ -37,12 +40,18 @@ def use_feature_cache(config: Config, model: nn.Module) -> bool:
     if config.train.cache_image_features == "off":
         log.info("training path: full (image features recomputed every step): train.cache_image_features=off")
         return False
-    trains = upstream_of_language_model_trains(model)
-    why = f"parameters outside the language model train ({trains[0]}, ...)" if trains else ""
+    if is_retrieval(model):  # the vision encoder's outputs are cached: only the Q-Former side trains
+        trains = [name for name, p in model.named_parameters() if p.requires_grad and name.startswith("vision_model.")]
+        why = f"the vision encoder trains ({trains[0]}, ...)" if trains else ""
+    else:
+        trains = upstream_of_language_model_trains(model)
+        why = f"parameters outside the language model train ({trains[0]}, ...)" if trains else ""
     if why and config.train.cache_image_features == "on":
         raise CaptuneError(f"train.cache_image_features=on, but {why}; use auto or off")
     if why:
         log.info("training path: full (image features recomputed every step): %s", why)
+    elif is_retrieval(model):
+        log.info("training path: cached vision-encoder outputs (the vision encoder is frozen)")
     else:
         log.info("training path: cached image features (nothing upstream of the language model trains)")
     return not why
@@ -111,14 +120,15 @@ def _feature_file(config: Config, loaded: LoadedModel, paths: list[Path]) -> Pat
         return None
     folder = config.train.feature_cache_dir
     root = cache_dir() / "features" if folder == "auto" else Path(folder).expanduser()
-    blip = blip_of(loaded.model)
+    side = ImageSide.of(loaded.model)
     digest = hashlib.sha256()
     what = {
         "version": 1,
         "weights": _weight_files(loaded.base_name, config.train.seed),
-        "config": {k: v for k, v in blip.config.to_dict().items() if k != "text_config"},  # vision, Q-Former
+        "config": side.config,
         "image_processor": loaded.processor.image_processor.to_dict(),
-        "dtype": str(blip.get_input_embeddings().weight.dtype),
+        "dtype": str(side.dtype),
+        "what": side.what,
     }
     digest.update(json.dumps(what, sort_keys=True, default=str).encode())
     for path in paths:
@@ -174,11 +184,50 @@ def _keep_features(features: torch.Tensor, file: Path | None, main: bool) -> Non
         log.warning("image features could not be kept in %s (%s); the next run computes them again", file, err)
 
 
+@dataclass(frozen=True)
+class ImageSide:
+    """What the feature pass computes for a model: a captioner's projected Q-Former output (query tokens x LM
+    width, in the LM's dtype), or a retrieval model's vision-encoder output (patches + 1 x ViT width, in its dtype),
+    whose Q-Former trains."""
+
+    encode: Callable[[torch.Tensor], torch.Tensor]
+    shape: tuple[int, ...]
+    """One image's features."""
+    dtype: torch.dtype
+    input_dtype: torch.dtype
+    module: nn.Module
+    """What runs (switched to eval mode for the pass)."""
+    config: dict[str, Any]
+    """The configuration the features depend on (for the cache file's name)."""
+    what: str
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ImageSide:
+        if is_retrieval(model):
+            retrieval: Any = model
+            vision = retrieval.vision_model
+            vision_config = vision.config
+            patches = (vision_config.image_size // vision_config.patch_size) ** 2 + 1
+            dtype = retrieval.query_tokens.dtype
+            return cls(lambda pixels: vision(pixel_values=pixels).last_hidden_state,
+                       (patches, vision_config.hidden_size), dtype, dtype, vision, vision_config.to_dict(),
+                       "vision_model.last_hidden_state")  # fmt: skip
+        blip = blip_of(model)
+        embeddings = embedding_of(blip)
+        config = {k: v for k, v in blip.config.to_dict().items() if k != "text_config"}  # vision, Q-Former
+        return cls(lambda pixels: blip.get_image_features(pixel_values=pixels, return_dict=True).pooler_output,
+                   (blip.config.num_query_tokens, embeddings.embedding_dim), embeddings.weight.dtype,
+                   blip.vision_model.dtype, blip, config, "projected Q-Former output")  # fmt: skip
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of one image's features."""
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
 def feature_bytes(model: nn.Module) -> int:
-    """Bytes of one image's cached features: query tokens x LM width, in the LM's dtype."""
-    blip = blip_of(model)
-    embeddings = embedding_of(blip)
-    return blip.config.num_query_tokens * embeddings.embedding_dim * embeddings.weight.element_size()
+    """Bytes of one image's cached features (`ImageSide`)."""
+    return ImageSide.of(model).bytes
 
 
 @torch.no_grad()
@@ -193,11 +242,12 @@ def image_features(
     keep_on: torch.device,
     progress: bool = True,
 ) -> torch.Tensor:
-    """The projected Q-Former output of each image, (images, query tokens, LM width), in the model's dtype.
+    """Each image's features (`ImageSide`): a captioner's projected Q-Former output, (images, query tokens, LM
+    width), or a retrieval model's vision-encoder output, (images, patches + 1, ViT width); in the model's dtype.
 
     Args:
-        model: BLIP-2 (PEFT-wrapped or not), on `device`, in eval or train mode (the image side has no dropout
-            that matters: it is frozen, and this runs in eval mode).
+        model: BLIP-2 (PEFT-wrapped or not) or a retrieval BLIP-2, on `device`, in eval or train mode (the image
+            side has no dropout that matters: it is frozen, and this runs in eval mode).
         processor: Its processor; the image processor makes the pixels.
         paths: Image files, in the order of the returned rows.
         batch_size: Images per forward pass.
@@ -206,25 +256,22 @@ def image_features(
         keep_on: Where the features are kept (the GPU when they fit, else pinned CPU memory).
         progress: Show a progress bar.
     """
-    blip = blip_of(model)
-    embeddings = embedding_of(blip)
-    dtype, width = embeddings.weight.dtype, embeddings.embedding_dim
+    side = ImageSide.of(model)
     # A generator of its own: the loader's seed draw must not move the global RNG, or training after a computed pass
     # would differ from training after features read from train.feature_cache_dir.
     loader = DataLoader(PixelFiles(paths, processor.image_processor), batch_size=worker_share(batch_size, num_workers),
                         num_workers=num_workers, collate_fn=_stacked, pin_memory=device.type == "cuda",
                         worker_init_fn=freeze_inherited_objects, generator=torch.Generator())  # fmt: skip
-    out = torch.empty((len(paths), blip.config.num_query_tokens, width), dtype=dtype, device=keep_on,
+    out = torch.empty((len(paths), *side.shape), dtype=side.dtype, device=keep_on,
                       pin_memory=keep_on.type == "cpu" and device.type == "cuda")  # fmt: skip
     row = 0
     shares = (pixels.to(device, non_blocking=True) for pixels in loader)  # from pinned memory, joined on the GPU
     batches = tqdm(rebatched(shares, batch_size, torch.cat), desc="image features", unit="batch", disable=not progress,
                    total=-(-len(paths) // batch_size))  # fmt: skip
-    with evaluating(blip):
+    with evaluating(side.module):
         for pixels in batches:
-            pixels = pixels.to(dtype=blip.vision_model.dtype)
-            features = blip.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
-            out[row : row + len(features)] = features.to(dtype)
+            features = side.encode(pixels.to(dtype=side.input_dtype))
+            out[row : row + len(features)] = features.to(side.dtype)
             row += len(features)
     return out
 

@@ -43,11 +43,13 @@ from captune.model import (
     trainable_summary,
 )
 from captune.model_dir import load_saved_weights, save_base
+from captune.retrieval import RetrievalLoss, RetrievalModel, evaluate_retrieval, is_retrieval
 from captune.training.batches import (
     CaptionCollator,
     CaptionPairs,
     ImageCaptions,
     PackedCaptionCollator,
+    RetrievalCollator,
     load_training_data,
     load_vqa_training_data,
     training_loader,
@@ -129,7 +131,15 @@ def setup(config: Config) -> Run:
     # float32, the frozen ViT and Q-Former too (1.1 B parameters: +2.2 GB for blip2-opt-2.7b), and its input-gradient
     # hook serves only reentrant checkpointing, which captune does not use. Training stays bf16 as for unquantised
     # models (bf16 is also the 4-bit compute dtype); the loss is float32 either way.
-    if config.train.gradient_checkpointing:
+    retrieval = config.data.task == "retrieval"
+    if retrieval and not is_retrieval(loaded.model):
+        raise CaptuneError(f"task retrieval: model.name={config.model.name} is a captioning BLIP-2; retrieval trains "
+                           "a Blip2ForImageTextRetrieval (tiny-retrieval, twin-blip2-itm-vit-g, "
+                           "Salesforce/blip2-itm-vit-g or a directory of one)")  # fmt: skip
+    if not retrieval and is_retrieval(loaded.model):
+        raise CaptuneError(f"task {config.data.task}: model.name={config.model.name} is a retrieval BLIP-2 (no "
+                           "language model to generate with); set task: retrieval, or a captioning model")  # fmt: skip
+    if config.train.gradient_checkpointing and not retrieval:
         blip_of(loaded.model).language_model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}
         )
@@ -148,6 +158,7 @@ def setup(config: Config) -> Run:
                      len(questions.split("train")), len(pairs.paths), config.data.vqa_answers)  # fmt: skip
     else:
         pairs = CaptionPairs(captions.split("train"), loaded.processor, with_pixels=not cached)
+        pairs.image_ids = retrieval
     items: CaptionPairs | ImageCaptions = pairs
     collator, batch_size = CaptionCollator, config.train.batch_size
     if use_packing(config, loaded.model):
@@ -159,12 +170,17 @@ def setup(config: Config) -> Run:
                      round(batch_size * len(pairs) / len(items)), "answers" if vqa else "captions", shared)  # fmt: skip
     sampler: EpochShuffle = (
         LengthGroupedShuffle(items.caption_lengths(), batch_size, config.train.seed, accelerator.num_processes)
-        if config.train.group_by_length
-        else EpochShuffle(len(items), config.train.seed)
+        if config.train.group_by_length and not retrieval  # retrieval: short texts, and batches of one length
+        else EpochShuffle(len(items), config.train.seed)  # would hold captions of one template each
     )
-    collate = collator.for_model(loaded.model, loaded.processor, config.data.prompt, config.data.max_caption_tokens)
+    collate: CaptionCollator | RetrievalCollator
     tokenizer = loaded.processor.tokenizer
-    if main and collate.end_token_id != tokenizer.eos_token_id:
+    if retrieval:
+        collate = RetrievalCollator(tokenizer, config.data.max_caption_tokens)
+    else:
+        collate = collator.for_model(loaded.model, loaded.processor, config.data.prompt,
+                                     config.data.max_caption_tokens)  # fmt: skip
+    if main and isinstance(collate, CaptionCollator) and collate.end_token_id != tokenizer.eos_token_id:
         log.info("captions end with token %d (%r), where generation stops (the language model's generation "
                  "config), not with the tokenizer's EOS %s", collate.end_token_id,
                  tokenizer.decode([collate.end_token_id]), tokenizer.eos_token_id)  # fmt: skip
@@ -189,9 +205,8 @@ def setup(config: Config) -> Run:
                      feature_seconds, features.device)  # fmt: skip
     # accelerate prepares the training forward (DDP must see it); loaded.model stays the model it holds (under FSDP
     # sharded in place).
-    step, optimizer, loader = accelerator.prepare(
-        CaptionLoss(loaded.model, config.train.caption_logits_only), optimizer, loader
-    )
+    forward = RetrievalLoss(loaded.model) if retrieval else CaptionLoss(loaded.model, config.train.caption_logits_only)
+    step, optimizer, loader = accelerator.prepare(forward, optimizer, loader)
 
     # 5. Schedule in optimizer steps; not handed to accelerate, which would step it once per process.
     steps_per_epoch = math.ceil(len(loader) / config.train.grad_accum)
@@ -265,7 +280,7 @@ def _fit(run: Run) -> TrainState:
                     rows = batch.pop("image_index").to(run.features.device)
                     batch["image_features"] = run.features[rows].to(accelerator.device, non_blocking=True)
                 samples = batch.pop("samples") if "samples" in batch else len(batch["input_ids"])  # packed: captions
-                if accelerator.num_processes > 1:
+                if accelerator.num_processes > 1 and "labels" in batch:  # (retrieval's losses gather their own)
                     # DDP averages the ranks' gradients: dividing each rank's summed loss by the mean caption-token
                     # count over ranks makes that average the loss of the global batch, as one process would compute.
                     local = label_tokens(batch)
@@ -376,9 +391,12 @@ def validate_and_keep_best(run: Run) -> dict[str, float] | None:
     options = run.config.generate
     if run.config.train.val_num_beams is not None:
         options = dataclasses.replace(options, num_beams=run.config.train.val_num_beams)
-    if run.val_questions:
+    retrieval = run.config.data.task == "retrieval"
+    if retrieval:  # every image and caption is embedded once, on rank 0: recall ranks each query against all
+        predictions: dict[Any, str] = {}
+    elif run.val_questions:
         mine_questions = run.val_questions[accelerator.process_index :: accelerator.num_processes]
-        predictions: dict[Any, str] = answer_questions(
+        predictions = answer_questions(
             model,
             run.loaded.processor,
             mine_questions,
@@ -393,7 +411,9 @@ def validate_and_keep_best(run: Run) -> dict[str, float] | None:
     gathered = dict(gather_object(list(predictions.items())))
     metrics = None
     if accelerator.is_main_process:
-        if run.val_questions:
+        if retrieval:
+            metrics = retrieval_validation(run.loaded, model, run.val_records, run.config.train.val_k_test)
+        elif run.val_questions:
             metrics = vqa_metrics(vqa_accuracy(gathered, run.val_questions))
         else:
             names = FAST_METRICS if run.config.train.val_metrics == "fast" else METRIC_NAMES
@@ -410,8 +430,20 @@ def validate_and_keep_best(run: Run) -> dict[str, float] | None:
     return metrics
 
 
-_BEST_BY = {"caption": "CIDEr", "vqa": "vqa_accuracy"}
+_BEST_BY = {"caption": "CIDEr", "vqa": "vqa_accuracy", "retrieval": "r_mean"}
 """The val metric that picks best/, by task."""
+
+
+def retrieval_validation(loaded: LoadedModel, model: Any, records: list[Record], k_test: int) -> dict[str, float]:
+    """Recall@1/5/10 both ways on the val images and their captions, in percent, LAVIS's keys (`txt_r1` ...
+    `r_mean`): after the matching head re-ranked each query's top `k_test` (0: the contrastive scores), and the
+    contrastive scores' own as `itc_*` when re-ranked."""
+    retrieval = RetrievalModel(model, loaded.processor.tokenizer, loaded.processor.image_processor)
+    evaluation = evaluate_retrieval(retrieval, records, k_test=k_test or None)
+    contrastive = evaluation.contrastive.as_dict()
+    if evaluation.reranked is None:
+        return contrastive
+    return evaluation.reranked.as_dict() | {f"itc_{key}": value for key, value in contrastive.items()}
 
 
 def vqa_metrics(accuracy: VqaAccuracy) -> dict[str, float]:
@@ -440,8 +472,8 @@ def finish_validation(run: Run) -> None:
     """
     state, config = run.state, run.config
     regenerate = config.train.val_num_beams not in (None, config.generate.num_beams)
-    if not run.accelerator.is_main_process or state.best_step is None:
-        return
+    if not run.accelerator.is_main_process or state.best_step is None or config.data.task == "retrieval":
+        return  # (retrieval's validation computed every number: best/metrics.json holds them)
     # VQA accuracy has no slow metric to add: only answering again with other beams changes best/'s numbers.
     if not regenerate and (config.train.val_metrics == "full" or run.val_questions):
         return

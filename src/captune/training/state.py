@@ -28,7 +28,8 @@ class TrainState:
     global_step: int = 0
     epoch: int = 0
     best_cider: float | None = None
-    """The best val score: CIDEr, or with `task: vqa` VQA accuracy in percent (results.json: `best_vqa_accuracy`)."""
+    """The best val score: CIDEr, or with `task: vqa` VQA accuracy in percent (results.json: `best_vqa_accuracy`),
+    with `task: retrieval` the mean recall `r_mean` in percent (`best_r_mean`)."""
     best_step: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     train_samples: int = 0
@@ -113,7 +114,7 @@ NO_STEP = 2**62
 
 def results(state: TrainState, task: str = "caption") -> dict[str, Any]:
     """The validation record for results.json and checkpoints; the best score named by what it is."""
-    best = "best_vqa_accuracy" if task == "vqa" else "best_cider"
+    best = {"vqa": "best_vqa_accuracy", "retrieval": "best_r_mean"}.get(task, "best_cider")
     return {best: state.best_cider, "best_step": state.best_step, "history": state.history}
 
 
