@@ -7,15 +7,18 @@ on-disk vector index) beside the vision side alone on preloaded pixels (the ceil
 What runs, in order:
 1. Data: `--images` generated JPEGs (500 x 375, `train_throughput.make_data`).
 2. The ceiling, per `--batch-sizes`: one batch of pixels preprocessed once and kept on the GPU, then `--steps` timed
-   forwards (after 3 warm-up ones) in bf16 under `torch.inference_mode()`: the ViT-g alone, and the whole image side
-   of an embedding (ViT-g, the Q-Former's 32 queries, the projection, `captune.retrieval.image_embeddings`). No
-   decoding, no preprocessing, no copy to the GPU, nothing written: what the GPU allows.
-3. captune, per `--batch-sizes`: `index_images(paths, loaded, output, batch_size=..., workers=...)` over every image
-   into a fresh index folder (decoding and preprocessing in `--workers` processes while the GPU works, the embeddings
-   written as the index's chunks), timed whole, first batch included; the index must then hold every image.
+   forwards (after 3 warm-up ones) under `torch.inference_mode()` as `index_images` runs them (float32 weights, bf16
+   autocast on a GPU): the ViT-g alone, and the whole image side of an embedding (ViT-g, the Q-Former's 32 queries,
+   the projection, `captune.retrieval.image_embeddings`). No decoding, no preprocessing, no copy to the GPU, nothing
+   written: what the GPU allows.
+3. captune, per `--batch-sizes`: `index_images(paths, loaded, output, model_id=DIR, batch_size=..., workers=...)` over
+   every image into a fresh index folder (decoding and preprocessing in `--workers` processes while the GPU works,
+   the embeddings written as the index's chunks, then the FAISS index built), timed whole, first batch included; the
+   index must then hold every image.
+4. On a GPU, the ceiling again with the weights cast to bf16 (no autocast): what bf16 weights would give.
 
-The model is `captune.retrieval.load_retrieval(DIR)` in bf16 on the GPU (float32 on the CPU); the speed of a
-random-weight model is that of the real one. Goal (issue 25): >= 800 images/s on an H200 at 224 px, where the vision
+The model is `captune.retrieval.load_retrieval(DIR)` on the device, float32 as `index_images` takes it; the speed of
+a random-weight model is that of the real one. Goal (issue 25): >= 800 images/s on an H200 at 224 px, where the vision
 side alone ran ~920/s. Writes `--output` (JSON: every number, the software versions, the GPU, this command) and prints
 a table.
 """
@@ -53,22 +56,31 @@ def time_forward(forward: Callable[[], Any], images: int, steps: int, device: to
 
 
 def ceiling(
-    loaded: RetrievalModel, paths: list[Path], batch_size: int, steps: int, device: torch.device
+    loaded: RetrievalModel, paths: list[Path], batch_size: int, steps: int, device: torch.device, autocast: bool
 ) -> dict[str, Any]:
-    """The vision side on one batch of preloaded pixels: the ViT alone, and ViT + Q-Former + projection."""
+    """The vision side on one batch of preloaded pixels: the ViT alone, and ViT + Q-Former + projection; under bf16
+    autocast when `autocast` (as `index_images` runs float32 weights on a GPU)."""
     model = loaded.model
     batch = [paths[i % len(paths)] for i in range(batch_size)]
     pixels = torch.stack([processed_pixels(p, loaded.image_processor) for p in batch]).to(device, model.dtype)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    vit = time_forward(lambda: image_side(model, pixels), batch_size, steps, device)
-    embed = time_forward(lambda: image_embeddings(model, pixels), batch_size, steps, device)
+    context = torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast)
+    with context:
+        vit = time_forward(lambda: image_side(model, pixels), batch_size, steps, device)
+        embed = time_forward(lambda: image_embeddings(model, pixels), batch_size, steps, device)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return {"vit_alone": vit, "image_embeddings": embed, "peak_gib": peak}
 
 
 def run_captune(
-    loaded: RetrievalModel, paths: list[Path], output: Path, batch_size: int, workers: int, device: torch.device
+    loaded: RetrievalModel,
+    model_id: str,
+    paths: list[Path],
+    output: Path,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
 ) -> dict[str, Any]:
     """`index_images` over every path into a fresh index folder, timed whole."""
     try:
@@ -76,22 +88,21 @@ def run_captune(
     except ImportError as err:
         raise SystemExit(f"captune.search.index_images is not in this checkout ({err}): the captune side cannot run; "
                          "the ceiling's numbers are in --output") from err  # fmt: skip
-    from captune.vector_index import VectorIndex
-
     shutil.rmtree(output, ignore_errors=True)  # a fresh index, never a resumed one
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     _sync(device)
     start = time.perf_counter()
-    index_images(paths, loaded, output, batch_size=batch_size, workers=workers)
+    summary = index_images(paths, loaded, output, model_id=model_id, batch_size=batch_size, workers=workers,
+                           progress=False)  # fmt: skip
     _sync(device)
     seconds = time.perf_counter() - start
-    indexed = VectorIndex.open(output).count
-    if indexed != len(paths):
-        raise SystemExit(f"{output}: the index holds {indexed} vectors after index_images of {len(paths)} images")
+    if summary.count != len(paths) or summary.skipped:
+        raise SystemExit(f"{output}: the index holds {summary.count} vectors after index_images of {len(paths)} "
+                         f"images ({len(summary.skipped)} skipped)")  # fmt: skip
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return {"batch_size": batch_size, "workers": workers, "images": len(paths), "seconds": seconds,
-            "images_per_s": len(paths) / seconds, "peak_gib": peak}  # fmt: skip
+            "images_per_s": len(paths) / seconds, "peak_gib": peak, "index_kind": summary.index_kind}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -115,9 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     manifest = make_data(args.work / "data", args.images)
     paths = [manifest.parent / json.loads(line)["image"] for line in manifest.read_text().splitlines()]
     loaded = load_retrieval(str(model_dir), device=device)
-    if device.type == "cuda":
-        loaded.model.to(torch.bfloat16)
-    result: dict[str, Any] = {"what": __doc__.splitlines()[0], "images": len(paths), "dtype": str(loaded.model.dtype)}
+    cuda = device.type == "cuda"
+    result: dict[str, Any] = {"what": __doc__.splitlines()[0], "images": len(paths), "autocast_bf16": cuda}
     result.update(_environment(device, argv))
 
     def save() -> None:  # after every stage, so that a run cut short keeps what it measured
@@ -127,15 +137,23 @@ def main(argv: list[str] | None = None) -> None:
     batch_sizes = list(map(int, args.batch_sizes.split(",")))
     result["ceiling"] = {}
     for batch_size in batch_sizes:
-        result["ceiling"][batch_size] = ceiling(loaded, paths, batch_size, args.steps, device)
+        result["ceiling"][batch_size] = ceiling(loaded, paths, batch_size, args.steps, device, autocast=cuda)
         print(f"vision side alone, batch {batch_size}: {result['ceiling'][batch_size]}", flush=True)
         save()
     result["captune"] = []
     for batch_size in batch_sizes:
-        run = run_captune(loaded, paths, args.work / f"index-{batch_size}", batch_size, args.workers, device)
+        output = args.work / f"index-{batch_size}"
+        run = run_captune(loaded, str(model_dir), paths, output, batch_size, args.workers, device)
         result["captune"].append(run)
         print(f"index_images, batch {batch_size}: {run}", flush=True)
         save()
+    if cuda:
+        loaded.model.to(torch.bfloat16)
+        result["ceiling_bf16_weights"] = {}
+        for batch_size in batch_sizes:
+            result["ceiling_bf16_weights"][batch_size] = ceiling(loaded, paths, batch_size, args.steps, device, False)
+            print(f"vision side, bf16 weights, batch {batch_size}: {result['ceiling_bf16_weights'][batch_size]}")
+            save()
     best = max(result["captune"], key=lambda r: r["images_per_s"])
     vit = result["ceiling"][best["batch_size"]]["vit_alone"]["images_per_s"]
     result["best_images_per_s"] = best["images_per_s"]
