@@ -19,7 +19,7 @@ import csv
 import hashlib
 import io
 import json
-import logging
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -37,8 +37,6 @@ from captune.errors import CaptuneError
 from captune.files import progress_bar, read_utf8, write_atomically
 from captune.retrieval import RetrievalModel, image_embeddings, image_side, matching_logits, text_embeddings
 from captune.vector_index import BuildOptions, VectorIndex, recall_against_exact
-
-log = logging.getLogger("captune")
 
 KINDS = ("images", "captions")
 SKIPPED_FILE = "skipped.tsv"
@@ -182,7 +180,7 @@ def index_images(
     bar = progress_bar(len(todo), "indexing", progress)
     for positions, queries, errors in _embedded_batches([Path(k) for k in todo], loaded, batch_size, workers):
         for position, error in errors:
-            bar.write(f"skipped: {error}")
+            bar.write(f"skipped: {error}", file=sys.stderr)
             summary.skipped.append((todo[position], error))
         pending += [(todo[p], q) for p, q in zip(positions, queries, strict=True)]
         while len(pending) >= chunk_size:

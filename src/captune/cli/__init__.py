@@ -20,6 +20,7 @@ from captune.cli.caption import add_caption_command, add_eval_command
 from captune.cli.data import add_data_command
 from captune.cli.evaluate import add_evaluate_command
 from captune.cli.merge import add_merge_command
+from captune.cli.search import add_index_command, add_search_command
 from captune.cli.serve import add_serve_command
 from captune.cli.train import add_demo_command, add_report_command, add_train_command
 from captune.errors import CaptuneError
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_command(sub)
     add_report_command(sub)
     add_eval_command(sub)
+    add_index_command(sub)
+    add_search_command(sub)
     add_data_command(sub)
     add_merge_command(sub)
     add_serve_command(sub)
