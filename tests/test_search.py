@@ -206,3 +206,25 @@ def test_pooled_vectors_are_the_normalised_mean_of_the_stored_queries(
     mean = queries.mean(axis=1)
     expected = mean / np.linalg.norm(mean, axis=1, keepdims=True)
     np.testing.assert_allclose(index.vectors(np.array([0, 2]))[[1, 0]], expected, atol=2e-3)
+
+
+def test_text_query_against_a_caption_index_finds_the_caption_itself(
+    tmp_path: Path, loaded: RetrievalModel, images: tuple[list[Path], list[str]]
+) -> None:
+    _, captions = images
+    distinct = list(dict.fromkeys(captions))
+    index_captions(
+        [(str(i), c) for i, c in enumerate(distinct)], loaded, tmp_path / "caps", model_id=MODEL_ID, progress=False
+    )
+    hits = SearchIndex.open(tmp_path / "caps", model=loaded).search_text(distinct[3], top=2)
+    assert (hits[0].key, hits[0].score) == ("3", pytest.approx(1.0, abs=1e-5))
+
+
+def test_a_moved_model_directory_is_named(
+    tmp_path: Path, loaded: RetrievalModel, images: tuple[list[Path], list[str]]
+) -> None:
+    paths, _ = images
+    gone = str(tmp_path / "moved-model")
+    index_images(paths[:2], loaded, tmp_path / "idx", model_id=gone, progress=False)
+    with pytest.raises(CaptuneError, match="moved-model, which is not there any more; give its new place"):
+        SearchIndex.open(tmp_path / "idx")

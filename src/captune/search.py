@@ -338,6 +338,7 @@ class SearchIndex:
                                f"comparable; search with that model or index again with this one")  # fmt: skip
         self.index, self.loaded = index, loaded
         self.kind = index.kind
+        self._row_of: dict[str, int] | None = None
 
     @classmethod
     def open(
@@ -357,12 +358,20 @@ class SearchIndex:
 
         index = VectorIndex.open(index_dir)
         if model is None:
-            model = load_retrieval(model_dir or str(index.manifest["model_id"]), device)
+            recorded = str(index.manifest["model_id"])
+            if model_dir is None and Path(recorded).is_absolute() and not Path(recorded).exists():
+                raise CaptuneError(f"{index.folder}: made with the model {recorded}, which is not there any more; "
+                                   "give its new place with --model-dir (model_dir)")  # fmt: skip
+            model = load_retrieval(model_dir or recorded, device)
         return cls(index, model)
 
     def caption(self, key: str) -> str:
         """A captions index's stored caption of `key`."""
-        return self.index.texts()[self.index.keys.index(key)]
+        if self._row_of is None:
+            self._row_of = {k: row for row, k in enumerate(self.index.keys)}
+        if key not in self._row_of:
+            raise CaptuneError(f"{self.index.folder}: no caption {key!r} in the index")
+        return self.index.texts()[self._row_of[key]]
 
     def search_text(self, text: str, top: int = 10, candidates: int | None = None, rerank: int = 0) -> list[Hit]:
         """The `top` images (or captions) best matching `text`.
@@ -410,9 +419,8 @@ class SearchIndex:
         exact = (self.index.vectors(found) @ queries.T).max(axis=1)
         hits = _ranked(self.index.keys, found, exact, max(top, rerank))
         if rerank:
-            texts = self.index.texts()
-            rows_of = {key: row for row, key in enumerate(self.index.keys)}
-            hits = self._reranked(hits[:rerank], [texts[rows_of[h.key]] for h in hits[:rerank]], pixels) + hits[rerank:]
+            texts = [self.caption(h.key) for h in hits[:rerank]]
+            hits = self._reranked(hits[:rerank], texts, pixels) + hits[rerank:]
         return hits[:top]
 
     def _pixels(self, image: str | Path | Image.Image) -> torch.Tensor:

@@ -347,11 +347,12 @@ class VectorIndex:
         if self._faiss is None:
             path = self.folder / FAISS_FILE
             if not path.exists():
-                raise CaptuneError(f"{self.folder}: the index is not built yet (no {FAISS_FILE}); run build")
+                raise CaptuneError(f"{self.folder}: the index is not built yet (no {FAISS_FILE}): run `captune index` "
+                                   "into it again to finish it (or VectorIndex.build)")  # fmt: skip
             self._faiss = faiss.read_index(str(path))
         if self._faiss.ntotal != self.count:
-            raise CaptuneError(f"{self.folder}: {self.count} vectors stored but {self._faiss.ntotal} indexed; "
-                               f"run build again")  # fmt: skip
+            raise CaptuneError(f"{self.folder}: {self.count} vectors stored but {self._faiss.ntotal} indexed: "
+                               "run build again (`captune index` into the folder again does)")  # fmt: skip
         return self._faiss
 
     def search(self, queries: np.ndarray, top: int) -> list[list[tuple[str, float]]]:
