@@ -11,7 +11,7 @@ from typing import Any
 
 from captune.config import Config, training_mode
 from captune.model import BUILT_IN, LoadedModel
-from captune.twins import TWINS
+from captune.twins import RETRIEVAL_TWINS, TWINS
 
 CARD_FILE = "README.md"
 QUESTION = "what is in the picture?"
@@ -161,7 +161,8 @@ def _base_section(loaded: LoadedModel, config: Config, is_adapter: bool, in_full
         where = "merged into the weights in this directory"
         if is_adapter or in_full:
             where = f"stored in `base/` beside the {'adapter' if is_adapter else 'trained weights'}"
-        what = f"twin of `{TWINS[name]}` (its tokenizer, ids and config)" if name in TWINS else "BLIP-2"
+        twins = TWINS | RETRIEVAL_TWINS
+        what = f"twin of `{twins[name]}` (its tokenizer, ids and config)" if name in twins else "BLIP-2"
         base = f"`{name}`: captune's built-in {what} at hidden sizes 32-64 with **random weights**, {where}."
     else:
         base = f"`{config.model.name}` (loaded with `from_pretrained`)."

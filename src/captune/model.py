@@ -35,11 +35,11 @@ from captune.config import Config, LoraConfig, training_mode
 from captune.errors import CaptuneError
 from captune.retrieval import TINY_RETRIEVAL, load_retrieval_base, retrieval_base_name
 from captune.tiny import TINY, TINY_MODELS, TINY_T5, build_tiny_processor, tiny_config
-from captune.twins import TWINS, write_checkpoint
+from captune.twins import RETRIEVAL_TWINS, TWINS, write_checkpoint
 
 log = logging.getLogger(__name__)
 
-BUILT_IN = (*TINY_MODELS, TINY_RETRIEVAL, *TWINS)
+BUILT_IN = (*TINY_MODELS, TINY_RETRIEVAL, *TWINS, *RETRIEVAL_TWINS)
 """Every model built here rather than loaded: the tiny models (captioning and retrieval) and the twins of the real
 checkpoints (`twin-blip2-opt-2.7b`, ...: the checkpoint's tokenizer, ids and config at tiny hidden sizes, random
 weights; see captune.twins). A run saves such a base inside its model directories, so they stand alone."""

@@ -41,6 +41,7 @@ from captune.data.images import processed_pixels
 from captune.errors import CaptuneError
 from captune.retrieval_metrics import RetrievalRecall, rerank, retrieval_recall
 from captune.tiny import TINY_WORDS
+from captune.twins import RETRIEVAL_TWINS
 
 TEMPERATURE_INIT = 0.07
 TEMPERATURE_RANGE = (0.001, 0.5)
@@ -414,7 +415,7 @@ def _image_embeddings_from(model: Blip2ForImageTextRetrieval, vision: torch.Tens
 def retrieval_base_name(name: str) -> bool:
     """Whether a `model.name` names a retrieval model: `tiny-retrieval`, or a directory whose config.json is a
     `Blip2ForImageTextRetrieval`'s (a hub id is read from the local cache only when it is there)."""
-    if name == TINY_RETRIEVAL:
+    if name == TINY_RETRIEVAL or name in RETRIEVAL_TWINS:
         return True
     config_file = Path(name).expanduser() / "config.json"
     if not config_file.is_file():
@@ -437,7 +438,8 @@ def retrieval_base_name(name: str) -> bool:
 
 
 def load_retrieval_base(name: str, seed: int = 0) -> RetrievalModel:
-    """A retrieval model by name: `tiny-retrieval` (built here, random weights for `seed`), or a directory or hub id
+    """A retrieval model by name: `tiny-retrieval` (built here, random weights for `seed`), `twin-blip2-itm-vit-g`
+    (blip2-itm-vit-g's files as `captune.twins` reconstructs them, tiny sizes, random weights), or a directory or hub id
     holding a `Blip2ForImageTextRetrieval` with its tokenizer and image processor (`from_pretrained`, as
     blip2-itm-vit-g's repository holds them), in float32 on the CPU.
 
@@ -446,7 +448,16 @@ def load_retrieval_base(name: str, seed: int = 0) -> RetrievalModel:
             head, and loading it as a retrieval model would leave them random)."""
     if name == TINY_RETRIEVAL:
         return build_tiny_retrieval(seed)
+    if name in RETRIEVAL_TWINS:
+        import tempfile
+
+        from captune.twins import write_checkpoint
+
+        with tempfile.TemporaryDirectory(prefix="captune-twin-") as tmp:
+            return load_retrieval_base(str(write_checkpoint(RETRIEVAL_TWINS[name], Path(tmp) / name, seed=seed)))
     config = Blip2Config.from_pretrained(name)
+    if getattr(config.qformer_config, "qformer_text_input", False):  # an early config's name of the key
+        config.qformer_config.use_qformer_text_input = True
     text_input = bool(getattr(config.qformer_config, "use_qformer_text_input", False))
     architectures = config.architectures or ["Blip2ForImageTextRetrieval"]
     if not text_input or "Blip2ForImageTextRetrieval" not in architectures:

@@ -106,10 +106,12 @@ def test_the_qformer_mode_trains_the_retrieval_heads_and_temperature_not_the_vit
                        "temperature"}  # fmt: skip
 
 
-def test_a_run_learns_saves_and_is_evaluated_from_its_model_directory(
-    synthetic_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("name", ["tiny-retrieval", "twin-blip2-itm-vit-g"])
+def test_a_run_validates_saves_and_is_evaluated_from_its_model_directory(
+    synthetic_dir: Path, tmp_path: Path, name: str
 ) -> None:
-    config = _config(synthetic_dir, tmp_path / "run", "train.epochs=2", "train.validate=true", "train.val_k_test=4")
+    config = _config(synthetic_dir, tmp_path / "run", f"model.name={name}", "train.epochs=2", "train.validate=true",
+                     "train.val_k_test=4")  # fmt: skip
     state = recipe.train(config)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["image_features_cached"] and state.best_step is not None
@@ -119,6 +121,9 @@ def test_a_run_learns_saves_and_is_evaluated_from_its_model_directory(
     assert "temperature.value" in read_weights(best / "trained.safetensors")
     assert "r_mean" in json.loads((best / "metrics.json").read_text())
     assert (tmp_path / "run" / "report.html").is_file()
+    if name.startswith("twin-"):  # the real checkpoint's Q-Former tokenizer: BERT's ids and [DEC] as BOS
+        tokenizer = load_retrieval(str(best)).tokenizer
+        assert (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.bos_token_id) == (101, 102, 30522)
 
     # The directory loads back as the model validation scored: the same recall on the val images.
     loaded = load_retrieval(str(best))
