@@ -17,7 +17,7 @@ with `VectorIndex.create` lists the keys already stored (`missing` gives the res
 
 `build` makes an exact `IndexFlatIP` unless the count is above `approximate_above`; then an approximate index:
 HNSW (`IndexHNSWFlat`, inner product; M=32, efConstruction=100, efSearch=256) by default, or IVF-Flat by name
-(nlist = 4 * sqrt(n), nprobe = 64). `recall_against_exact` measures what the approximate index loses.
+(nlist = 4 * sqrt(n), at most n; nprobe = 64). `recall_against_exact` measures what the approximate index loses.
 """
 
 from __future__ import annotations
@@ -323,7 +323,10 @@ class VectorIndex:
             hnsw.hnsw.efConstruction = options.hnsw_ef_construction
             hnsw.hnsw.efSearch = options.hnsw_ef_search
             return hnsw, {}
-        nlist = options.ivf_nlist or max(1, round(4 * math.sqrt(self.count)))
+        # k-means cannot make more lists than points: a small index (under 16 vectors) gets one list a vector.
+        nlist = options.ivf_nlist or max(1, min(round(4 * math.sqrt(self.count)), self.count))
+        if nlist > self.count:
+            raise CaptuneError(f"ivf_nlist={nlist}, but the index holds {self.count} vectors; give at most that many")
         ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
         # k-means on a sample: FAISS asks for >= 39 points a list and uses at most 256.
         rng = np.random.default_rng(options.seed)

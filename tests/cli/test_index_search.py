@@ -130,3 +130,36 @@ def test_bad_search_options_are_named(
 def test_not_an_index_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code = main(["search", str(tmp_path), "a dog"])
     assert_user_error(code, capsys.readouterr().err, f"{tmp_path}: not a vector index", "captune index")
+
+
+def test_approximate_index_prints_its_recall_and_rerank_runs(
+    folder: tuple[Path, list[str]], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["index", str(folder[0]), "--model-dir", "tiny-retrieval", "--output", str(tmp_path / "i"),
+                 "--approximate-above", "4", "--approximate", "ivf", "--workers", "0"]) == 0  # fmt: skip
+    assert "8 vectors, ivf index, recall@10 against exact 1.000" in capsys.readouterr().out
+    assert main(["search", str(tmp_path / "i"), folder[1][0], "--rerank", "3", "--top", "4", "--json"]) == 0
+    scores = [h["score"] for h in json.loads(capsys.readouterr().out)["hits"]]
+    assert len(scores) == 4 and scores[:3] == sorted(scores[:3], reverse=True)
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--approximate", "lsh"], "--approximate lsh: choose one of hnsw, ivf"),
+        (["--workers", "-1"], "--workers -1: give 0"),
+        (["--captions", "caps.txt"], "not both and not neither"),
+        (["--chunk-size", "0"], "chunk size 0: give at least 1"),
+    ],
+)
+def test_bad_index_options_are_named(
+    folder: tuple[Path, list[str]], tmp_path: Path, argv: list[str], fragment: str, capsys: pytest.CaptureFixture
+) -> None:
+    code = main(["index", str(folder[0]), "--model-dir", "tiny-retrieval", "--output", str(tmp_path / "i"), *argv])
+    assert_user_error(code, capsys.readouterr().err, fragment)
+
+
+def test_missing_caption_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(["index", "--captions", str(tmp_path / "c.txt"), "--model-dir", "tiny-retrieval", "--output",
+                 str(tmp_path / "i")])  # fmt: skip
+    assert_user_error(code, capsys.readouterr().err, f"--captions {tmp_path / 'c.txt'}: no such file")
