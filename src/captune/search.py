@@ -151,6 +151,7 @@ def index_images(
     chunk_size: int = 1024,
     build: BuildOptions | None = None,
     progress: bool = True,
+    skipped: Sequence[tuple[str, str]] = (),
 ) -> IndexSummary:
     """Embeds image files into the index folder `output` (created, or resumed: images it holds are skipped), writing
     a chunk each `chunk_size` images, then builds the FAISS index. Unreadable files are skipped, counted, logged
@@ -166,6 +167,8 @@ def index_images(
         chunk_size: Images a chunk file: what a kill can lose at most.
         build: How to build the FAISS index (default: exact up to `APPROXIMATE_ABOVE`, then HNSW).
         progress: A progress bar on stderr.
+        skipped: (input, reason) of inputs the caller already found unusable (a path that names nothing): counted
+            and listed with the unreadable files.
 
     Raises:
         CaptuneError: no image could be embedded and the index is empty; the folder holds another model's index.
@@ -175,7 +178,7 @@ def index_images(
     index = VectorIndex.create(output, dimension, model_id, "images", model_fingerprint(loaded.model))
     keys = list(dict.fromkeys(str(Path(p).expanduser().resolve()) for p in paths))
     todo = index.missing(keys)
-    summary = IndexSummary(output, "images", 0, len(keys) - len(todo))
+    summary = IndexSummary(output, "images", 0, len(keys) - len(todo), list(skipped))
     pending: list[tuple[str, np.ndarray]] = []
     bar = progress_bar(len(todo), "indexing", progress)
     for positions, queries, errors in _embedded_batches([Path(k) for k in todo], loaded, batch_size, workers):

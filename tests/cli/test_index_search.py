@@ -89,12 +89,15 @@ def test_corrupt_image_is_reported_and_counted(
 ) -> None:
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff not a jpeg")
-    code = main(["index", str(sorted(folder[0].iterdir())[0]), str(bad), "--model-dir", "tiny-retrieval",
-                 "--output", str(tmp_path / "i"), "--workers", "0", "--device", "cpu"])  # fmt: skip
+    code = main(["index", str(sorted(folder[0].iterdir())[0]), str(bad), str(tmp_path / "gone.jpg"), "--model-dir",
+                 "tiny-retrieval", "--output", str(tmp_path / "i"), "--workers", "0", "--device", "cpu"])  # fmt: skip
     captured = capsys.readouterr()
     assert code == 1
     assert f"skipped: {bad.resolve()}:" in captured.err
-    assert "indexed 1 image(s); 1 input(s) skipped (listed in" in captured.out
+    assert f"error: {tmp_path / 'gone.jpg'}: no such file or folder" in captured.err
+    assert "indexed 1 image(s); 2 input(s) skipped (listed in" in captured.out
+    listed = [line.split("\t")[0] for line in (tmp_path / "i" / "skipped.tsv").read_text().splitlines()]
+    assert listed == [str(tmp_path / "gone.jpg"), str(bad.resolve())]
 
 
 def test_missing_path_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -52,8 +52,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     loaded = load_retrieval(args.model_dir, device=args.device)
     summary = index_images(paths, loaded, output, model_id=_model_id(args.model_dir),
                            batch_size=args.batch_size or 64, workers=args.workers, chunk_size=args.chunk_size,
-                           build=build)  # fmt: skip
-    summary.skipped += [(failure.image, failure.error or "") for failure in failures]
+                           build=build, skipped=[(f.image, f.error or "") for f in failures])  # fmt: skip
     print(summary.line())
     return 1 if summary.skipped else 0
 
