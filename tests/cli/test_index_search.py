@@ -166,3 +166,10 @@ def test_missing_caption_file_is_named(tmp_path: Path, capsys: pytest.CaptureFix
     code = main(["index", "--captions", str(tmp_path / "c.txt"), "--model-dir", "tiny-retrieval", "--output",
                  str(tmp_path / "i")])  # fmt: skip
     assert_user_error(code, capsys.readouterr().err, f"--captions {tmp_path / 'c.txt'}: no such file")
+
+
+def test_a_saved_copy_of_the_model_is_accepted(index: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    copy = tmp_path / "copy"
+    save_retrieval(build_tiny_retrieval(seed=0), copy)  # the weights tiny-retrieval builds
+    assert main(["search", str(index), "a red square", "--model-dir", str(copy), "--top", "1"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1
