@@ -128,7 +128,8 @@ def _embedded_batches(
         errors = [(position, error or "unreadable") for position, pixels, error in batch if pixels is None]
         queries = np.zeros((0, 0, 0), dtype=np.float32)
         if good:
-            pixels = torch.stack([p for _, p in good]).to(device, non_blocking=True)
+            # Each image to the device from the loader's pinned memory, stacked there (as `caption_paths`).
+            pixels = torch.stack([p.to(device, non_blocking=True) for _, p in good])
             with torch.inference_mode(), autocast:
                 queries = image_embeddings(model, pixels).float().cpu().numpy()
         yield [position for position, _ in good], queries, errors
