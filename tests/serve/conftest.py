@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx2
 import pytest
@@ -81,12 +82,15 @@ def _wait_for(condition: Callable[[], bool], timeout: float = 30) -> None:
 
 
 @contextmanager
-def _uvicorn_in_thread(model_dir: Path, serve_settings: ServeSettings) -> Iterator[tuple[str, uvicorn.Server]]:
-    """The server `run_server` runs (uvicorn with captune's timeouts and connection limits) on a free port of
-    127.0.0.1; stopped as SIGTERM stops it (should_exit)."""
+def _uvicorn_in_thread(
+    model_dir: Path, serve_settings: ServeSettings, **app_options: Any
+) -> Iterator[tuple[str, uvicorn.Server]]:
+    """The server `run_server` runs (uvicorn with captune's timeouts and connection limits; `create_app` with
+    `app_options`) on a free port of 127.0.0.1; stopped as SIGTERM stops it (should_exit)."""
     port = _free_port()
     listening = listen("127.0.0.1", port)
-    server = uvicorn_server(create_app(model_dir, serve_settings), serve_settings, log_level="warning")
+    app = create_app(model_dir, serve_settings, **app_options)
+    server = uvicorn_server(app, serve_settings, log_level="warning")
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listening]}, daemon=True)
     thread.start()
     try:

@@ -1,6 +1,6 @@
 """The app: captions of multipart and JSON requests and their options, /health, /v1/model, the OpenAPI document,
-the page (served, and in headless Chromium), the requests it refuses, a failed generate call, and the static cache's
-filled batches and warm-up."""
+the requests it refuses, a failed generate call, and the static cache's filled batches and warm-up (the web app:
+test_web.py)."""
 
 from __future__ import annotations
 
@@ -8,18 +8,13 @@ import base64
 import json
 import shutil
 import threading
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import httpx2
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from selenium import webdriver
-from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import WebDriverWait
 
 from captune.config import GenerateConfig
 from captune.data.images import load_rgb
@@ -28,13 +23,7 @@ from captune.generation.core import generate_captions
 from captune.model_dir import load_model_dir
 from captune.serve import ServeSettings, create_app
 
-from .. import test_report
-from ..conftest import write_image
-from .conftest import BLUE, RED, SETTINGS, _assert_healthy, _error, _files, _uvicorn_in_thread
-
-# Debian's headless Chromium.
-browser = test_report.browser
-
+from .conftest import BLUE, RED, SETTINGS, _assert_healthy, _error, _files
 
 # --- captions ----------------------------------------------------------------------------------------------------
 
@@ -79,7 +68,7 @@ def test_request_options_override_the_model_defaults(client: TestClient, as_json
     assert len(response.json()["captions"][0]["caption"].split()) <= 2
 
 
-# --- health, model, OpenAPI, page ---------------------------------------------------------------------------------
+# --- health, model, OpenAPI ---------------------------------------------------------------------------------------
 
 
 def test_model_info_names_base_adapter_defaults_and_limits(client: TestClient, model_dir: Path) -> None:
@@ -114,13 +103,6 @@ def test_openapi_document_describes_both_request_kinds_and_the_limits(client: Te
     assert beams["maximum"] == SETTINGS.max_num_beams
     assert {"200", "413", "415", "422", "503"} <= set(post["responses"])
     assert client.get("/docs").status_code == 404  # Swagger UI would load scripts from a CDN
-
-
-def test_page_is_served_with_a_same_origin_policy(client: TestClient) -> None:
-    response = client.get("/")
-    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
-    assert "Caption an image" in response.text and 'type="file"' in response.text
-    assert "default-src 'self'" in response.headers["content-security-policy"]
 
 
 # --- requests refused, a failed generate call, defaults over the limits --------------------------------------------
@@ -180,73 +162,6 @@ def test_a_failed_generate_call_gets_500_and_the_server_lives_on(model_dir: Path
 def test_a_model_whose_defaults_break_the_limits_is_refused_at_start(model_dir: Path) -> None:
     with pytest.raises(CaptuneError, match=r"generation defaults break this server's limits \(max_new_tokens: "):
         create_app(model_dir, ServeSettings(device="cpu", max_new_tokens=4))
-
-
-# --- the page in Chromium ------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def live_url(model_dir: Path) -> Iterator[str]:
-    with _uvicorn_in_thread(model_dir, SETTINGS) as (url, _):
-        yield url
-
-
-def _page_state(driver: webdriver.Chrome, states: tuple[str, ...]) -> str:
-    """Waits until the page's body has one of `states` in data-state, and returns it."""
-    WebDriverWait(driver, 30).until(lambda d: d.execute_script("return document.body.dataset.state") in states)
-    return str(driver.execute_script("return document.body.dataset.state"))
-
-
-def test_page_captions_an_uploaded_image_in_chromium(live_url: str, browser: webdriver.Chrome, tmp_path: Path) -> None:
-    photo = write_image(tmp_path / "red.png", (210, 30, 30), size=32, fmt="PNG")
-    expected = httpx2.post(f"{live_url}/v1/captions", files=_files(photo.read_bytes())).json()["captions"][0]["caption"]
-    browser.get(live_url)
-    assert _page_state(browser, ("ready", "error")) == "ready"
-    assert browser.find_element(By.ID, "max_new_tokens").get_attribute("value") == "5"  # the model's default
-    browser.find_element(By.ID, "file").send_keys(str(photo))
-    assert _page_state(browser, ("done", "error")) == "done"
-    assert browser.find_element(By.ID, "caption").text == (expected or "(the model gave an empty caption)")
-    assert "1 image(s) in the batch" in browser.find_element(By.ID, "timing").text
-    preview = browser.execute_script(
-        "const i = document.getElementById('preview'); return [i.complete, i.naturalWidth]"
-    )
-    assert preview == [True, 32]
-    screenshot = tmp_path / "serve-page.png"
-    assert browser.save_screenshot(str(screenshot))
-    assert Image.open(screenshot).size[0] > 1000
-
-
-def test_page_shows_errors_in_words(live_url: str, browser: webdriver.Chrome, tmp_path: Path) -> None:
-    notes = tmp_path / "notes.txt"
-    notes.write_text("not a picture")
-    browser.get(live_url)
-    _page_state(browser, ("ready",))
-    browser.find_element(By.ID, "file").send_keys(str(notes))
-    assert _page_state(browser, ("done", "error")) == "error"
-    error = browser.find_element(By.ID, "error").text
-    assert error.startswith("Not captioned: notes.txt: not an image Pillow can read; send JPEG")
-    assert not browser.find_element(By.ID, "result").is_displayed()
-    field = browser.find_element(By.ID, "max_new_tokens")
-    field.clear()
-    field.send_keys("99")
-    browser.find_element(By.ID, "file").send_keys(str(write_image(tmp_path / "ok.png", fmt="PNG")))
-    assert _page_state(browser, ("done", "error")) == "error"
-    assert "max_new_tokens: Input should be less than or equal to 8" in browser.find_element(By.ID, "error").text
-
-
-def test_page_answers_a_typed_question_in_chromium(live_url: str, browser: webdriver.Chrome, tmp_path: Path) -> None:
-    photo = write_image(tmp_path / "blue.png", (30, 40, 220), size=32, fmt="PNG")
-    question = "what colour is the shape?"
-    expected = httpx2.post(f"{live_url}/v1/answers", files=[("image", ("blue.png", photo.read_bytes(), "image/png"))],
-                           data={"question": question}).json()["answer"]  # fmt: skip
-    browser.get(live_url)
-    assert _page_state(browser, ("ready", "error")) == "ready"
-    assert "trained for: caption" in browser.find_element(By.ID, "model").text
-    browser.find_element(By.ID, "question").send_keys(question)
-    assert browser.find_element(By.ID, "submit").text == "Ask"
-    browser.find_element(By.ID, "file").send_keys(str(photo))
-    assert _page_state(browser, ("done", "error")) == "done"
-    assert browser.find_element(By.ID, "caption").text == (expected or "(the model gave an empty answer)")
 
 
 # --- a static cache: filled batches, warm-up -----------------------------------------------------------------------

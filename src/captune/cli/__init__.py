@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from captune.cli.app import add_app_command
 from captune.cli.ask import add_ask_command
 from captune.cli.caption import add_caption_command, add_eval_command
 from captune.cli.data import add_data_command
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_command(sub)
     add_merge_command(sub)
     add_serve_command(sub)
+    add_app_command(sub)
     add_demo_command(sub)
     return parser
 

@@ -1,4 +1,5 @@
-"""`captune serve`: the REST server of a saved model, with its limits, batching and connection flags."""
+"""`captune serve`: the REST API and the web app of a saved model, with its limits, batching and connection flags
+(`add_server_flags`, which `captune app` shares)."""
 
 from __future__ import annotations
 
@@ -13,28 +14,44 @@ _SERVE_SETTINGS = ("device", "merge_adapter", "max_upload_bytes", "max_images", 
                    "warm_up")  # fmt: skip
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, *, api: bool) -> int:
+    """Runs the server of `captune serve` (api) or `captune app` (the web app alone) with the parsed flags."""
+    command = "serve" if api else "app"
     try:
         from captune.serve import ServeSettings, run_server
     except ImportError as err:
-        raise CaptuneError(f"captune serve needs the serve extra ({err.name} is not installed): "
+        raise CaptuneError(f"captune {command} needs the serve extra ({err.name} is not installed): "
                            "pip install 'captune[serve]'") from None  # fmt: skip
     given = {name: getattr(args, name) for name in _SERVE_SETTINGS if getattr(args, name) is not None}
-    run_server(args.model_dir, host=args.host, port=args.port, settings=ServeSettings(**given))
+    run_server(args.model_dir, host=args.host, port=args.port, settings=ServeSettings(**given),
+               vqa_model_dir=args.vqa_model_dir, api=api)  # fmt: skip
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    return run(args, api=True)
 
 
 def add_serve_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """`captune serve` and its flags."""
-    p = sub.add_parser("serve", help="serve captions and answers over a REST API and a web page",
-                       description="captune serve --model-dir RUN/best [--host 127.0.0.1] [--port 8000]; "
-                       "page at /, API POST /v1/captions and /v1/answers, OpenAPI at /openapi.json")  # fmt: skip
+    p = sub.add_parser("serve", help="serve captions and answers over a REST API and the web app",
+                       description="captune serve --model-dir RUN/best [--vqa-model-dir VQA/best] [--host 127.0.0.1] "
+                       "[--port 8000]; the web app at / (the app extra), API POST /v1/captions and /v1/answers, "
+                       "OpenAPI at /openapi.json")  # fmt: skip
+    add_server_flags(p, default_port=8000)
+    p.set_defaults(func=cmd_serve)
+
+
+def add_server_flags(p: argparse.ArgumentParser, default_port: int) -> None:
+    """The model, address, limit and connection flags of `captune serve` and `captune app`."""
     p.add_argument(
         "--model-dir", required=True, help="RUN/best, RUN/final, a checkpoint, or a plain BLIP-2 directory or hub id"
     )
+    p.add_argument("--vqa-model-dir", help="a model that answers questions (a task: vqa run, or a plain BLIP-2) for "
+                   "/v1/answers and the Ask tab; default: the --model-dir model")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; the server has no "
                    "authentication, so expose it only behind one)")  # fmt: skip
-    p.add_argument("--port", type=int, default=8000, help="1-65535 (default 8000)")
+    p.add_argument("--port", type=int, default=default_port, help=f"1-65535 (default {default_port})")
     p.add_argument("--device", help="auto (default: a GPU when there is one), cpu, cuda, cuda:1, ...")
     p.add_argument("--merge-adapter", action="store_true", default=None,
                    help="merge the LoRA adapter into the base weights at load (as captune caption)")  # fmt: skip
@@ -64,4 +81,3 @@ def add_serve_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
                        "(default 32; behind a proxy, set it to --max-connections)")  # fmt: skip
     p.add_argument("--warm-up", action="store_true", default=None,
                    help="with a static-cache model: compile every batch size before taking requests")  # fmt: skip
-    p.set_defaults(func=cmd_serve)

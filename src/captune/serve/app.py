@@ -1,6 +1,7 @@
-"""The server's app: `create_app` loads the model, decides the generation path once and routes `POST /v1/captions`,
-`POST /v1/answers`, `GET /health`, `GET /v1/model` and the page to one `_Server`; beside it the model information
-(`GET /v1/model`), a request's options resolved over the model's defaults, and its question checked."""
+"""The server's app: `create_app` loads the model (and a VQA model), decides the generation path once and routes
+`POST /v1/captions`, `POST /v1/answers`, `GET /health`, `GET /v1/model`, the run's report and the web app (Gradio,
+`captune.serve.web`, when installed) to one `_Server`; beside it the model information (`GET /v1/model`), a request's
+options resolved over the model's defaults, and its question checked."""
 
 from __future__ import annotations
 
@@ -8,17 +9,18 @@ import asyncio
 import copy
 import json
 import logging
+import os
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, replace
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 from PIL import Image
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -31,6 +33,7 @@ from captune.generation.core import filled, filled_size, generate_captions, gene
 from captune.generation.inputs import is_encoder_decoder, prompt_tokens
 from captune.model import LoadedModel
 from captune.model_dir import META_FILE, load_model_dir, saved_config
+from captune.report import REPORT_NAME
 from captune.serve.batcher import Admission, JobResult, MicroBatcher
 from captune.serve.errors import ApiError, _install_error_handlers, _validation_message
 from captune.serve.schemas import (
@@ -55,7 +58,6 @@ from captune.serve.uploads import Upload, _read_request, decode_upload
 
 log = logging.getLogger(__name__)
 
-_PAGE_CSP = "default-src 'self'; img-src 'self' blob:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 _PROMPT_TOKENS_STEP = 16
 """With a static cache, a batch of questions is padded to a multiple of this many prompt tokens: a few cache shapes
 (each one recorded, and compiled, on first use) for every question length, not one per length."""
@@ -106,11 +108,13 @@ def _model_info(model_dir: Path, loaded: LoadedModel, config: Config, settings: 
         dtype=str(parameter.dtype).removeprefix("torch."),
         tasks=_tasks(config) if fine_tuned else ["caption", "vqa"],
         fine_tuned=fine_tuned,
+        training_mode=config.train.mode if fine_tuned else None,
         prompt=config.data.prompt,
         question_template=config.data.question_template,
         generation_defaults=GenerationOptions(**_options_dict(config.generate)),
         limits=settings,
         metrics=_saved_metrics(model_dir),
+        vqa_model=None,
     )
 
 
@@ -198,43 +202,65 @@ _ERROR_STATUSES = {
 
 
 @dataclass
-class _Server:
-    """What the routes share: the model's config, the limits, the request schemas, admission and the batcher."""
+class _Model:
+    """One loaded model and its generation worker: the caption model, and the VQA model when one is given."""
 
     model_dir: Path
     config: Config
+    """The run's config, its `generate` the path decided for the server."""
+    info: ModelInfo
+    batcher: MicroBatcher
+    processor: Any
+    """A copy of the model's processor that counts a question's tokens on the event loop (its own tokenizer: the
+    worker's changes its padding as it encodes, and a fast tokenizer refuses two threads at once)."""
+    max_positions: int | None
+    """Positions of the decoder-only LM (image tokens, prompt and answer must fit); None for an encoder-decoder."""
+    decode_size: tuple[int, int] | None
+    """`load_rgb`'s min_size for uploads (large JPEGs decode at a reduced scale the image processor still resizes)."""
+
+
+@dataclass
+class _Server:
+    """What the routes and the web app share: the models, the limits, the request schemas, admission (one count of
+    images for the API and the app) and the batchers."""
+
     settings: ServeSettings
     options_model: type[BaseModel]
     json_request: type[BaseModel]
     answer_request: type[BaseModel]
     """The JSON request of /v1/answers."""
-    info: ModelInfo
-    batcher: MicroBatcher
+    captioner: _Model
+    answerer: _Model
+    """The model of /v1/answers: the VQA model when one is given, else the caption model."""
     admission: Admission
-    page: str
-    processor: Any = None
-    """A copy of the model's processor that counts a question's tokens on the event loop (its own tokenizer: the
-    worker's changes its padding as it encodes, and a fast tokenizer refuses two threads at once)."""
-    max_positions: int | None = None
-    """Positions of the decoder-only LM (image tokens, prompt and answer must fit); None for an encoder-decoder."""
-    decode_size: tuple[int, int] | None = None
-    """`load_rgb`'s min_size for uploads (large JPEGs decode at a reduced scale the image processor still resizes)."""
     decode_limiter: anyio.CapacityLimiter | None = None
     """Made by `lifespan`, on the server's event loop."""
+
+    @property
+    def models(self) -> list[_Model]:
+        return [self.captioner] if self.answerer is self.captioner else [self.captioner, self.answerer]
+
+    @property
+    def can_answer(self) -> bool:
+        """A VQA model is loaded: `--vqa-model-dir`, a `task: vqa` run or a plain BLIP-2 (zero-shot)."""
+        return self.answerer is not self.captioner or "vqa" in self.captioner.info.tasks
 
     @asynccontextmanager
     async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
         self.decode_limiter = anyio.CapacityLimiter(DECODE_THREADS)
-        self.batcher.start()
-        if self.settings.warm_up and self.config.generate.static_cache:
-            await self._warm_up()
-        log.info("captioning with %s on %s; limits %s", self.model_dir, self.info.device, asdict(self.settings))
+        for model in self.models:
+            model.batcher.start()
+            if self.settings.warm_up and model.config.generate.static_cache:
+                await self._warm_up(model)
+            log.info("serving %s on %s", model.model_dir, model.info.device)
+        log.info("limits %s", asdict(self.settings))
         try:
             yield
         finally:
-            await run_in_threadpool(self.batcher.close)
+            for model in self.models:
+                await run_in_threadpool(model.batcher.close)
 
-    async def _warm_up(self) -> None:
+    async def _warm_up(self, model: _Model) -> None:
         """Captions a blank image at every static-cache batch size, on the generation worker (compiled CUDA graphs
         belong to the thread that records them), before the server takes requests."""
         sizes = static_batch_sizes(self.settings.max_batch)
@@ -242,23 +268,32 @@ class _Server:
         blank = Image.new("RGB", (64, 64))  # resized like any upload
         for size in sizes:
             started = time.monotonic()
-            await asyncio.wrap_future(self.batcher.submit([blank] * size, self.config.generate))
+            await asyncio.wrap_future(model.batcher.submit([blank] * size, model.config.generate))
             log.info("warm-up: batch %d ready in %.1f s", size, time.monotonic() - started)
 
     async def captions(self, request: Request) -> CaptionResponse:
         """Captions 1 to `max_images` images: multipart uploads (field `images`) or JSON `{"images": [base64]}`,
         with optional `num_beams`, `min_new_tokens`, `max_new_tokens`, `repetition_penalty`."""
-        arrived, limits = time.monotonic(), self.settings
+        arrived = time.monotonic()
         with self.admission.slot() as take:
-            uploads, given = await _read_request(request, limits, self.json_request)
-            if not uploads:
-                raise ApiError(422, "no_images", "no images: send at least one (multipart field `images`, or JSON "
-                               "`images`: [base64])")  # fmt: skip
-            if len(uploads) > limits.max_images:
-                raise ApiError(422, "too_many_images", f"{len(uploads)} images in one request; this server takes at "
-                               f"most {limits.max_images} (--max-images)")  # fmt: skip
-            options = _resolve_options(self.config.generate, given, self.options_model)
-            result, decoded = await self._generate(uploads, options, None, take, "captioning")
+            uploads, given = await _read_request(request, self.settings, self.json_request)
+            return await self.caption(uploads, given, take, arrived)
+
+    async def caption(
+        self, uploads: list[Upload], given: dict[str, Any], take: Callable[[int], None], arrived: float
+    ) -> CaptionResponse:
+        """Captions a request's uploads with its raw options `given` (the API's and the web app's path), within an
+        admission slot (`take`)."""
+        limits = self.settings
+        if not uploads:
+            raise ApiError(422, "no_images", "no images: send at least one (multipart field `images`, or JSON "
+                           "`images`: [base64])")  # fmt: skip
+        if len(uploads) > limits.max_images:
+            raise ApiError(422, "too_many_images", f"{len(uploads)} images in one request; this server takes at "
+                           f"most {limits.max_images} (--max-images)")  # fmt: skip
+        model = self.captioner
+        options = _resolve_options(model.config.generate, given, self.options_model)
+        result, decoded = await self._generate(model, uploads, options, None, take, "captioning")
         captions = zip(uploads, result.captions, strict=True)
         return CaptionResponse(
             captions=[ImageCaption(index=i, filename=u.filename, caption=c) for i, (u, c) in enumerate(captions)],
@@ -273,32 +308,30 @@ class _Server:
         arrived = time.monotonic()
         with self.admission.slot() as take:
             uploads, given = await _read_request(request, self.settings, self.answer_request, "image")
-            if len(uploads) != 1:
-                raise ApiError(422, "too_many_images" if uploads else "no_images", f"{len(uploads)} images: a "
-                               "question is about one image; send it once (multipart field `image`, or JSON `image`: "
-                               "base64), and ask about other images in requests of their own")  # fmt: skip
-            question = _question(given)
-            options = _resolve_options(self.config.generate, given, self.options_model)
-            prompt = self.config.data.question_template.format(question)
-            self._check_fits(prompt, options)
-            result, decoded = await self._generate(uploads, options, [prompt], take, "answering")
+            return await self.answer(uploads, given, take, arrived)
+
+    async def answer(
+        self, uploads: list[Upload], given: dict[str, Any], take: Callable[[int], None], arrived: float
+    ) -> AnswerResponse:
+        """Answers `given["question"]` about one upload with the other raw options of `given`, within an admission
+        slot (`take`)."""
+        if len(uploads) != 1:
+            raise ApiError(422, "too_many_images" if uploads else "no_images", f"{len(uploads)} images: a "
+                           "question is about one image; send it once (multipart field `image`, or JSON `image`: "
+                           "base64), and ask about other images in requests of their own")  # fmt: skip
+        model = self.answerer
+        question = _question(given)
+        options = _resolve_options(model.config.generate, given, self.options_model)
+        prompt = model.config.data.question_template.format(question)
+        _check_fits(model, prompt, options)
+        result, decoded = await self._generate(model, uploads, options, [prompt], take, "answering")
         return AnswerResponse(answer=result.captions[0], question=question, filename=uploads[0].filename,
                               options=GenerationOptions(**_options_dict(options)),
                               timing=_timing(arrived, decoded, result))  # fmt: skip
 
-    def _check_fits(self, prompt: str, options: GenerateConfig) -> None:
-        """A question whose prompt, image tokens and longest answer exceed the LM's positions gets 422, not a 500."""
-        if self.max_positions is None:
-            return
-        image = self.processor.num_query_tokens
-        tokens = prompt_tokens(self.processor, [prompt])
-        if image + tokens + options.max_new_tokens > self.max_positions:
-            raise ApiError(422, "question_too_long", f"question: {tokens} prompt tokens (with the template), "
-                           f"{image} image tokens and up to {options.max_new_tokens} answer tokens (max_new_tokens) "
-                           f"exceed this model's {self.max_positions} positions; ask a shorter question")  # fmt: skip
-
     async def _generate(
         self,
+        model: _Model,
         uploads: list[Upload],
         options: GenerateConfig,
         prompts: list[str] | None,
@@ -306,32 +339,59 @@ class _Server:
         doing: str,
     ) -> tuple[JobResult, float]:
         """Admits the uploads' other images (the request holds one slot), decodes them off the event loop and queues
-        them for the batcher (with a prompt each, or None for captions); the result, and when decoding ended."""
+        them for the model's batcher (with a prompt each, or None for captions); the result, and when decoding
+        ended."""
         limits = self.settings
         take(len(uploads) - 1)
         images = await anyio.to_thread.run_sync(
-            lambda: [decode_upload(u, limits.max_image_pixels, self.decode_size) for u in uploads],
+            lambda: [decode_upload(u, limits.max_image_pixels, model.decode_size) for u in uploads],
             limiter=self.decode_limiter,
         )
         decoded = time.monotonic()
         try:
-            return await asyncio.wrap_future(self.batcher.submit(images, options, prompts)), decoded
+            return await asyncio.wrap_future(model.batcher.submit(images, options, prompts)), decoded
+        except ApiError:
+            raise
         except Exception as exc:  # the generate call failed; the log has its traceback
             raise ApiError(500, "generation_failed", f"{doing} failed ({type(exc).__name__}); the server log has "
                            "the details") from None  # fmt: skip
 
     async def health(self) -> Health | JSONResponse:
-        """`ok` while the generation worker runs, else 503."""
-        state = Health(status="ok" if self.batcher.alive else "unavailable", pending_images=self.admission.pending,
+        """`ok` while the generation workers run, else 503."""
+        alive = all(model.batcher.alive for model in self.models)
+        state = Health(status="ok" if alive else "unavailable", pending_images=self.admission.pending,
                        max_queue=self.settings.max_queue)  # fmt: skip
-        return state if self.batcher.alive else JSONResponse(state.model_dump(), status_code=503)
+        return state if alive else JSONResponse(state.model_dump(), status_code=503)
 
     async def model(self) -> ModelInfo:
         """The model, its adapter, generation defaults, this server's limits and the metrics saved with it."""
-        return self.info
+        return self.captioner.info
 
-    async def index(self) -> HTMLResponse:
-        return HTMLResponse(self.page, headers={"Content-Security-Policy": _PAGE_CSP})
+    async def report(self) -> FileResponse:
+        """The run's report.html (`captune report`), when the model directory is a run's best/ or final/."""
+        path = report_path(self.captioner.model_dir)
+        if path is None:
+            raise ApiError(404, "no_report", f"{self.captioner.model_dir.parent / REPORT_NAME}: not found; "
+                           f"`captune report {self.captioner.model_dir.parent}` writes it")  # fmt: skip
+        return FileResponse(path, media_type="text/html")
+
+
+def report_path(model_dir: Path) -> Path | None:
+    """The report of the run a model directory belongs to (RUN/best -> RUN/report.html), or None."""
+    path = model_dir.parent / REPORT_NAME
+    return path if (model_dir / META_FILE).is_file() and path.is_file() else None
+
+
+def _check_fits(model: _Model, prompt: str, options: GenerateConfig) -> None:
+    """A question whose prompt, image tokens and longest answer exceed the LM's positions gets 422, not a 500."""
+    if model.max_positions is None:
+        return
+    image = model.processor.num_query_tokens
+    tokens = prompt_tokens(model.processor, [prompt])
+    if image + tokens + options.max_new_tokens > model.max_positions:
+        raise ApiError(422, "question_too_long", f"question: {tokens} prompt tokens (with the template), "
+                       f"{image} image tokens and up to {options.max_new_tokens} answer tokens (max_new_tokens) "
+                       f"exceed this model's {model.max_positions} positions; ask a shorter question")  # fmt: skip
 
 
 def _counting_copy(processor: Any) -> Any:
@@ -345,25 +405,12 @@ def static_batch_sizes(max_batch: int) -> list[int]:
     return sorted({filled_size(count, max_batch, powers_of_two=True) for count in range(1, max_batch + 1)})
 
 
-def create_app(model_dir: str | Path, settings: ServeSettings | None = None) -> FastAPI:
-    """Loads the model once and returns the server's app (captions and answers); its lifespan starts and stops the
-    batcher.
-
-    Args:
-        model_dir: What `captune caption --model-dir` takes: RUN/best, RUN/final, a checkpoint, or a plain BLIP-2.
-        settings: Limits and batching; the defaults of `ServeSettings` when None.
-
-    Raises:
-        CaptuneError: invalid settings, or a model that cannot be loaded.
-    """
-    settings = settings or ServeSettings()
-    check_settings(settings)
-    model_dir = Path(model_dir).expanduser()
+def _load(model_dir: Path, settings: ServeSettings, options_model: type[BaseModel]) -> _Model:
+    """Loads one model, decides its generation path once (a server is an open-ended run; its batches are the
+    micro-batcher's) and makes its batcher."""
     config = saved_config(model_dir)
-    options_model = _options_model(settings)
     _check_defaults(config.generate, options_model, model_dir)
     loaded = load_model_dir(model_dir, device=settings.device, merge=settings.merge_adapter)
-    # The path for every request, decided once (a server is an open-ended run); its batches are the micro-batcher's.
     facts = facts_of(loaded.model, config.generate)
     decided = choose(replace(config.generate, batch_size=settings.max_batch), facts, None)
     log_choice(decided)
@@ -383,38 +430,101 @@ def create_app(model_dir: str | Path, settings: ServeSettings | None = None) -> 
         return generate_from_pixels(loaded.model, loaded.processor, pixels, options, prompts,
                                     prompt_length=length)[:count]  # fmt: skip
 
-    server = _Server(
+    return _Model(
         model_dir=model_dir,
         config=config,
-        settings=settings,
-        options_model=options_model,
-        json_request=_json_request_model(options_model, settings),
-        answer_request=_answer_json_request_model(options_model),
         info=_model_info(model_dir, loaded, config, settings),
         batcher=MicroBatcher(generate, settings.max_batch, settings.max_wait_ms / 1000),
-        admission=Admission(settings.max_queue, settings.retry_after_s),
-        page=(resources.files("captune") / "static" / "serve.html").read_text(encoding="utf-8"),
         processor=_counting_copy(loaded.processor),
         max_positions=None
         if is_encoder_decoder(loaded.model)
         else loaded.model.config.text_config.max_position_embeddings,
         decode_size=decode_size(loaded.processor.image_processor),
     )
-    # Swagger UI and ReDoc load their scripts from a CDN: off, so that nothing the server sends reaches outside.
-    app = FastAPI(title="captune caption server", summary="Captions images and answers questions about them with a "
-                  "fine-tuned BLIP-2", version="1", lifespan=server.lifespan, docs_url=None,
-                  redoc_url=None)  # fmt: skip
-    _install_error_handlers(app)
+
+
+def _add_api_routes(app: FastAPI, server: _Server) -> None:
     errors: dict[int | str, dict[str, Any]] = {
         status: {"model": ErrorResponse, "description": why} for status, why in _ERROR_STATUSES.items()
     }
+    options_model, settings = server.options_model, server.settings
     app.add_api_route("/v1/captions", server.captions, methods=["POST"], response_model=CaptionResponse,
                       summary="Caption images", responses=errors,
                       openapi_extra=_request_body(options_model, server.json_request, settings))  # fmt: skip
     app.add_api_route("/v1/answers", server.answers, methods=["POST"], response_model=AnswerResponse,
                       summary="Answer a question about an image", responses=errors,
                       openapi_extra=_answer_request_body(options_model, server.answer_request))  # fmt: skip
-    app.add_api_route("/health", server.health, response_model=Health, responses={503: {"model": Health}})
     app.add_api_route("/v1/model", server.model, response_model=ModelInfo, summary="Model information")
-    app.add_api_route("/", server.index, response_class=HTMLResponse, include_in_schema=False)
+
+
+def _add_web_app(app: FastAPI, server: _Server) -> None:
+    """The Gradio app at `/`; without gradio installed, `/` answers how to install it and the API works on."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="captune-app-"))
+    # Gradio reads these as it is imported and builds the app: its folder for uploads and its own files (captune's,
+    # removed when the app stops), and no telemetry (its analytics and version check, Hugging Face's).
+    os.environ.update(GRADIO_TEMP_DIR=str(temp_dir), GRADIO_ANALYTICS_ENABLED="False", HF_HUB_DISABLE_TELEMETRY="1")
+    try:
+        from captune.serve.web import mount_web_app
+    except ImportError as err:
+        temp_dir.rmdir()
+        if err.name is None or err.name.split(".")[0] not in ("gradio", "gradio_client"):
+            raise
+        log.warning("the web app is off: %s is not installed (pip install 'captune[app]'); the API works", err.name)
+
+        async def no_web_app() -> None:
+            raise ApiError(404, "no_web_app", "the web app needs gradio: pip install 'captune[app]' and restart; the "
+                           "REST API is at /v1/captions, /v1/answers and /v1/model (see /openapi.json)")  # fmt: skip
+
+        app.add_api_route("/", no_web_app, include_in_schema=False)
+        return
+    mount_web_app(app, server, temp_dir)
+
+
+def create_app(
+    model_dir: str | Path,
+    settings: ServeSettings | None = None,
+    *,
+    vqa_model_dir: str | Path | None = None,
+    api: bool = True,
+    web: bool = True,
+) -> FastAPI:
+    """Loads the model(s) once and returns the server's app; its lifespan starts and stops the batchers.
+
+    Args:
+        model_dir: What `captune caption --model-dir` takes: RUN/best, RUN/final, a checkpoint, or a plain BLIP-2.
+        settings: Limits and batching; the defaults of `ServeSettings` when None.
+        vqa_model_dir: A model that answers questions (`/v1/answers`, the app's Ask tab); None: the caption model
+            answers them.
+        api: Route the REST API (`/v1/captions`, `/v1/answers`, `/v1/model`); False for `captune app`.
+        web: Mount the web app (Gradio) at `/`, when gradio is installed.
+
+    Raises:
+        CaptuneError: invalid settings, or a model that cannot be loaded.
+    """
+    settings = settings or ServeSettings()
+    check_settings(settings)
+    options_model = _options_model(settings)
+    captioner = _load(Path(model_dir).expanduser(), settings, options_model)
+    answerer = captioner if vqa_model_dir is None else _load(Path(vqa_model_dir).expanduser(), settings, options_model)
+    captioner.info.vqa_model = None if answerer is captioner else answerer.info
+    server = _Server(
+        settings=settings,
+        options_model=options_model,
+        json_request=_json_request_model(options_model, settings),
+        answer_request=_answer_json_request_model(options_model),
+        captioner=captioner,
+        answerer=answerer,
+        admission=Admission(settings.max_queue, settings.retry_after_s),
+    )
+    # Swagger UI and ReDoc load their scripts from a CDN: off, so that nothing the server sends reaches outside.
+    app = FastAPI(title="captune caption server", summary="Captions images and answers questions about them with a "
+                  "fine-tuned BLIP-2", version="1", lifespan=server.lifespan, docs_url=None,
+                  redoc_url=None)  # fmt: skip
+    _install_error_handlers(app)
+    if api:
+        _add_api_routes(app, server)
+    app.add_api_route("/health", server.health, response_model=Health, responses={503: {"model": Health}})
+    app.add_api_route("/v1/report", server.report, response_class=FileResponse, summary="The run's report")
+    if web:
+        _add_web_app(app, server)  # last: mounted at `/`, it takes every path the routes above leave
     return app

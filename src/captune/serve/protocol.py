@@ -153,14 +153,16 @@ def uvicorn_server(app: FastAPI, settings: ServeSettings, log_level: str = "info
 
 
 def run_server(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
-               settings: ServeSettings | None = None) -> None:  # fmt: skip
-    """Serves `create_app(model_dir, settings)` with uvicorn until SIGTERM or Ctrl-C, then lets the requests in
-    flight finish (up to `GRACEFUL_SHUTDOWN_S`) and returns."""
+               settings: ServeSettings | None = None, *, vqa_model_dir: str | Path | None = None,
+               api: bool = True) -> None:  # fmt: skip
+    """Serves `create_app(model_dir, settings, vqa_model_dir=..., api=...)` with uvicorn until SIGTERM or Ctrl-C,
+    then lets the requests in flight finish (up to `GRACEFUL_SHUTDOWN_S`) and returns."""
     settings = settings or ServeSettings()
     check_settings(settings)
     listening = listen(host, port)
-    server = uvicorn_server(create_app(model_dir, settings), settings)
-    log.info("page http://%s:%d/ ; API POST /v1/captions ; OpenAPI /openapi.json", host, port)
+    server = uvicorn_server(create_app(model_dir, settings, vqa_model_dir=vqa_model_dir, api=api), settings)
+    where = f"http://{host}:{port}"
+    log.info("web app %s/%s", where, " ; API POST /v1/captions, /v1/answers ; OpenAPI /openapi.json" if api else "")
     # uvicorn shuts down gracefully on the signal, then raises it again for the handler it found: a no-op for SIGTERM
     # and a caught KeyboardInterrupt for Ctrl-C make that a normal return.
     previous = signal.signal(signal.SIGTERM, lambda *_: None)

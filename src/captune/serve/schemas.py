@@ -84,12 +84,16 @@ class ModelInfo(BaseModel):
         "`fine_tuned` is false)"
     )
     fine_tuned: bool = Field(description="whether the model is a captune run (false: a plain BLIP-2, zero-shot)")
+    training_mode: str | None = Field(description="the run's `train.mode` (lora-lm, ...), null for a plain BLIP-2")
     prompt: str = Field(description="text every caption continues (the training prompt)")
     question_template: str = Field(description="the prompt of `/v1/answers`, `{}` the question (the run's)")
     generation_defaults: GenerationOptions = Field(description="options used where a request gives none")
     limits: ServeSettings
     metrics: dict[str, dict[str, float]] = Field(
         description="metrics files saved with the model (metrics.json, eval-SPLIT/metrics.json), by relative path"
+    )
+    vqa_model: ModelInfo | None = Field(
+        None, description="the model that answers `/v1/answers` when the server has one of its own (--vqa-model-dir)"
     )
 
 
