@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from captune.config import Config  # noqa: E402
+from captune.config import Config, training_mode  # noqa: E402
 from captune.config_loading import load_config  # noqa: E402
 from captune.data.synthetic import SyntheticSpec, generate_synthetic  # noqa: E402
 from captune.model import LoadedModel, apply_train_mode, build_tiny  # noqa: E402
@@ -69,7 +69,7 @@ def save_run(root: Path, overrides: list[str]) -> tuple[LoadedModel, Config, Pat
         for name, param in loaded.model.named_parameters():
             if ".lora_B." in name:
                 param.copy_(torch.randn(param.shape, generator=generator))
-            elif ".modules_to_save." in name or (config.train.mode == "qformer" and param.requires_grad):
+            elif ".modules_to_save." in name or (not training_mode(config).lora and param.requires_grad):
                 param.add_(torch.randn(param.shape, generator=generator))
     loaded.model.eval()
     save_model_dir(root / "best", loaded, config, root / "base-model")

@@ -58,8 +58,9 @@ def test_merged_directory_loads_with_plain_transformers(run: tuple[LoadedModel, 
         ["qformer_target_modules=query,value", "train.mode=lora-lm+qformer"],
         ["modules_to_save=language_projection", "target_modules=fc1"],
         ["train.mode=qformer"],
+        ["train.mode=vit+qformer"],
     ],
-    ids=["language_model", "qformer", "modules_to_save", "qformer_in_full"],
+    ids=["language_model", "qformer", "modules_to_save", "qformer_in_full", "vit_and_qformer_in_full"],
 )
 def test_merged_model_captions_token_for_token_as_base_plus_adapter(tmp_path: Path, overrides: list[str]) -> None:
     tuned, _, best = save_run(tmp_path / "run", overrides)

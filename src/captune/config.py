@@ -66,7 +66,7 @@ TASKS = ("caption", "vqa", "retrieval")
 answer), `retrieval` (image-caption pairs -> embeddings that find one from the other: BLIP-2's stage-1 model, a
 `Blip2ForImageTextRetrieval`, trained with the contrastive and matching losses; see `captune.retrieval`)."""
 
-RETRIEVAL_MODES = ("qformer",)
+RETRIEVAL_MODES = ("qformer", "vit+qformer")
 """The `train.mode`s a `task: retrieval` run takes: the model has no language model to put LoRA on."""
 
 VQA_ANSWERS = ("most-frequent", "weighted")
@@ -156,7 +156,9 @@ class TrainConfig:
     `lora-lm+qformer`: LoRA on the Q-Former as well (`lora.qformer_target_modules`, default query and value).
     `qformer`: the LAVIS caption fine-tune, no LoRA: the Q-Former, its query tokens and `language_projection` train in
     full, the language model and the vision encoder stay frozen (`lora.*` is not used); the saved directory holds
-    those weights (`trained.safetensors`) and names the base model."""
+    those weights (`trained.safetensors`) and names the base model. `vit+qformer`: the same with the vision encoder
+    trained in full too (LAVIS's `freeze_vit: False`; no cached image features). With `task: retrieval`: `qformer`
+    (the Q-Former, query tokens, text embeddings, projections, matching head and temperature) or `vit+qformer`."""
     batch_size: int = 8
     """Samples (image-caption pairs) per device per forward pass; with `pack_captions`, whole images making about
     that many (batch_size / captions per image images, rounded)."""

@@ -44,23 +44,18 @@ _ADAPTER_CARD = (
     "--model-dir MODEL_DIR --output MERGED_DIR`."
 )
 
+_QFORMER_IN_FULL = ("qformer.", "query_tokens", "language_projection.", "embeddings.", "vision_projection.",
+                    "text_projection.", "itm_head.", "temperature.")  # fmt: skip
+"""What `qformer` trains: the Q-Former, its query tokens and the projection into the language model; the last five
+exist in a retrieval model (Blip2ForImageTextRetrieval) only: its Q-Former's text embeddings, the two projections to
+the shared space, the matching head and the contrastive temperature."""
+
 TRAINING_MODES = {
     "lora-lm": TrainingMode(lora=True, card=_ADAPTER_CARD),
     "lora-lm+qformer": TrainingMode(lora=True, lora_on_qformer=True, card=_ADAPTER_CARD),
     "qformer": TrainingMode(
         lora=False,
-        # The last five exist in a retrieval model (Blip2ForImageTextRetrieval) only: its Q-Former's text embeddings,
-        # the two projections to the shared space, the matching head and the contrastive temperature.
-        in_full=(
-            "qformer.",
-            "query_tokens",
-            "language_projection.",
-            "embeddings.",
-            "vision_projection.",
-            "text_projection.",
-            "itm_head.",
-            "temperature.",
-        ),  # fmt: skip
+        in_full=_QFORMER_IN_FULL,
         card=(
             "This directory holds the Q-Former, its query tokens and the language projection, trained in full (the "
             f"LAVIS caption fine-tune, `train.mode=qformer`; after a `task: retrieval` run: the Q-Former, its query "
@@ -68,6 +63,17 @@ TRAINING_MODES = {
             f"`{TRAINED_FILE}`, with the processor and `captune.json` (base model and the run's config). They "
             "replace the base model's own weights of those names; `captune merge --model-dir MODEL_DIR --output "
             "MERGED_DIR` writes a standalone model."
+        ),
+    ),
+    "vit+qformer": TrainingMode(
+        lora=False,
+        in_full=("vision_model.", *_QFORMER_IN_FULL),
+        card=(
+            "This directory holds the vision encoder, the Q-Former and its query tokens with the language projection "
+            "(a captioner) or the retrieval heads (a retrieval model), trained in full (`train.mode=vit+qformer`: "
+            f"LAVIS's fine-tunes with `freeze_vit: False`), as `{TRAINED_FILE}`, with the processor and "
+            "`captune.json` (base model and the run's config). They replace the base model's own weights of those "
+            "names; `captune merge --model-dir MODEL_DIR --output MERGED_DIR` writes a standalone model."
         ),
     ),
 }

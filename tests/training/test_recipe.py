@@ -194,7 +194,7 @@ def test_greedy_validation_picks_best_and_best_is_scored_with_the_generate_setti
 
 
 def test_saved_weights_go_back_into_a_model_of_the_same_kind(tmp_path: Path) -> None:
-    for overrides in ([], ["train.mode=qformer"]):
+    for overrides in ([], ["train.mode=qformer"], ["train.mode=vit+qformer"]):
         config = load_config(None, overrides)
         saved, other = (recipe.apply_train_mode(build_tiny(seed).model, config) for seed in (0, 1))
         weights = {n: p for n, p in saved.named_parameters() if p.requires_grad}

@@ -106,6 +106,16 @@ def test_the_qformer_mode_trains_the_retrieval_heads_and_temperature_not_the_vit
                        "temperature"}  # fmt: skip
 
 
+def test_the_vit_mode_trains_the_vision_encoder_too_from_pixels(synthetic_dir: Path, tmp_path: Path) -> None:
+    recipe.train(_config(synthetic_dir, tmp_path / "run", "train.mode=vit+qformer", "train.max_steps=3"))
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert not results["image_features_cached"]  # the vision encoder trains: no cached outputs
+    trained = read_weights(tmp_path / "run" / "final" / "trained.safetensors")
+    base = dict(load_base(str(tmp_path / "run" / "base-model")).model.named_parameters())
+    vit = [name for name in trained if name.startswith("vision_model.")]
+    assert vit and any(not torch.equal(trained[name], base[name]) for name in vit)
+
+
 @pytest.mark.parametrize("name", ["tiny-retrieval", "twin-blip2-itm-vit-g"])
 def test_a_run_validates_saves_and_is_evaluated_from_its_model_directory(
     synthetic_dir: Path, tmp_path: Path, name: str
