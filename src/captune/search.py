@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -117,22 +118,47 @@ def _embedded_batches(
     paths: list[Path], loaded: RetrievalModel, batch_size: int, workers: int
 ) -> Iterator[tuple[list[int], np.ndarray, list[tuple[int, str]]]]:
     """Per batch of image files: the positions embedded, their query embeddings (float32, n x queries x dim) and
-    (position, error) of each file that could not be read. Workers decode the next batches meanwhile."""
+    (position, error) of each file that could not be read. Workers decode the next batches meanwhile, and each
+    batch's embeddings are copied off the GPU while the next batch runs: a batch is handed on after the next one is
+    queued, so the GPU does not idle while its caller writes chunks."""
     model = loaded.model
     device, autocast = _device_and_autocast(model)
     loader = DataLoader(PixelFiles(paths, loaded.image_processor), batch_size=batch_size, num_workers=workers,
                         collate_fn=_as_list, prefetch_factor=2 if workers else None,
                         pin_memory=device.type == "cuda", worker_init_fn=freeze_inherited_objects)  # fmt: skip
+    waiting: tuple[list[int], torch.Tensor | None, list[tuple[int, str]], Any] | None = None
     for batch in loader:
         good = [(position, pixels) for position, pixels, _ in batch if pixels is not None]
         errors = [(position, error or "unreadable") for position, pixels, error in batch if pixels is None]
-        queries = np.zeros((0, 0, 0), dtype=np.float32)
+        queries: torch.Tensor | None = None
+        done = None
         if good:
             # Each image to the device from the loader's pinned memory, stacked there (as `caption_paths`).
             pixels = torch.stack([p.to(device, non_blocking=True) for _, p in good])
             with torch.inference_mode(), autocast:
-                queries = image_embeddings(model, pixels).float().cpu().numpy()
-        yield [position for position, _ in good], queries, errors
+                embedded = image_embeddings(model, pixels).float()
+            if device.type == "cuda":  # copied into pinned memory when the GPU gets there; read after the next batch
+                queries = torch.empty(embedded.shape, dtype=embedded.dtype, pin_memory=True)
+                queries.copy_(embedded, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record()
+            else:
+                queries = embedded
+        if waiting is not None:
+            yield _finished(*waiting)
+        waiting = ([position for position, _ in good], queries, errors, done)
+    if waiting is not None:
+        yield _finished(*waiting)
+
+
+def _finished(
+    positions: list[int], queries: torch.Tensor | None, errors: list[tuple[int, str]], done: Any
+) -> tuple[list[int], np.ndarray, list[tuple[int, str]]]:
+    """A batch of `_embedded_batches` once its copy off the GPU (`done`) has finished."""
+    if done is not None:
+        done.synchronize()
+    array = queries.numpy() if queries is not None else np.zeros((0, 0, 0), dtype=np.float32)
+    return positions, array, errors
 
 
 def _pooled(queries: np.ndarray) -> np.ndarray:

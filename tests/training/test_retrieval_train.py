@@ -61,6 +61,7 @@ def test_the_collator_gives_bert_layout_tokens_and_each_pairs_image(
     tokenizer = retrieval.processor.tokenizer
     assert (batch["input_ids"][:, 0] == tokenizer.cls_token_id).all()
     assert batch["image_ids"].tolist() == [0, 0, 0, 0, 0, 1, 1, 1]  # five captions an image, in order
+    assert batch["two_images"] is True and _batch(retrieval, synthetic_dir, pairs=5)["two_images"] is False
     assert batch["pixel_values"].shape == (8, 3, 32, 32)
     assert ((batch["input_ids"] == tokenizer.sep_token_id).sum(dim=1) == 1).all()
 

@@ -407,7 +407,8 @@ class PackedCaptionCollator(CaptionCollator):
 class RetrievalCollator:
     """A batch of (image, caption) pairs for `captune.retrieval.RetrievalLoss`: the captions tokenized by the
     Q-Former's tokenizer (`[CLS] caption [SEP]`, padded to the longest, cut at `max_caption_tokens` + 2), each
-    pair's image id, and the pixels (or, features cached, the image indices)."""
+    pair's image id, whether the pairs show two images or more (`two_images`: the matching loss needs negatives),
+    and the pixels (or, features cached, the image indices)."""
 
     tokenizer: Any
     max_caption_tokens: int
@@ -415,8 +416,9 @@ class RetrievalCollator:
     def __call__(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
         tokens = self.tokenizer([item["caption"] for item in batch], padding="longest", truncation=True,
                                 max_length=self.max_caption_tokens + 2, return_tensors="pt")  # fmt: skip
+        ids = [item["image_id"] for item in batch]
         out = {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
-               "image_ids": torch.tensor([item["image_id"] for item in batch])}  # fmt: skip
+               "image_ids": torch.tensor(ids), "two_images": len(set(ids)) > 1}  # fmt: skip
         if "pixel_values" in batch[0]:
             out["pixel_values"] = torch.stack([item["pixel_values"] for item in batch])
         else:
