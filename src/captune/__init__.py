@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from captune.model import LoadedModel, apply_lora, load_base, trainable_summary
     from captune.model_dir import load_model_dir
     from captune.report import write_report
+    from captune.retrieval import RetrievalModel, evaluate_retrieval, load_retrieval
+    from captune.search import SearchIndex, index_captions, index_images
     from captune.training.recipe import train, trained_model_dir
 
 # Public name -> the module that defines it.
@@ -66,6 +68,12 @@ _EXPORTS = {
     "trainable_summary": "captune.model",
     "trained_model_dir": "captune.training.recipe",
     "write_report": "captune.report",
+    "RetrievalModel": "captune.retrieval",
+    "evaluate_retrieval": "captune.retrieval",
+    "load_retrieval": "captune.retrieval",
+    "SearchIndex": "captune.search",
+    "index_captions": "captune.search",
+    "index_images": "captune.search",
 }
 
 __all__ = [
@@ -99,6 +107,12 @@ __all__ = [
     "write_report",
     "train",
     "trained_model_dir",
+    "RetrievalModel",
+    "evaluate_retrieval",
+    "load_retrieval",
+    "SearchIndex",
+    "index_captions",
+    "index_images",
 ]
 
 

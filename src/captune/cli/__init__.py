@@ -1,10 +1,11 @@
-"""The `captune` command: train, caption, ask, evaluate, eval, report, data check, data convert, merge, serve, demo.
+"""The `captune` command: train, caption, ask, evaluate, eval, report, data check, data convert, merge, serve, app,
+index, search, demo.
 
 Every subcommand is a thin shell over the Python API; `main(argv)` is called directly by the tests.
 
 Each module holds a group of subcommands, their flags and what they run: `train` (train, report, demo), `caption`
-(caption, eval), `ask`, `evaluate`, `data` (check, convert), `merge` and `serve`; `output` what they share for their
-results.
+(caption, eval), `ask`, `evaluate`, `data` (check, convert), `merge`, `serve`, `app` and `search` (index, search);
+`output` what they share for their results.
 """
 
 from __future__ import annotations
