@@ -74,8 +74,8 @@ def test_the_training_forward_is_the_contrastive_plus_the_matching_loss(
     torch.manual_seed(3)
     loss = RetrievalLoss(model)(**batch)
     torch.manual_seed(3)
-    images, texts = image_embeddings(model, batch["pixel_values"]), text_embeddings(model, batch["input_ids"],
-                                                                                    batch["attention_mask"])
+    images = image_embeddings(model, batch["pixel_values"])
+    texts = text_embeddings(model, batch["input_ids"], batch["attention_mask"])
     contrastive, local = contrastive_loss(images, texts, batch["image_ids"], model.temperature())
     matching = matching_loss(model, image_side(model, batch["pixel_values"]), batch["input_ids"],
                              batch["attention_mask"], batch["image_ids"], local)  # fmt: skip
