@@ -78,9 +78,9 @@ def report(trained_run: TrainedRun) -> Path:
     return write_report(trained_run.run_dir)
 
 
-@pytest.fixture
-def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
-    """Debian's headless Chromium with a fresh profile, driven by Selenium."""
+def start_chromium(profile: Path, performance_log: bool = False) -> webdriver.Chrome:
+    """Debian's headless Chromium with a fresh profile in `profile`, driven by Selenium; with `performance_log`, it
+    records its network requests (Chrome's performance log). Fails the test, saying what to install, without it."""
     missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not path.is_file()]
     if missing:
         pytest.fail(
@@ -88,9 +88,17 @@ def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
         )
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}"):
         options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER)))
+    if performance_log:
+        options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER)))
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
+    """Debian's headless Chromium with a fresh profile, driven by Selenium."""
+    driver = start_chromium(tmp_path / "chromium-profile")
     try:
         yield driver
     finally:

@@ -18,7 +18,7 @@ from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 
 from ..conftest import write_image
-from ..test_report import CHROMEDRIVER, CHROMIUM, CHROMIUM_FLAGS
+from ..test_report import start_chromium
 from .conftest import SETTINGS, _files, _uvicorn_in_thread
 from .test_web import QUESTION, vqa_model_dir
 
@@ -34,17 +34,7 @@ def live(model_dir: Path, vqa_model_dir: Path) -> Iterator[str]:
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
     """Debian's headless Chromium with a fresh profile, recording its network requests (the performance log)."""
-    missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not path.is_file()]
-    if missing:
-        pytest.fail(
-            f"{' and '.join(missing)} not found: run `make browser` (installs Debian's chromium, chromium-driver)"
-        )
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER)))
+    driver = start_chromium(tmp_path / "chromium-profile", performance_log=True)
     try:
         yield driver
     finally:
