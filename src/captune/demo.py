@@ -140,10 +140,7 @@ def _run_retrieval_demo(output_dir: Path, config: Config) -> DemoResult:
     k_test = config.train.val_k_test
 
     def evaluated(model: RetrievalModel, name: str) -> dict[str, float]:
-        evaluation = evaluate_retrieval(model, test, k_test=k_test or None)
-        metrics = (evaluation.reranked or evaluation.contrastive).as_dict()
-        if evaluation.reranked is not None:
-            metrics |= {f"itc_{key}": value for key, value in evaluation.contrastive.as_dict().items()}
+        metrics = evaluate_retrieval(model, test, k_test=k_test or None).metrics()
         write_json(output_dir / name / "metrics.json", metrics)
         return metrics
 

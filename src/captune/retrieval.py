@@ -359,6 +359,14 @@ class RetrievalEvaluation:
     text_image: list[int]
     """The image index of each text (caption)."""
 
+    def metrics(self) -> dict[str, float]:
+        """The numbers validation and the demo keep, LAVIS's keys (`txt_r1` ... `r_mean`): the re-ranked recall, and
+        the contrastive scores' own as `itc_*` (without re-ranking, the contrastive recall alone)."""
+        contrastive = self.contrastive.as_dict()
+        if self.reranked is None:
+            return contrastive
+        return self.reranked.as_dict() | {f"itc_{key}": value for key, value in contrastive.items()}
+
 
 @torch.no_grad()
 def evaluate_retrieval(

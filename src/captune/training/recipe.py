@@ -439,11 +439,7 @@ def retrieval_validation(loaded: LoadedModel, model: Any, records: list[Record],
     `r_mean`): after the matching head re-ranked each query's top `k_test` (0: the contrastive scores), and the
     contrastive scores' own as `itc_*` when re-ranked."""
     retrieval = RetrievalModel(model, loaded.processor.tokenizer, loaded.processor.image_processor)
-    evaluation = evaluate_retrieval(retrieval, records, k_test=k_test or None)
-    contrastive = evaluation.contrastive.as_dict()
-    if evaluation.reranked is None:
-        return contrastive
-    return evaluation.reranked.as_dict() | {f"itc_{key}": value for key, value in contrastive.items()}
+    return evaluate_retrieval(retrieval, records, k_test=k_test or None).metrics()
 
 
 def vqa_metrics(accuracy: VqaAccuracy) -> dict[str, float]:
