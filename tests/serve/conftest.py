@@ -1,9 +1,10 @@
 """What the server's tests share: the saved tiny run, small limits and the app over them, images and uploads, the
-checks of an answer, and a real uvicorn on a free port."""
+checks of an answer, a real uvicorn on a free port, and an images index and a captions index on tiny-retrieval."""
 
 from __future__ import annotations
 
 import io
+import json
 import socket
 import threading
 import time
@@ -18,6 +19,9 @@ import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from captune.data.synthetic import SyntheticSpec, generate_synthetic
+from captune.retrieval import build_tiny_retrieval
+from captune.search import index_captions, index_images
 from captune.serve import ServeSettings, create_app, listen, uvicorn_server
 
 from ..cli import test_caption as test_cli
@@ -99,3 +103,29 @@ def _uvicorn_in_thread(
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+# --- indexes to search -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def search_images(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], list[str]]:
+    """8 synthetic 32 px images (a shape of a colour at a place) and their first captions."""
+    folder = tmp_path_factory.mktemp("search-images")
+    manifest = json.loads(generate_synthetic(folder, SyntheticSpec(train=8, val=0, test=0, image_size=32)).read_text())
+    return [folder / "images" / e["image"] for e in manifest["images"]], [e["captions"][0] for e in manifest["images"]]
+
+
+@pytest.fixture(scope="session")
+def image_index(search_images: tuple[list[Path], list[str]], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An images index of `search_images` on tiny-retrieval, as `captune index` makes it."""
+    output = tmp_path_factory.mktemp("image-index") / "idx"
+    index_images(search_images[0], build_tiny_retrieval(), output, model_id="tiny-retrieval", progress=False)
+    return output
+
+
+@pytest.fixture(scope="session")
+def caption_index(search_images: tuple[list[Path], list[str]], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A captions index of `search_images`' captions (ids c0, c1, ...) on tiny-retrieval."""
+    output = tmp_path_factory.mktemp("caption-index") / "idx"
+    captions = [(f"c{i}", text) for i, text in enumerate(search_images[1])]
+    index_captions(captions, build_tiny_retrieval(), output, model_id="tiny-retrieval", progress=False)
+    return output

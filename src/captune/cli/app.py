@@ -1,5 +1,5 @@
-"""`captune app`: the web app (Gradio: tabs Caption, Ask, Model) of a saved model alone, without the REST API; the
-flags of `captune serve`."""
+"""`captune app`: the web app (Gradio: tabs Caption, Ask, Search, Model) of a saved model (and an index) alone,
+without the REST API; the flags of `captune serve`."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ def cmd_app(args: argparse.Namespace) -> int:
 
 def add_app_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """`captune app` and its flags."""
-    p = sub.add_parser("app", help="serve the web app (Gradio) alone: caption, ask, the model",
-                       description="captune app --model-dir RUN/best [--vqa-model-dir VQA/best] [--host 127.0.0.1] "
-                       "[--port 7860]; the app at / (captune serve mounts it beside the REST API)")  # fmt: skip
+    p = sub.add_parser("app", help="serve the web app (Gradio) alone: caption, ask, search, the model",
+                       description="captune app --model-dir RUN/best [--vqa-model-dir VQA/best] [--index INDEX] "
+                       "[--host 127.0.0.1] [--port 7860]; the app at / (captune serve mounts it beside the REST "
+                       "API)")  # fmt: skip
     add_server_flags(p, default_port=7860)
     p.set_defaults(func=cmd_app)

@@ -24,7 +24,8 @@ def run(args: argparse.Namespace, *, api: bool) -> int:
                            "pip install 'captune[serve]'") from None  # fmt: skip
     given = {name: getattr(args, name) for name in _SERVE_SETTINGS if getattr(args, name) is not None}
     run_server(args.model_dir, host=args.host, port=args.port, settings=ServeSettings(**given),
-               vqa_model_dir=args.vqa_model_dir, api=api)  # fmt: skip
+               vqa_model_dir=args.vqa_model_dir, index_dir=args.index, retrieval_model_dir=args.retrieval_model_dir,
+               api=api)  # fmt: skip
     return 0
 
 
@@ -35,20 +36,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def add_serve_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """`captune serve` and its flags."""
     p = sub.add_parser("serve", help="serve captions and answers over a REST API and the web app",
-                       description="captune serve --model-dir RUN/best [--vqa-model-dir VQA/best] [--host 127.0.0.1] "
-                       "[--port 8000]; the web app at / (the app extra), API POST /v1/captions and /v1/answers, "
-                       "OpenAPI at /openapi.json")  # fmt: skip
+                       description="captune serve --model-dir RUN/best [--vqa-model-dir VQA/best] [--index INDEX] "
+                       "[--host 127.0.0.1] [--port 8000]; the web app at / (the app extra), API POST /v1/captions, "
+                       "/v1/answers and /v1/search, OpenAPI at /openapi.json")  # fmt: skip
     add_server_flags(p, default_port=8000)
     p.set_defaults(func=cmd_serve)
 
 
 def add_server_flags(p: argparse.ArgumentParser, default_port: int) -> None:
     """The model, address, limit and connection flags of `captune serve` and `captune app`."""
-    p.add_argument(
-        "--model-dir", required=True, help="RUN/best, RUN/final, a checkpoint, or a plain BLIP-2 directory or hub id"
-    )
+    p.add_argument("--model-dir", help="the caption model: RUN/best, RUN/final, a checkpoint, or a plain BLIP-2 "
+                   "directory or hub id (may be left out with --index: a server that only searches)")  # fmt: skip
     p.add_argument("--vqa-model-dir", help="a model that answers questions (a task: vqa run, or a plain BLIP-2) for "
                    "/v1/answers and the Ask tab; default: the --model-dir model")  # fmt: skip
+    p.add_argument("--index", help="an index `captune index` made, searched by /v1/search and the Search tab, with "
+                   "the retrieval model its index.json records")  # fmt: skip
+    p.add_argument("--retrieval-model-dir", help="with --index: the retrieval model, where it is not where the index "
+                   "records it (the same weights: another is refused)")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; the server has no "
                    "authentication, so expose it only behind one)")  # fmt: skip
     p.add_argument("--port", type=int, default=default_port, help=f"1-65535 (default {default_port})")

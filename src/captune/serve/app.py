@@ -1,7 +1,8 @@
-"""The server's app: `create_app` loads the model (and a VQA model), decides the generation path once and routes
-`POST /v1/captions`, `POST /v1/answers`, `GET /health`, `GET /v1/model`, the run's report and the web app (Gradio,
-`captune.serve.web`, when installed) to one `_Server`; beside it the model information (`GET /v1/model`), a request's
-options resolved over the model's defaults, and its question checked."""
+"""The server's app: `create_app` loads the model (and a VQA model, and an index to search), decides the generation
+path once and routes `POST /v1/captions`, `POST /v1/answers`, `POST /v1/search` (with `GET /v1/search/image` and
+`GET /v1/index`), `GET /health`, `GET /v1/model`, the run's report and the web app (Gradio, `captune.serve.web`, when
+installed) to one `_Server`; beside it the model information (`GET /v1/model`), a request's options resolved over the
+model's defaults, and its question checked."""
 
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from PIL import Image
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -45,14 +46,21 @@ from captune.serve.schemas import (
     GenerationOptions,
     Health,
     ImageCaption,
+    IndexInfo,
     ModelInfo,
+    SearchResponse,
+    SearchTiming,
     Timing,
     _answer_json_request_model,
     _answer_request_body,
     _json_request_model,
     _options_model,
     _request_body,
+    _search_json_request_model,
+    _search_options_model,
+    _search_request_body,
 )
+from captune.serve.search import Searcher, open_searcher, search_query
 from captune.serve.settings import DECODE_THREADS, MAX_QUESTION_CHARS, ServeSettings, check_settings
 from captune.serve.uploads import Upload, _read_request, decode_upload
 
@@ -190,11 +198,14 @@ def _check_defaults(defaults: GenerateConfig, options_model: type[BaseModel], mo
 # ---------------------------------------------------------------------------------------------------------- app ---
 _ERROR_STATUSES = {
     400: "malformed or cut-off multipart body",
+    404: "the model or index the route needs is not loaded (--model-dir, --vqa-model-dir, --index); /v1/search/image: "
+    "a key that is not an image of the index",
     408: "the body did not all come within --body-timeout-s (the headers: --header-timeout-s)",
     413: "body over --max-upload-bytes, or an image over --max-image-pixels (refused from its header)",
     415: "a part that is not an image, or a body that is neither multipart/form-data nor JSON",
     422: "invalid options, JSON or base64; damaged image; no images or more than --max-images (answers: not one "
-    "image, or no question or an empty or too long one); a URL",
+    "image, or no question or an empty or too long one; search: not one of a text and an image, top or rerank out of "
+    "range); a URL",
     500: "the generate call failed",
     503: "at capacity (--max-queue), over --max-connections or --max-connections-per-client, or stopping; see "
     "Retry-After",
@@ -229,21 +240,30 @@ class _Server:
     json_request: type[BaseModel]
     answer_request: type[BaseModel]
     """The JSON request of /v1/answers."""
-    captioner: _Model
-    answerer: _Model
+    search_options: type[BaseModel]
+    """The fields of /v1/search beside its image (text, top, rerank)."""
+    search_request: type[BaseModel]
+    """The JSON request of /v1/search."""
+    captioner: _Model | None
+    """The caption model; None for a server of an index alone."""
+    answerer: _Model | None
     """The model of /v1/answers: the VQA model when one is given, else the caption model."""
+    searcher: Searcher | None
+    """The index of /v1/search (--index), or None."""
     admission: Admission
     decode_limiter: anyio.CapacityLimiter | None = None
     """Made by `lifespan`, on the server's event loop."""
 
     @property
     def models(self) -> list[_Model]:
-        return [self.captioner] if self.answerer is self.captioner else [self.captioner, self.answerer]
+        models = [self.captioner] if self.captioner is not None else []
+        return models + [self.answerer] if self.answerer is not None and self.answerer is not self.captioner else models
 
     @property
     def can_answer(self) -> bool:
         """A VQA model is loaded: `--vqa-model-dir`, a `task: vqa` run or a plain BLIP-2 (zero-shot)."""
-        return self.answerer is not self.captioner or "vqa" in self.captioner.info.tasks
+        answerer = self.answerer
+        return answerer is not None and (answerer is not self.captioner or "vqa" in answerer.info.tasks)
 
     @asynccontextmanager
     async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
@@ -253,12 +273,18 @@ class _Server:
             if self.settings.warm_up and model.config.generate.static_cache:
                 await self._warm_up(model)
             log.info("serving %s on %s", model.model_dir, model.info.device)
+        if self.searcher is not None:
+            self.searcher.start()
+            log.info("searching %s (%d %s) with %s", self.searcher.info.folder, self.searcher.info.count,
+                     self.searcher.info.kind, self.searcher.info.retrieval_model)  # fmt: skip
         log.info("limits %s", asdict(self.settings))
         try:
             yield
         finally:
             for model in self.models:
                 await run_in_threadpool(model.batcher.close)
+            if self.searcher is not None:
+                await run_in_threadpool(self.searcher.close)
 
     async def _warm_up(self, model: _Model) -> None:
         """Captions a blank image at every static-cache batch size, on the generation worker (compiled CUDA graphs
@@ -291,7 +317,8 @@ class _Server:
         if len(uploads) > limits.max_images:
             raise ApiError(422, "too_many_images", f"{len(uploads)} images in one request; this server takes at "
                            f"most {limits.max_images} (--max-images)")  # fmt: skip
-        model = self.captioner
+        model = _needed(self.captioner, "no caption model is loaded (the server searches an index only); start it "
+                        "with --model-dir to caption")  # fmt: skip
         options = _resolve_options(model.config.generate, given, self.options_model)
         result, decoded = await self._generate(model, uploads, options, None, take, "captioning")
         captions = zip(uploads, result.captions, strict=True)
@@ -319,7 +346,8 @@ class _Server:
             raise ApiError(422, "too_many_images" if uploads else "no_images", f"{len(uploads)} images: a "
                            "question is about one image; send it once (multipart field `image`, or JSON `image`: "
                            "base64), and ask about other images in requests of their own")  # fmt: skip
-        model = self.answerer
+        model = _needed(self.answerer, "no model to answer with is loaded (the server searches an index only); start "
+                        "it with --vqa-model-dir (a task: vqa run, or a plain BLIP-2) or --model-dir")  # fmt: skip
         question = _question(given)
         options = _resolve_options(model.config.generate, given, self.options_model)
         prompt = model.config.data.question_template.format(question)
@@ -356,6 +384,60 @@ class _Server:
             raise ApiError(500, "generation_failed", f"{doing} failed ({type(exc).__name__}); the server log has "
                            "the details") from None  # fmt: skip
 
+    async def searches(self, request: Request) -> SearchResponse:
+        """The index's best matches for a text (multipart field or JSON `text`) or an image (multipart file field
+        `image`, or JSON `image` in base64), with `top` and `rerank`."""
+        arrived = time.monotonic()
+        with self.admission.slot() as take:
+            uploads, given = await _read_request(request, self.settings, self.search_request, "image")
+            return await self.search(uploads, given, take, arrived)
+
+    async def search(
+        self, uploads: list[Upload], given: dict[str, Any], take: Callable[[int], None], arrived: float
+    ) -> SearchResponse:
+        """Searches the index for `given["text"]` or the one upload, with the other raw fields of `given` (`top`,
+        `rerank`), within an admission slot (`take`; the request's slot holds its image)."""
+        searcher = _needed(self.searcher, "no index is loaded; start the server with --index INDEX (a folder "
+                           "`captune index` made) to search")  # fmt: skip
+        if len(uploads) > 1:
+            raise ApiError(422, "too_many_images", f"{len(uploads)} images: a search takes one image query; send "
+                           "it once (multipart field `image`, or JSON `image`: base64)")  # fmt: skip
+        query = search_query(given, bool(uploads), self.search_options)  # checked before the image is decoded
+        if uploads:
+            upload = uploads[0]
+            query.image = await anyio.to_thread.run_sync(
+                lambda: decode_upload(upload, self.settings.max_image_pixels, searcher.decode_size),
+                limiter=self.decode_limiter,
+            )
+        decoded = time.monotonic()
+        try:
+            found = await asyncio.wrap_future(searcher.submit(query))
+        except ApiError:
+            raise
+        except CaptuneError as err:  # a query the index cannot answer (rerank of an image among images)
+            raise ApiError(422, "invalid_query", str(err)) from None
+        except Exception as exc:  # the log has its traceback
+            log.error("search failed", exc_info=exc)
+            raise ApiError(500, "search_failed", f"the search failed ({type(exc).__name__}); the server log has the "
+                           "details") from None  # fmt: skip
+        done = time.monotonic()
+        timing = SearchTiming(decode_ms=1000 * (decoded - arrived), search_ms=1000 * (done - decoded),
+                              total_ms=1000 * (done - arrived))  # fmt: skip
+        return SearchResponse(kind=searcher.info.kind, text=query.text, top=query.top, rerank=query.rerank,
+                              filename=uploads[0].filename if uploads else None, hits=searcher.hits(found),
+                              timing=timing)  # fmt: skip
+
+    async def search_image(self, key: str) -> Response:
+        """The JPEG thumbnail of an image the index holds (`key`, as a hit names it); any other path gets 404."""
+        searcher = _needed(self.searcher, "no index is loaded; start the server with --index INDEX")
+        with self.admission.slot():
+            data = await anyio.to_thread.run_sync(searcher.thumbnail, key, limiter=self.decode_limiter)
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    async def index(self) -> IndexInfo:
+        """The index the server searches: its folder, kind, size and retrieval model."""
+        return _needed(self.searcher, "no index is loaded; start the server with --index INDEX").info
+
     async def health(self) -> Health | JSONResponse:
         """`ok` while the generation workers run, else 503."""
         alive = all(model.batcher.alive for model in self.models)
@@ -365,15 +447,27 @@ class _Server:
 
     async def model(self) -> ModelInfo:
         """The model, its adapter, generation defaults, this server's limits and the metrics saved with it."""
-        return self.captioner.info
+        return _needed(self.captioner, "no caption model is loaded (the server searches an index only; GET "
+                       "/v1/index describes it)").info  # fmt: skip
 
     async def report(self) -> FileResponse:
         """The run's report.html (`captune report`), when the model directory is a run's best/ or final/."""
-        path = report_path(self.captioner.model_dir)
+        model_dir = _needed(self.captioner, "no caption model is loaded, so no run report").model_dir
+        path = report_path(model_dir)
         if path is None:
-            raise ApiError(404, "no_report", f"{self.captioner.model_dir.parent / REPORT_NAME}: not found; "
-                           f"`captune report {self.captioner.model_dir.parent}` writes it")  # fmt: skip
+            raise ApiError(404, "no_report", f"{model_dir.parent / REPORT_NAME}: not found; "
+                           f"`captune report {model_dir.parent}` writes it")  # fmt: skip
         return FileResponse(path, media_type="text/html")
+
+
+_T = TypeVar("_T")
+
+
+def _needed(part: _T | None, message: str) -> _T:
+    """What a route needs (a model, the index), or 404 with `message` saying how to start the server with it."""
+    if part is None:
+        raise ApiError(404, "not_loaded", message)
+    return part
 
 
 def report_path(model_dir: Path) -> Path | None:
@@ -454,6 +548,12 @@ def _add_api_routes(app: FastAPI, server: _Server) -> None:
     app.add_api_route("/v1/answers", server.answers, methods=["POST"], response_model=AnswerResponse,
                       summary="Answer a question about an image", responses=errors,
                       openapi_extra=_answer_request_body(options_model, server.answer_request))  # fmt: skip
+    app.add_api_route("/v1/search", server.searches, methods=["POST"], response_model=SearchResponse,
+                      summary="Search the index by text or by image", responses=errors,
+                      openapi_extra=_search_request_body(server.search_options, server.search_request))  # fmt: skip
+    app.add_api_route("/v1/search/image", server.search_image, response_class=Response, responses=errors,
+                      summary="The thumbnail of an indexed image")  # fmt: skip
+    app.add_api_route("/v1/index", server.index, response_model=IndexInfo, summary="The index searched")
     app.add_api_route("/v1/model", server.model, response_model=ModelInfo, summary="Model information")
 
 
@@ -481,39 +581,55 @@ def _add_web_app(app: FastAPI, server: _Server) -> None:
 
 
 def create_app(
-    model_dir: str | Path,
+    model_dir: str | Path | None,
     settings: ServeSettings | None = None,
     *,
     vqa_model_dir: str | Path | None = None,
+    index_dir: str | Path | None = None,
+    retrieval_model_dir: str | None = None,
     api: bool = True,
     web: bool = True,
 ) -> FastAPI:
-    """Loads the model(s) once and returns the server's app; its lifespan starts and stops the batchers.
+    """Loads the model(s) and the index once and returns the server's app; its lifespan starts and stops the
+    batchers and the search worker.
 
     Args:
-        model_dir: What `captune caption --model-dir` takes: RUN/best, RUN/final, a checkpoint, or a plain BLIP-2.
+        model_dir: What `captune caption --model-dir` takes: RUN/best, RUN/final, a checkpoint, or a plain BLIP-2;
+            None for a server that only searches `index_dir` (or only answers, with `vqa_model_dir`).
         settings: Limits and batching; the defaults of `ServeSettings` when None.
         vqa_model_dir: A model that answers questions (`/v1/answers`, the app's Ask tab); None: the caption model
             answers them.
-        api: Route the REST API (`/v1/captions`, `/v1/answers`, `/v1/model`); False for `captune app`.
+        index_dir: An index `captune index` made, for `/v1/search` and the app's Search tab; None: no search.
+        retrieval_model_dir: The index's retrieval model; None: the one its manifest records.
+        api: Route the REST API (`/v1/captions`, `/v1/answers`, `/v1/search`, `/v1/model`); False for `captune app`.
         web: Mount the web app (Gradio) at `/`, when gradio is installed.
 
     Raises:
-        CaptuneError: invalid settings, or a model that cannot be loaded.
+        CaptuneError: invalid settings, no model and no index, or a model or index that cannot be loaded.
     """
     settings = settings or ServeSettings()
     check_settings(settings)
+    if model_dir is None and vqa_model_dir is None and index_dir is None:
+        raise CaptuneError("nothing to serve: give --model-dir (a caption model), --vqa-model-dir or --index (an "
+                           "index `captune index` made), or several")  # fmt: skip
     options_model = _options_model(settings)
-    captioner = _load(Path(model_dir).expanduser(), settings, options_model)
+    captioner = None if model_dir is None else _load(Path(model_dir).expanduser(), settings, options_model)
     answerer = captioner if vqa_model_dir is None else _load(Path(vqa_model_dir).expanduser(), settings, options_model)
-    captioner.info.vqa_model = None if answerer is captioner else answerer.info
+    if captioner is not None:
+        captioner.info.vqa_model = None if answerer is captioner or answerer is None else answerer.info
+    searcher = None if index_dir is None else open_searcher(Path(index_dir).expanduser(), retrieval_model_dir,
+                                                            settings.device)  # fmt: skip
+    search_options = _search_options_model()
     server = _Server(
         settings=settings,
         options_model=options_model,
         json_request=_json_request_model(options_model, settings),
         answer_request=_answer_json_request_model(options_model),
+        search_options=search_options,
+        search_request=_search_json_request_model(search_options),
         captioner=captioner,
         answerer=answerer,
+        searcher=searcher,
         admission=Admission(settings.max_queue, settings.retry_after_s),
     )
     # Swagger UI and ReDoc load their scripts from a CDN: off, so that nothing the server sends reaches outside.

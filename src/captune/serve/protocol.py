@@ -152,17 +152,22 @@ def uvicorn_server(app: FastAPI, settings: ServeSettings, log_level: str = "info
     return uvicorn.Server(config)
 
 
-def run_server(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
+def run_server(model_dir: str | Path | None, host: str = "127.0.0.1", port: int = 8000,
                settings: ServeSettings | None = None, *, vqa_model_dir: str | Path | None = None,
+               index_dir: str | Path | None = None, retrieval_model_dir: str | None = None,
                api: bool = True) -> None:  # fmt: skip
-    """Serves `create_app(model_dir, settings, vqa_model_dir=..., api=...)` with uvicorn until SIGTERM or Ctrl-C,
-    then lets the requests in flight finish (up to `GRACEFUL_SHUTDOWN_S`) and returns."""
+    """Serves `create_app(model_dir, settings, vqa_model_dir=..., index_dir=..., retrieval_model_dir=..., api=...)`
+    with uvicorn until SIGTERM or Ctrl-C, then lets the requests in flight finish (up to `GRACEFUL_SHUTDOWN_S`) and
+    returns."""
     settings = settings or ServeSettings()
     check_settings(settings)
     listening = listen(host, port)
-    server = uvicorn_server(create_app(model_dir, settings, vqa_model_dir=vqa_model_dir, api=api), settings)
+    app = create_app(model_dir, settings, vqa_model_dir=vqa_model_dir, index_dir=index_dir,
+                     retrieval_model_dir=retrieval_model_dir, api=api)  # fmt: skip
+    server = uvicorn_server(app, settings)
     where = f"http://{host}:{port}"
-    log.info("web app %s/%s", where, " ; API POST /v1/captions, /v1/answers ; OpenAPI /openapi.json" if api else "")
+    routes = " ; API POST /v1/captions, /v1/answers, /v1/search ; OpenAPI /openapi.json"
+    log.info("web app %s/%s", where, routes if api else "")
     # uvicorn shuts down gracefully on the signal, then raises it again for the handler it found: a no-op for SIGTERM
     # and a caught KeyboardInterrupt for Ctrl-C make that a normal return.
     previous = signal.signal(signal.SIGTERM, lambda *_: None)

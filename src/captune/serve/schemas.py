@@ -8,7 +8,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from captune.serve.settings import MAX_QUESTION_CHARS, MAX_REPETITION_PENALTY, ServeSettings
+from captune.serve.settings import (
+    MAX_QUERY_CHARS,
+    MAX_QUESTION_CHARS,
+    MAX_REPETITION_PENALTY,
+    MAX_SEARCH_RERANK,
+    MAX_SEARCH_TOP,
+    ServeSettings,
+)
 
 OPTION_NAMES = ("num_beams", "min_new_tokens", "max_new_tokens", "repetition_penalty")
 
@@ -48,6 +55,38 @@ class AnswerResponse(BaseModel):
     filename: str | None = Field(description="the upload's file name (multipart), else null")
     options: GenerationOptions
     timing: Timing
+
+
+class SearchHit(BaseModel):
+    key: str = Field(description="an images index: the image's path as indexed; a captions index: the caption's id")
+    score: float = Field(description="higher is a better match (cosine; with `rerank`, plus the match probability)")
+    caption: str | None = Field(description="a captions index: the caption; else null")
+    image_url: str | None = Field(description="an images index: the image's thumbnail on this server; else null")
+
+
+class SearchTiming(BaseModel):
+    decode_ms: float = Field(description="reading and decoding the query image (0 for a text query)")
+    search_ms: float = Field(description="waiting for the search worker and searching")
+    total_ms: float = Field(description="from the request's arrival to its answer")
+
+
+class SearchResponse(BaseModel):
+    kind: str = Field(description="what the index holds: `images` or `captions`")
+    text: str | None = Field(description="the text query, or null for an image query")
+    filename: str | None = Field(description="the query image's file name (multipart), else null")
+    top: int
+    rerank: int
+    hits: list[SearchHit] = Field(description="best first")
+    timing: SearchTiming
+
+
+class IndexInfo(BaseModel):
+    folder: str = Field(description="the index folder (`captune index --output`)")
+    kind: str = Field(description="`images` or `captions`")
+    count: int = Field(description="vectors in the index")
+    index_kind: str = Field(description="the FAISS index: flat (exact), hnsw or ivf")
+    model_id: str = Field(description="the retrieval model the index records")
+    retrieval_model: str = Field(description="where the server loaded it from (--retrieval-model-dir, else model_id)")
 
 
 class ErrorDetail(BaseModel):
@@ -128,6 +167,38 @@ _QUESTION = Field(min_length=1, max_length=MAX_QUESTION_CHARS, description=f"the
 def _answer_json_request_model(options: type[BaseModel]) -> type[BaseModel]:
     image = Field(description="one image, base64 (a `data:image/...;base64,` prefix is allowed); URLs are refused")
     return create_model("AnswerJsonRequest", __base__=options, image=(str, image), question=(str, _QUESTION))
+
+
+def _search_options_model() -> type[BaseModel]:
+    """A search's fields beside its image: the text query, `top` and `rerank`."""
+    text = Field(None, max_length=MAX_QUERY_CHARS, description="a text query (leave out for an image query)")
+    rerank = Field(0, ge=0, le=MAX_SEARCH_RERANK, description="re-score the best K with the matching head (text "
+                   "queries, and image queries of a captions index); 0: none")  # fmt: skip
+    return create_model(
+        "SearchOptions",
+        __config__=ConfigDict(extra="forbid"),
+        text=(str | None, text),
+        top=(int, Field(10, ge=1, le=MAX_SEARCH_TOP, description="results to answer")),
+        rerank=(int, rerank),
+    )
+
+
+def _search_json_request_model(options: type[BaseModel]) -> type[BaseModel]:
+    image = Field(None, description="an image query, base64 (a `data:image/...;base64,` prefix is allowed); URLs are "
+                  "refused")  # fmt: skip
+    return create_model("SearchJsonRequest", __base__=options, image=(str | None, image))
+
+
+def _search_request_body(options: type[BaseModel], json_request: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI requestBody of POST /v1/search: a text or an image file with `top` and `rerank`, or the JSON
+    request."""
+    properties = {"image": {"type": "string", "format": "binary", "description": "an image query (or `text`)"},
+                  **options.model_json_schema()["properties"]}  # fmt: skip
+    content = {
+        "multipart/form-data": {"schema": {"type": "object", "properties": properties}},
+        "application/json": {"schema": json_request.model_json_schema()},
+    }
+    return {"requestBody": {"required": True, "content": content}}
 
 
 def _request_body(options: type[BaseModel], json_request: type[BaseModel], settings: ServeSettings) -> dict[str, Any]:

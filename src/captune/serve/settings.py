@@ -16,6 +16,13 @@ MAX_REPETITION_PENALTY = 5.0
 MAX_QUESTION_CHARS = 500
 """Longest question a `/v1/answers` request may ask, in characters (VQAv2's longest are about 100): a question is
 tokens of the prompt every step attends to, so it is bounded as the images are."""
+MAX_QUERY_CHARS = 500
+"""Longest text query `/v1/search` takes, in characters (the retrieval model reads its first 64 tokens)."""
+MAX_SEARCH_TOP = 100
+"""Most results a `/v1/search` request may ask for (`top`)."""
+MAX_SEARCH_RERANK = 32
+"""Most results a `/v1/search` request may have re-scored by the matching head (`rerank`): each is one more pass
+of the vision encoder over an indexed image."""
 GRACEFUL_SHUTDOWN_S = 60
 """How long `run_server` lets requests in flight finish after SIGTERM or Ctrl-C before cancelling them."""
 DECODE_THREADS = min(8, os.cpu_count() or 1)

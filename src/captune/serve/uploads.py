@@ -195,7 +195,9 @@ async def _read_json(
         raise ApiError(422, "invalid_request", _validation_message(err)) from None
     values = parsed.model_dump()
     found = values.pop(field)
-    if isinstance(found, str):  # one image (answers): named by its field
+    if found is None:  # an optional image left out (a text search)
+        return [], values
+    if isinstance(found, str):  # one image (answers, an image search): named by its field
         return [Upload(field, _image_bytes(found, field), None)], values
     return [Upload(f"image {i}", _image_bytes(text, f"{field}.{i}"), None) for i, text in enumerate(found)], values
 

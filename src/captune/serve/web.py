@@ -1,9 +1,11 @@
 """The web app: a Gradio app over the server's models, mounted at `/` beside the REST API (`captune serve`) or alone
-(`captune app`), with tabs Caption, Ask and Model.
+(`captune app`), with tabs Caption, Ask, Search and Model.
 
-Every tab goes through the API's own path (`_Server.caption`, `_Server.answer`): the same admission count, limits,
-image checks and micro-batched model worker, so a caption here is the API's caption for the same image. Errors are
-the API's sentences (`ApiError.message`) shown by Gradio as a notice, never a traceback.
+Every tab goes through the API's own path (`_Server.caption`, `_Server.answer`, `_Server.search`): the same admission
+count, limits, image checks and micro-batched model worker (search: the search worker), so a caption here is the
+API's caption for the same image and a search the API's hits. Errors are the API's sentences (`ApiError.message`)
+shown by Gradio as a notice, never a traceback. A tab whose model or index is not loaded says how to start the server
+with it.
 
 Offline by construction: Gradio's analytics and version check off, no share tunnel, server-side rendering and the
 MCP server off, no run history (it offers a Hugging Face bucket), and uploads kept in captune's own temporary
@@ -27,6 +29,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
+import anyio
 import gradio as gr
 from fastapi import FastAPI
 from PIL import Image
@@ -34,8 +37,9 @@ from PIL import Image
 from captune.config import GenerateConfig
 from captune.serve.app import _Server, report_path
 from captune.serve.errors import ApiError
-from captune.serve.schemas import OPTION_NAMES, ModelInfo, Timing
-from captune.serve.settings import MAX_REPETITION_PENALTY
+from captune.serve.schemas import OPTION_NAMES, IndexInfo, ModelInfo, Timing
+from captune.serve.search import Searcher
+from captune.serve.settings import MAX_REPETITION_PENALTY, MAX_SEARCH_RERANK, MAX_SEARCH_TOP
 from captune.serve.uploads import Upload, _too_large
 
 log = logging.getLogger(__name__)
@@ -139,6 +143,10 @@ def _option_inputs(defaults: GenerateConfig, server: _Server, tab: str) -> list[
 # --------------------------------------------------------------------------------------------------------- tabs ---
 def _caption_tab(server: _Server, downloads: Path) -> None:
     limits = server.settings
+    if server.captioner is None:
+        gr.Markdown("No caption model is loaded: the server searches an index only. Start it with `--model-dir` (a "
+                    "run's best/, or a plain BLIP-2) to caption.", elem_id="caption-note")  # fmt: skip
+        return
     files = gr.File(label=f"Images (1 to {limits.max_images}; drop them here or click to choose)",
                     file_count="multiple", elem_id="caption-files")  # fmt: skip
     options = _option_inputs(server.captioner.config.generate, server, "caption")
@@ -167,8 +175,12 @@ def _caption_tab(server: _Server, downloads: Path) -> None:
 
 
 def _ask_tab(server: _Server) -> None:
+    if server.answerer is None:
+        gr.Markdown("No VQA model is loaded: the server searches an index only. Start it with `--vqa-model-dir` (a "
+                    "`task: vqa` run, or a plain BLIP-2) to ask questions.", elem_id="ask-note")  # fmt: skip
+        return
     if not server.can_answer:
-        gr.Markdown(f"No VQA model is loaded: `{server.captioner.model_dir}` was trained for captions only. Start "
+        gr.Markdown(f"No VQA model is loaded: `{server.answerer.model_dir}` was trained for captions only. Start "
                     "the server with `--vqa-model-dir` (a `task: vqa` run, or a plain BLIP-2) to ask questions.",
                     elem_id="ask-note")  # fmt: skip
     image = gr.File(label="Image", file_count="single", elem_id="ask-file")
@@ -189,6 +201,63 @@ def _ask_tab(server: _Server) -> None:
         return response.answer, _timing_line(response.timing, 1)
 
     button.click(ask, [image, question, *options], [answer, timing], api_name="ask", concurrency_limit=None)
+
+
+def _search_tab(server: _Server) -> None:
+    searcher = server.searcher
+    if searcher is None:
+        gr.Markdown("No index is loaded. Make one with `captune index IMAGES --model-dir RETRIEVAL --output INDEX` "
+                    "(or `--captions FILE`), then start the server with `--index INDEX` to search it here and at "
+                    "`/v1/search`.", elem_id="search-note")  # fmt: skip
+        return
+    info = searcher.info
+    gr.Markdown(f"Searching `{info.folder}`: {info.count} {info.kind}, with `{info.retrieval_model}`. Give a text "
+                "or an image.", elem_id="search-about")  # fmt: skip
+    with gr.Row():
+        text = gr.Textbox(label="Text query", placeholder="a red square on the left", elem_id="search-text")
+        image = gr.File(label="or an image query", file_count="single", elem_id="search-file")
+    with gr.Row():
+        top = gr.Number(10, label="top", info=f"results, 1-{MAX_SEARCH_TOP}", precision=0, elem_id="search-top")
+        rerank = gr.Number(0, label="rerank", info=f"re-score the best K with the matching head, 0-"
+                           f"{MAX_SEARCH_RERANK}; 0 is none", precision=0, elem_id="search-rerank")  # fmt: skip
+    button = gr.Button("Search", variant="primary", elem_id="search-button")
+    images = searcher.info.kind == "images"
+    gallery = gr.Gallery(label="Nearest images", columns=5, object_fit="contain", visible=images,
+                         elem_id="search-gallery")  # fmt: skip
+    table = gr.Dataframe(headers=["score", "id", "caption"], datatype=["number", "str", "str"], type="array",
+                         label="Nearest captions", interactive=False, wrap=True, visible=not images,
+                         elem_id="search-table")  # fmt: skip
+    timing = gr.Markdown(elem_id="search-timing")
+
+    @_in_sentences("searching")
+    async def search(query: str, path: str | None, *values: float | None) -> tuple[Any, Any, str]:
+        arrived = time.monotonic()
+        # An emptied field is the API's default, as a field left out of a request.
+        given: dict[str, Any] = {n: v for n, v in zip(("top", "rerank"), values, strict=True) if v is not None}
+        if query:
+            given["text"] = query
+        with server.admission.slot() as take:
+            uploads = _uploads([path] if path else [], server.settings.max_upload_bytes)
+            response = await server.search(uploads, given, take, arrived)
+        line = f"{len(response.hits)} result(s) in {response.timing.total_ms:.0f} ms"
+        if images:
+            thumbnails = await anyio.to_thread.run_sync(_gallery, searcher, [h.key for h in response.hits])
+            labels = [f"{h.score:.4f} {Path(h.key).name}" for h in response.hits]
+            return list(zip(thumbnails, labels, strict=True)), [], line
+        return [], [[h.score, h.key, h.caption] for h in response.hits], line
+
+    button.click(search, [text, image, top, rerank], [gallery, table, timing], api_name="search",
+                 concurrency_limit=None)  # fmt: skip
+
+
+def _gallery(searcher: Searcher, keys: list[str]) -> list[Image.Image]:
+    """The hits' thumbnails, as `GET /v1/search/image` serves them."""
+    return [Image.open(io.BytesIO(searcher.thumbnail(key))) for key in keys]
+
+
+def _index_markdown(info: IndexInfo) -> str:
+    return (f"### Index: `{info.folder}`\n- **holds**: {info.count} {info.kind} ({info.index_kind} index)\n"
+            f"- **retrieval model**: `{info.model_id}`, loaded from `{info.retrieval_model}`")  # fmt: skip
 
 
 def _model_markdown(info: ModelInfo, role: str) -> str:
@@ -213,13 +282,20 @@ def _model_markdown(info: ModelInfo, role: str) -> str:
 
 
 def _model_tab(server: _Server) -> None:
-    info = server.captioner.info
-    text = _model_markdown(info, "Caption model")
-    if info.vqa_model is not None:
-        text += "\n\n" + _model_markdown(info.vqa_model, "VQA model")
-    report = report_path(server.captioner.model_dir)
-    text += "\n\n" + ("The run's report: [report.html](/v1/report)" if report else "No run report beside the model "
-                      "(`captune report RUN` writes RUN/report.html).")  # fmt: skip
+    parts = []
+    if server.captioner is not None:
+        info = server.captioner.info
+        parts.append(_model_markdown(info, "Caption model"))
+        if info.vqa_model is not None:
+            parts.append(_model_markdown(info.vqa_model, "VQA model"))
+        report = report_path(server.captioner.model_dir)
+        parts.append("The run's report: [report.html](/v1/report)" if report else "No run report beside the model "
+                     "(`captune report RUN` writes RUN/report.html).")  # fmt: skip
+    elif server.answerer is not None:
+        parts.append(_model_markdown(server.answerer.info, "VQA model"))
+    if server.searcher is not None:
+        parts.append(_index_markdown(server.searcher.info))
+    text = "\n\n".join(parts)
     limits = server.settings
     text += (f"\n\nLimits: {limits.max_images} images and {limits.max_upload_bytes / 2**20:.1f} MiB a request, "
              f"{limits.max_image_pixels:,} pixels an image; batches of up to {limits.max_batch} images.")  # fmt: skip
@@ -231,12 +307,14 @@ def build_blocks(server: _Server, temp_dir: Path) -> gr.Blocks:
     """The app's tabs over `server`; downloads are written under `temp_dir`."""
     with gr.Blocks(title="captune", analytics_enabled=False,
                    delete_cache=(_KEEP_UPLOADS_S // 3, _KEEP_UPLOADS_S)) as blocks:  # fmt: skip
-        gr.Markdown("# captune\nCaptions and answers from a fine-tuned BLIP-2; the same model and limits as the "
-                    "REST API (`/v1/captions`, `/v1/answers`).")  # fmt: skip
+        gr.Markdown("# captune\nCaptions, answers and search from fine-tuned BLIP-2s; the same models and limits as "
+                    "the REST API (`/v1/captions`, `/v1/answers`, `/v1/search`).")  # fmt: skip
         with gr.Tab("Caption", id="caption"):
             _caption_tab(server, temp_dir / "downloads")
         with gr.Tab("Ask", id="ask"):
             _ask_tab(server)
+        with gr.Tab("Search", id="search"):
+            _search_tab(server)
         with gr.Tab("Model", id="model"):
             _model_tab(server)
     return blocks
