@@ -88,21 +88,62 @@ def run_captune(
     except ImportError as err:
         raise SystemExit(f"captune.search.index_images is not in this checkout ({err}): the captune side cannot run; "
                          "the ceiling's numbers are in --output") from err  # fmt: skip
+    import captune.search as search
+
     shutil.rmtree(output, ignore_errors=True)  # a fresh index, never a resumed one
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    arrivals: list[float] = []  # when each batch's embeddings reached index_images (where its time goes)
+    embedded_batches = search._embedded_batches
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        for item in embedded_batches(*args, **kwargs):
+            arrivals.append(time.perf_counter())
+            yield item
+
+    search._embedded_batches = timed  # type: ignore[assignment]
     _sync(device)
     start = time.perf_counter()
-    summary = index_images(paths, loaded, output, model_id=model_id, batch_size=batch_size, workers=workers,
-                           progress=False)  # fmt: skip
+    try:
+        summary = index_images(paths, loaded, output, model_id=model_id, batch_size=batch_size, workers=workers,
+                               progress=False)  # fmt: skip
+    finally:
+        search._embedded_batches = embedded_batches  # type: ignore[assignment]
     _sync(device)
     seconds = time.perf_counter() - start
+    between = len(paths) - batch_size  # images that arrived after the first batch
+    phases = {"first_batch_s": arrivals[0] - start, "after_last_batch_s": start + seconds - arrivals[-1],
+              "steady_images_per_s": between / (arrivals[-1] - arrivals[0]) if len(arrivals) > 1 else None}  # fmt: skip
     if summary.count != len(paths) or summary.skipped:
         raise SystemExit(f"{output}: the index holds {summary.count} vectors after index_images of {len(paths)} "
                          f"images ({len(summary.skipped)} skipped)")  # fmt: skip
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return {"batch_size": batch_size, "workers": workers, "images": len(paths), "seconds": seconds,
-            "images_per_s": len(paths) / seconds, "peak_gib": peak, "index_kind": summary.index_kind}  # fmt: skip
+            "images_per_s": len(paths) / seconds, "peak_gib": peak, "index_kind": summary.index_kind,
+            **phases}  # fmt: skip
+
+
+def loader_alone(loaded: RetrievalModel, paths: list[Path], batch_size: int, workers: int) -> dict[str, Any]:
+    """images/s of decoding and preprocessing alone: `index_images`' DataLoader (the same dataset, workers, batch
+    size and pinned memory) iterated with nothing else, from its start (workers' start-up included) and after the
+    first batch."""
+    from torch.utils.data import DataLoader
+
+    from captune.data import freeze_inherited_objects
+    from captune.data.images import PixelFiles
+
+    loader = DataLoader(PixelFiles(paths, loaded.image_processor), batch_size=batch_size, num_workers=workers,
+                        collate_fn=list, prefetch_factor=2 if workers else None, pin_memory=torch.cuda.is_available(),
+                        worker_init_fn=freeze_inherited_objects)  # fmt: skip
+    start = time.perf_counter()
+    first = None
+    for _ in loader:
+        first = first or time.perf_counter()
+    seconds = time.perf_counter() - start
+    assert first is not None
+    return {"batch_size": batch_size, "workers": workers, "images_per_s": len(paths) / seconds,
+            "first_batch_s": first - start,
+            "steady_images_per_s": (len(paths) - batch_size) / (start + seconds - first)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -147,8 +188,15 @@ def main(argv: list[str] | None = None) -> None:
         result["captune"].append(run)
         print(f"index_images, batch {batch_size}: {run}", flush=True)
         save()
+    result["loader_alone"] = loader_alone(loaded, paths, batch_sizes[-1], args.workers)
+    print(f"decoding alone: {result['loader_alone']}", flush=True)
+    save()
     if cuda:
         loaded.model.to(torch.bfloat16)
+        run = run_captune(loaded, str(model_dir), paths, args.work / "index-bf16", batch_sizes[-1], args.workers,
+                          device)  # fmt: skip
+        result["captune_bf16_weights"] = run
+        print(f"index_images, bf16 weights, batch {batch_sizes[-1]}: {run}", flush=True)
         result["ceiling_bf16_weights"] = {}
         for batch_size in batch_sizes:
             result["ceiling_bf16_weights"][batch_size] = ceiling(loaded, paths, batch_size, args.steps, device, False)

@@ -191,3 +191,45 @@ def test_evaluation_scores_every_pair_as_the_model_does_and_reranks_its_top_k(
     for ours, theirs in zip(result.reranked.as_dict().values(), reranked.as_dict().values(), strict=True):
         assert ours == pytest.approx(theirs)
     assert evaluate_retrieval(tiny, records, k_test=None).reranked is None
+
+
+def check_shared_image_keys(loaded: RetrievalModel, image_size: int) -> None:
+    """`RetrievalLoss` with each image's cross-attention keys and values shared (the default) gives the loss and
+    gradients of projecting them for every row, and saves exactly the matching rows' projections: 3 x pairs rows of
+    every cross-attention key and value layer, forward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from captune.retrieval import RetrievalLoss, with_temperature
+
+    model = with_temperature(loaded.model) if not hasattr(loaded.model, "temperature") else loaded.model
+    model.train()  # dropout on: both runs draw the same masks from the same seed
+    text = loaded.tokenizer(CAPTIONS * 2, padding=True, return_tensors="pt")
+    pixels = torch.randn(4, 3, image_size, image_size, generator=torch.Generator().manual_seed(2))
+    ids = torch.tensor([0, 1, 2, 3, 1, 0, 3, 2])
+    with torch.no_grad():
+        vision = image_side(model, pixels)[ids]
+    runs = []
+    for share in (True, False):
+        model.zero_grad()
+        torch.manual_seed(5)
+        with FlopCounterMode(display=False) as flops:
+            loss = RetrievalLoss(model, share_image_keys=share)(text.input_ids, text.attention_mask, ids,
+                                                                image_features=vision, two_images=True)  # fmt: skip
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        runs.append((loss.detach(), grads, flops.get_total_flops()))
+    (shared_loss, shared_grads, shared_flops), (loss, grads, plain_flops) = runs
+    torch.testing.assert_close(shared_loss, loss)
+    assert shared_grads.keys() == grads.keys() and any("crossattention.attention.key" in n for n in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, msg=name)
+    q = model.config.qformer_config
+    layers = sum(1 for layer in model.qformer.encoder.layer if layer.has_cross_attention)
+    patches, width = vision.shape[1:]
+    saved = 2 * layers * (3 * len(ids)) * patches * width * q.hidden_size * 2  # K and V, multiply-adds x 2
+    assert plain_flops - shared_flops == saved
+    model.zero_grad()
+
+
+def test_sharing_each_image_s_keys_changes_neither_loss_nor_gradients(tiny: RetrievalModel) -> None:
+    check_shared_image_keys(tiny, 32)

@@ -109,3 +109,9 @@ def test_the_matching_logits_are_the_models_own(twin: RetrievalModel) -> None:
         theirs = twin.model(pixel_values=pixels, **text, use_image_text_matching_head=True).logits_per_image
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     assert ours.shape == (4, 2) and float(ours[:, 1].std()) > 0
+
+
+def test_sharing_each_image_s_keys_changes_neither_loss_nor_gradients_on_the_twin(twin: RetrievalModel) -> None:
+    from tests.test_retrieval import check_shared_image_keys
+
+    check_shared_image_keys(twin, twin.image_processor.size["height"])

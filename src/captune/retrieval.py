@@ -21,6 +21,8 @@ BERT-like tokenizer built here whose last id is `[DEC]`, as blip2-itm-vit-g's Q-
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,6 +160,56 @@ def hard_negatives(
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
 
+class SharedImageKeys:
+    """Within `over(vision)`, the Q-Former's cross-attention keys and values of the batch's images are computed once
+    and reused: by the contrastive image pass and, through `rows`, by the matching pass, whose 3 x batch rows show
+    only the batch's images (positives, negative captions, negative images). The values are the same tensors the
+    projections would compute row by row, so the losses and gradients do not change (tested); without it each
+    cross-attention layer projects every matching row's 257 x 1,408 vision outputs again: 3 x batch rows, twice.
+
+    Inputs that are neither `vision` nor the tensor `rows` returned (a cast copy, another model call) are projected
+    as usual."""
+
+    def __init__(self, model: Blip2ForImageTextRetrieval) -> None:
+        attentions = [layer.crossattention.attention for layer in model.qformer.encoder.layer
+                      if layer.has_cross_attention]  # fmt: skip
+        self.linears = [linear for attention in attentions for linear in (attention.key, attention.value)]
+        self.vision: torch.Tensor | None = None
+        self.selected: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.projected: dict[int, torch.Tensor] = {}
+
+    @contextmanager
+    def over(self, vision: torch.Tensor) -> Iterator[SharedImageKeys]:
+        self.vision, self.selected, self.projected = vision, None, {}
+        for linear in self.linears:
+            linear.forward = self._forward_of(linear)  # type: ignore[method-assign]  # an instance's own, removed below
+        try:
+            yield self
+        finally:
+            for linear in self.linears:
+                del linear.forward
+            self.vision, self.selected, self.projected = None, None, {}
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """`vision[index]`, whose projections inside `over` are the shared ones' rows `index`."""
+        assert self.vision is not None, "SharedImageKeys.rows outside `over`"
+        selected = self.vision[index]
+        self.selected = (selected, index)
+        return selected
+
+    def _forward_of(self, linear: nn.Linear) -> Any:
+        def forward(states: torch.Tensor) -> torch.Tensor:
+            vision, selected = self.vision, self.selected
+            if vision is None or not (states is vision or (selected is not None and states is selected[0])):
+                return F.linear(states, linear.weight, linear.bias)
+            projected = self.projected.get(id(linear))
+            if projected is None:
+                projected = self.projected[id(linear)] = F.linear(vision, linear.weight, linear.bias)
+            return projected if states is vision else projected[selected[1]]  # type: ignore[index]
+
+        return forward
+
+
 def matching_loss(
     model: Blip2ForImageTextRetrieval,
     vision: torch.Tensor,
@@ -167,15 +219,19 @@ def matching_loss(
     local_scores: torch.Tensor,
     generator: torch.Generator | None = None,
     check: bool = True,
+    shared: SharedImageKeys | None = None,
 ) -> torch.Tensor:
     """ITM on the local batch: its positive pairs, each image with a hard negative caption and each caption with a
     hard negative image (sampled from `local_scores`, the local pairs' contrastive similarities), two-way
-    cross-entropy."""
+    cross-entropy. `shared` (inside its `over(vision)`): the matching rows' cross-attention keys and values are
+    taken from the shared ones."""
     n = len(image_ids)
     same = image_ids[:, None] == image_ids[None, :]
     negative_text = hard_negatives(local_scores, same, generator, check)  # for each image
     negative_image = hard_negatives(local_scores.t(), same, generator, check)  # for each caption
-    vision_rows = torch.cat([vision, vision, vision[negative_image]])
+    own = torch.arange(n, device=negative_image.device)
+    rows = torch.cat([own, own, negative_image])
+    vision_rows = shared.rows(rows) if shared is not None else vision[rows]
     ids = torch.cat([input_ids, input_ids[negative_text], input_ids])
     mask = torch.cat([attention_mask, attention_mask[negative_text], attention_mask])
     logits = matching_logits(model, vision_rows, ids, mask)
@@ -192,9 +248,12 @@ class RetrievalLoss(nn.Module):
     A batch (one process's share) whose pairs all show one image has no matching negative: its matching loss is the
     positive pairs' scored with weight 0, so every trainable parameter still gets a gradient (DDP needs them all)."""
 
-    def __init__(self, model: Blip2ForImageTextRetrieval) -> None:
+    def __init__(self, model: Blip2ForImageTextRetrieval, share_image_keys: bool = True) -> None:
+        """`share_image_keys`: compute each image's cross-attention keys and values once a step
+        (`SharedImageKeys`); False projects them again for every row that reads them."""
         super().__init__()
         self.model = model
+        self.shared = SharedImageKeys(model) if share_image_keys else None
 
     def forward(
         self,
@@ -211,17 +270,18 @@ class RetrievalLoss(nn.Module):
         if image_features is None:
             assert pixel_values is not None
             image_features = image_side(model, pixel_values.to(model.query_tokens.dtype))
-        images = _image_embeddings_from(model, image_features)
-        texts = text_embeddings(model, input_ids, attention_mask)
-        temperature = model.temperature()  # type: ignore[operator]  # with_temperature attached it
-        contrastive, local = contrastive_loss(images, texts, image_ids, temperature)
-        if two_images is None:
-            two_images = bool((image_ids != image_ids[0]).any())
-        if two_images:  # (no check in the sampling: it would wait for the GPU at every step)
-            return contrastive + matching_loss(model, image_features, input_ids, attention_mask, image_ids, local,
-                                               check=False)  # fmt: skip
-        logits = matching_logits(model, image_features, input_ids, attention_mask)
-        return contrastive + 0.0 * logits.float().sum()
+        with self.shared.over(image_features) if self.shared is not None else nullcontext() as shared:
+            images = _image_embeddings_from(model, image_features)
+            texts = text_embeddings(model, input_ids, attention_mask)
+            temperature = model.temperature()  # type: ignore[operator]  # with_temperature attached it
+            contrastive, local = contrastive_loss(images, texts, image_ids, temperature)
+            if two_images is None:
+                two_images = bool((image_ids != image_ids[0]).any())
+            if two_images:  # (no check in the sampling: it would wait for the GPU at every step)
+                return contrastive + matching_loss(model, image_features, input_ids, attention_mask, image_ids, local,
+                                                   check=False, shared=shared)  # fmt: skip
+            logits = matching_logits(model, image_features, input_ids, attention_mask)
+            return contrastive + 0.0 * logits.float().sum()
 
 
 # --- the tiny retrieval model ------------------------------------------------------------------------------------
