@@ -1,6 +1,6 @@
-"""The web app in Debian's headless Chromium: each tab run as a person would (upload, click, read), the captions and
-the answer equal to the API's, an error shown as a sentence, a screenshot, and no request to any host but the
-server's (the browser's performance log: every network request it sent)."""
+"""The web app in Debian's headless Chromium: each tab run as a person would (upload, click, read), the captions, the
+answer and the search hits equal to the API's, an error shown as a sentence, a screenshot, and no request to any host
+but the server's (the browser's performance log: every network request it sent)."""
 
 from __future__ import annotations
 
@@ -23,11 +23,12 @@ from .conftest import SETTINGS, _files, _uvicorn_in_thread
 from .test_web import QUESTION, vqa_model_dir
 
 __all__ = ["vqa_model_dir"]  # the fixture, shared with test_web
+SEARCH = "a red square on the left"
 
 
 @pytest.fixture(scope="module")
-def live(model_dir: Path, vqa_model_dir: Path) -> Iterator[str]:
-    with _uvicorn_in_thread(model_dir, SETTINGS, vqa_model_dir=vqa_model_dir) as (url, _):
+def live(model_dir: Path, vqa_model_dir: Path, image_index: Path) -> Iterator[str]:
+    with _uvicorn_in_thread(model_dir, SETTINGS, vqa_model_dir=vqa_model_dir, index_dir=image_index) as (url, _):
         yield url
 
 
@@ -106,10 +107,26 @@ def test_every_tab_works_in_chromium_and_the_page_reaches_no_other_host(
     field = browser.find_element(By.CSS_SELECTOR, "#ask-answer textarea")
     WebDriverWait(browser, 60).until(lambda _: browser.find_element(By.ID, "ask-timing").text)
     assert field.get_attribute("value") == answer
+    # Search: a text, a gallery of the API's hits (scores and names under each image)
+    hits = httpx2.post(f"{live}/v1/search", files=[("text", (None, SEARCH)), ("top", (None, "3"))]).json()["hits"]
+    _tab(browser, "Search")
+    browser.find_element(By.CSS_SELECTOR, "#search-text textarea").send_keys(SEARCH)
+    top = browser.find_element(By.CSS_SELECTOR, "#search-top input")
+    top.clear()
+    top.send_keys("3")
+    browser.find_element(By.ID, "search-button").click()
+    labels = "#search-gallery .caption-label"
+    WebDriverWait(browser, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, labels)) == 3)
+    shown = [e.text for e in browser.find_elements(By.CSS_SELECTOR, labels)]
+    assert shown == [f"{h['score']:.4f} {Path(h['key']).name}" for h in hits]
+    WebDriverWait(browser, 30).until(lambda d: d.execute_script(
+        "return [...document.querySelectorAll('#search-gallery img')].every(i => i.complete && i.naturalWidth == 32)"
+    ))  # fmt: skip
     # Model: what is loaded
     _tab(browser, "Model")
     info = " ".join(browser.find_element(By.ID, "model-info").text.split())  # code spans break lines
     assert "base model: tiny" in info and "training mode: lora-lm" in info and "VQA model" in info
+    assert "Index:" in info and "holds: 8 images (flat index)" in info
     assert _requested_hosts(browser) == {"127.0.0.1"}
 
 
