@@ -10,6 +10,7 @@ Per variant, 5 warm-up steps then `--steps` timed (ms a step, pairs/s, peak GiB)
 - `unshared`: `full` with each matching row's cross-attention keys and values projected again
   (`RetrievalLoss(share_image_keys=False)`), not taken from the image's (`captune.retrieval.SharedImageKeys`);
 - `itc`: the contrastive loss alone (what the matching pass costs is the difference);
+- `compiled`: `full` with each Q-Former layer `torch.compile`d (its compilation timed apart);
 - `eager`: `full` with the Q-Former's attention in transformers' eager implementation instead of SDPA.
 Then one `full` step under PyTorch's profiler: the GPU's busy time against the step's wall time (host-bound or not)
 and the top kernels by GPU time. The weights are random: speed does not depend on their values.
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--variants", default="full,unshared,itc,eager")
+    parser.add_argument("--variants", default="full,unshared,itc,eager,compiled")
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -147,6 +148,16 @@ def main(argv: list[str] | None = None) -> None:
         if variant == "eager":
             del model
             model = model_with("eager")
+        if variant == "compiled":
+            del model
+            model = model_with("sdpa")
+            for layer in model.qformer.encoder.layer:
+                layer.compile()
+            start = time.perf_counter()
+            RetrievalLoss(model)(**inputs).backward()  # the compilation, timed alone
+            _sync(device)
+            result["compile_seconds"] = time.perf_counter() - start
+            model.zero_grad(set_to_none=True)
         result["variants"][variant] = time_steps(model, inputs, args.steps, device, variant)
         print(variant, result["variants"][variant], flush=True)
         args.output.write_text(json.dumps(result, indent=2))

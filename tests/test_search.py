@@ -240,3 +240,22 @@ def test_a_moved_model_directory_is_named(
     index_images(paths[:2], loaded, tmp_path / "idx", model_id=gone, progress=False)
     with pytest.raises(CaptuneError, match="moved-model, which is not there any more; give its new place"):
         SearchIndex.open(tmp_path / "idx")
+
+
+def test_workers_decoding_shares_of_a_batch_store_every_image_s_own_embeddings(
+    tmp_path: Path, loaded: RetrievalModel, images: tuple[list[Path], list[str]]
+) -> None:
+    # Two workers each decode a share of a batch of 5 (3 images); the shares are joined into batches again, and a
+    # corrupt file among them is skipped without moving any other image's embeddings to another key.
+    paths, _ = images
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 not really")
+    inputs = [*paths[:4], bad, *paths[4:9]]
+    summary = index_images(inputs, loaded, tmp_path / "idx", model_id=MODEL_ID, batch_size=5, workers=2,
+                           chunk_size=4, progress=False)  # fmt: skip
+    assert (summary.indexed, [p for p, _ in summary.skipped]) == (9, [str(bad.resolve())])
+    index = VectorIndex.open(tmp_path / "idx")
+    good = [*paths[:4], *paths[4:9]]
+    assert index.keys == [str(p.resolve()) for p in good]
+    expected, _ = embeddings(loaded, good, ["a"])
+    np.testing.assert_allclose(index.queries(list(range(9))), expected.numpy(), atol=1e-3)  # stored as float16
