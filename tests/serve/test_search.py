@@ -234,14 +234,28 @@ def test_a_server_of_an_index_alone(image_index: Path, direct: SearchIndex) -> N
     with TestClient(create_app(None, SETTINGS, index_dir=image_index)) as client:
         hits = client.post("/v1/search", files=_form(text=QUERY)).json()["hits"]
         _assert_same_hits(hits, direct.search_text(QUERY))
-        assert "start it with --model-dir" in _error(client.post("/v1/captions", files=_files(RED)), 404, "not_loaded")
+        captions = client.post("/v1/captions", files=_files(RED))
+        assert "start the server with --model-dir" in _error(captions, 404, "not_loaded")
         answers = client.post("/v1/answers", files=_form(_image_part(RED), question="what?"))
         assert "--vqa-model-dir" in _error(answers, 404, "not_loaded")
-        assert "GET /v1/index describes it" in _error(client.get("/v1/model"), 404, "not_loaded")
+        assert "GET /v1/index describes the index" in _error(client.get("/v1/model"), 404, "not_loaded")
         info = client.get("/v1/index").json()
         assert (info["kind"], info["count"], info["index_kind"], info["model_id"]) == ("images", 8, "flat",
                                                                                        "tiny-retrieval")  # fmt: skip
         assert client.get("/health").json()["status"] == "ok"
+
+
+def test_a_server_of_a_vqa_model_alone_answers_and_says_it_does_not_caption(
+    model_dir: Path, client: TestClient
+) -> None:
+    question = _form(_image_part(RED), question="what colour is it?")
+    expected = client.post("/v1/answers", files=question).json()["answer"]  # the same model as the caption model
+    with TestClient(create_app(None, SETTINGS, vqa_model_dir=model_dir)) as alone:
+        answers = alone.post("/v1/answers", files=question)
+        assert answers.status_code == 200 and answers.json()["answer"] == expected
+        captions = alone.post("/v1/captions", files=_files(RED))
+        assert "no caption model is loaded; start the server with --model-dir" in _error(captions, 404, "not_loaded")
+        assert "--index" in _error(alone.post("/v1/search", files=_form(text=QUERY)), 404, "not_loaded")
 
 
 def test_nothing_to_serve_is_refused() -> None:

@@ -317,8 +317,8 @@ class _Server:
         if len(uploads) > limits.max_images:
             raise ApiError(422, "too_many_images", f"{len(uploads)} images in one request; this server takes at "
                            f"most {limits.max_images} (--max-images)")  # fmt: skip
-        model = _needed(self.captioner, "no caption model is loaded (the server searches an index only); start it "
-                        "with --model-dir to caption")  # fmt: skip
+        model = _needed(self.captioner, "no caption model is loaded; start the server with --model-dir (a run's "
+                        "best/, or a plain BLIP-2) to caption")  # fmt: skip
         options = _resolve_options(model.config.generate, given, self.options_model)
         result, decoded = await self._generate(model, uploads, options, None, take, "captioning")
         captions = zip(uploads, result.captions, strict=True)
@@ -346,8 +346,8 @@ class _Server:
             raise ApiError(422, "too_many_images" if uploads else "no_images", f"{len(uploads)} images: a "
                            "question is about one image; send it once (multipart field `image`, or JSON `image`: "
                            "base64), and ask about other images in requests of their own")  # fmt: skip
-        model = _needed(self.answerer, "no model to answer with is loaded (the server searches an index only); start "
-                        "it with --vqa-model-dir (a task: vqa run, or a plain BLIP-2) or --model-dir")  # fmt: skip
+        model = _needed(self.answerer, "no model to answer with is loaded; start the server with --vqa-model-dir (a "
+                        "task: vqa run, or a plain BLIP-2) or --model-dir")  # fmt: skip
         question = _question(given)
         options = _resolve_options(model.config.generate, given, self.options_model)
         prompt = model.config.data.question_template.format(question)
@@ -447,8 +447,8 @@ class _Server:
 
     async def model(self) -> ModelInfo:
         """The model, its adapter, generation defaults, this server's limits and the metrics saved with it."""
-        return _needed(self.captioner, "no caption model is loaded (the server searches an index only; GET "
-                       "/v1/index describes it)").info  # fmt: skip
+        return _needed(self.captioner, "no caption model is loaded (--model-dir); GET /v1/index describes the index "
+                       "searched").info  # fmt: skip
 
     async def report(self) -> FileResponse:
         """The run's report.html (`captune report`), when the model directory is a run's best/ or final/."""

@@ -144,8 +144,8 @@ def _option_inputs(defaults: GenerateConfig, server: _Server, tab: str) -> list[
 def _caption_tab(server: _Server, downloads: Path) -> None:
     limits = server.settings
     if server.captioner is None:
-        gr.Markdown("No caption model is loaded: the server searches an index only. Start it with `--model-dir` (a "
-                    "run's best/, or a plain BLIP-2) to caption.", elem_id="caption-note")  # fmt: skip
+        gr.Markdown("No caption model is loaded. Start the server with `--model-dir` (a run's best/, or a plain "
+                    "BLIP-2) to caption.", elem_id="caption-note")  # fmt: skip
         return
     files = gr.File(label=f"Images (1 to {limits.max_images}; drop them here or click to choose)",
                     file_count="multiple", elem_id="caption-files")  # fmt: skip
@@ -176,8 +176,8 @@ def _caption_tab(server: _Server, downloads: Path) -> None:
 
 def _ask_tab(server: _Server) -> None:
     if server.answerer is None:
-        gr.Markdown("No VQA model is loaded: the server searches an index only. Start it with `--vqa-model-dir` (a "
-                    "`task: vqa` run, or a plain BLIP-2) to ask questions.", elem_id="ask-note")  # fmt: skip
+        gr.Markdown("No VQA model is loaded. Start the server with `--vqa-model-dir` (a `task: vqa` run, or a plain "
+                    "BLIP-2) to ask questions.", elem_id="ask-note")  # fmt: skip
         return
     if not server.can_answer:
         gr.Markdown(f"No VQA model is loaded: `{server.answerer.model_dir}` was trained for captions only. Start "
