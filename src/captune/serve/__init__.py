@@ -1,4 +1,5 @@
-"""The caption (and answer) server behind `captune serve`: a REST API and a web page over the one captioning path.
+"""The caption (answer and search) server behind `captune serve`: a REST API and a web app over the one captioning
+path.
 
     captune serve --model-dir runs/blip2-opt-2.7b-flickr8k/best --port 8000
 
@@ -10,9 +11,12 @@
   options and limits; answers `{"answer": ..., "question", "filename", "options", "timing"}`. The prompt is the run's
   `data.question_template` with the question in it; questions are batched together (a prompt per row, left-padded),
   apart from captions.
+- `POST /v1/search` (with `--index`): a text or one image, `top` and `rerank`; answers the index's hits
+  (`captune.search.SearchIndex`, on a search worker of its own), each image hit with the URL of its thumbnail,
+  `GET /v1/search/image?key=...`, served for the index's own keys only; `GET /v1/index` describes the index.
 - `GET /health`, `GET /v1/model` (base model, adapter, the tasks it was trained for, generation defaults, limits,
   metrics saved beside the model),
-  `GET /openapi.json`, and the page at `/`.
+  `GET /openapi.json`, and the web app at `/` (`web.py`, Gradio).
 
 How a request flows, and why each step is where it is:
 
@@ -39,6 +43,7 @@ The modules, each importing only those above it:
 - `errors.py`: `ApiError`, the JSON error answers and their handlers.
 - `uploads.py`: reading a request (steps 2-3): `Upload`, `decode_upload`, the bounded body, multipart and JSON.
 - `batcher.py`: `Admission` (step 1) and `MicroBatcher` (step 4).
+- `search.py`: `Searcher` (the index, its worker, the thumbnails of its images), `open_searcher`, `search_query`.
 - `app.py`: `create_app`, the routes' `_Server`, the model information, a request's options.
 - `protocol.py`: `GuardedH11Protocol` (step 0), `listen`, `uvicorn_server`, `run_server`.
 """

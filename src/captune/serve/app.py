@@ -411,7 +411,7 @@ class _Server:
             )
         decoded = time.monotonic()
         try:
-            found = await asyncio.wrap_future(searcher.submit(query))
+            hits = await asyncio.wrap_future(searcher.submit(query))
         except ApiError:
             raise
         except CaptuneError as err:  # a query the index cannot answer (rerank of an image among images)
@@ -424,7 +424,7 @@ class _Server:
         timing = SearchTiming(decode_ms=1000 * (decoded - arrived), search_ms=1000 * (done - decoded),
                               total_ms=1000 * (done - arrived))  # fmt: skip
         return SearchResponse(kind=searcher.info.kind, text=query.text, top=query.top, rerank=query.rerank,
-                              filename=uploads[0].filename if uploads else None, hits=searcher.hits(found),
+                              filename=uploads[0].filename if uploads else None, hits=hits,
                               timing=timing)  # fmt: skip
 
     async def search_image(self, key: str) -> Response:

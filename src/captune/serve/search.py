@@ -62,21 +62,23 @@ class Searcher:
     def decode_size(self) -> tuple[int, int] | None:
         return decode_size(self.index.loaded.image_processor)
 
-    def submit(self, query: SearchQuery) -> Future[list[Hit]]:
-        """Queues a search on the worker; its future gets the hits (or the search's `CaptuneError`)."""
+    def submit(self, query: SearchQuery) -> Future[list[SearchHit]]:
+        """Queues a search on the worker; its future gets the API's hits (or the search's `CaptuneError`)."""
         if self._worker is None:
             raise ApiError(503, "unavailable", "the search worker is not running (the server is starting or "
                            "stopping); retry in a moment", {"Retry-After": "1"})  # fmt: skip
         return self._worker.submit(self._search, query)
 
-    def _search(self, query: SearchQuery) -> list[Hit]:
+    def _search(self, query: SearchQuery) -> list[SearchHit]:
         if query.image is not None:
-            return self.index.search_image(query.image, query.top, rerank=query.rerank)
-        return self.index.search_text(query.text or "", query.top, rerank=query.rerank)
+            found = self.index.search_image(query.image, query.top, rerank=query.rerank)
+        else:
+            found = self.index.search_text(query.text or "", query.top, rerank=query.rerank)
+        return self._hits(found)
 
-    def hits(self, found: list[Hit]) -> list[SearchHit]:
+    def _hits(self, found: list[Hit]) -> list[SearchHit]:
         """The API's hits: an images index's with the URL of each image's thumbnail, a captions index's with each
-        caption."""
+        caption (the captions read from the index on the first search, on the worker)."""
         if self.index.kind == "captions":
             return [SearchHit(key=h.key, score=h.score, caption=self.index.caption(h.key), image_url=None)
                     for h in found]  # fmt: skip
