@@ -407,7 +407,8 @@ class SearchIndex:
             recorded = str(index.manifest["model_id"])
             if model_dir is None and Path(recorded).is_absolute() and not Path(recorded).exists():
                 raise CaptuneError(f"{index.folder}: made with the model {recorded}, which is not there any more; "
-                                   "give its new place with --model-dir (model_dir)")  # fmt: skip
+                                   "give its new place (captune search --model-dir, captune serve or app "
+                                   "--retrieval-model-dir)")  # fmt: skip
             model = load_retrieval(model_dir or recorded, device)
         return cls(index, model)
 
