@@ -81,8 +81,11 @@ def run_captune(
     batch_size: int,
     workers: int,
     device: torch.device,
+    profile_batches: int = 0,
 ) -> dict[str, Any]:
-    """`index_images` over every path into a fresh index folder, timed whole."""
+    """`index_images` over every path into a fresh index folder, timed whole. `profile_batches` > 0: the GPU's kernels
+    over that many batches after the first 9 are recorded (PyTorch's profiler, GPU activity only), and their busy time
+    set against the wall time of the same batches: what share of the steady state the GPU waits."""
     try:
         from captune.search import index_images
     except ImportError as err:
@@ -96,9 +99,19 @@ def run_captune(
     arrivals: list[float] = []  # when each batch's embeddings reached index_images (where its time goes)
     embedded_batches = search._embedded_batches
 
+    profiler = None
+    if profile_batches and device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        profiler = profile(activities=[ProfilerActivity.CUDA],
+                           schedule=schedule(wait=8, warmup=1, active=profile_batches, repeat=1))  # fmt: skip
+        profiler.start()
+
     def timed(*args: Any, **kwargs: Any) -> Any:
         for item in embedded_batches(*args, **kwargs):
             arrivals.append(time.perf_counter())
+            if profiler is not None:
+                profiler.step()
             yield item
 
     search._embedded_batches = timed  # type: ignore[assignment]
@@ -117,6 +130,18 @@ def run_captune(
     if summary.count != len(paths) or summary.skipped:
         raise SystemExit(f"{output}: the index holds {summary.count} vectors after index_images of {len(paths)} "
                          f"images ({len(summary.skipped)} skipped)")  # fmt: skip
+    if profiler is not None:
+        profiler.stop()
+        events = profiler.key_averages()
+        busy_ms = sum(e.self_device_time_total for e in events) / 1000
+        window = arrivals[9 + profile_batches] - arrivals[9] if len(arrivals) > 9 + profile_batches else None
+        phases["profile"] = {
+            "batches": profile_batches, "gpu_busy_ms": busy_ms,
+            "wall_ms": 1000 * window if window else None,
+            "busy_share": busy_ms / (1000 * window) if window else None,
+            "top": [{"name": e.key[:100], "gpu_ms": e.self_device_time_total / 1000, "calls": e.count}
+                    for e in sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:10]],
+        }  # fmt: skip
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return {"batch_size": batch_size, "workers": workers, "images": len(paths), "seconds": seconds,
             "images_per_s": len(paths) / seconds, "peak_gib": peak, "index_kind": summary.index_kind,
@@ -156,6 +181,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-sizes", default="128,256")
     parser.add_argument("--steps", type=int, default=20, help="timed forwards of the ceiling per batch size")
     parser.add_argument("--workers", type=int, default=12, help="index_images' decoding processes")
+    parser.add_argument(
+        "--profile-batches",
+        type=int,
+        default=0,
+        help="also a profiled index_images run: the GPU's busy share over this many steady batches",
+    )
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.work.mkdir(parents=True, exist_ok=True)
@@ -187,6 +218,12 @@ def main(argv: list[str] | None = None) -> None:
         run = run_captune(loaded, str(model_dir), paths, output, batch_size, args.workers, device)
         result["captune"].append(run)
         print(f"index_images, batch {batch_size}: {run}", flush=True)
+        save()
+    if args.profile_batches:
+        run = run_captune(loaded, str(model_dir), paths, args.work / "index-profiled", batch_sizes[-1], args.workers,
+                          device, args.profile_batches)  # fmt: skip
+        result["captune_profiled"] = run
+        print(f"index_images under the profiler, batch {batch_sizes[-1]}: {run}", flush=True)
         save()
     result["loader_alone"] = loader_alone(loaded, paths, batch_sizes[-1], args.workers)
     print(f"decoding alone: {result['loader_alone']}", flush=True)
