@@ -113,8 +113,10 @@ def _device_and_autocast(model: torch.nn.Module) -> tuple[torch.device, torch.au
 
 def _bulk_runner(model: Blip2ForImageTextRetrieval, device: torch.device) -> Blip2ForImageTextRetrieval:
     """What embeds images in bulk: on a GPU, a bf16 copy of a float32 model (the caller's model and its fingerprint
-    stay as they are). Its matrix products are autocast's (bf16); the layer norms and residual sums run in bf16 too,
-    which made the vision side ~11% faster than autocast on an H200 (benchmarks/LOG.md). Elsewhere, the model."""
+    stay as they are), run without autocast. Its matrix products are autocast's (bf16); the layer norms and residual
+    sums run in bf16 too, with no casts between: the vision side ~11% faster than under autocast on an H200, where a
+    profile of autocast over bf16 weights found 18% of the GPU's time in float32 layer norms and their casts
+    (benchmarks/LOG.md). Elsewhere, the model."""
     if device.type != "cuda" or next(model.parameters()).dtype != torch.float32:
         return model
     return copy.deepcopy(model).to(torch.bfloat16)  # type: ignore[arg-type]  # transformers' stubs of .to
@@ -139,6 +141,8 @@ def _embedded_batches(
     device, autocast = _device_and_autocast(loaded.model)
     model = _bulk_runner(loaded.model, device)
     dtype = next(model.parameters()).dtype
+    if dtype == torch.bfloat16:  # autocast over bf16 weights would only run the layer norms in float32, with casts
+        autocast = nullcontext()
     loader = DataLoader(PixelFiles(paths, loaded.image_processor), batch_size=worker_share(batch_size, workers),
                         num_workers=workers, collate_fn=_as_list, prefetch_factor=2 if workers else None,
                         pin_memory=device.type == "cuda", worker_init_fn=freeze_inherited_objects)  # fmt: skip
@@ -202,7 +206,7 @@ def index_images(
 
     Args:
         paths: Image files; stored under their resolved path, which is the key a resume matches.
-        loaded: The retrieval model, on the device it runs on (bf16 autocast on a GPU).
+        loaded: The retrieval model, on the device it runs on (on a GPU a bf16 copy of it embeds: `_bulk_runner`).
         output: The index folder.
         model_id: What `SearchIndex.open` loads the model from later (a model directory or hub id).
         batch_size: Images a forward pass.
