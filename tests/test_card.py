@@ -69,6 +69,34 @@ def test_qformer_mode_directory_has_a_card_and_loads_with_plain_transformers(tmp
     )
 
 
+@pytest.mark.parametrize(
+    ("overrides", "vision", "vit_targets"),
+    [
+        ([], "the vision encoder is frozen.", "none"),
+        (["train.mode=qformer"], "the vision encoder is frozen.", None),
+        (["train.mode=vit+qformer"], "the vision encoder trained in full.", None),
+        (
+            ["train.mode=lora-lm+qformer+vit"],
+            "the vision encoder's weights frozen, LoRA on its qkv layers trained.",
+            "qkv",
+        ),
+        (
+            ["train.mode=lora-lm+qformer+vit", "vit_target_modules=qkv,projection"],
+            "the vision encoder's weights frozen, LoRA on its qkv, projection layers trained.",
+            "qkv, projection",
+        ),
+    ],
+    ids=["lora-lm", "qformer", "vit+qformer", "lora-lm+qformer+vit", "vit-projection"],
+)
+def test_card_says_what_the_mode_did_to_the_vision_encoder(
+    tmp_path: Path, overrides: list[str], vision: str, vit_targets: str | None
+) -> None:
+    card = (save_run(tmp_path / "run", overrides)[2] / "README.md").read_text()
+    assert f"AdamW with linear warm-up and cosine decay; {vision}" in card
+    row = f"| lora.vit_target_modules (vision encoder) | `{vit_targets}` |"
+    assert (row in card) if vit_targets else ("lora.vit_target_modules" not in card)
+
+
 VQA_METRICS = {"vqa_accuracy": 31.4286, "vqa_accuracy_other": 20.0, "vqa_accuracy_yes_no": 75.0}
 
 

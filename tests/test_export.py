@@ -59,8 +59,9 @@ def test_merged_directory_loads_with_plain_transformers(run: tuple[LoadedModel, 
         ["modules_to_save=language_projection", "target_modules=fc1"],
         ["train.mode=qformer"],
         ["train.mode=vit+qformer"],
+        ["train.mode=lora-lm+qformer+vit", "vit_target_modules=qkv,projection"],
     ],
-    ids=["language_model", "qformer", "modules_to_save", "qformer_in_full", "vit_and_qformer_in_full"],
+    ids=["language_model", "qformer", "modules_to_save", "qformer_in_full", "vit_and_qformer_in_full", "vit_lora"],
 )
 def test_merged_model_captions_token_for_token_as_base_plus_adapter(tmp_path: Path, overrides: list[str]) -> None:
     tuned, _, best = save_run(tmp_path / "run", overrides)
@@ -74,10 +75,17 @@ def test_merged_model_captions_token_for_token_as_base_plus_adapter(tmp_path: Pa
     assert generate_captions(merged, processor, images, GREEDY) == expected
 
 
-def test_qformer_lora_is_merged_into_the_qformer_weights(tmp_path: Path) -> None:
-    tuned, _, best = save_run(tmp_path / "run", ["qformer_target_modules=query,value", "train.mode=lora-lm+qformer"])
+@pytest.mark.parametrize(
+    ("mode", "name"),
+    [
+        ("lora-lm+qformer", "qformer.encoder.layer.0.attention.attention.query.weight"),
+        ("lora-lm+qformer+vit", "vision_model.encoder.layers.1.self_attn.qkv.weight"),
+    ],
+    ids=["qformer", "vit"],
+)
+def test_lora_on_the_image_side_is_merged_into_its_weights(tmp_path: Path, mode: str, name: str) -> None:
+    tuned, _, best = save_run(tmp_path / "run", [f"train.mode={mode}"])
     merged = Blip2ForConditionalGeneration.from_pretrained(merge_model_dir(best, tmp_path / "merged"))
-    name = "qformer.encoder.layer.0.attention.attention.query.weight"
     base_weight = _weight(load_base("tiny").model, name)
     expected = base_weight + tuned.model.base_model.model.get_submodule(name.removesuffix(".weight")).get_delta_weight(
         "default"

@@ -69,6 +69,21 @@ def test_qformer_target_modules_put_lora_into_the_qformer(tiny: LoadedModel) -> 
     assert not [name for name in layers if name.startswith("vision_model.")]
 
 
+@pytest.mark.parametrize("targets", [["qkv"], ["qkv", "projection"]])
+def test_vit_target_modules_put_lora_into_the_vision_encoders_attention_only(
+    tiny: LoadedModel, targets: list[str]
+) -> None:
+    model = apply_lora(tiny.model, LoraConfig(vit_target_modules=targets))
+    vit = [name for name in _lora_layers(model) if name.startswith("vision_model.")]
+    layers = tiny.model.config.vision_config.num_hidden_layers
+    assert sorted(vit) == sorted(
+        f"vision_model.encoder.layers.{i}.self_attn.{t}" for i in range(layers) for t in targets
+    )
+    # The ViT's own weights stay frozen; only its LoRA trains.
+    vision = {name: p.requires_grad for name, p in model.named_parameters() if ".vision_model." in name}
+    assert {name for name, grad in vision.items() if grad} == {name for name in vision if "lora_" in name}
+
+
 def test_only_lora_weights_are_trainable_by_default(tiny: LoadedModel) -> None:
     model = apply_lora(tiny.model, LoraConfig())
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
@@ -85,7 +100,7 @@ def test_modules_to_save_trains_the_language_projection_in_full(tiny: LoadedMode
     }
 
 
-def test_vision_encoder_stays_frozen_with_every_option(tiny: LoadedModel) -> None:
+def test_vision_encoder_stays_frozen_with_every_option_but_vit_targets(tiny: LoadedModel) -> None:
     lora = LoraConfig(qformer_target_modules=["query", "value"], modules_to_save=["language_projection"])
     model = apply_lora(tiny.model, lora)
     vision = [(name, p.requires_grad) for name, p in model.named_parameters() if ".vision_model." in name]
@@ -98,8 +113,9 @@ def test_vision_encoder_stays_frozen_with_every_option(tiny: LoadedModel) -> Non
     [
         LoraConfig(target_modules=["q_proj", "k_porj"]),
         LoraConfig(qformer_target_modules=["k_porj"]),
+        LoraConfig(vit_target_modules=["k_porj"]),
     ],
-    ids=["language_model", "qformer"],
+    ids=["language_model", "qformer", "vit"],
 )
 def test_unknown_target_module_is_named(tiny: LoadedModel, lora: LoraConfig) -> None:
     with pytest.raises(CaptuneError, match="'k_porj' matches no linear layer"):

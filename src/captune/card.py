@@ -204,6 +204,7 @@ def _hyperparameter_section(config: Config, words: TaskWords) -> list[str]:
             ("lora.dropout", lora.dropout),
             ("lora.target_modules (language model)", ", ".join(lora.target_modules) or "none"),
             ("lora.qformer_target_modules", ", ".join(lora.qformer_target_modules) or "none"),
+            ("lora.vit_target_modules (vision encoder)", ", ".join(lora.vit_target_modules) or "none"),
             ("lora.modules_to_save", ", ".join(lora.modules_to_save) or "none"),
         ]
     rows += [
@@ -227,12 +228,23 @@ def _hyperparameter_section(config: Config, words: TaskWords) -> list[str]:
     return [
         "## Training",
         "",
-        "AdamW with linear warm-up and cosine decay; the vision encoder is frozen.",
+        f"AdamW with linear warm-up and cosine decay; {_vision_encoder(config)}.",
         "",
         *_table(rows),
         generation,
         "",
     ]
+
+
+def _vision_encoder(config: Config) -> str:
+    """What the run did to the vision encoder, in words."""
+    mode = training_mode(config)
+    if "vision_model." in mode.in_full:
+        return "the vision encoder trained in full"
+    if mode.lora and mode.lora_on_vit:
+        return (f"the vision encoder's weights frozen, LoRA on its {', '.join(config.lora.vit_target_modules)} layers "
+                "trained")  # fmt: skip
+    return "the vision encoder is frozen"
 
 
 def _metrics_section(metrics: dict[str, float] | None, source: str | None, words: TaskWords) -> list[str]:

@@ -54,9 +54,14 @@ class LoraConfig:
     """Dropout on the LoRA input."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     """Language-model linear layers that get LoRA (OPT: `q_proj`, `k_proj`, `v_proj`, `out_proj`, `fc1`, `fc2`).
-    Matched inside `language_model` only: the vision encoder never gets LoRA."""
+    Matched inside `language_model` only (the Q-Former and the vision encoder have keys of their own)."""
     qformer_target_modules: list[str] = field(default_factory=list)
-    """Q-Former linear layers that get LoRA as well (e.g. `query`, `value`); empty for none."""
+    """Q-Former linear layers that get LoRA as well (e.g. `query`, `value`); empty for none (`train.mode`
+    `lora-lm+qformer` and `lora-lm+qformer+vit` fill in `query`, `value`)."""
+    vit_target_modules: list[str] = field(default_factory=list)
+    """Vision-encoder linear layers that get LoRA as well, with `train.mode=lora-lm+qformer+vit` only: `qkv` (query,
+    key and value in one layer), `projection` (the attention's output), `fc1`, `fc2`. Empty: `qkv` (why:
+    `captune.training_modes.VIT_LORA_DEFAULT`)."""
     modules_to_save: list[str] = field(default_factory=list)
     """Modules trained in full and saved with the adapter (e.g. `language_projection`)."""
 
@@ -154,11 +159,14 @@ class TrainConfig:
     mode: str = "lora-lm"
     """What trains. `lora-lm`: LoRA on the language model (`lora.target_modules`), plus `lora.modules_to_save`.
     `lora-lm+qformer`: LoRA on the Q-Former as well (`lora.qformer_target_modules`, default query and value).
-    `qformer`: the LAVIS caption fine-tune, no LoRA: the Q-Former, its query tokens and `language_projection` train in
-    full, the language model and the vision encoder stay frozen (`lora.*` is not used); the saved directory holds
-    those weights (`trained.safetensors`) and names the base model. `vit+qformer`: the same with the vision encoder
-    trained in full too (LAVIS's `freeze_vit: False`; no cached image features). With `task: retrieval`: `qformer`
-    (the Q-Former, query tokens, text embeddings, projections, matching head and temperature) or `vit+qformer`."""
+    `lora-lm+qformer+vit`: LoRA on the vision encoder's attention as well (`lora.vit_target_modules`, default `qkv`),
+    its weights frozen: the image side adapts at a small fraction of `vit+qformer`'s trained parameters and optimizer
+    memory (no cached image features). `qformer`: the LAVIS caption fine-tune, no LoRA: the Q-Former, its query
+    tokens and `language_projection` train in full, the language model and the vision encoder stay frozen (`lora.*`
+    is not used); the saved directory holds those weights (`trained.safetensors`) and names the base model.
+    `vit+qformer`: the same with the vision encoder trained in full too (LAVIS's `freeze_vit: False`; no cached image
+    features). With `task: retrieval`: `qformer` (the Q-Former, query tokens, text embeddings, projections, matching
+    head and temperature) or `vit+qformer`."""
     batch_size: int = 8
     """Samples (image-caption pairs) per device per forward pass; with `pack_captions`, whole images making about
     that many (batch_size / captions per image images, rounded)."""
@@ -306,7 +314,7 @@ def _check_model(config: Config) -> list[tuple[bool, str]]:
 def _check_lora(config: Config) -> list[tuple[bool, str]]:
     lora = config.lora
     # An unknown mode (which _check_train refuses) is checked as one with LoRA anywhere.
-    mode = TRAINING_MODES.get(config.train.mode, TrainingMode(lora=True, lora_on_qformer=True))
+    mode = TRAINING_MODES.get(config.train.mode, TrainingMode(lora=True, lora_on_qformer=True, lora_on_vit=True))
     return [
         (lora.r >= 1, f"lora.r={lora.r}: the rank must be >= 1 (8 or 16 are usual)"),
         (lora.alpha >= 1, f"lora.alpha={lora.alpha}: must be >= 1 (the scale is alpha / r; 0 makes LoRA do nothing)"),
@@ -317,7 +325,12 @@ def _check_lora(config: Config) -> list[tuple[bool, str]]:
             "set train.mode=lora-lm+qformer, or lora.qformer_target_modules= (empty)",
         ),
         (
-            not mode.lora or bool(lora.target_modules or lora.qformer_target_modules),
+            not mode.lora or mode.lora_on_vit or not lora.vit_target_modules,
+            f"lora.vit_target_modules is set but train.mode is {config.train.mode} (no LoRA on the vision encoder): "
+            "set train.mode=lora-lm+qformer+vit, or lora.vit_target_modules= (empty)",
+        ),
+        (
+            not mode.lora or bool(lora.target_modules or lora.qformer_target_modules or lora.vit_target_modules),
             "lora: no target modules given",
         ),
     ]

@@ -20,7 +20,7 @@ import yaml
 from captune.config import VQA_GENERATE, Config, validate
 from captune.errors import CaptuneError
 from captune.files import read_utf8
-from captune.training_modes import QFORMER_LORA_DEFAULT, TRAINING_MODES
+from captune.training_modes import QFORMER_LORA_DEFAULT, TRAINING_MODES, VIT_LORA_DEFAULT
 
 SHORTHANDS = {"model": ("model", "name"), "data": ("data", "format"), "task": ("data", "task")}
 
@@ -157,12 +157,14 @@ def config_from_dict(values: dict[str, Any], source: str) -> Config:
 
 
 def _fill_defaults(config: Config, given: set[str]) -> None:
-    """Defaults that depend on another key: a mode with Q-Former LoRA and no Q-Former targets gets query and value;
-    a `task: vqa` run gets answer lengths (`VQA_GENERATE`) for the `generate` keys not `given` (set by the file or
-    the overrides)."""
+    """Defaults that depend on another key: a mode with Q-Former LoRA and no Q-Former targets gets query and value,
+    one with ViT LoRA and no ViT targets `VIT_LORA_DEFAULT`; a `task: vqa` run gets answer lengths (`VQA_GENERATE`)
+    for the `generate` keys not `given` (set by the file or the overrides)."""
     mode = TRAINING_MODES.get(config.train.mode)
     if mode is not None and mode.lora_on_qformer and not config.lora.qformer_target_modules:
         config.lora.qformer_target_modules = list(QFORMER_LORA_DEFAULT)
+    if mode is not None and mode.lora_on_vit and not config.lora.vit_target_modules:
+        config.lora.vit_target_modules = list(VIT_LORA_DEFAULT)
     if config.data.task == "vqa":
         for name, value in VQA_GENERATE.items():
             if f"generate.{name}" not in given:

@@ -228,14 +228,19 @@ _T5_GATED_NAMES = _T5_NAMES | {"fc1": ["wi_0", "wi_1"]}
 """OPT's layer names as T5's: Flan-T5's feed-forward is gated (`gated-gelu`: two input layers, wi_0 and wi_1)."""
 
 
+def _lora_targets(lora: LoraConfig) -> list[tuple[str, list[str], str]]:
+    """Each `lora.*` key of target names with its names and the part of BLIP-2 they are matched in."""
+    return [("target_modules", lora.target_modules, "language_model."),
+            ("qformer_target_modules", lora.qformer_target_modules, "qformer."),
+            ("vit_target_modules", lora.vit_target_modules, "vision_model.")]  # fmt: skip
+
+
 def _target_regex(lora: LoraConfig) -> str:
-    """A regex over module names that keeps LoRA inside the language model (and the Q-Former when asked): PEFT's
-    defaults or bare names would also match layers of the vision encoder."""
-    parts = []
-    if lora.target_modules:
-        parts.append(rf"language_model\..*\.({'|'.join(map(re.escape, lora.target_modules))})")
-    if lora.qformer_target_modules:
-        parts.append(rf"qformer\..*\.({'|'.join(map(re.escape, lora.qformer_target_modules))})")
+    """A regex over module names that keeps each key's LoRA inside its part (the language model; the Q-Former and
+    the vision encoder when asked): PEFT's defaults or bare names would match layers of the other parts too (`fc1`
+    is in the language model and the ViT)."""
+    parts = [rf"{re.escape(prefix)}.*\.({'|'.join(map(re.escape, targets))})"
+             for _, targets, prefix in _lora_targets(lora) if targets]  # fmt: skip
     return rf"^({'|'.join(parts)})$"
 
 
@@ -252,8 +257,7 @@ def apply_lora(model: Blip2Like, lora: LoraConfig) -> PeftModel:
     regex = _target_regex(lora)
     names = [n for n, _ in model.named_modules()]
     linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    for key, targets, prefix in (("target_modules", lora.target_modules, "language_model."),
-                                 ("qformer_target_modules", lora.qformer_target_modules, "qformer.")):  # fmt: skip
+    for key, targets, prefix in _lora_targets(lora):
         leaves = {n.rsplit(".", 1)[-1] for n in linear if n.startswith(prefix)}
         for target in targets:
             if target not in leaves:
@@ -276,8 +280,9 @@ def apply_lora(model: Blip2Like, lora: LoraConfig) -> PeftModel:
 
 
 def apply_train_mode(model: Blip2Like, config: Config) -> torch.nn.Module:
-    """Makes trainable what `train.mode` says: LoRA through PEFT (`lora-lm`, `lora-lm+qformer`), or the Q-Former,
-    its query tokens and the language projection in full (`qformer`); everything else is frozen."""
+    """Makes trainable what `train.mode` says: LoRA through PEFT (`lora-lm`, `lora-lm+qformer`,
+    `lora-lm+qformer+vit`), or the parameters of the mode's `in_full` in full (`qformer`, `vit+qformer`); everything
+    else is frozen."""
     mode = training_mode(config)
     if mode.lora:
         return apply_lora(model, config.lora)

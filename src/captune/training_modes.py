@@ -11,6 +11,12 @@ TRAINED_FILE = "trained.safetensors"
 """What a run of a mode without LoRA saves: the weights trained in full, by their names in
 Blip2ForConditionalGeneration."""
 QFORMER_LORA_DEFAULT = ["query", "value"]
+VIT_LORA_DEFAULT = ["qkv"]
+"""The vision encoder's LoRA targets when `lora.vit_target_modules` is empty: BLIP-2's ViT fuses query, key and value
+into one `qkv` layer, so this is the ViT's counterpart of the language model's `q_proj`/`v_proj` and the Q-Former's
+`query`/`value` (the layers that make attention's inputs). Its output `projection` is left out as the other defaults
+leave out `out_proj`: at r=8 LoRA on ViT-g's 39 `qkv` layers is ~1.8M parameters, `projection` would add ~0.9M, and
+`vit+qformer` trains over 1B. Set `lora.vit_target_modules=qkv,projection` to adapt the attention's output too."""
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,9 @@ class TrainingMode:
     lora_on_qformer: bool = False
     """The Q-Former gets LoRA too (`lora.qformer_target_modules`, `QFORMER_LORA_DEFAULT` when empty); a LoRA mode
     without it refuses Q-Former targets."""
+    lora_on_vit: bool = False
+    """The vision encoder's attention gets LoRA too (`lora.vit_target_modules`, `VIT_LORA_DEFAULT` when empty), its
+    own weights frozen; a LoRA mode without it refuses ViT targets. Image features cannot be cached then."""
     in_full: tuple[str, ...] = ()
     """Parameter name prefixes trained in full (the rest frozen), when not `lora`."""
     card: str = ""
@@ -53,6 +62,7 @@ the shared space, the matching head and the contrastive temperature."""
 TRAINING_MODES = {
     "lora-lm": TrainingMode(lora=True, card=_ADAPTER_CARD),
     "lora-lm+qformer": TrainingMode(lora=True, lora_on_qformer=True, card=_ADAPTER_CARD),
+    "lora-lm+qformer+vit": TrainingMode(lora=True, lora_on_qformer=True, lora_on_vit=True, card=_ADAPTER_CARD),
     "qformer": TrainingMode(
         lora=False,
         in_full=_QFORMER_IN_FULL,

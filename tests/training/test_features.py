@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
+from captune.config import LoraConfig
 from captune.config_loading import load_config
 from captune.data import read
 from captune.data.synthetic import generate_synthetic
@@ -38,17 +40,22 @@ def test_the_run_log_says_which_path_and_why(tiny: LoadedModel, caplog: pytest.L
     )
 
 
-def test_cache_on_with_a_trained_qformer_is_an_error(tiny: LoadedModel) -> None:
-    config = load_config(
-        None, ["qformer_target_modules=query,value", "train.mode=lora-lm+qformer", "cache_image_features=on"]
-    )
-    model = apply_lora(tiny.model, config.lora)
-    assert any(".qformer." in name for name in upstream_of_language_model_trains(model))
-    assert not use_feature_cache(
-        load_config(None, ["qformer_target_modules=query,value", "train.mode=lora-lm+qformer"]), model
-    )
-    with pytest.raises(CaptuneError, match=r"cache_image_features=on, but parameters outside the language model"):
-        use_feature_cache(config, model)
+@pytest.mark.parametrize(
+    ("key", "targets", "part"),
+    [("qformer_target_modules", ["query", "value"], ".qformer."), ("vit_target_modules", ["qkv"], ".vision_model.")],
+    ids=["qformer", "vit"],
+)
+def test_cache_on_with_lora_on_the_image_side_is_an_error(
+    tiny: LoadedModel, key: str, targets: list[str], part: str
+) -> None:
+    # LoRA on that part alone (the language model's too): its trainable weights are all that rules the cache out.
+    model = apply_lora(tiny.model, LoraConfig(**{key: targets}))
+    upstream = upstream_of_language_model_trains(model)
+    assert upstream and all(part in name for name in upstream)
+    assert not use_feature_cache(load_config(None, []), model)  # auto: the full path
+    with pytest.raises(CaptuneError, match=r"cache_image_features=on, but parameters outside the language model "
+                                           rf"train \(base_model\.model{re.escape(part)}"):  # fmt: skip
+        use_feature_cache(load_config(None, ["cache_image_features=on"]), model)
 
 
 def test_rebatched_gives_a_tensors_rows_in_order_in_batches_of_one_size() -> None:

@@ -4,6 +4,7 @@ modes, FSDP refusals and the attention kernels it runs under."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -11,13 +12,17 @@ from typing import Any
 import pytest
 import torch
 from accelerate.utils import DistributedType
+from PIL import Image
 from safetensors.torch import load_file
+from transformers import Blip2ForConditionalGeneration
 
-from captune.config import Config
+from captune.cli import main
+from captune.config import Config, GenerateConfig
 from captune.config_loading import load_config
 from captune.data import read
 from captune.errors import CaptuneError
-from captune.model import LoadedModel, build_tiny, load_base
+from captune.generation.core import generate_captions
+from captune.model import LoadedModel, blip_of, build_tiny, load_base
 from captune.model_dir import load_model_dir, load_saved_weights, save_model_dir
 from captune.training import recipe
 from captune.training_modes import TRAINED_FILE, TRAINING_MODES
@@ -150,10 +155,87 @@ def test_qformer_mode_trains_the_qformer_in_full_and_resumes_exactly(
     assert again.keys() == trained.keys() and all(torch.equal(again[k], trained[k]) for k in trained)
 
 
-def test_qformer_targets_without_the_mode_that_uses_them_is_an_error() -> None:
-    with pytest.raises(CaptuneError, match=r"train.mode is lora-lm .* set train.mode=lora-lm\+qformer"):
-        load_config(None, ["lora.qformer_target_modules=query"])
-    assert load_config(None, ["train.mode=lora-lm+qformer"]).lora.qformer_target_modules == ["query", "value"]
+def _logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.mark.parametrize("name", ["tiny", "twin-blip2-opt-2.7b"])
+def test_vit_lora_mode_trains_lora_on_the_vit_attention_resumes_exactly_and_merges(
+    synthetic_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, name: str
+) -> None:
+    # LoRA on the language model, the Q-Former and the ViT's qkv: the ViT's own weights stay as they were, its LoRA
+    # trains, so the image side runs every step (no cached features).
+    caplog.set_level("INFO", logger="captune")
+    overrides = (f"model.name={name}", "train.mode=lora-lm+qformer+vit", "lora.modules_to_save=", "train.max_steps=4",
+                 "train.save_every=2", "data.num_workers=0")  # fmt: skip
+    recipe.train(_config(synthetic_dir, tmp_path / "run", *overrides))
+    assert "training path: full" in caplog.text and "(base_model.model.vision_model.encoder" in caplog.text
+    final = tmp_path / "run" / "final"
+    adapter = _adapter(final)
+    base = load_base(str(tmp_path / "run" / "base-model"))
+    layers = base.model.config.vision_config.num_hidden_layers
+    vit = {k: v for k, v in adapter.items() if ".vision_model." in k}
+    assert sorted(vit) == sorted(f"base_model.model.vision_model.encoder.layers.{i}.self_attn.qkv.lora_{ab}.weight"
+                                 for i in range(layers) for ab in "AB")  # fmt: skip
+    assert all(v.abs().sum() > 0 for k, v in vit.items() if ".lora_B." in k)  # B starts at zero: it trained
+    loaded = load_model_dir(final, torch.float32, device="cpu")
+    base_weights = dict(base.model.named_parameters())
+    for param_name, param in loaded.model.named_parameters():  # every base weight of the ViT as it was
+        if ".vision_model." in param_name and "lora_" not in param_name:
+            blip_name = param_name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+            assert torch.equal(param, base_weights[blip_name]), param_name
+    images = [Image.open(p) for p in sorted((synthetic_dir / "images").glob("val-*.png"))[:3]]
+    inputs = loaded.processor(images=images, text=["a picture of"] * len(images), return_tensors="pt")
+    # The adapted attention computes something else than the base's (the ViT's own weights are initialised at std
+    # 1e-10, Blip2VisionConfig's initializer_range, so the change is seen at the layer, not at the ViT's output).
+    qkv = "vision_model.encoder.layers.0.self_attn.qkv"
+    x = torch.randn(2, 5, base.model.config.vision_config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert not torch.allclose(blip_of(loaded.model).get_submodule(qkv)(x), base.model.get_submodule(qkv)(x))
+    # Resumed from step 2: the same adapter bit for bit.
+    resumed = _config(synthetic_dir, tmp_path / "resumed", *overrides,
+                      f"train.resume_from={tmp_path / 'run' / 'checkpoints' / 'step-000002'}")  # fmt: skip
+    recipe.train(resumed)
+    again = _adapter(tmp_path / "resumed" / "final")
+    assert again.keys() == adapter.keys() and all(torch.equal(again[k], adapter[k]) for k in adapter)
+    # `captune merge`: a plain BLIP-2 with the same outputs and captions as base + adapter.
+    assert main(["merge", "--model-dir", str(final), "--output", str(tmp_path / "merged")]) == 0
+    merged = Blip2ForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()
+    assert not [n for n, _ in merged.named_parameters() if "lora_" in n]
+    torch.testing.assert_close(_logits(merged, inputs), _logits(loaded.model, inputs), rtol=1e-4, atol=1e-4)
+    greedy = GenerateConfig(num_beams=1, min_new_tokens=1, max_new_tokens=6)
+    assert generate_captions(merged, loaded.processor, images, greedy) == generate_captions(
+        loaded.model, loaded.processor, images, greedy
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "targets", "mode", "refusing", "default"),
+    [
+        ("qformer_target_modules", ["query"], "lora-lm+qformer", ["lora-lm"], ["query", "value"]),
+        ("vit_target_modules", ["qkv", "projection"], "lora-lm+qformer+vit", ["lora-lm", "lora-lm+qformer"], ["qkv"]),
+    ],
+)
+def test_lora_targets_without_the_mode_that_uses_them_are_an_error(
+    key: str, targets: list[str], mode: str, refusing: list[str], default: list[str]
+) -> None:
+    given = f"lora.{key}={','.join(targets)}"
+    for other in refusing:
+        refusal = rf"lora.{key} is set but train.mode is {re.escape(other)} .* set train.mode={re.escape(mode)}, or "
+        with pytest.raises(CaptuneError, match=rf"{refusal}lora.{key}= \(empty\)"):
+            load_config(None, [given, f"train.mode={other}"])
+    assert getattr(load_config(None, [f"train.mode={mode}"]).lora, key) == default  # the mode's default targets
+    assert getattr(load_config(None, [f"train.mode={mode}", given]).lora, key) == targets
+
+
+def test_retrieval_refuses_every_lora_mode() -> None:
+    lora_modes = [name for name, mode in TRAINING_MODES.items() if mode.lora]
+    assert "lora-lm+qformer+vit" in lora_modes
+    for mode in lora_modes:
+        with pytest.raises(CaptuneError, match=rf"train.mode={re.escape(mode)} with task retrieval: .* no language "
+                                               "model for LoRA; use train.mode=qformer or vit\\+qformer"):  # fmt: skip
+            load_config(None, ["data.task=retrieval", f"train.mode={mode}"])
 
 
 def test_validation_under_fsdp_is_refused_with_what_to_do(
@@ -194,7 +276,7 @@ def test_greedy_validation_picks_best_and_best_is_scored_with_the_generate_setti
 
 
 def test_saved_weights_go_back_into_a_model_of_the_same_kind(tmp_path: Path) -> None:
-    for overrides in ([], ["train.mode=qformer"], ["train.mode=vit+qformer"]):
+    for overrides in ([f"train.mode={mode}"] for mode in TRAINING_MODES):
         config = load_config(None, overrides)
         saved, other = (recipe.apply_train_mode(build_tiny(seed).model, config) for seed in (0, 1))
         weights = {n: p for n, p in saved.named_parameters() if p.requires_grad}
