@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from captune.card import CARD_FILE, model_card
-from captune.config import Config, save_config, to_dict
+from captune.config import Config, save_config, to_dict, training_mode
 from captune.data import Record
 from captune.data.vqa import Question
 from captune.errors import CaptuneError
@@ -98,6 +98,13 @@ def setup(config: Config) -> Run:
         raise CaptuneError(
             "train.validate=true under FSDP: generating captions with sharded weights is not supported yet. Set "
             "train.validate=false and score the saved adapter with `captune eval --model-dir RUN/final` (one GPU)"
+        )
+    needs_whole = config.lora.method == "adalora" or is_mutating_init(config.lora)
+    if accelerator.distributed_type == DistributedType.FSDP and training_mode(config).lora and needs_whole:
+        raise CaptuneError(
+            f"lora.method={config.lora.method} (init_lora_weights={config.lora.init_lora_weights}) under FSDP: "
+            "AdaLoRA's rank allocator and the PiSSA/OLoRA conversion read whole weights, which FSDP shards; train on "
+            "one GPU or with DDP (`accelerate launch` without FSDP), or with lora.method=lora"
         )
     set_seed(config.train.seed)
     main = accelerator.is_main_process
