@@ -11,6 +11,7 @@ from typing import Any
 
 from captune.config import Config, training_mode
 from captune.model import BUILT_IN, LoadedModel
+from captune.peft_methods import METHODS, is_mutating_init
 from captune.twins import RETRIEVAL_TWINS, TWINS
 
 CARD_FILE = "README.md"
@@ -127,9 +128,10 @@ def model_card(
     front = ["---", f"library_name: {'peft' if is_adapter else 'transformers'}"]
     if base not in BUILT_IN and not Path(base).expanduser().exists():
         front.append(f"base_model: {base}")  # a hub id; local paths and the tiny model mean nothing on the Hub
-    front += [f"pipeline_tag: {words.pipeline_tag}", f"tags: [captune, blip-2, {words.tag}, lora]", "---", ""]
+    method = config.lora.method if mode.lora else "lora"
+    front += [f"pipeline_tag: {words.pipeline_tag}", f"tags: [captune, blip-2, {words.tag}, {method}]", "---", ""]
     if merged_from is None:
-        what = mode.card
+        what = mode.card + (f" {_adapter_words(config)}" if mode.lora else "")
     else:
         what = (
             f"This directory holds a standalone `Blip2ForConditionalGeneration`: `{merged_from}` merged into the base "
@@ -155,7 +157,8 @@ def _table(rows: list[tuple[str, Any]]) -> list[str]:
 
 def _base_section(loaded: LoadedModel, config: Config, is_adapter: bool, in_full: bool) -> list[str]:
     params = sum(p.numel() for p in loaded.model.parameters())
-    adapter = sum(p.numel() for n, p in loaded.model.named_parameters() if "lora_" in n or "modules_to_save" in n)
+    markers = (*METHODS[config.lora.method].markers, "modules_to_save")
+    adapter = sum(p.numel() for n, p in loaded.model.named_parameters() if any(m in n for m in markers))
     name = config.model.name
     if name in BUILT_IN:
         where = "merged into the weights in this directory"
@@ -198,10 +201,10 @@ def _hyperparameter_section(config: Config, words: TaskWords) -> list[str]:
     lora, train = config.lora, config.train
     rows: list[tuple[str, Any]] = [("train.mode", train.mode)]
     if training_mode(config).lora:  # LoRA settings mean nothing when nothing has LoRA
+        rows.append(("lora.method", lora.method))
+        rows += [(f"lora.{key}", getattr(lora, key)) for key in METHODS[lora.method].uses]
+        rows += [(f"lora.options.{key}", value) for key, value in lora.options.items()]
         rows += [
-            ("lora.r", lora.r),
-            ("lora.alpha", lora.alpha),
-            ("lora.dropout", lora.dropout),
             ("lora.target_modules (language model)", ", ".join(lora.target_modules) or "none"),
             ("lora.qformer_target_modules", ", ".join(lora.qformer_target_modules) or "none"),
             ("lora.vit_target_modules (vision encoder)", ", ".join(lora.vit_target_modules) or "none"),
@@ -234,6 +237,20 @@ def _hyperparameter_section(config: Config, words: TaskWords) -> list[str]:
         generation,
         "",
     ]
+
+
+def _adapter_words(config: Config) -> str:
+    """What the adapter is (`lora.method`), and how a PiSSA or OLoRA adapter was saved."""
+    lora = config.lora
+    words = f"The adapter is {METHODS[lora.method].card} (`lora.method={lora.method}`"
+    words += ", DoRA" * lora.use_dora + ", rsLoRA" * lora.use_rslora + ")."
+    if is_mutating_init(lora):
+        words += (
+            f" It was trained from `init_lora_weights={lora.init_lora_weights}`, which takes its start out of the base "
+            f"weights; it is saved converted to a plain LoRA of rank {2 * lora.r} (the trained update minus its "
+            "start) that applies to the unchanged base."
+        )
+    return words
 
 
 def _vision_encoder(config: Config) -> str:

@@ -46,12 +46,33 @@ class ModelConfig:
 
 @dataclass
 class LoraConfig:
+    method: str = "lora"
+    """The PEFT method (`captune.peft_methods.METHODS`), each through PEFT's own config class on the same target
+    layers: `lora` (LoRA; with `use_dora`, `use_rslora`, `init_lora_weights`), `adalora` (AdaLoRA: ranks pruned
+    from 1.5 r to an average of `r` over the run, by importance scores updated every optimizer step), `ia3` (IA³: a
+    learned scaling vector per layer; no r, alpha or dropout), `loha` (LoHa) or `lokr` (LoKr) (no input dropout:
+    `rank_dropout` and `module_dropout` in `options`). Every method trains, checkpoints, saves, loads and merges."""
     r: int = 8
-    """LoRA rank."""
+    """Rank (LoRA, LoHa, LoKr; AdaLoRA: the average rank its budget ends at, `target_r`)."""
     alpha: int = 32
-    """LoRA scaling numerator (scale = alpha / r)."""
+    """Scaling numerator (scale = alpha / r; with `use_rslora` alpha / sqrt(r))."""
     dropout: float = 0.1
-    """Dropout on the LoRA input."""
+    """Dropout on the adapter's input (LoRA, AdaLoRA)."""
+    use_dora: bool = False
+    """DoRA (`method: lora`): the update split into a magnitude vector and a LoRA direction; slower steps."""
+    use_rslora: bool = False
+    """rsLoRA (`method: lora`): scale alpha / sqrt(r) instead of alpha / r, so high ranks still learn."""
+    init_lora_weights: str = "true"
+    """How the adapter starts (`method: lora`; PEFT's `init_lora_weights`): `true` (A Kaiming-uniform, B zero),
+    `false` (both random: the adapter changes the model from the start; tests only), `gaussian`, `orthogonal`,
+    `pissa` / `pissa_niter_N` (PiSSA: the top singular vectors of each weight; N fast-SVD iterations) or `olora`
+    (OLoRA: a QR decomposition). PiSSA and OLoRA move their start out of the base weights, so a saved adapter is
+    converted to a plain LoRA of rank 2 r that applies to the unchanged base. `adalora`: `true` or `false`."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Further fields of the method's PEFT config class, e.g. `{init_r: 12, tinit: 10, tfinal: 20, deltaT: 1}` for
+    AdaLoRA, `{rank_dropout: 0.1, module_dropout: 0.0}` for LoHa/LoKr, `{decompose_factor: 4}` for LoKr; on the
+    command line as YAML, `lora.options="{tinit: 10}"`. Fields captune sets (r, alpha, targets, total_step, ...)
+    are refused, named with the key that sets them."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     """Language-model linear layers that get LoRA (OPT: `q_proj`, `k_proj`, `v_proj`, `out_proj`, `fc1`, `fc2`).
     Matched inside `language_model` only (the Q-Former and the vision encoder have keys of their own)."""
@@ -312,6 +333,8 @@ def _check_model(config: Config) -> list[tuple[bool, str]]:
 
 
 def _check_lora(config: Config) -> list[tuple[bool, str]]:
+    from captune.peft_methods import check_lora  # here: it reads PEFT's config classes (torch), for LoRA modes only
+
     lora = config.lora
     # An unknown mode (which _check_train refuses) is checked as one with LoRA anywhere.
     mode = TRAINING_MODES.get(config.train.mode, TrainingMode(lora=True, lora_on_qformer=True, lora_on_vit=True))
@@ -333,6 +356,7 @@ def _check_lora(config: Config) -> list[tuple[bool, str]]:
             not mode.lora or bool(lora.target_modules or lora.qformer_target_modules or lora.vit_target_modules),
             "lora: no target modules given",
         ),
+        *(check_lora(lora, config.model.quantization) if mode.lora else []),
     ]
 
 

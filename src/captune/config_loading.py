@@ -67,6 +67,11 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
     if value is None or (isinstance(value, bool) and hint is not bool):
         raise CaptuneError(f"{where}: {value!r} is not a valid {getattr(hint, '__name__', hint)}")
     try:
+        if origin is dict:  # a YAML mapping; on the command line written as YAML (`lora.options="{tinit: 10}"`)
+            value = (yaml.safe_load(value) or {}) if isinstance(value, str) else value
+            if not isinstance(value, dict):
+                raise ValueError(value)
+            return {str(k): v for k, v in value.items()}
         if origin is list:
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
@@ -82,7 +87,7 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
         if hint is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(value)
         return hint(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, yaml.YAMLError):
         name = getattr(hint, "__name__", str(hint))
         raise CaptuneError(f"{where}: {value!r} is not a valid {name}") from None
 

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from safetensors import SafetensorError, safe_open
 from torch import nn
@@ -33,6 +32,7 @@ from transformers import (
 
 from captune.config import Config, LoraConfig, training_mode
 from captune.errors import CaptuneError
+from captune.peft_methods import FEEDFORWARD, is_mutating_init, peft_config
 from captune.retrieval import TINY_RETRIEVAL, load_retrieval_base, retrieval_base_name
 from captune.tiny import TINY, TINY_MODELS, TINY_T5, build_tiny_processor, tiny_config
 from captune.twins import RETRIEVAL_TWINS, TWINS, write_checkpoint
@@ -235,26 +235,31 @@ def _lora_targets(lora: LoraConfig) -> list[tuple[str, list[str], str]]:
             ("vit_target_modules", lora.vit_target_modules, "vision_model.")]  # fmt: skip
 
 
-def _target_regex(lora: LoraConfig) -> str:
+def _target_regex(lora: LoraConfig, only: tuple[str, ...] | None = None) -> str:
     """A regex over module names that keeps each key's LoRA inside its part (the language model; the Q-Former and
     the vision encoder when asked): PEFT's defaults or bare names would match layers of the other parts too (`fc1`
-    is in the language model and the ViT)."""
-    parts = [rf"{re.escape(prefix)}.*\.({'|'.join(map(re.escape, targets))})"
-             for _, targets, prefix in _lora_targets(lora) if targets]  # fmt: skip
-    return rf"^({'|'.join(parts)})$"
+    is in the language model and the ViT). `only`: the targets among those names (IA³'s feed-forward layers); a
+    regex that matches nothing when there are none."""
+    chosen = [(prefix, [t for t in targets if only is None or t in only]) for _, targets, prefix in _lora_targets(lora)]
+    parts = [rf"{re.escape(prefix)}.*\.({'|'.join(map(re.escape, targets))})" for prefix, targets in chosen if targets]
+    return rf"^({'|'.join(parts)})$" if parts else r"^$"
 
 
-def apply_lora(model: Blip2Like, lora: LoraConfig) -> PeftModel:
-    """Wraps the model with PEFT LoRA on the configured layers; everything else is frozen.
+def apply_lora(model: Blip2Like, lora: LoraConfig, total_step: int | None = None) -> PeftModel:
+    """Wraps the model with the PEFT method of `lora.method` (LoRA by default) on the configured layers; everything
+    else is frozen.
+
+    Args:
+        total_step: AdaLoRA's optimizer steps; None until the run knows them (`captune.peft_methods.set_total_step`).
 
     Raises:
-        CaptuneError: a target name matches no layer of this model (names differ between OPT and T5).
+        CaptuneError: a target name matches no layer of this model (names differ between OPT and T5), or PEFT
+            refuses the method's options.
     """
     if not model.config.use_decoder_only_language_model:
         # OPT's attention names mean T5's q/k/v/o, so one config (the default q_proj/v_proj) serves both families.
         t5_names = _T5_GATED_NAMES if model.config.get_text_config().is_gated_act else _T5_NAMES
         lora = dataclasses.replace(lora, target_modules=[n for t in lora.target_modules for n in t5_names.get(t, [t])])
-    regex = _target_regex(lora)
     names = [n for n, _ in model.named_modules()]
     linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     for key, targets, prefix in _lora_targets(lora):
@@ -268,15 +273,13 @@ def apply_lora(model: Blip2Like, lora: LoraConfig) -> PeftModel:
     for module in lora.modules_to_save:
         if module not in names:
             raise CaptuneError(f"lora.modules_to_save: {module!r} is not a module of this model")
-    peft_config = PeftLoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=regex,
-        modules_to_save=lora.modules_to_save or None,
-        bias="none",
-    )
-    return get_peft_model(model, peft_config)
+    feedforward = _target_regex(lora, only=FEEDFORWARD)
+    config = peft_config(lora, _target_regex(lora), feedforward, total_step)
+    peft_model = get_peft_model(model, config)
+    if is_mutating_init(lora):  # the adapter's start, to convert what is saved into a plain LoRA (model_dir)
+        start = {n: p.clone() for n, p in trainable_weights(peft_model).items()}
+        peft_model.initial_adapter = start  # type: ignore[assignment]  # (nn.Module's attributes are typed as modules)
+    return peft_model
 
 
 def apply_train_mode(model: Blip2Like, config: Config) -> torch.nn.Module:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel, set_peft_model_state_dict
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import Blip2Processor
@@ -39,8 +40,9 @@ from captune.model import (
     stop_token_ids,
     trainable_weights,
 )
+from captune.peft_methods import is_mutating_init
 from captune.retrieval import RetrievalProcessor, is_retrieval, without_temperature
-from captune.training_modes import ADAPTER_FILE, TRAINED_FILE
+from captune.training_modes import ADAPTER_FILE, TRAINABLE_FILE, TRAINED_FILE
 
 END_KEY = "caption_end_id"
 """The captune.json key of the token a run ended its training captions with (see `caption_end_id`)."""
@@ -135,11 +137,17 @@ def save_model_dir(
     refuse_nonfinite(trainable, f"refusing to save {path}", DIVERGED_ADVICE.replace("that saved them ", ""))
     path.mkdir(parents=True, exist_ok=True)
     mode = training_mode(config)
-    if mode.lora:
+    if mode.lora and is_mutating_init(config.lora):
+        save_converted_adapter(path, loaded, trainable)
+    elif mode.lora:
         save_base(path, loaded, trainable)  # with a PeftModel, save_pretrained writes the adapter only
     else:  # the weights trained in full, to be loaded onto the base
         save_file({n: v.contiguous() for n, v in trainable.items()}, str(path / mode.saves))
         loaded.processor.save_pretrained(path)
+    if mode.lora and (is_mutating_init(config.lora) or config.lora.method == "adalora"):
+        # Their adapter file is not what training holds (converted; AdaLoRA's pruned ranks cut out): the weights as
+        # they are, to put them back into the model in training (`load_saved_weights`).
+        save_file({n: v.contiguous() for n, v in trainable.items()}, str(path / TRAINABLE_FILE))
     base = loaded.base_name
     if base_dir is not None:
         shutil.copytree(base_dir, path / BASE_SUBDIR, dirs_exist_ok=True)
@@ -149,6 +157,25 @@ def save_model_dir(
         meta[END_KEY] = caption_end_id(loaded.model, loaded.processor.tokenizer)
     (path / META_FILE).write_text(json.dumps(meta, indent=2))
     (path / CARD_FILE).write_text(model_card(loaded, config, metrics))
+
+
+def save_converted_adapter(path: Path, loaded: LoadedModel, trainable: dict[str, torch.Tensor]) -> None:
+    """Saves the adapter of a PiSSA or OLoRA run (whose start B0 A0 was taken out of the base weights) as a plain
+    LoRA of rank 2 r for the unchanged base, B A - B0 A0 (PEFT's `path_initial_model_for_weight_conversion`)."""
+    model = loaded.model
+    modes = [(module, module.training) for module in model.modules()]
+    with tempfile.TemporaryDirectory(prefix="captune-initial-") as tmp, torch.random.fork_rng():
+        # PEFT loads the start as a second adapter and deletes it again: fork_rng keeps that from drawing from the
+        # run's random state, and the modules' train/eval modes, which loading an adapter sets to eval, are put back.
+        initial = Path(tmp) / "initial"
+        model.save_pretrained(initial, state_dict=model.initial_adapter)
+        model.save_pretrained(path, path_initial_model_for_weight_conversion=str(initial))
+    for module, training in modes:
+        module.train(training)
+    # PEFT's conversion keeps the LoRA matrices only: the modules trained in full go back beside them.
+    in_full = {k: v for k, v in get_peft_model_state_dict(model, state_dict=trainable).items() if "lora_" not in k}
+    save_file({**load_file(str(path / ADAPTER_FILE)), **in_full}, str(path / ADAPTER_FILE), metadata={"format": "pt"})
+    loaded.processor.save_pretrained(path)
 
 
 def save_tiny_model_dir(root: Path, overrides: Sequence[str] = ()) -> Path:
@@ -256,9 +283,12 @@ def _check_caption_end(model: Blip2Like, trained_end: int | None, meta_file: Pat
 
 def load_saved_weights(model: torch.nn.Module, model_dir: Path) -> None:
     """Puts the weights a model directory saved (an adapter, or `trained.safetensors`) into a model of the same
-    kind in place: a PeftModel with the same adapter layers, or the plain BLIP-2 a mode without LoRA trains."""
+    kind in place, as `apply_train_mode` made it: a PeftModel with the same adapter layers (PiSSA, OLoRA, AdaLoRA:
+    from `TRAINABLE_FILE`, the weights as training held them), or the plain BLIP-2 a mode without LoRA trains."""
     if (model_dir / TRAINED_FILE).is_file():
         load_weights(model, read_weights(model_dir / TRAINED_FILE), model_dir / TRAINED_FILE)
+    elif (model_dir / TRAINABLE_FILE).is_file():  # PiSSA, OLoRA, AdaLoRA: the weights as training holds them
+        load_weights(model, read_weights(model_dir / TRAINABLE_FILE), model_dir / TRAINABLE_FILE)
     else:
         set_peft_model_state_dict(model, read_weights(model_dir / ADAPTER_FILE))
 

@@ -10,6 +10,9 @@ ADAPTER_FILE = "adapter_model.safetensors"
 TRAINED_FILE = "trained.safetensors"
 """What a run of a mode without LoRA saves: the weights trained in full, by their names in
 Blip2ForConditionalGeneration."""
+TRAINABLE_FILE = "trainable.safetensors"
+"""A checkpoint's trainable weights by parameter name, as training holds them (also in the model directories of a
+PiSSA or OLoRA run, whose adapter file holds them converted for the unchanged base)."""
 QFORMER_LORA_DEFAULT = ["query", "value"]
 VIT_LORA_DEFAULT = ["qkv"]
 """The vision encoder's LoRA targets when `lora.vit_target_modules` is empty: BLIP-2's ViT fuses query, key and value
@@ -48,7 +51,7 @@ class TrainingMode:
 
 
 _ADAPTER_CARD = (
-    "This directory holds a LoRA adapter (PEFT) for the base model below, its processor and `captune.json` (base "
+    "This directory holds a PEFT adapter for the base model below, its processor and `captune.json` (base "
     "model and the run's config). Load it with the base model, or make a standalone model with `captune merge "
     "--model-dir MODEL_DIR --output MERGED_DIR`."
 )

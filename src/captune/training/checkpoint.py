@@ -27,7 +27,9 @@ from captune.errors import CaptuneError
 from captune.files import read_utf8, replace_dir, write_json
 from captune.model import LoadedModel, trainable_weights
 from captune.model_dir import load_weights, read_weights, save_model_dir, saved_config
+from captune.peft_methods import adalora_state, is_adalora, load_adalora_state
 from captune.training.state import Run, TrainState, results, stop_if_diverged
+from captune.training_modes import TRAINABLE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +74,11 @@ def save_checkpoint(run: Run, name: str) -> Path:
         loaded = LoadedModel(model, run.loaded.processor, run.loaded.base_name)
         save_model_dir(tmp, loaded, run.config, run.base_dir, trainable=trainable)
         save_config(run.config, tmp / "config.yaml")
-        save_file({k: v.contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer_state, "scheduler": run.scheduler.state_dict()}, tmp / "optimizer.pt")
+        save_file({k: v.contiguous() for k, v in trainable.items()}, str(tmp / TRAINABLE_FILE))
+        states = {"optimizer": optimizer_state, "scheduler": run.scheduler.state_dict()}
+        if is_adalora(model):  # its rank allocator's running scores decide the next masks
+            states["adalora"] = adalora_state(model)
+        torch.save(states, tmp / "optimizer.pt")
         write_json(tmp / "trainer_state.json", results(state) | {"global_step": state.global_step,
                    "epoch": state.epoch, "train_samples": state.train_samples})  # fmt: skip
     accelerator.wait_for_everyone()
@@ -113,7 +118,7 @@ def load_checkpoint(run: Run, path: Path) -> None:
     if changed:
         raise CaptuneError(f"resume_from={path}: the checkpoint was trained with different {', '.join(changed)}")
     model = run.accelerator.unwrap_model(run.loaded.model)
-    weights = read_weights(path / "trainable.safetensors")
+    weights = read_weights(path / TRAINABLE_FILE)
     trainable = set(trainable_weights(model))
     if set(weights) != trainable:
         differ = sorted(set(weights) ^ trainable)[:3]
@@ -129,9 +134,11 @@ def load_checkpoint(run: Run, path: Path) -> None:
             set_model_state_dict(model, dict(weights), options=options)
             set_optimizer_state_dict(model, _inner(run.optimizer), states["optimizer"], options=options)
         else:
-            load_weights(model, weights, path / "trainable.safetensors")
+            load_weights(model, weights, path / TRAINABLE_FILE)
             run.optimizer.load_state_dict(states["optimizer"])
         run.scheduler.load_state_dict(states["scheduler"])
+        if is_adalora(model):
+            load_adalora_state(model, states["adalora"])
     except (ValueError, KeyError, TypeError, RuntimeError) as err:
         raise CaptuneError(f"{path / 'optimizer.pt'}: does not fit this run's optimizer ({err}); resume from "
                            "another checkpoint") from None  # fmt: skip
