@@ -43,6 +43,7 @@ from captune.model import (
     trainable_summary,
 )
 from captune.model_dir import load_saved_weights, save_base
+from captune.peft_methods import adalora_orthogonal_penalty, is_adalora, is_mutating_init, set_total_step
 from captune.retrieval import RetrievalLoss, RetrievalModel, evaluate_retrieval, is_retrieval
 from captune.training.batches import (
     CaptionCollator,
@@ -219,6 +220,8 @@ def setup(config: Config) -> Run:
     steps_per_epoch = math.ceil(len(loader) / config.train.grad_accum)
     total_steps = config.train.max_steps or steps_per_epoch * config.train.epochs
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(config.train.warmup_steps, total_steps), total_steps)
+    if is_adalora(loaded.model):  # its rank budget runs over the run's optimizer steps, known only now
+        set_total_step(loaded.model, total_steps)
     run = Run(
         config, accelerator, loaded, optimizer, scheduler, loader, sampler, step, features, val_records, output_dir,
         base_dir, steps_per_epoch, total_steps, feature_seconds, val_questions,
@@ -270,6 +273,7 @@ def _fit(run: Run) -> TrainState:
         setup_peak = torch.cuda.max_memory_allocated() / 2**30
         torch.cuda.reset_peak_memory_stats()
     speed = Throughput()
+    adalora = is_adalora(run.loaded.model)
     run.first_nonfinite = torch.full((), NO_STEP, dtype=torch.long, device=accelerator.device)
     with bar:  # closed on an error too, so the message starts a line of its own
         while state.global_step < run.total_steps:
@@ -294,6 +298,8 @@ def _fit(run: Run) -> TrainState:
                     batch["token_count"] = accelerator.reduce(local, reduction="sum") / accelerator.num_processes
                 with accelerator.accumulate(model):
                     loss = model(**batch)
+                    if adalora:  # the term PEFT's AdaLoRA forward adds to a model's own loss, which captune's bypasses
+                        loss = loss + adalora_orthogonal_penalty(run.loaded.model)
                     accelerator.backward(loss)
                     grad_norm = None
                     if accelerator.sync_gradients:
@@ -302,6 +308,8 @@ def _fit(run: Run) -> TrainState:
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(), bound)
                     mark_nonfinite(run, loss, grad_norm, state.global_step + 1)
                     run.optimizer.step()
+                    if adalora and accelerator.sync_gradients:  # after the step, before the gradients are cleared
+                        run.loaded.model.base_model.update_and_allocate(state.global_step)
                     run.optimizer.zero_grad()
                 speed.add(samples * accelerator.num_processes)
                 state.train_samples += samples * accelerator.num_processes
