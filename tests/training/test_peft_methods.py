@@ -1,6 +1,6 @@
 """`lora.method` and the LoRA variants end to end: every PEFT method trains through the recipe, resumes bit for bit,
-saves, loads, merges to the same outputs, captions and goes into the model card, on the tiny model and on the twin of
-blip2-opt-2.7b; the config refuses what a method cannot do, naming the key and value."""
+saves, loads, merges to the same outputs, captions, serves and goes into the model card, on the tiny model and on
+the twin of blip2-opt-2.7b; the config refuses what a method cannot do, naming the key and value."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.utils import DistributedType
+from fastapi.testclient import TestClient
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import Blip2ForConditionalGeneration
@@ -22,6 +23,7 @@ from captune.generation.core import generate_captions
 from captune.model import LoadedModel, apply_train_mode, load_base
 from captune.model_dir import load_model_dir, load_saved_weights
 from captune.peft_methods import METHODS
+from captune.serve import ServeSettings, create_app
 from captune.training import recipe
 
 VARIANTS = {
@@ -101,6 +103,18 @@ def test_each_method_on_the_language_model_trains_resumes_loads_merges_with_cach
     # Only the language model adapts, so the image features are computed once (the cached fast path).
     assert "training path: cached image features" in caplog.text
     assert all(".language_model." in name for name in load_file(str(final / "adapter_model.safetensors")))
+    # `captune serve` names the adapter and captions as the loaded model does.
+    image = sorted((synthetic_dir / "images").glob("val-*.png"))[0]
+    options = {"num_beams": 1, "min_new_tokens": 1, "max_new_tokens": 5}
+    with TestClient(create_app(final, ServeSettings(device="cpu", max_wait_ms=5))) as client:
+        assert client.get("/v1/model").json()["adapter"]["type"] == VARIANTS[variant][1]
+        files = [("images", ("val.png", image.read_bytes(), "image/png"))]
+        response = client.post("/v1/captions", files=files, data={k: str(v) for k, v in options.items()})
+    assert response.status_code == 200, response.text
+    loaded = load_model_dir(final, device="cpu")
+    expected = generate_captions(loaded.model, loaded.processor, [Image.open(image).convert("RGB")],
+                                 GenerateConfig(**options))  # fmt: skip
+    assert [c["caption"] for c in response.json()["captions"]] == expected
 
 
 def test_pissa_is_saved_as_a_plain_lora_of_twice_the_rank_for_the_unchanged_base(
