@@ -15,16 +15,22 @@ from captune.demo import run_demo
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     output = tmp_path_factory.mktemp("demo")
-    run_demo(output, SyntheticSpec(train=200, val=8, test=30), ["train.epochs=12", "train.validate=false"])
+    run_demo(output, SyntheticSpec(train=400, val=8, test=30), ["train.epochs=12", "train.validate=false"])
     return output
 
 
 def test_demo_learns_to_caption_held_out_images(demo_dir: Path) -> None:
     metrics = json.loads((demo_dir / "metrics.json").read_text())
     keys = {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
-    assert set(metrics) == {"before", "after"} and set(metrics["before"]) == set(metrics["after"]) == keys
-    assert metrics["before"]["CIDEr"] < 0.2
-    assert metrics["after"]["CIDEr"] >= 1.0
+    attributes = {"colour_right", "shape_right", "size_right", "position_right", "size_named"}
+    assert set(metrics) == {"before", "after"} and set(metrics["before"]) == set(metrics["after"]) == keys | attributes
+    before, after = metrics["before"], metrics["after"]
+    assert before["CIDEr"] < 0.2
+    assert after["CIDEr"] >= 2.0  # 400 train images, 12 epochs: measured 0.000 -> 3.195
+    # What the held-out captions say, against each image's drawing (measured: colour 0% -> 100%, position 0% -> 47%,
+    # chance 25%; the full demo: 100% and 100%).
+    assert before["colour_right"] < 0.5 and before["position_right"] < 0.3
+    assert after["colour_right"] >= 0.9 and after["position_right"] >= 0.35
 
 
 def test_demo_model_is_loadable_by_the_caption_command(demo_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -65,8 +71,10 @@ def retrieval_demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_retrieval_demo_ranks_held_out_images_better_after_fine_tuning(retrieval_demo_dir: Path) -> None:
     metrics = json.loads((retrieval_demo_dir / "metrics.json").read_text())
     before, after = metrics["before"], metrics["after"]
-    assert after["r_mean"] > before["r_mean"] + 5  # 200 train images, 4 epochs: measured 17.9 -> 26.1
-    assert after["img_r1"] > before["img_r1"]
+    # 200 train images, 4 epochs: r_mean 17.9 -> 23.0 (text->image 18.0 -> 23.8, image->text 17.8 -> 22.2); R@1
+    # stays near chance (1 in 30) in so short a run, so it is not asserted here (the full demo: 49% text->image).
+    assert after["r_mean"] > before["r_mean"] + 5
+    assert after["img_r_mean"] > before["img_r_mean"] and after["txt_r_mean"] > before["txt_r_mean"]
     assert json.loads((retrieval_demo_dir / "eval-after" / "metrics.json").read_text()) == after
 
 

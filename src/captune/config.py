@@ -38,6 +38,13 @@ class ModelConfig:
     """`4bit` (QLoRA: NF4, double quantisation, bf16 compute) or `8bit` loads the language model quantised with
     bitsandbytes (vision encoder, Q-Former, projection and LM head stay in `dtype`); needs a CUDA GPU and the
     bitsandbytes package. `none`: no quantisation."""
+    image_size: int | None = None
+    """Train and caption at this image size (pixels, square) instead of the checkpoint's (224 for every BLIP-2):
+    the vision encoder's position embeddings are interpolated once when the model loads (bicubic, as LAVIS's
+    `interpolate_pos_embed`; `captune.model.resize_images`) and the processor resizes images to it. LAVIS's caption
+    fine-tune (`caption_coco_ft.yaml`) trains the ViT at 364; a multiple of the patch size (14 for ViT-g, 4 for the
+    tiny captioners). More pixels cost more: ViT-g's work grows with the number of patches, (364/224)^2 = 2.6x. A
+    model directory records it and loads at the size it was trained at. Unset: the checkpoint's size."""
     cudnn_attention: bool = False
     """Let PyTorch's attention use cuDNN's kernels in training (the feature pass, forward and backward). Off: flash,
     memory-efficient or math kernels; cuDNN builds a plan for every new input shape, which made an H100 epoch of
@@ -265,8 +272,9 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the language model's decoder layers."""
     gradient_checkpointing: bool = False
-    """Recompute the language model's activations in the backward pass (non-reentrant): less memory, more time
-    (blip2-opt-2.7b, batch 256, H100: peak 26.3 -> 10.1 GiB, 1,428 -> 740 samples/s)."""
+    """Recompute the language model's activations in the backward pass (non-reentrant), and the vision encoder's
+    where it trains (`train.mode` vit+qformer, lora-lm+qformer+vit): less memory, more time (blip2-opt-2.7b, batch
+    256, H100, LoRA on the LM: peak 26.3 -> 10.1 GiB, 1,428 -> 740 samples/s)."""
 
 
 @dataclass
@@ -329,6 +337,11 @@ def _check_model(config: Config) -> list[tuple[bool, str]]:
     return [
         (model.dtype in ("auto", "bf16", "fp16", "fp32"), "model.dtype must be auto, bf16, fp16 or fp32"),
         (model.quantization in ("none", "4bit", "8bit"), "model.quantization must be none, 4bit or 8bit"),
+        (
+            model.image_size is None or model.image_size >= 1,
+            f"model.image_size={model.image_size}: must be a number of pixels (e.g. 364), or unset for the "
+            "checkpoint's",
+        ),
     ]
 
 

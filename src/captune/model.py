@@ -29,12 +29,13 @@ from transformers import (
     Blip2ForConditionalGeneration,
     Blip2Processor,
 )
+from transformers.models.blip_2.modeling_blip_2 import Blip2VisionEmbeddings, Blip2VisionModel
 
 from captune.config import Config, LoraConfig, training_mode
 from captune.errors import CaptuneError
 from captune.peft_methods import FEEDFORWARD, is_mutating_init, peft_config
 from captune.retrieval import TINY_RETRIEVAL, load_retrieval_base, retrieval_base_name
-from captune.tiny import TINY, TINY_MODELS, TINY_T5, build_tiny_processor, tiny_config
+from captune.tiny import TINY, TINY_MODELS, TINY_T5, build_tiny_processor, draw_tiny_inputs, tiny_config
 from captune.twins import RETRIEVAL_TWINS, TWINS, write_checkpoint
 
 log = logging.getLogger(__name__)
@@ -71,12 +72,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def build_tiny(seed: int = 0, name: str = TINY) -> LoadedModel:
-    """A built-in tiny BLIP-2 (`tiny` or `tiny-t5`) with random weights, deterministic for a seed."""
+    """A built-in tiny BLIP-2 (`tiny` or `tiny-t5`) with random weights (`captune.tiny.draw_tiny_inputs`),
+    deterministic for a seed."""
     t5 = name == TINY_T5
     processor = build_tiny_processor(t5=t5)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = Blip2ForConditionalGeneration(tiny_config(processor, t5=t5))
+        draw_tiny_inputs(model)
     return LoadedModel(model.eval(), processor, name)
 
 
@@ -339,6 +342,62 @@ def blip_of(model: nn.Module) -> Blip2ForConditionalGeneration:
     blip = get_base_model() if callable(get_base_model) else model
     assert isinstance(blip, Blip2ForConditionalGeneration), type(blip)
     return blip
+
+
+def load_configured_base(config: Config, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """The base model of a run's config as the run trains it: `model.name` (seeded by `train.seed`), quantised as
+    `model.quantization` says, at `model.image_size` when set."""
+    loaded = load_base(config.model.name, dtype, config.train.seed, config.model.quantization)
+    if config.model.image_size:
+        resize_images(loaded, config.model.image_size)
+    return loaded
+
+
+def resize_images(loaded: LoadedModel, size: int) -> None:
+    """Makes a captioning or retrieval BLIP-2 see `size`-pixel square images, in place: its vision encoder's position
+    embeddings interpolated over the new patch grid (bicubic, by transformers' own `interpolate_pos_encoding`: the
+    model then computes what the original computes with `interpolate_pos_encoding=True`), its config and its
+    processor's resize set to `size`. Nothing changes when `size` is already the model's.
+
+    Raises:
+        CaptuneError: `size` is not a multiple of the patch size.
+    """
+    vision = vision_model_of(loaded.model)
+    embeddings = vision.embeddings
+    assert isinstance(embeddings, Blip2VisionEmbeddings), type(embeddings)
+    if size == embeddings.image_size:
+        return
+    patch: int = vision.config.patch_size  # type: ignore[assignment]  # an int in every BLIP-2 (ViT-g: 14)
+    if size % patch:
+        below = size // patch * patch
+        raise CaptuneError(f"model.image_size={size}: not a multiple of the vision encoder's patch size {patch}; "
+                           f"use {below or patch} or {below + patch}")  # fmt: skip
+    old = embeddings.position_embedding
+    patches = (size // patch) ** 2
+    with torch.no_grad():
+        grid = torch.empty(1, patches + 1, old.shape[-1], dtype=old.dtype, device=old.device)
+        new = embeddings.interpolate_pos_encoding(grid, size, size).contiguous()
+    embeddings.position_embedding = nn.Parameter(new, requires_grad=old.requires_grad)
+    embeddings.image_size, embeddings.num_patches, embeddings.num_positions = size, patches, patches + 1
+    vision.config.image_size = size
+    loaded.model.config.vision_config.image_size = size
+    loaded.processor.image_processor.size = {"height": size, "width": size}
+    log.info("images at %d px: the vision encoder's position embeddings interpolated to %d patches", size, patches)
+
+
+def vision_trains(model: nn.Module) -> bool:
+    """Whether any parameter of the vision encoder trains (in full or LoRA on it), in a captioning or retrieval
+    BLIP-2, wrapped in PEFT or not."""
+    return any(p.requires_grad and "vision_model." in name for name, p in model.named_parameters())
+
+
+def vision_model_of(model: nn.Module) -> Blip2VisionModel:
+    """The vision encoder of a captioning or retrieval BLIP-2 (inside a PEFT wrapper or not)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    inner = get_base_model() if callable(get_base_model) else model
+    vision = inner.vision_model
+    assert isinstance(vision, Blip2VisionModel), type(vision)
+    return vision
 
 
 def embedding_of(blip: Blip2ForConditionalGeneration) -> nn.Embedding:

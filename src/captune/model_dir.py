@@ -35,6 +35,7 @@ from captune.model import (
     caption_end_id,
     check_image_tokens,
     load_base,
+    resize_images,
     resolve_device,
     resolve_dtype,
     stop_token_ids,
@@ -244,6 +245,9 @@ def _load_model_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
     # A base stored inside the directory is named by its absolute path, so saving this model again finds it.
     base_name = str(base_path.resolve()) if base_path.is_dir() else meta["base_model"]
     base = load_base(base_name, dtype)
+    image_size = meta.get("config", {}).get("model", {}).get("image_size")
+    if image_size:  # trained at another size than its base's (model.image_size): the same interpolation again
+        resize_images(base, image_size)
     if is_retrieval(base.model):
         processor: Any = RetrievalProcessor.from_pretrained(path)
     else:

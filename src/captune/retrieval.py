@@ -43,7 +43,7 @@ from captune.data import Record
 from captune.data.images import processed_pixels
 from captune.errors import CaptuneError
 from captune.retrieval_metrics import RetrievalRecall, rerank, retrieval_recall
-from captune.tiny import TINY_WORDS
+from captune.tiny import INIT_STD, TINY_WORDS, draw_tiny_inputs
 from captune.twins import RETRIEVAL_TWINS
 
 TEMPERATURE_INIT = 0.07
@@ -287,12 +287,6 @@ class RetrievalLoss(nn.Module):
 # --- the tiny retrieval model ------------------------------------------------------------------------------------
 
 TINY_RETRIEVAL = "tiny-retrieval"
-INIT_STD = 0.1
-POSITION_STD = 1.0
-"""The tiny ViT's position embeddings are drawn at std 1, not `INIT_STD`: at 0.1 they are a tenth of the patch
-embeddings (std ~1.4), the Q-Former's cross-attention barely sees where a patch is, and after fine-tuning the
-caption's position matched the best image's in 33% of val captions (chance: 25%); at 1.0, in 82% (8 epochs of the
-synthetic set, benchmarks/LOG.md)."""
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
@@ -391,15 +385,12 @@ def is_retrieval(model: nn.Module) -> bool:
 
 
 def build_tiny_retrieval(seed: int = 0, image_size: int = 32) -> RetrievalModel:
-    """The tiny retrieval model with random weights (query tokens drawn too: transformers starts them at zero, which
-    makes every query the same; position embeddings at `POSITION_STD`), deterministic for a seed."""
+    """The tiny retrieval model with random weights (`captune.tiny.draw_tiny_inputs`), deterministic for a seed."""
     tokenizer = build_retrieval_tokenizer()
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = Blip2ForImageTextRetrieval(tiny_retrieval_config(len(tokenizer), image_size))
-        with torch.no_grad():
-            model.query_tokens.normal_(std=0.02)
-            model.vision_model.embeddings.position_embedding.normal_(std=POSITION_STD)
+        draw_tiny_inputs(model)
     processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
     return RetrievalModel(with_temperature(model).eval(), tokenizer, processor)
 

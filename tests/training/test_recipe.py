@@ -187,7 +187,7 @@ def test_vit_lora_mode_trains_lora_on_the_vit_attention_resumes_exactly_and_merg
             assert torch.equal(param, base_weights[blip_name]), param_name
     images = [Image.open(p) for p in sorted((synthetic_dir / "images").glob("val-*.png"))[:3]]
     inputs = loaded.processor(images=images, text=["a picture of"] * len(images), return_tensors="pt")
-    # The adapted attention computes something else than the base's (the ViT's own weights are initialised at std
+    # The adapted attention computes something else than the base's (the twin's ViT weights are initialised at std
     # 1e-10, Blip2VisionConfig's initializer_range, so the change is seen at the layer, not at the ViT's output).
     qkv = "vision_model.encoder.layers.0.self_attn.qkv"
     x = torch.randn(2, 5, base.model.config.vision_config.hidden_size, generator=torch.Generator().manual_seed(0))

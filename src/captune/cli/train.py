@@ -70,6 +70,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
               f"{result.after['txt_r1']:.1f}%)")  # fmt: skip
     else:
         print(f"CIDEr before fine-tuning {result.before['CIDEr']:.3f}, after {result.after['CIDEr']:.3f}")
+        print("held-out captions naming it right, before -> after: " + ", ".join(
+            f"{key} {result.before[f'{key}_right']:.0%} -> {result.after[f'{key}_right']:.0%}"
+            for key in ("colour", "shape", "size", "position")))  # fmt: skip
     for image, caption in result.samples:
         print(f"  {image}: {caption}")
     use = {"vqa": "captune ask IMAGE --question Q", "retrieval": "captune eval --task retrieval"}

@@ -130,6 +130,37 @@ def _attributes(drawing: Drawing) -> tuple[str, ...]:
     return drawing.colour, drawing.shape, drawing.size, drawing.position
 
 
+ATTRIBUTES = {"colour": tuple(COLOURS), "shape": SHAPES, "size": tuple(SIZES), "position": tuple(POSITIONS)}
+"""Each attribute a synthetic image's captions name, with its words."""
+
+
+def attribute_accuracy(data_dir: Path, captions: dict[str, str]) -> dict[str, float]:
+    """The share (0-1) of `captions` (image file name -> generated caption, of images of the folder's spec) that name
+    each attribute of their image right (`colour_right`, `shape_right`, `size_right`, `position_right`): the image's
+    word and no other word of that attribute. `size_right` counts a caption without a size as wrong, as two of the
+    five reference templates leave it out; `size_named` is the share that name one at all.
+
+    Raises:
+        CaptuneError: a caption's image is not one of the folder's.
+    """
+    spec = SyntheticSpec(**json.loads((data_dir / MANIFEST).read_text())["spec"])
+    attributes = {name: drawing for name, _, drawing in drawings(spec)}
+    unknown = sorted(set(captions) - set(attributes))
+    if unknown:
+        raise CaptuneError(f"{data_dir / MANIFEST}: no image {unknown[0]!r} ({len(unknown)} captions of unknown "
+                           "images); score captions of that folder's images only")  # fmt: skip
+    right = dict.fromkeys([*ATTRIBUTES, "size_named"], 0)
+    for name, caption in captions.items():
+        words = set(caption.lower().split())
+        for attribute, values in ATTRIBUTES.items():
+            named = words & set(values)
+            right[attribute] += named == {getattr(attributes[name], attribute)}
+            if attribute == "size":
+                right["size_named"] += bool(named)
+    return {(key if key == "size_named" else f"{key}_right"): count / max(len(captions), 1)
+            for key, count in right.items()}  # fmt: skip
+
+
 def generate_synthetic(data_dir: Path, spec: SyntheticSpec = SyntheticSpec()) -> Path:
     """Writes the images and `synthetic.json` into data_dir unless the same spec is already there."""
     manifest = data_dir / MANIFEST

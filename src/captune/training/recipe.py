@@ -37,10 +37,12 @@ from captune.model import (
     apply_train_mode,
     attention_kernels,
     blip_of,
-    load_base,
+    load_configured_base,
     resolve_device,
     resolve_dtype,
     trainable_summary,
+    vision_model_of,
+    vision_trains,
 )
 from captune.model_dir import load_saved_weights, save_base
 from captune.peft_methods import adalora_orthogonal_penalty, is_adalora, is_mutating_init, set_total_step
@@ -72,6 +74,16 @@ from captune.training.state import (
 from captune.vqa_accuracy import VqaAccuracy, vqa_accuracy
 
 log = logging.getLogger(__name__)
+
+
+def _checkpoint_activations(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing in a transformers model's layers (`train.gradient_checkpointing`), by
+    the method's new name where transformers has it (`gradient_checkpointing_enable` is its deprecated alias)."""
+    enable: Any = getattr(model, "activation_checkpointing_enable", None)
+    if callable(enable):
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
 
 
 def setup(config: Config) -> Run:
@@ -128,7 +140,7 @@ def setup(config: Config) -> Run:
         val_records = captions.split("val")[: config.train.val_max_images]
 
     # 3. The base model, then LoRA on the configured layers only.
-    loaded = load_base(config.model.name, dtype, config.train.seed, config.model.quantization)
+    loaded = load_configured_base(config, dtype)
     base_dir = None
     if loaded.base_name in BUILT_IN:
         # A built-in base is random: keep its weights so every saved model directory can be reloaded on its own.
@@ -148,10 +160,10 @@ def setup(config: Config) -> Run:
         raise CaptuneError(f"task {config.data.task}: model.name={config.model.name} is a retrieval BLIP-2 (no "
                            "language model to generate with); set task: retrieval, or a captioning model")  # fmt: skip
     if config.train.gradient_checkpointing and not retrieval:
-        blip_of(loaded.model).language_model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+        _checkpoint_activations(blip_of(loaded.model).language_model)
     loaded.model = apply_train_mode(loaded.model, config)
+    if config.train.gradient_checkpointing and vision_trains(loaded.model):
+        _checkpoint_activations(vision_model_of(loaded.model))
     if main:
         log.info("model %s: %s", config.model.name, trainable_summary(loaded.model))
 

@@ -85,8 +85,8 @@ def _favour_eos(tiny: LoadedModel, bonus: float) -> Any:
     return lm.lm_head.register_forward_hook(lambda module, inputs, output: output + extra)
 
 
-ENDINGS = [(0.0, False, 1.0), (0.5, False, 1.0), (0.5, False, 2.0), (0.5, True, 1.0), (0.5, "never", 1.0),
-           (0.5, "never", 2.0), (1.0, "never", 1.0), (1.0, False, -1.0)]  # fmt: skip
+ENDINGS = [(0.0, False, 1.0), (0.5, False, 1.0), (1.0, False, 2.0), (0.5, True, 1.0), (1.0, "never", 1.5),
+           (1.0, "never", 2.0), (1.0, "never", 1.0), (1.0, False, -1.0)]  # fmt: skip
 """EOS logit bonus, early_stopping, length_penalty: beams ending at many lengths (checked against generate on CPU)."""
 
 
