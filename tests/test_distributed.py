@@ -1,6 +1,7 @@
 """`captune train` in two processes (torch.distributed over gloo on the CPU, as `accelerate launch --cpu` would run
 it): the same adapter as one process with the same global batch, files and logs from rank 0 only, validation over
-every val image exactly once, resume across ranks, and a clear error when accelerate would run the processes alone.
+every val image exactly once, resume across ranks, and a clear error when accelerate would run the processes alone;
+VQA training and validation the same way, and retrieval's validation recall over every val pair once.
 
 Each run is a subprocess (~10-20 s here). The model is the tiny one with its dropout off, so that the processes'
 random streams cannot make the runs differ.
@@ -132,6 +133,50 @@ def test_resume_across_ranks_gives_the_uninterrupted_adapter(
     result = _train(2, base_dir, synthetic_dir, resumed, "save_every=2", f"train.resume_from={checkpoint}")
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_same(_adapter(resumed), _adapter(runs["two"]))
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_train_the_vqa_adapter_one_process_trains_and_answer_every_val_question_once(
+    base_dir: Path, synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # VQA rows are (image, question, answer): the global batch's loss is its answer tokens' mean over both processes,
+    # and validation answers each process's share of the val questions, gathered once on rank 0.
+    root = tmp_path_factory.mktemp("vqa")
+    runs = {n: _train(n, base_dir, synthetic_dir, root / str(n), "data.task=vqa") for n in (1, 2)}
+    for n, result in runs.items():
+        assert result.returncode == 0, f"{n}: {result.stderr[-3000:]}"
+    _assert_same(_adapter(root / "2"), _adapter(root / "1"))
+    assert len(_losses(root / "2")) == STEPS and _losses(root / "2") == pytest.approx(_losses(root / "1"), rel=1e-5)
+    questions = json.loads((root / "2" / "val" / "questions.json").read_text())
+    val = [json.loads((root / str(n) / "val" / f"step-{STEPS:06d}.json").read_text()) for n in (1, 2)]
+    assert sorted(val[1]["predictions"]) == sorted(val[0]["predictions"]) == sorted(questions)
+    assert len(questions) > 6  # several questions of each of the 6 val images, split over the two processes
+    assert val[1]["predictions"] == val[0]["predictions"]  # the same adapter answers alike
+    assert val[1]["metrics"] == pytest.approx(val[0]["metrics"])
+
+
+def test_two_processes_train_retrieval_and_score_recall_over_every_val_pair_once(
+    synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # The contrastive loss's global-batch negatives are checked against one process in tests/test_retrieval.py; the
+    # matching loss samples each process's hard negatives from its own share (as documented), so the two runs'
+    # losses differ. Validation ranks every val image and caption once on rank 0: its recall is what one process
+    # evaluating the saved model over the whole val split computes.
+    from captune.data import read
+    from captune.retrieval import evaluate_retrieval, load_retrieval
+
+    out = tmp_path_factory.mktemp("retrieval") / "two"
+    result = _train(2, Path("unused"), synthetic_dir, out, "data.task=retrieval", "model.name=tiny-retrieval",
+                    "train.mode=qformer", "train.val_k_test=3")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(_losses(out)) == STEPS
+    validated = json.loads((out / "val" / f"step-{STEPS:06d}.json").read_text())["metrics"]
+    records = read("synthetic", synthetic_dir).split("val")[:6]
+    alone = evaluate_retrieval(load_retrieval(str(out / "final")), records, k_test=3).metrics()
+    assert validated == pytest.approx(alone, rel=1e-5) and "itc_txt_r1" in validated
 
 
 def test_processes_that_accelerate_would_run_alone_are_refused(
