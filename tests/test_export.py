@@ -60,8 +60,17 @@ def test_merged_directory_loads_with_plain_transformers(run: tuple[LoadedModel, 
         ["train.mode=qformer"],
         ["train.mode=vit+qformer"],
         ["train.mode=lora-lm+qformer+vit", "vit_target_modules=qkv,projection"],
+        ["modules_to_save=language_projection,language_model.lm_head"],
     ],
-    ids=["language_model", "qformer", "modules_to_save", "qformer_in_full", "vit_and_qformer_in_full", "vit_lora"],
+    ids=[
+        "language_model",
+        "qformer",
+        "modules_to_save",
+        "qformer_in_full",
+        "vit_and_qformer_in_full",
+        "vit_lora",
+        "output_layer",
+    ],  # fmt: skip
 )
 def test_merged_model_captions_token_for_token_as_base_plus_adapter(tmp_path: Path, overrides: list[str]) -> None:
     tuned, _, best = save_run(tmp_path / "run", overrides)
@@ -100,6 +109,23 @@ def test_modules_to_save_weights_survive_the_merge(tmp_path: Path) -> None:
     trained = _weight(tuned.model, "language_projection.modules_to_save.default.weight")
     assert not torch.equal(trained, _weight(load_base("tiny").model, "language_projection.weight"))
     assert torch.equal(_weight(merged, "language_projection.weight"), trained)
+
+
+def test_a_trained_output_layer_is_saved_untied_from_the_input_embeddings(tmp_path: Path) -> None:
+    # The tiny OPT ties its output layer to its input embeddings; the demo trains the output layer alone.
+    tuned, _, best = save_run(tmp_path / "run", ["modules_to_save=language_projection,language_model.lm_head"])
+    merged = Blip2ForConditionalGeneration.from_pretrained(merge_model_dir(best, tmp_path / "merged"))
+    base = load_base("tiny").model
+    assert not merged.config.text_config.tie_word_embeddings
+    trained = _weight(tuned.model, "lm_head.modules_to_save.default.weight")
+    assert not torch.equal(trained, base.language_model.get_output_embeddings().weight)
+    assert torch.equal(merged.language_model.get_output_embeddings().weight, trained)
+    assert torch.equal(
+        merged.language_model.get_input_embeddings().weight, base.language_model.get_input_embeddings().weight
+    )
+    plain = Blip2ForConditionalGeneration.from_pretrained(merge_model_dir(save_run(tmp_path / "plain", [])[2],
+                                                                          tmp_path / "merged-plain"))  # fmt: skip
+    assert plain.config.text_config.tie_word_embeddings  # an untrained output layer stays tied
 
 
 def test_captune_loads_the_merged_directory(run: tuple[LoadedModel, Config, Path], tmp_path: Path) -> None:

@@ -202,6 +202,14 @@ class TrainConfig:
     """Forward passes per optimizer step."""
     lr: float = 1e-4
     """Peak learning rate of AdamW."""
+    lr_scales: dict[str, float] = field(default_factory=dict)
+    """Learning-rate multipliers by part of the model: a module path of the BLIP-2 (`vision_model`, `qformer`,
+    `query_tokens`, `language_projection`, `language_model`, or deeper, e.g. `language_model.lm_head`) -> a factor on
+    `lr` for the trainable parameters under it (their own AdamW parameter group, the same warm-up and decay);
+    the longest matching path wins, the rest train at `lr`. A path under which nothing trains is an error. On the
+    command line as YAML: `train.lr_scales="{vision_model: 0.1, qformer: 0.1}"`. The demo trains its vision
+    encoder at a tenth and its Q-Former at a third of the language side's rate: at the full rate they forget where
+    in the image the shape is, which they tell apart at the start (benchmarks/LOG.md)."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
     warmup_steps: int = 100
@@ -274,7 +282,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute the language model's activations in the backward pass (non-reentrant), and the vision encoder's
     where it trains (`train.mode` vit+qformer, lora-lm+qformer+vit): less memory, more time (blip2-opt-2.7b, batch
-    256, H100, LoRA on the LM: peak 26.3 -> 10.1 GiB, 1,428 -> 740 samples/s)."""
+    256, H100, LoRA on the LM: peak 26.3 -> 10.1 GiB, 1,428 -> 740 samples/s; the ViT-g trained, H200, batch 64:
+    47.0 -> 15.3 GiB, 177 -> 122 samples/s, `benchmarks/README.md`)."""
 
 
 @dataclass
@@ -457,6 +466,16 @@ def _check_train(config: Config) -> list[tuple[bool, str]]:
             math.isfinite(train.max_grad_norm) and train.max_grad_norm >= 0,
             f"train.max_grad_norm={train.max_grad_norm}: must be a finite number > 0, or 0 to turn clipping off",
         ),
+        (
+            isinstance(train.lr_scales, dict)
+            and all(isinstance(k, str) and k for k in train.lr_scales)
+            and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                for v in train.lr_scales.values()
+            ),
+            f"train.lr_scales={train.lr_scales!r}: must map module paths to numbers > 0, e.g. "
+            '"{vision_model: 0.1, qformer: 0.1}"',
+        ),  # fmt: skip
         (train.epochs >= 1 or bool(train.max_steps), "train.epochs must be >= 1 (or set train.max_steps)"),
         (train.max_steps is None or train.max_steps >= 1, "train.max_steps must be >= 1"),
         (train.mode in TRAINING_MODES, f"train.mode must be one of {', '.join(TRAINING_MODES)}"),

@@ -58,6 +58,7 @@ def merge_model_dir(model_dir: Path, output: Path, *, dtype: str = "auto", overw
     # 1. Merge at full precision: W + (alpha / r) B A is computed in fp32 and rounded to the output dtype once.
     loaded = load_model_dir(model_dir, torch.float32, device="cpu", merge=True)
     merged = loaded.model  # (a mode without LoRA: the trained weights were already in place)
+    _untie_a_trained_output_layer(merged)
     target = resolve_dtype(dtype, torch.device("cpu"))
     merged.to(target)
 
@@ -105,6 +106,19 @@ def merge_model_dir(model_dir: Path, output: Path, *, dtype: str = "auto", overw
     )
     replace_dir(tmp, output)
     return output
+
+
+def _untie_a_trained_output_layer(merged: torch.nn.Module) -> None:
+    """An output layer trained apart from the input embeddings it was tied to (`lora.modules_to_save` naming
+    `language_model.lm_head`) is its own weight after the merge: the config then says so, or loading the directory
+    would tie the two again and drop one of them."""
+    lm = merged.language_model  # type: ignore[union-attr]
+    output, embeddings = lm.get_output_embeddings(), lm.get_input_embeddings()
+    if output is None or output.weight is embeddings.weight or torch.equal(output.weight, embeddings.weight):
+        return
+    for config in (merged.config, merged.config.text_config):  # type: ignore[union-attr]
+        if getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False
 
 
 def _check_paths(model_dir: Path, output: Path, overwrite: bool) -> None:

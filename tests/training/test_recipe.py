@@ -319,3 +319,46 @@ def test_training_and_its_validation_choose_attention_kernels_as_configured(
     recipe.train(config)
     assert seen == {cudnn}
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
+def test_lr_scales_give_parts_of_the_model_their_own_rate_on_the_same_schedule_and_resume_exactly(
+    synthetic_dir: Path, tmp_path: Path
+) -> None:
+    scaled = ("lora.modules_to_save=language_projection,qformer,language_model.lm_head",
+              "train.lr_scales={qformer: 0.1, language_model.lm_head: 2}", "train.max_steps=6", "train.log_every=1",
+              "train.save_every=3")  # fmt: skip
+    run = recipe.setup(_config(synthetic_dir, tmp_path / "setup", *scaled))
+    by_name = {recipe.model_path(n): p for n, p in run.loaded.model.named_parameters() if p.requires_grad}
+    groups = {g["name"]: (g["initial_lr"], {id(p) for p in g["params"]}) for g in run.optimizer.param_groups}
+    assert {name: lr for name, (lr, _) in groups.items()} == {
+        "the rest": 1e-3, "qformer": pytest.approx(1e-4), "language_model.lm_head": 2e-3}  # fmt: skip
+    for path, param in by_name.items():  # the longest path covering a parameter decides its group
+        group = (
+            "qformer" if path.startswith("qformer.") else "language_model.lm_head" if "lm_head" in path else "the rest"
+        )
+        assert id(param) in groups[group][1], path
+    assert any(p.startswith("language_projection.") for p in by_name) and any("lora_A" in p for p in by_name)
+
+    recipe.train(_config(synthetic_dir, tmp_path / "run", *scaled))
+    logged = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    plain = tmp_path / "plain"
+    recipe.train(_config(synthetic_dir, plain, *scaled[:1], *scaled[2:]))
+    plain_logged = [json.loads(line) for line in (plain / "train_log.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in logged] == pytest.approx([r["lr"] for r in plain_logged])  # train.lr's schedule
+    trained, unscaled = _adapter(tmp_path / "run" / "final"), _adapter(plain / "final")
+    assert trained.keys() == unscaled.keys() and any(not torch.equal(trained[k], unscaled[k]) for k in trained)
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-000003"
+    recipe.train(_config(synthetic_dir, tmp_path / "resumed", *scaled, f"train.resume_from={checkpoint}"))
+    again = _adapter(tmp_path / "resumed" / "final")
+    assert again.keys() == trained.keys() and all(torch.equal(again[k], trained[k]) for k in trained)
+
+
+def test_lr_scales_that_cover_nothing_trained_or_are_not_positive_numbers_are_refused(
+    synthetic_dir: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(CaptuneError, match=r"train.lr_scales: nothing trains under vision_model; the trained "
+                                           r"parameters are under language_model, language_projection"):  # fmt: skip
+        recipe.setup(_config(synthetic_dir, tmp_path / "run", "train.lr_scales={vision_model: 0.1}"))
+    for bad in ("{qformer: -1}", "{qformer: 0}", "{qformer: fast}", "{qformer: .nan}", "[0.1]"):
+        with pytest.raises(CaptuneError, match=r"train.lr_scales"):
+            load_config(None, [f"train.lr_scales={bad}"])

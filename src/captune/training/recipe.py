@@ -205,9 +205,12 @@ def setup(config: Config) -> Run:
                  "config), not with the tokenizer's EOS %s", collate.end_token_id,
                  tokenizer.decode([collate.end_token_id]), tokenizer.eos_token_id)  # fmt: skip
     loader = training_loader(items, sampler, collate, config, batch_size, accelerator.device.type == "cuda")
-    params = [p for p in loaded.model.parameters() if p.requires_grad]
     fused = config.train.fused_optimizer and accelerator.device.type == "cuda"
-    optimizer = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay, fused=fused)
+    groups = parameter_groups(loaded.model, config.train.lr, config.train.lr_scales)
+    if main and config.train.lr_scales:
+        log.info("learning rates: %s", ", ".join(f"{g['name']} {g['lr']:g} ({len(g['params'])} tensors)"
+                                                 for g in groups))  # fmt: skip
+    optimizer = torch.optim.AdamW(groups, lr=config.train.lr, weight_decay=config.train.weight_decay, fused=fused)
     if config.train.compile:
         _compile_decoder_layers(loaded.model)
     # The feature pass runs before accelerate prepares the model: under FSDP the weights are sharded after that, and
@@ -241,6 +244,45 @@ def setup(config: Config) -> Run:
     if config.train.resume_from:
         load_checkpoint(run, resolve_checkpoint(config.train.resume_from, output_dir))
     return run
+
+
+_PEFT_SEGMENTS = ("base_model.model.", "modules_to_save.default.", "original_module.")
+"""What PEFT puts into a parameter's name (its wrapper, and the trained copy of a `modules_to_save` module): taken out
+before `train.lr_scales` paths are matched, so they name the BLIP-2's own modules."""
+
+
+def model_path(parameter_name: str) -> str:
+    """A trainable parameter's name as the BLIP-2 names it, without PEFT's wrapper segments."""
+    for segment in _PEFT_SEGMENTS:
+        parameter_name = parameter_name.replace(segment, "")
+    return parameter_name
+
+
+def parameter_groups(model: nn.Module, lr: float, scales: dict[str, float]) -> list[dict[str, Any]]:
+    """AdamW parameter groups of the trainable parameters: one at `lr` for those no `scales` path covers, then one
+    per path (the longest matching path of a parameter wins) at `lr` x its factor, in a fixed order (the model's),
+    so a resumed optimizer's state goes back into the same groups.
+
+    Raises:
+        CaptuneError: a path under which no parameter trains, naming the parts of the model that do.
+    """
+    paths = sorted(scales, key=len, reverse=True)
+    groups: dict[str, list[nn.Parameter]] = {"": []}
+    trained: list[str] = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        path = model_path(name)
+        trained.append(path)
+        key = next((p for p in paths if path == p or path.startswith(p + ".")), "")
+        groups.setdefault(key, []).append(param)
+    unused = [p for p in scales if p not in groups]
+    if unused:
+        parts = ", ".join(sorted({path.split(".")[0] for path in trained}))
+        raise CaptuneError(f"train.lr_scales: nothing trains under {', '.join(unused)}; the trained parameters are "
+                           f"under {parts} (train.mode and lora.modules_to_save say what trains)")  # fmt: skip
+    return [{"params": params, "lr": lr * float(scales.get(key, 1.0)), "name": key or "the rest"}
+            for key, params in groups.items() if params]  # fmt: skip
 
 
 def _compile_decoder_layers(model: nn.Module) -> None:
@@ -330,7 +372,8 @@ def _fit(run: Run) -> TrainState:
                 # 2. One optimizer step done: schedule, log, maybe checkpoint.
                 run.scheduler.step()
                 state.global_step += 1
-                lr = run.scheduler.get_last_lr()[0]
+                # train.lr on its schedule (groups of train.lr_scales run at their multiples of it)
+                lr = run.scheduler.get_last_lr()[0] * config.train.lr / run.optimizer.param_groups[0]["initial_lr"]
                 rate = speed.window_rate()
                 bar.update(1)
                 # Reading the loss makes the CPU wait for the GPU, which then idles while the next step is queued: only
