@@ -44,7 +44,7 @@ def test_demo_model_is_loadable_by_the_caption_command(demo_dir: Path, capsys: p
 @pytest.fixture(scope="module")
 def vqa_demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     output = tmp_path_factory.mktemp("demo-vqa")
-    run_demo(output, SyntheticSpec(train=200, val=8, test=30), ["train.epochs=6", "train.validate=false"], "vqa")
+    run_demo(output, SyntheticSpec(train=200, val=8, test=30), ["train.epochs=24", "train.validate=false"], "vqa")
     return output
 
 
@@ -52,13 +52,18 @@ def test_vqa_demo_learns_to_answer_questions_about_held_out_images(vqa_demo_dir:
     metrics = json.loads((vqa_demo_dir / "metrics.json").read_text())
     assert set(metrics) == {"before", "after"} and {"vqa_accuracy", "vqa_accuracy_yes_no"} <= set(metrics["after"])
     assert metrics["before"]["vqa_accuracy"] < 10.0  # a random model's answers are not words of the answer set
-    assert metrics["after"]["vqa_accuracy"] >= metrics["before"]["vqa_accuracy"] + 15.0
+    # 200 train images, 24 epochs (~25 s): measured 0.0% -> 61.3% (colour 100%; the full demo: 94.8%)
+    assert metrics["after"]["vqa_accuracy"] >= 50.0
     answers = [
         json.loads(line) for line in (vqa_demo_dir / "eval-after" / "per_question.jsonl").read_text().splitlines()
     ]
     assert len(answers) == 150  # five questions of each of the 30 test images
-    # The open questions are answered with a word (the tiny tokenizer has no `yes` or `no`: see captune.tiny).
+    # The open questions are answered with a word, the yes/no questions with yes or no (`tiny-vqa`'s tokenizer has
+    # them: captune.tiny.VQA_WORDS); every colour question right.
     assert all(a["answer"] for a in answers if a["answer_type"] == "other")
+    assert {a["answer"] for a in answers if a["answer_type"] == "yes/no"} <= {"yes", "no"}
+    colour = [a["accuracy"] for a in answers if a["question"].startswith("what colour")]
+    assert len(colour) == 30 and sum(colour) / len(colour) >= 90.0
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,22 @@ def test_tiny_model_is_deterministic_for_a_seed() -> None:
     assert all(torch.equal(a, b) for a, b in zip(first.model.parameters(), second.model.parameters(), strict=True))
 
 
+def test_tiny_vqa_knows_every_word_of_the_synthetic_questions_and_their_answers_and_tiny_is_unchanged() -> None:
+    from captune.data.synthetic import ATTRIBUTES, QUESTIONS, SHAPES
+    from captune.tiny import TINY_WORDS
+
+    vqa, tiny = load_base("tiny-vqa").processor.tokenizer, load_base("tiny").processor.tokenizer
+    texts = [f"Question: {q.format(shape=shape)} Answer:" for q, _, _ in QUESTIONS for shape in SHAPES]
+    texts += [f"Question: is there a {shape}? Answer: yes no" for shape in SHAPES]
+    texts += [" ".join(words) for words in ATTRIBUTES.values()]
+    for text in texts:
+        assert vqa.unk_token_id not in vqa(text).input_ids, text
+    assert tiny.unk_token_id in tiny("Question: which shape is it? Answer: yes").input_ids
+    assert len(tiny) == len(TINY_WORDS) + 4  # <pad>, <unk>, </s>, <image>: the captioning demo's model as it was
+    words = {word: i for word, i in tiny.get_vocab().items() if word != "<image>"}  # (added last, after the words)
+    assert words.items() <= vqa.get_vocab().items()  # the same ids for the caption words
+
+
 def test_load_base_casts_the_tiny_model_to_the_dtype() -> None:
     assert {p.dtype for p in load_base("tiny", torch.bfloat16).model.parameters()} == {torch.bfloat16}
 

@@ -27,11 +27,11 @@ if TYPE_CHECKING:
 class ModelConfig:
     name: str = "tiny"
     """Hub id (`Salesforce/blip2-opt-2.7b`, `Salesforce/blip2-flan-t5-xl`) or local directory, loaded with
-    `from_pretrained`; `tiny` (OPT) and `tiny-t5` (T5) build a small random BLIP-2 from config in code (tests and the
-    demo; nothing to download); `twin-blip2-opt-2.7b`, `twin-blip2-opt-6.7b`, `twin-blip2-opt-2.7b-coco`,
-    `twin-blip2-flan-t5-xl` and `twin-blip2-flan-t5-xxl` build a twin of that checkpoint (its tokenizer, processor,
-    ids and config at hidden sizes 32-64, random weights: what runs here like the real model, except caption
-    quality)."""
+    `from_pretrained`; `tiny` (OPT), `tiny-vqa` (OPT, its tokenizer knowing the synthetic questions' words) and
+    `tiny-t5` (T5) build a small random BLIP-2 from config in code (tests and the demos; nothing to download);
+    `twin-blip2-opt-2.7b`, `twin-blip2-opt-6.7b`, `twin-blip2-opt-2.7b-coco`, `twin-blip2-flan-t5-xl` and
+    `twin-blip2-flan-t5-xxl` build a twin of that checkpoint (its tokenizer, processor, ids and config at hidden sizes
+    32-64, random weights: what runs here like the real model, except caption quality)."""
     dtype: str = "auto"
     """Weight dtype: `auto` (bf16 on a GPU that supports it, fp32 on CPU), `bf16`, `fp16` or `fp32`."""
     quantization: str = "none"

@@ -35,7 +35,17 @@ from captune.config import Config, LoraConfig, training_mode
 from captune.errors import CaptuneError
 from captune.peft_methods import FEEDFORWARD, is_mutating_init, peft_config
 from captune.retrieval import TINY_RETRIEVAL, load_retrieval_base, retrieval_base_name
-from captune.tiny import TINY, TINY_MODELS, TINY_T5, build_tiny_processor, draw_tiny_inputs, tiny_config
+from captune.tiny import (
+    TINY,
+    TINY_MODELS,
+    TINY_T5,
+    TINY_VQA,
+    TINY_WORDS,
+    VQA_WORDS,
+    build_tiny_processor,
+    draw_tiny_inputs,
+    tiny_config,
+)
 from captune.twins import RETRIEVAL_TWINS, TWINS, write_checkpoint
 
 log = logging.getLogger(__name__)
@@ -72,10 +82,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def build_tiny(seed: int = 0, name: str = TINY) -> LoadedModel:
-    """A built-in tiny BLIP-2 (`tiny` or `tiny-t5`) with random weights (`captune.tiny.draw_tiny_inputs`),
-    deterministic for a seed."""
+    """A built-in tiny BLIP-2 (`tiny`, `tiny-vqa` or `tiny-t5`) with random weights
+    (`captune.tiny.draw_tiny_inputs`), deterministic for a seed."""
     t5 = name == TINY_T5
-    processor = build_tiny_processor(t5=t5)
+    processor = build_tiny_processor(t5=t5, words=(*TINY_WORDS, *VQA_WORDS) if name == TINY_VQA else tuple(TINY_WORDS))
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = Blip2ForConditionalGeneration(tiny_config(processor, t5=t5))
@@ -85,8 +95,8 @@ def build_tiny(seed: int = 0, name: str = TINY) -> LoadedModel:
 
 def load_base(name: str, dtype: torch.dtype = torch.float32, seed: int = 0, quantization: str = "none") -> LoadedModel:
     """Loads a BLIP-2 and its processor by hub id or local directory (the same `from_pretrained` path), or builds a
-    built-in one (`tiny`, `tiny-t5`, or a twin such as `twin-blip2-opt-2.7b`: written as the hub has the checkpoint,
-    with random weights, and loaded from there).
+    built-in one (`tiny`, `tiny-vqa`, `tiny-t5`, or a twin such as `twin-blip2-opt-2.7b`: written as the hub has the
+    checkpoint, with random weights, and loaded from there).
 
     Args:
         quantization: `4bit` or `8bit` loads the language model quantised with bitsandbytes (see `ModelConfig`).

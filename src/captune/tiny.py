@@ -1,4 +1,5 @@
-"""The built-in tiny BLIP-2s, `tiny` (OPT) and `tiny-t5` (T5): their word-level tokenizer and processor, and a
+"""The built-in tiny BLIP-2s, `tiny` (OPT), `tiny-vqa` (OPT, knowing the synthetic questions' words) and `tiny-t5`
+(T5): their word-level tokenizer and processor, and a
 `Blip2Config` of the real architecture at hidden sizes 32-64, built in code, nothing to download
 (`captune.model.build_tiny` gives them random weights)."""
 
@@ -11,9 +12,11 @@ from transformers.models.blip_2.modeling_blip_2 import Blip2ForConditionalGenera
 
 TINY = "tiny"
 TINY_T5 = "tiny-t5"
-TINY_MODELS = (TINY, TINY_T5)
-"""Built-in random BLIP-2s for tests and the demo: `tiny` (OPT language model, as blip2-opt) and `tiny-t5` (T5
-encoder-decoder, as blip2-flan-t5), with small word-level tokenizers whose special tokens are self-consistent."""
+TINY_VQA = "tiny-vqa"
+TINY_MODELS = (TINY, TINY_T5, TINY_VQA)
+"""Built-in random BLIP-2s for tests and the demos: `tiny` (OPT language model, as blip2-opt), `tiny-t5` (T5
+encoder-decoder, as blip2-flan-t5) and `tiny-vqa` (`tiny` with `VQA_WORDS` in its tokenizer, for `captune demo
+--task vqa`), with small word-level tokenizers whose special tokens are self-consistent."""
 
 INIT_STD = 0.1
 """The tiny models' ViT and Q-Former weights are drawn at std 0.1, not at their configs' defaults (BLIP-2's ViT:
@@ -44,18 +47,40 @@ def draw_tiny_inputs(model: Blip2ForConditionalGeneration | Blip2ForImageTextRet
 
 
 # The tiny tokenizer's words: exactly those of the built-in synthetic captions. The tiny model's output layer is
-# frozen and random, so every extra word is one more logit LoRA has to learn to push down; other text maps to <unk>.
+# random, so every extra word is one more logit training has to push down; other text maps to <unk>.
 TINY_WORDS = (
     "a at bottom blue circle green in is large left of on picture red right small square the there top triangle yellow"
 ).split()
+VQA_WORDS = (
+    "what",
+    "colour",
+    "which",
+    "shape",
+    "it",
+    "where",
+    "how",
+    "big",
+    "yes",
+    "no",
+    "?",
+    "Question",
+    "Answer",
+    ":",
+)
+"""The words of the synthetic questions (`captune.data.synthetic.QUESTIONS`), of the VQA prompt (`Question: {}
+Answer:`) and the yes/no answers, which `tiny-vqa`'s tokenizer has besides `TINY_WORDS`: with `tiny`'s they are all
+<unk>, so the questions differ only in their few caption words and no yes/no answer can be said (held-out VQA
+accuracy 34.4% against 94.8%, benchmarks/LOG.md)."""
 
 
-def build_tiny_processor(num_query_tokens: int = 8, image_size: int = 32, t5: bool = False) -> Blip2Processor:
-    """A word-level tokenizer built locally with `tokenizers` and a PIL image processor; `Blip2Processor` adds the
-    `<image>` token itself. OPT-like: `</s>` is BOS and EOS and starts every text; T5-like (`t5`): pad 0, `</s>` 1
-    ends every text, no BOS."""
+def build_tiny_processor(
+    num_query_tokens: int = 8, image_size: int = 32, t5: bool = False, words: tuple[str, ...] = tuple(TINY_WORDS)
+) -> Blip2Processor:
+    """A word-level tokenizer of `words` built locally with `tokenizers` and a PIL image processor; `Blip2Processor`
+    adds the `<image>` token itself. OPT-like: `</s>` is BOS and EOS and starts every text; T5-like (`t5`): pad 0,
+    `</s>` 1 ends every text, no BOS."""
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} if t5 else {"<pad>": 0, "<unk>": 1, "</s>": 2}
-    for word in TINY_WORDS:
+    for word in words:
         vocab.setdefault(word, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
