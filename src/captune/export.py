@@ -14,6 +14,7 @@ import shutil
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -108,15 +109,15 @@ def merge_model_dir(model_dir: Path, output: Path, *, dtype: str = "auto", overw
     return output
 
 
-def _untie_a_trained_output_layer(merged: torch.nn.Module) -> None:
+def _untie_a_trained_output_layer(merged: Any) -> None:
     """An output layer trained apart from the input embeddings it was tied to (`lora.modules_to_save` naming
     `language_model.lm_head`) is its own weight after the merge: the config then says so, or loading the directory
     would tie the two again and drop one of them."""
-    lm = merged.language_model  # type: ignore[union-attr]
+    lm = merged.language_model
     output, embeddings = lm.get_output_embeddings(), lm.get_input_embeddings()
     if output is None or output.weight is embeddings.weight or torch.equal(output.weight, embeddings.weight):
         return
-    for config in (merged.config, merged.config.text_config):  # type: ignore[union-attr]
+    for config in (merged.config, merged.config.text_config):
         if getattr(config, "tie_word_embeddings", False):
             config.tie_word_embeddings = False
 
