@@ -70,7 +70,7 @@ VQA_WORDS = (
 """The words of the synthetic questions (`captune.data.synthetic.QUESTIONS`), of the VQA prompt (`Question: {}
 Answer:`) and the yes/no answers, which `tiny-vqa`'s tokenizer has besides `TINY_WORDS`: with `tiny`'s they are all
 <unk>, so the questions differ only in their few caption words and no yes/no answer can be said (held-out VQA
-accuracy 34.4% against 94.8%, benchmarks/LOG.md)."""
+accuracy 34.4% against 95.8%, benchmarks/LOG.md)."""
 
 
 def build_tiny_processor(
