@@ -426,6 +426,15 @@ def _fit(run: Run) -> TrainState:
         }
         write_json(run.output_dir / "results.json", summary | results(state, config.data.task))
         _write_report(run.output_dir)
+    if accelerator.num_processes > 1:
+        # DDP's reducer holds the process group: let it go while every process is still here, so that
+        # end_training's destroying the group is its last use (a rank freeing its reducer only after rank 0 had
+        # exited hung once in gloo's teardown, tests/test_distributed.py's resume run on a loaded 2-core machine).
+        accelerator.wait_for_everyone()
+        del model
+        run.step = nn.Identity()  # (the prepared module: only the training loop above uses it)
+        accelerator.free_memory()
+        accelerator.wait_for_everyone()
     accelerator.end_training()
     return state
 
