@@ -35,17 +35,7 @@ from captune.config import Config, LoraConfig, training_mode
 from captune.errors import CaptuneError
 from captune.peft_methods import FEEDFORWARD, is_mutating_init, peft_config
 from captune.retrieval import TINY_RETRIEVAL, load_retrieval_base, retrieval_base_name
-from captune.tiny import (
-    TINY,
-    TINY_MODELS,
-    TINY_T5,
-    TINY_VQA,
-    TINY_WORDS,
-    VQA_WORDS,
-    build_tiny_processor,
-    draw_tiny_inputs,
-    tiny_config,
-)
+from captune.tiny import TINY, TINY_MODELS, TINY_T5, VOCABULARIES, build_tiny_processor, draw_tiny_inputs, tiny_config
 from captune.twins import RETRIEVAL_TWINS, TWINS, write_checkpoint
 
 log = logging.getLogger(__name__)
@@ -85,7 +75,7 @@ def build_tiny(seed: int = 0, name: str = TINY) -> LoadedModel:
     """A built-in tiny BLIP-2 (`tiny`, `tiny-vqa` or `tiny-t5`) with random weights
     (`captune.tiny.draw_tiny_inputs`), deterministic for a seed."""
     t5 = name == TINY_T5
-    processor = build_tiny_processor(t5=t5, words=(*TINY_WORDS, *VQA_WORDS) if name == TINY_VQA else tuple(TINY_WORDS))
+    processor = build_tiny_processor(t5=t5, words=VOCABULARIES[name])
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = Blip2ForConditionalGeneration(tiny_config(processor, t5=t5))

@@ -71,6 +71,8 @@ VQA_WORDS = (
 Answer:`) and the yes/no answers, which `tiny-vqa`'s tokenizer has besides `TINY_WORDS`: with `tiny`'s they are all
 <unk>, so the questions differ only in their few caption words and no yes/no answer can be said (held-out VQA
 accuracy 34.4% against 95.8%, benchmarks/LOG.md)."""
+VOCABULARIES = {TINY: tuple(TINY_WORDS), TINY_T5: tuple(TINY_WORDS), TINY_VQA: (*TINY_WORDS, *VQA_WORDS)}
+"""Each built-in tiny model's tokenizer words (`build_tiny_processor`'s `words`)."""
 
 
 def build_tiny_processor(
