@@ -416,3 +416,44 @@ def test_zero_shot_captions_are_the_documented_examples(
         text = loaded.processor.batch_decode(generated_ids, skip_special_tokens=True)[0].strip()
         documented.append(" ".join(text.split()))  # captune collapses whitespace
     assert ours == documented
+
+
+@pytest.mark.parametrize("name", [OPT, T5])
+def test_lr_scales_and_a_trained_output_layer_on_a_twin_train_merge_and_caption_as_base_plus_adapter(
+    name: str, synthetic_dir: Path, tmp_path: Path
+) -> None:
+    # The demos' recipe on the real vocabularies (blip2-opt's output layer is tied to its 50,272 input embeddings);
+    # the parameter paths train.lr_scales matches are the checkpoints' own.
+    from captune.export import merge_model_dir
+    from captune.training.recipe import model_path
+
+    keys = ["lora.modules_to_save=language_projection,language_model.lm_head",
+            "train.lr_scales={language_projection: 0.5, language_model.lm_head: 2}"]  # fmt: skip
+    config = load_config(None, [f"model.name={name}", "data.format=synthetic", f"data.data_dir={synthetic_dir}",
+                                f"train.output_dir={tmp_path / 'run'}", "train.batch_size=10", "train.max_steps=3",
+                                "train.lr=1e-2", "train.warmup_steps=0", "train.validate=false", "model.dtype=fp32",
+                                "data.num_workers=0", *keys])  # fmt: skip
+    run = setup(config)
+    groups = {g["name"]: {model_path(n) for p in g["params"] for n, q in run.loaded.model.named_parameters()
+                          if q is p} for g in run.optimizer.param_groups}  # fmt: skip
+    lrs = {g["name"]: g["initial_lr"] for g in run.optimizer.param_groups}
+    assert lrs == {"the rest": 1e-2, "language_projection": 5e-3, "language_model.lm_head": 2e-2}
+    assert groups["language_model.lm_head"] == {"language_model.lm_head.weight"}
+    assert all("lora_" in p for p in groups["the rest"])
+    del run
+    train(config)
+    tuned = load_model_dir(tmp_path / "run" / "final", device="cpu")
+    merged_dir = merge_model_dir(tmp_path / "run" / "final", tmp_path / "merged")
+    merged = Blip2ForConditionalGeneration.from_pretrained(merged_dir).eval()
+    base = load_base(str(tmp_path / "run" / "base-model")).model  # the run's random twin (train.seed)
+    # OPT's config says the output layer is now its own; transformers' T5Config always reads True there (newer
+    # releases tie T5 always), and from_pretrained keeps both weights when the file holds them apart.
+    assert not merged.config.text_config.tie_word_embeddings or name == T5
+    assert not torch.equal(merged.language_model.get_output_embeddings().weight,
+                           base.language_model.get_output_embeddings().weight)  # fmt: skip
+    assert torch.equal(merged.language_model.get_input_embeddings().weight,
+                       base.language_model.get_input_embeddings().weight)  # fmt: skip
+    images = [_image(seed) for seed in range(3)]
+    options = GenerateConfig(num_beams=1, min_new_tokens=1, max_new_tokens=6)
+    expected = generate_captions(tuned.model, tuned.processor, images, options)
+    assert generate_captions(merged, Blip2Processor.from_pretrained(merged_dir), images, options) == expected
